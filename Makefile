@@ -1,0 +1,23 @@
+# Quick start: `make demo` (train and test on the embedded synthetic benchmark), `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install demo test bench
+
+# Installs into the active Python. torch first: on a machine without CUDA the pinned
+# CPU build is taken when available; elsewhere the range in requirements.txt applies.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU) || $(PIP) install -q "torch>=2.1,<3"
+	$(PIP) install -q -r requirements.txt
+
+demo: install
+	$(PYTHON) demo.py
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) bench/bench_eval.py
+	$(PYTHON) bench/bench_mining.py
+	$(PYTHON) bench/bench_train.py

@@ -1,0 +1,162 @@
+"""The datasets as a table of specs, and loading one split of one of them."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datasets import GET_DATA_HINT, Split, load_descriptors, load_split_indices, load_struct, segment_bounds
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+OXFORD_DB = "2015-03-17-11-08-44"
+OXFORD_Q = "2014-12-16-18-44-24"
+NORDLAND_ROWS = {"train": (0, 15000), "test": (15100, 18100), "val": (18200, 21200)}
+NORDLAND_STRUCTS = {"train": "nordland_train_d-40_d2-10.db", "val": "nordland_val_d-1_d2-1.db",
+                    "test": "nordland_test_d-1_d2-1.db"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset's files are and which rows each split uses.
+
+    Rows come either from ``rows`` (the same ``[start, stop)`` range of both
+    traversals, Nordland) or from ``split_inds`` (an ``*_splitInds.npz``).
+    ``bounds`` names per-frame sequence-bounds files (MSLS); otherwise each
+    traversal of a split is one segment.
+    """
+
+    name: str
+    db_file: dict                 # split -> descriptor file name under descData/<descType>/
+    q_file: dict
+    struct_files: dict            # split -> struct file name under structPath
+    rows: dict = field(default_factory=dict)
+    split_inds: str | None = None
+    bounds: dict = field(default_factory=dict)   # split -> (db bounds file, query bounds file) under structPath
+    note: str = ""
+
+
+def _same(value: str) -> dict:
+    return {s: value for s in ("train", "val", "test")}
+
+
+def _nordland(name: str, db_season: str, q_season: str) -> DatasetSpec:
+    return DatasetSpec(name, db_file=_same(f"nordland-clean-{db_season}.npy"),
+                       q_file=_same(f"nordland-clean-{q_season}.npy"),
+                       struct_files=NORDLAND_STRUCTS, rows=NORDLAND_ROWS)
+
+
+def _oxford(version: str, test_thr: str) -> DatasetSpec:
+    prefix = f"{version}_{OXFORD_DB}_{OXFORD_Q}"
+    test = f"{prefix}_test_{test_thr}.db"
+    return DatasetSpec(f"{version}", db_file=_same(f"oxford_{OXFORD_DB}_stereo_left.npy"),
+                       q_file=_same(f"oxford_{OXFORD_Q}_stereo_left.npy"),
+                       struct_files={"train": f"{prefix}_train_d-20_d2-5.db", "val": test, "test": test},
+                       split_inds=f"{version}_splitInds.npz",
+                       note="validation uses the test split, as in the reference (see --oxfordHonestVal)")
+
+
+def _msls(train_city: str, val_city: str) -> DatasetSpec:
+    cities = {"train": train_city, "val": val_city, "test": val_city}
+    return DatasetSpec(
+        "msls",
+        db_file={s: f"msls_{c}_database.npy" for s, c in cities.items()},
+        q_file={s: f"msls_{c}_query.npy" for s, c in cities.items()},
+        struct_files={s: f"msls_{c}_d-20_d2-5.db" for s, c in cities.items()},
+        bounds={s: (f"seqBoundsFiles/msls_{c}_database_seqBounds.txt", f"seqBoundsFiles/msls_{c}_query_seqBounds.txt")
+                for s, c in cities.items()})
+
+
+def _synthetic() -> DatasetSpec:
+    from synthetic import SYNTHETIC_FILES as F
+    return DatasetSpec("synthetic", db_file=_same(F["db"]), q_file=_same(F["query"]),
+                       struct_files={s: F[s] for s in ("train", "val", "test")}, split_inds=F["split_inds"])
+
+
+DATASETS = {
+    "nordland-sw": lambda opt: _nordland("nordland-sw", "summer", "winter"),
+    "nordland-sf": lambda opt: _nordland("nordland-sf", "spring", "fall"),
+    "oxford-v1.0": lambda opt: _oxford("oxford-v1.0", "d-10_d2-5"),
+    "oxford-pnv": lambda opt: _oxford("oxford-pnv", "d-25_d2-5"),
+    "msls": lambda opt: _msls(opt.msls_trainCity, opt.msls_valCity),
+    "synthetic": lambda opt: _synthetic(),
+}
+
+
+def get_spec(opt: argparse.Namespace) -> DatasetSpec:
+    if opt.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {opt.dataset!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[opt.dataset](opt)
+
+
+def desc_dir(opt: argparse.Namespace) -> Path:
+    return Path(opt.dataPath) / "descData" / opt.descType
+
+
+def prepare_dataset(opt: argparse.Namespace) -> None:
+    """Generate the synthetic benchmark when it is asked for and missing or stale."""
+    if opt.dataset != "synthetic":
+        return
+    from options import dataclass_overrides
+    from synthetic import SyntheticParams, ensure_synthetic
+    params = dataclass_overrides(SyntheticParams(), opt, "synth_")
+    ensure_synthetic(desc_dir(opt), Path(opt.structPath), params)
+
+
+def get_split(opt: argparse.Namespace, split: str) -> Split:
+    """Load one split (train/val/test) of ``--dataset``: descriptors, positions, thresholds, bounds."""
+    spec = get_spec(opt)
+    struct_dir = Path(opt.structPath)
+    struct_path = struct_dir / spec.struct_files[split]
+    db_path = desc_dir(opt) / spec.db_file[split]
+    q_path = desc_dir(opt) / spec.q_file[split]
+    for path in (struct_path, db_path, q_path):
+        if not path.is_file():
+            raise UserError(f"{'struct' if path == struct_path else 'descriptor'} file {path} not found "
+                            f"(dataset {spec.name}, split {split}): {GET_DATA_HINT}")
+    struct = load_struct(struct_path)
+    files = [struct_path, db_path, q_path]
+    if spec.rows:
+        lo, hi = spec.rows[split]
+        db_rows = q_rows = np.arange(lo, hi)
+    elif spec.split_inds:
+        inds_path = struct_dir / spec.split_inds
+        db_rows, q_rows = load_split_indices(inds_path, split)
+        files.append(inds_path)
+    else:
+        db_rows = np.arange(struct.num_db)
+        q_rows = np.arange(struct.num_q)
+    if len(db_rows) != struct.num_db or len(q_rows) != struct.num_q:
+        raise UserError(f"struct file {struct_path} lists {struct.num_db} database and {struct.num_q} query frames "
+                        f"but the split selects {len(db_rows)} and {len(q_rows)} rows: the files do not belong together")
+    db_desc = load_descriptors(db_path, db_rows)
+    q_desc = load_descriptors(q_path, q_rows)
+    if spec.bounds:
+        db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db)
+        q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q)
+        files += [struct_dir / b for b in spec.bounds[split]]
+    else:
+        db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
+    if split == "val" and spec.note:
+        log.info("%s: %s", spec.name, spec.note)
+    return Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
+                 q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,
+                 non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
+                 db_bounds=db_bounds, q_bounds=q_bounds, files=files)
+
+
+def _read_bounds(path: Path, count: int) -> np.ndarray:
+    """Per-frame ``lo hi`` lines -> ``[count, 2]``."""
+    if not path.is_file():
+        raise UserError(f"sequence bounds file {path} not found: {GET_DATA_HINT}")
+    try:
+        bounds = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    except ValueError as exc:
+        raise UserError(f"sequence bounds file {path} is malformed ({exc}): expected one 'lo hi' line per frame") from exc
+    if bounds.shape != (count, 2):
+        raise UserError(f"sequence bounds file {path} has shape {bounds.shape}, expected ({count}, 2)")
+    return bounds

@@ -1,0 +1,106 @@
+"""The SeqMatchNet model: a per-frame projection (``pool``) and the sequence matcher.
+
+State-dict keys follow the reference (``pool.1.conv.weight`` / ``.bias``) so
+released checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from torch import nn
+
+from seqMatchNet import SeqMatchNet
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+
+class L2Norm(nn.Module):
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, p=2, dim=self.dim)
+
+
+class Flatten(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+class WXpB(nn.Module):
+    """``W x + b`` on each frame descriptor as a 1x1 temporal convolution:
+    ``[N, C, 1, 1] -> [N, 1, outDims]``."""
+
+    def __init__(self, in_dims: int, out_dims: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_dims, out_dims, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.flatten(2)).permute(0, 2, 1)
+
+
+class SeqMatchModel(nn.Module):
+    """``pool`` maps frame descriptors ``[N, C]`` to L2-normalised ``[N, outDims]``;
+    ``matcher`` compares aligned sequences."""
+
+    def __init__(self, encoder_dim: int, pooling: bool, out_dims: int, matcher: str = "seqMatchNet",
+                 method: str = "meanOfPairs") -> None:
+        super().__init__()
+        self.encoder_dim = encoder_dim
+        self.out_dims = out_dims if pooling else encoder_dim
+        if pooling:
+            self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), WXpB(encoder_dim, out_dims), L2Norm(dim=-1))
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), Flatten(), L2Norm(dim=-1))
+        self.matcher = nn.Sequential(SeqMatchNet(method)) if matcher == "seqMatchNet" else None
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frame descriptors ``[N, C]`` -> projected, L2-normalised ``[N, outDims]``."""
+        if frames.shape[-1] != self.encoder_dim:
+            raise UserError(f"descriptors have {frames.shape[-1]} dimensions but the model expects "
+                            f"{self.encoder_dim}: use the descriptors the model was trained on")
+        return self.pool(frames[:, :, None, None]).reshape(frames.shape[0], -1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encode(frames)
+
+
+def get_model(opt: argparse.Namespace, encoder_dim: int) -> SeqMatchModel:
+    model = SeqMatchModel(encoder_dim, opt.pooling, opt.outDims, opt.matcher, opt.loss_trip_method)
+    if opt.pooling and getattr(opt, "init", "random") == "identity":
+        init_identity(model)
+    return model
+
+
+def init_identity(model: SeqMatchModel) -> None:
+    """Start the projection at the identity (needs outDims == input dims):
+    training then begins from the raw descriptors instead of a random projection."""
+    conv = model.pool[1].conv
+    if conv.out_channels != conv.in_channels:
+        raise UserError(f"--init identity needs --outDims equal to the descriptor dimensions ({conv.in_channels})")
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(conv.in_channels)[:, :, None])
+        conv.bias.zero_()
+
+
+def load_state(model: SeqMatchModel, state_dict: dict, source: str) -> None:
+    """Load a (possibly DataParallel-prefixed) state dict, checking shapes with a clear message."""
+    state = {k.replace("pool.module.", "pool."): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    if unknown or missing:
+        raise UserError(f"checkpoint {source} does not fit this model (unexpected keys {unknown[:4]}, missing "
+                        f"{missing[:4]}): it comes from another model; check --pooling / --method")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(f"checkpoint {source}: {key} has shape {tuple(value.shape)} but the model needs "
+                            f"{tuple(own[key].shape)}: check --outDims and that the descriptors (--descType, "
+                            "--dataset) are the ones it was trained on")
+        if not torch.isfinite(value).all():
+            raise UserError(f"checkpoint {source}: {key} holds NaN/Inf values; use another checkpoint")
+    model.load_state_dict(state)

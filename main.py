@@ -1,0 +1,133 @@
+"""SeqMatchNet command line: ``python main.py --mode train|test ...`` (see README)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("seqmatchnet")
+
+
+def load_for_test(opt: argparse.Namespace):
+    """Options (restored from a run with --resume), the split to evaluate, and the model on its device."""
+    from get_datasets import get_split, prepare_dataset
+    from get_models import get_model, load_state
+    from options import restore_flags
+    from utils import get_device, load_checkpoint
+
+    device = get_device(opt.nocuda)
+    ckpt = None
+    if opt.resume:
+        run_dir = Path(opt.resume)
+        opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
+        ckpt_path = checkpoint_path(run_dir, opt)
+        ckpt = load_checkpoint(ckpt_path)
+    prepare_dataset(opt)
+    split = get_split(opt, opt.split)
+    model = get_model(opt, split.dim)
+    if ckpt is not None:
+        load_state(model, ckpt["state_dict"], str(ckpt_path))
+        log.info("loaded %s (epoch %s)", ckpt_path, ckpt.get("epoch"))
+    return opt, split, model.to(device), device
+
+
+def run_test(opt: argparse.Namespace) -> dict:
+    """``--mode test``: evaluate a split (optionally a trained run) and report recalls."""
+    from test import (evaluate, format_recalls, load_predictions, save_results, tsne_embeddings,
+                      extract_features)
+    from utils import write_json_atomic
+
+    opt, split, model, device = load_for_test(opt)
+    if opt.extractOnly:
+        return extract_only(opt, split, model, device)
+    predictions = None
+    if opt.predictionsFile:
+        predictions = load_predictions(Path(opt.predictionsFile), split.num_q, split.num_db)
+    result = evaluate(opt, split, model, device, predictions)
+    print(format_recalls(result, f"{opt.dataset} {opt.split} (seqL {opt.seqL}"
+                                 f"{', learned projection' if opt.pooling else ', raw descriptors'})"))
+    summary = {"mode": "test", "dataset": opt.dataset, "split": opt.split, "seqL": opt.seqL,
+               "recalls": result.recalls, "radius_recalls": dict(zip(map(str, (1, 5, 10, 20, 40, 100, 200)),
+                                                                     result.radius_recalls.tolist())),
+               "queries": int(len(result.q_frames)), "queries_with_positives": result.queries_with_positives,
+               "timings": result.timings, "options": vars(opt)}
+    if opt.resultsPath:
+        results_dir = Path(opt.resultsPath)
+        embeddings = None
+        if opt.numSamples2Project != -1:
+            embeddings = tsne_embeddings(extract_features(model, split.db_desc, device, opt.cacheBatchSize),
+                                         extract_features(model, split.q_desc, device, opt.cacheBatchSize),
+                                         opt.numSamples2Project, opt.seed)
+        path = save_results(results_dir, result, embeddings=embeddings)
+        write_json_atomic(summary, results_dir / "summary.json")
+        log.info("results written to %s", path)
+    return summary
+
+
+def extract_only(opt, split, model, device) -> dict:
+    """``--extractOnly``: save sequence descriptors ``[N, L, D]`` and ground truth instead of evaluating."""
+    import torch
+    from sklearn.neighbors import NearestNeighbors
+
+    from datasets import sequence_windows
+    from test import extract_features
+    from utils import UserError, atomic_write
+
+    if not opt.resultsPath:
+        raise UserError("--extractOnly needs --resultsPath to write the descriptors to")
+    out = {}
+    for side, desc, bounds in (("db", split.db_desc, split.db_bounds), ("q", split.q_desc, split.q_bounds)):
+        feats = extract_features(model, desc, device, opt.cacheBatchSize, side).cpu()
+        starts, _ = sequence_windows(bounds, opt.seqL)
+        out[f"{side}Desc"] = feats[torch.as_tensor(starts)[:, None] + torch.arange(opt.seqL)].numpy()
+    gt = NearestNeighbors().fit(split.db_positions).radius_neighbors(
+        split.q_positions, radius=split.pos_dist_thr, return_distance=False)
+    out["gt"] = np.array([np.sort(g) for g in gt] + [None], dtype=object)[:-1]
+    path = Path(opt.resultsPath) / "descriptors.npz"
+    atomic_write(path, lambda f: np.savez(f, **out))
+    print(f"sequence descriptors written to {path} (db {out['dbDesc'].shape}, q {out['qDesc'].shape})")
+    return {"mode": "extract", "path": str(path)}
+
+
+def checkpoint_path(run_dir: Path, opt: argparse.Namespace) -> Path:
+    name = "model_best.pth.tar" if opt.ckpt == "best" else "checkpoint.pth.tar"
+    return Path(run_dir) / opt.savePath / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    from options import parse_options
+    from utils import UserError, setup_logging
+
+    started = time.time()
+    try:
+        opt = parse_options(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(quiet=opt.quiet, debug=opt.debug)
+    log.debug("argv: %s", sys.argv)
+    try:
+        if opt.mode == "train":
+            from train import train
+            train(opt)
+        else:
+            run_test(opt)
+    except UserError as exc:
+        log.debug("traceback:\n%s", traceback.format_exc())
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    log.debug("finished in %.1f s", time.time() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The command line: every reference flag with its spelling and default, plus
+a few additions, parsed and checked in one place."""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+# Restored from a run's flags.json on --resume (SPEC section 7), with their types.
+RESTORED_FLAGS = {
+    "lr": float, "lrStep": float, "lrGamma": float, "weightDecay": float, "momentum": float,
+    "runsPath": str, "savePath": str, "optim": str, "margin": float, "seed": int, "patience": int,
+    "outDims": int,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="SeqMatchNet: contrastive learning with sequence matching for place recognition.")
+    g = p.add_argument_group("run")
+    g.add_argument("--mode", type=str, default="train", choices=["train", "test"], help="train or evaluate")
+    g.add_argument("--nocuda", action="store_true", help="run on the CPU (CUDA is used otherwise)")
+    g.add_argument("--nGPU", type=int, default=1, help="number of GPUs (nn.DataParallel when > 1)")
+    g.add_argument("--threads", type=int, default=8, help="DataLoader worker processes for feature extraction")
+    g.add_argument("--seed", type=int, default=123, help="random seed")
+    g.add_argument("--quiet", action="store_true", help="print only results and errors")
+    g.add_argument("--debug", action="store_true", help="print full tracebacks and debug messages")
+    g.add_argument("--wandb", type=str, default="disabled", choices=["disabled", "offline", "online"],
+                   help="log to Weights & Biases too (TensorBoard is always written)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=str, default="nordland-sw",
+                   help="nordland-sw, nordland-sf, oxford-v1.0, oxford-pnv, msls or synthetic")
+    g.add_argument("--dataPath", type=str, default="./data", help="folder holding descData/<descType>/")
+    g.add_argument("--structPath", type=str, default="./structFiles", help="folder holding the .db struct files")
+    g.add_argument("--descType", type=str, default="netvlad-pytorch", help="descriptor folder under descData/")
+    g.add_argument("--split", type=str, default="val", choices=["test", "train", "val"], help="split to evaluate")
+    g.add_argument("--seqL", type=int, default=None, help="sequence length (required)")
+    g.add_argument("--seqL_filterData", type=int, default=None,
+                   help="evaluate only frames whose centred window of this length needs no shift")
+    g.add_argument("--msls_trainCity", type=str, default="melbourne", help="MSLS city used for training")
+    g.add_argument("--msls_valCity", type=str, default="austin", help="MSLS city used for validation and test")
+    g.add_argument("--oxfordHonestVal", action="store_true",
+                   help="Oxford: validate on a held-out tail of the training route instead of the test split "
+                        "(the reference validates on the test split)")
+    g.add_argument("--synth_seed", type=int, default=None, help="synthetic benchmark: generator seed")
+    g.add_argument("--synth_frames", type=int, default=None, help="synthetic benchmark: frames per traversal")
+    g.add_argument("--synth_dim", type=int, default=None, help="synthetic benchmark: descriptor dimensions")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pooling", action="store_true", help="learn the 1x1 temporal-conv projection (WXpB)")
+    g.add_argument("--outDims", type=int, default=4096, help="output dimensions of the projection")
+    g.add_argument("--matcher", type=str, default="seqMatchNet", choices=["seqMatchNet", "None"],
+                   help="seqMatchNet: sequence matching; None: single-frame descriptors (needs --seqL 1)")
+    g.add_argument("--init", type=str, default="random", choices=["random", "identity"],
+                   help="initial projection: random (reference) or identity-like (needs --outDims = input dims)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--batchSize", type=int, default=16, help="queries per batch (each with 1 positive, <=10 negatives)")
+    g.add_argument("--cacheBatchSize", type=int, default=64, help="frames per batch when computing descriptors")
+    g.add_argument("--cacheRefreshRate", type=int, default=1000,
+                   help="queries between refreshes of the mining cache (0: once per epoch)")
+    g.add_argument("--nEpochs", type=int, default=50, help="epochs to train")
+    g.add_argument("--start-epoch", dest="start_epoch", type=int, default=0, help="epoch number to start from")
+    g.add_argument("--optim", type=str, default="SGD", choices=["SGD", "ADAM"], help="optimiser")
+    g.add_argument("--lr", type=float, default=0.001, help="learning rate")
+    g.add_argument("--lrStep", type=float, default=5, help="epochs between learning-rate drops")
+    g.add_argument("--lrGamma", type=float, default=0.5, help="learning-rate multiplier at each drop")
+    g.add_argument("--weightDecay", type=float, default=0.001, help="weight decay (SGD)")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum (SGD)")
+    g.add_argument("--margin", type=float, default=0.1, help="triplet margin squared (the hinge uses sqrt(margin))")
+    g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0: off)")
+    g.add_argument("--evalEvery", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--loss_trip_method", type=str, default="meanOfPairs", choices=["centerOnly", "meanOfPairs"],
+                   help="sequence distance in the triplet loss")
+    g.add_argument("--neg_trip_method", type=str, default="meanOfPairs", choices=["centerOnly", "meanOfPairs"],
+                   help="sequence distance for hard-negative mining")
+
+    g = p.add_argument_group("runs and outputs")
+    g.add_argument("--expName", type=str, default="0", help="run name suffix")
+    g.add_argument("--runsPath", type=str, default="./data/runs", help="folder of run folders")
+    g.add_argument("--savePath", type=str, default="checkpoints", help="checkpoint folder inside a run folder")
+    g.add_argument("--cachePath", type=str, default="./data/cache", help="folder for on-disk mining caches")
+    g.add_argument("--resume", type=str, default="", help="run folder to resume from (train) or evaluate (test)")
+    g.add_argument("--ckpt", type=str, default="latest", choices=["latest", "best"], help="checkpoint to load")
+    g.add_argument("--resultsPath", type=str, default=None, help="folder for results (.npz, JSON, figures)")
+    g.add_argument("--numSamples2Project", type=int, default=-1,
+                   help="t-SNE embed this many descriptors into the results (-1: off)")
+    g.add_argument("--extractOnly", action="store_true", help="save sequence descriptors instead of evaluating")
+    g.add_argument("--predictionsFile", type=str, default=None,
+                   help=".npz with 'preds' (numQ x >=20): re-rank each query's first 20 candidates")
+    g.add_argument("--queryChunk", type=int, default=1024, help="query windows scored at once (bounds memory)")
+    g.add_argument("--dbChunk", type=int, default=0,
+                   help="database windows scored at once (0: all, or automatic when the matrix would not fit)")
+    return p
+
+
+def check_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """Refuse option combinations that cannot work, right after parsing."""
+    if opt.seqL is None:
+        raise UserError("--seqL is required (e.g. --seqL 5; --seqL 1 with --matcher None for single frames)")
+    if opt.seqL < 1:
+        raise UserError(f"--seqL must be at least 1, got {opt.seqL}")
+    if opt.seqL_filterData is not None and opt.seqL_filterData < 1:
+        raise UserError("--seqL_filterData must be at least 1")
+    if opt.matcher == "None" and opt.seqL != 1:
+        raise UserError("--matcher None compares single frames: use it with --seqL 1")
+    if opt.resume and not opt.pooling:
+        raise UserError("--resume loads a learned projection: add --pooling")
+    for name in ("batchSize", "cacheBatchSize", "nEpochs", "outDims", "evalEvery", "queryChunk"):
+        if getattr(opt, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(opt, name)}")
+    for name in ("cacheRefreshRate", "patience", "start_epoch", "threads", "dbChunk"):
+        if getattr(opt, name) < 0:
+            raise UserError(f"--{name.replace('_', '-') if name == 'start_epoch' else name} must not be negative")
+    if opt.lr <= 0 or opt.margin < 0:
+        raise UserError("--lr must be positive and --margin not negative")
+    if opt.mode == "train" and opt.extractOnly:
+        raise UserError("--extractOnly is for --mode test")
+    if opt.mode == "test" and opt.pooling and not opt.resume:
+        log.warning("--pooling without --resume evaluates a randomly initialised projection")
+    return opt
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    return check_options(build_parser().parse_args(argv))
+
+
+def restore_flags(opt: argparse.Namespace, flags_file: Path) -> argparse.Namespace:
+    """A copy of ``opt`` with the options of ``RESTORED_FLAGS`` taken from a run's flags.json."""
+    flags_file = Path(flags_file)
+    if not flags_file.is_file():
+        raise UserError(f"{flags_file} not found: --resume must name a run folder written by training")
+    try:
+        saved = json.loads(flags_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flags_file} is not valid JSON ({exc}): fix or remove it") from exc
+    if not isinstance(saved, dict):
+        raise UserError(f"{flags_file} must hold a JSON object of options")
+    out = copy.copy(opt)
+    for key, kind in RESTORED_FLAGS.items():
+        if key not in saved:
+            continue
+        value = saved[key]
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise UserError(f"{flags_file}: option {key} should be {kind.__name__}, got {value!r}")
+        setattr(out, key, kind(value))
+    if out.optim not in ("SGD", "ADAM"):
+        raise UserError(f"{flags_file}: optim must be SGD or ADAM, got {out.optim!r}")
+    if out.outDims < 1 or out.lr <= 0:
+        raise UserError(f"{flags_file}: outDims and lr must be positive")
+    changed = {k: (getattr(opt, k), getattr(out, k)) for k in RESTORED_FLAGS if getattr(opt, k) != getattr(out, k)}
+    if changed:
+        log.info("restored from %s: %s", flags_file, ", ".join(f"{k}={v[1]}" for k, v in changed.items()))
+    return out
+
+
+def options_dict(opt: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
+
+
+def dataclass_overrides(params, opt: argparse.Namespace, prefix: str):
+    """``params`` with each field ``f`` replaced by ``opt.<prefix>f`` when that option was given."""
+    changes = {f.name: getattr(opt, prefix + f.name) for f in dataclasses.fields(params)
+               if getattr(opt, prefix + f.name, None) is not None}
+    return dataclasses.replace(params, **changes)

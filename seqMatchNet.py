@@ -1,0 +1,190 @@
+"""Sequence matching as pure tensor functions.
+
+Shapes use ``Nd`` database frames, ``Nq`` query frames, ``D`` descriptor
+dimensions and ``L`` the sequence length. A *window* is given by the index of
+its first frame (its *start*); windows are contiguous runs of ``L`` frames
+(see ``datasets.sequence_windows``). Frame descriptors are L2-normalised, so
+the Euclidean frame distance is ``sqrt(2 - 2 a.b)``, clamped at 0.
+
+The sequence distance of two windows is the mean (``meanOfPairs``) or the
+centre term (``centerOnly``) of the frame distances along their diagonal,
+i.e. a 2-D convolution of the frame-distance matrix with an ``L x L`` identity
+kernel. Everything here is vectorised: one matrix product per chunk plus ``L``
+shifted additions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+METHODS = ("centerOnly", "meanOfPairs")
+
+
+def frame_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances of L2-normalised rows: ``[M, D] x [N, D] -> [M, N]``."""
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * (a @ b.T), min=0.0))
+
+
+def diagonal_sums(frame_dists: torch.Tensor, seq_len: int, method: str = "meanOfPairs") -> torch.Tensor:
+    """Aggregate a frame-distance matrix along its diagonals.
+
+    ``[M, N] -> [M - L + 1, N - L + 1]``: entry ``[a, b]`` is the sequence
+    distance of the windows starting at database frame ``a`` and query frame
+    ``b``.
+    """
+    _check_method(method)
+    m, n = frame_dists.shape
+    rows, cols = m - seq_len + 1, n - seq_len + 1
+    if rows < 1 or cols < 1:
+        raise ValueError(f"need at least {seq_len} frames on each side, got {m} x {n}")
+    if method == "centerOnly":
+        c = seq_len // 2
+        return frame_dists[c:c + rows, c:c + cols].clone()
+    out = frame_dists[:rows, :cols].clone()
+    for k in range(1, seq_len):
+        out += frame_dists[k:k + rows, k:k + cols]
+    return out / seq_len
+
+
+def window_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
+                     q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs") -> torch.Tensor:
+    """Dense sequence distances ``[len(db_starts), len(q_starts)]``.
+
+    ``db_feats`` ``[Nd, D]`` and ``q_feats`` ``[Nq, D]`` are frame descriptors;
+    the starts index their rows. Only the query frames the windows cover are
+    used, so passing a chunk of query starts costs a chunk of work.
+    """
+    q_lo = int(q_starts.min())
+    q_hi = int(q_starts.max()) + seq_len
+    db_lo = int(db_starts.min())
+    db_hi = int(db_starts.max()) + seq_len
+    frames = frame_distances(db_feats[db_lo:db_hi], q_feats[q_lo:q_hi])
+    agg = diagonal_sums(frames, seq_len, method)
+    return agg[(db_starts - db_lo)[:, None], (q_starts - q_lo)[None, :]]
+
+
+def iter_window_distance_chunks(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
+                                q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs",
+                                chunk_size: int = 1024) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(query slice, distances [len(db_starts), chunk])`` over query chunks.
+
+    Peak memory is ``O(Nd x chunk_size)`` whatever the number of queries.
+    """
+    for lo in range(0, len(q_starts), chunk_size):
+        sl = slice(lo, min(lo + chunk_size, len(q_starts)))
+        yield sl, window_distances(db_feats, q_feats, db_starts, q_starts[sl], seq_len, method)
+
+
+def topk_smallest(dists: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, the ``k`` smallest entries in ascending order: ``[M, N] -> ([N, k], [N, k])``."""
+    k = min(k, dists.shape[0])
+    values, indices = torch.topk(dists.T, k, dim=1, largest=False, sorted=True)
+    return values, indices
+
+
+def chunked_topk(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor, q_starts: torch.Tensor,
+                 seq_len: int, k: int, method: str = "meanOfPairs", query_chunk: int = 1024,
+                 db_chunk: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` database windows per query window, never holding more than
+    ``db_chunk x query_chunk`` distances.
+
+    Returns ``(distances [Nq_w, k], indices into db_starts [Nq_w, k])``, ascending.
+    ``db_chunk=None`` scores all database windows of a query chunk at once;
+    otherwise database chunks are merged into a running top-k.
+    """
+    n_db = len(db_starts)
+    k = min(k, n_db)
+    db_chunk = n_db if db_chunk is None else max(db_chunk, 1)
+    out_d = torch.empty((len(q_starts), k), dtype=db_feats.dtype, device=db_feats.device)
+    out_i = torch.empty((len(q_starts), k), dtype=torch.long, device=db_feats.device)
+    for lo in range(0, len(q_starts), query_chunk):
+        hi = min(lo + query_chunk, len(q_starts))
+        best_d = best_i = None
+        for d_lo in range(0, n_db, db_chunk):
+            d_hi = min(d_lo + db_chunk, n_db)
+            dists = window_distances(db_feats, q_feats, db_starts[d_lo:d_hi], q_starts[lo:hi], seq_len, method)
+            vals, idx = topk_smallest(dists, k)
+            idx = idx + d_lo
+            if best_d is None:
+                best_d, best_i = vals, idx
+            else:
+                merged_d = torch.cat([best_d, vals], dim=1)
+                merged_i = torch.cat([best_i, idx], dim=1)
+                best_d, order = torch.topk(merged_d, min(k, merged_d.shape[1]), dim=1, largest=False, sorted=True)
+                best_i = torch.gather(merged_i, 1, order)
+        out_d[lo:hi], out_i[lo:hi] = best_d, best_i
+        if progress is not None:
+            progress(hi - lo)
+    return out_d, out_i
+
+
+def candidate_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
+                        q_starts: torch.Tensor, candidates: torch.Tensor, seq_len: int,
+                        method: str = "meanOfPairs", query_chunk: int = 256) -> torch.Tensor:
+    """Sequence distances of each query window to its own candidate database windows.
+
+    ``candidates`` ``[Nq_w, C]`` indexes ``db_starts``; returns ``[Nq_w, C]``.
+    """
+    _check_method(method)
+    offsets = torch.arange(seq_len, device=db_feats.device)
+    if method == "centerOnly":
+        offsets = offsets[seq_len // 2:seq_len // 2 + 1]
+    out = torch.empty(candidates.shape, dtype=db_feats.dtype, device=db_feats.device)
+    for lo in range(0, len(q_starts), query_chunk):
+        hi = min(lo + query_chunk, len(q_starts))
+        q_frames = q_feats[q_starts[lo:hi, None] + offsets]                       # [c, L', D]
+        db_frames = db_feats[db_starts[candidates[lo:hi]][..., None] + offsets]   # [c, C, L', D]
+        dots = torch.einsum("cld,cnld->cnl", q_frames, db_frames)
+        out[lo:hi] = torch.sqrt(torch.clamp(2.0 - 2.0 * dots, min=0.0)).mean(dim=-1)
+    return out
+
+
+def sequence_distance(a: torch.Tensor, b: torch.Tensor, method: str = "meanOfPairs") -> torch.Tensor:
+    """Distance of aligned sequences ``[..., L, D] x [..., L, D] -> [...]`` (broadcasting).
+
+    Uses ``sqrt(clamp(sum((a-b)^2)))`` with a safe gradient at 0 so it can be
+    used in the loss.
+    """
+    _check_method(method)
+    if method == "centerOnly":
+        c = a.shape[-2] // 2
+        a, b = a[..., c:c + 1, :], b[..., c:c + 1, :]
+    sq = ((a - b) ** 2).sum(dim=-1)
+    return _safe_sqrt(sq).mean(dim=-1)
+
+
+def _safe_sqrt(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    # sqrt with a finite gradient at exactly 0 (identical sequences)
+    return torch.sqrt(torch.clamp(x, min=eps)) * (x > eps)
+
+
+def triplet_loss(d_pos: torch.Tensor, d_neg: torch.Tensor, neg_mask: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over valid triplets of ``max(0, d_pos - d_neg + sqrt(margin))``.
+
+    ``d_pos`` ``[B]``, ``d_neg`` and ``neg_mask`` ``[B, K]``; ``margin`` is the
+    reference's ``--margin`` (its square root is the hinge margin).
+    """
+    hinge = torch.relu(d_pos[:, None] - d_neg + math.sqrt(margin))
+    mask = neg_mask.to(hinge.dtype)
+    return (hinge * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class SeqMatchNet(nn.Module):
+    """The (parameter-free) sequence matcher: distance of aligned sequences."""
+
+    def __init__(self, method: str = "meanOfPairs") -> None:
+        super().__init__()
+        _check_method(method)
+        self.method = method
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return sequence_distance(a, b, self.method)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown sequence-matching method {method!r}; expected one of {METHODS}")
