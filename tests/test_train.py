@@ -1,0 +1,226 @@
+"""Training pieces against plain loops from SPEC section 7, and end-to-end runs."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import plain
+from conftest import needs_reference, unit_rows, REFERENCE
+from datasets import Split, segment_bounds, sequence_windows
+from get_models import SeqMatchModel
+from train import TrainingSet, batch_loss, cache_distances, mine, sample_negatives
+
+
+def tiny_split(n_db=60, n_q=55, dim=8, seed=0, pos_thr=3.0, non_triv_sq=4.0) -> Split:
+    rng = np.random.default_rng(seed)
+    db_pos = np.stack([np.arange(n_db, dtype=float), np.zeros(n_db)], 1)
+    q_pos = np.stack([np.arange(n_q) * 1.05 + 0.3, np.zeros(n_q)], 1)
+    return Split("train", unit_rows(rng, n_db, dim), unit_rows(rng, n_q, dim), db_pos, q_pos, pos_thr, non_triv_sq,
+                 segment_bounds(n_db), segment_bounds(n_q))
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
+def test_training_set_matches_spec(seq_len):
+    split = tiny_split()
+    tset = TrainingSet.build(split, seq_len)
+    db_valid = plain.plain_valid(split.db_bounds, seq_len)
+    q_valid = plain.plain_valid(split.q_bounds, seq_len)
+    np.testing.assert_array_equal(tset.db_frames, np.flatnonzero(db_valid))
+    np.testing.assert_array_equal(tset.q_frames, np.flatnonzero(q_valid))
+    positives = plain.plain_positives(split.db_positions[tset.db_frames], split.q_positions[tset.q_frames],
+                                      np.sqrt(split.non_triv_pos_dist_sq_thr))
+    for got, want in zip(tset.nontriv_pos, positives):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(tset.queries, [i for i, p in enumerate(positives) if len(p)])
+
+
+@needs_reference
+def test_training_set_sizes_on_reference_fixture(monkeypatch):
+    from get_datasets import get_split
+    from options import parse_options
+
+    monkeypatch.chdir(REFERENCE)
+    opt = parse_options("--mode train --seqL 5 --pooling --dataset oxford-v1.0 --nocuda".split())
+    tset = TrainingSet.build(get_split(opt, "train"), 5)
+    assert tset.split.num_db + tset.split.num_q == 5912
+    assert len(tset.q_frames) == 2927
+    assert len(tset.queries) == 2885
+
+
+@pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
+@pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
+def test_cache_matrix_equals_plain(method, seq_len):
+    split = tiny_split(seed=seq_len)
+    tset = TrainingSet.build(split, seq_len)
+    queries = tset.queries[::2]
+    got = cache_distances(torch.from_numpy(split.db_desc), torch.from_numpy(split.q_desc), tset, queries,
+                          method).numpy()
+    db_w = plain.plain_windows(split.db_bounds, seq_len)[tset.db_frames]
+    q_w = plain.plain_windows(split.q_bounds, seq_len)[tset.q_frames[queries]]
+    want = plain.plain_cache_matrix(split.db_desc, split.q_desc, db_w, q_w, method)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_sample_negatives_are_potential_negatives_and_uniform():
+    split = tiny_split(n_db=50, n_q=50)
+    tset = TrainingSet.build(split, 1)
+    queries = tset.queries[:5]
+    sampled = sample_negatives(tset, queries, np.random.default_rng(0), n=4000)
+    db_pos = split.db_positions[tset.db_frames]
+    for row, qi in zip(sampled, queries):
+        dist = np.linalg.norm(db_pos[row] - split.q_positions[tset.q_frames[qi]], axis=1)
+        assert (dist > split.pos_dist_thr).all()
+        allowed = np.flatnonzero(np.linalg.norm(db_pos - split.q_positions[tset.q_frames[qi]], axis=1)
+                                 > split.pos_dist_thr)
+        assert set(row) == set(allowed)                         # every potential negative can be drawn
+        counts = np.bincount(row, minlength=len(db_pos))[allowed]
+        assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.6 * counts.mean()
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.01, 1.0])
+def test_mining_equals_plain_per_query(margin):
+    rng = np.random.default_rng(1)
+    n_db, b = 300, 40
+    dists = rng.uniform(0.2, 1.4, (n_db, b)).astype(np.float32)
+    dists[:, 7] = 5.0                                     # a query with no hard negative: skipped
+    nontriv = [np.sort(rng.choice(n_db, rng.integers(1, 6), replace=False)) for _ in range(b)]
+    sampled = rng.integers(0, n_db, (b, 1000))
+    cache = np.full((b, 10), -1)
+    cache[: b // 2, :4] = rng.integers(0, n_db, (b // 2, 4))   # some queries have a negative cache
+    dists[nontriv[7], 7] = 0.0
+    cache[7] = -1
+    sampled[7] = np.setdiff1d(np.arange(n_db), nontriv[7])[rng.integers(0, n_db - 10, 1000)]
+    pos, negs, kept = mine(dists, nontriv, sampled, cache, margin)
+    for i in range(b):
+        want = plain.plain_mine_query(dists[:, i], nontriv[i], sampled[i], cache[i][cache[i] >= 0], margin)
+        if want is None:
+            assert not kept[i]
+            continue
+        assert kept[i]
+        assert pos[i] == want[0]
+        np.testing.assert_array_equal(negs[i][negs[i] >= 0], want[1])
+    assert not kept[7]
+
+
+@pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
+@pytest.mark.parametrize("seq_len", [1, 2, 5])
+def test_batch_loss_and_gradient_equal_plain(method, seq_len):
+    split = tiny_split(dim=6, seed=2)
+    tset = TrainingSet.build(split, seq_len)
+    torch.manual_seed(0)
+    model = SeqMatchModel(6, True, 5)
+    rng = np.random.default_rng(3)
+    q_idx = tset.queries[:4]
+    pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
+    negs = np.full((4, 10), -1)
+    for r, k in enumerate([3, 10, 1, 6]):                       # different negative counts per query
+        negs[r, :k] = rng.choice(len(tset.db_frames), k, replace=False)
+    loss = batch_loss(model, tset, q_idx, pos, negs, method, 0.5, torch.device("cpu"))
+    loss.backward()
+    grad = model.pool[1].conv.weight.grad.clone()
+    model.zero_grad()
+
+    def frames(rows, desc):
+        return model.encode(torch.from_numpy(desc[rows]))
+
+    seq = np.arange(seq_len)
+    q_seqs = [frames(tset.q_starts[i] + seq, split.q_desc) for i in q_idx]
+    p_seqs = [frames(tset.db_starts[p] + seq, split.db_desc) for p in pos]
+    n_seqs = [[frames(tset.db_starts[n] + seq, split.db_desc) for n in row[row >= 0]] for row in negs]
+    want = plain.plain_triplet_loss(q_seqs, p_seqs, n_seqs, method, 0.5)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad, model.pool[1].conv.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- end to end
+
+def run_main(args: list[str], cwd: Path, monkeypatch) -> int:
+    import main
+    monkeypatch.chdir(cwd)
+    return main.main(args + ["--nocuda", "--threads", "0", "--quiet"])
+
+
+def only_run(root: Path) -> Path:
+    runs = sorted((root / "data" / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+TRAIN = "--mode train --pooling --dataset oxford-v1.0 --outDims 8 --cacheRefreshRate 100".split()
+
+
+@pytest.mark.parametrize("loss_m,neg_m", [("meanOfPairs", "meanOfPairs"), ("meanOfPairs", "centerOnly"),
+                                          ("centerOnly", "meanOfPairs"), ("centerOnly", "centerOnly")])
+def test_all_method_combinations_train(tiny_oxford, monkeypatch, loss_m, neg_m):
+    args = TRAIN + ["--seqL", "3", "--nEpochs", "1", "--loss_trip_method", loss_m, "--neg_trip_method", neg_m]
+    assert run_main(args, tiny_oxford, monkeypatch) == 0
+    run = only_run(tiny_oxford)
+    ckpt = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1 and set(ckpt["recalls"]) == {1, 5, 10, 20, 100}
+    flags = json.loads((run / "checkpoints" / "flags.json").read_text())
+    assert flags["loss_trip_method"] == loss_m and flags["neg_trip_method"] == neg_m
+    assert (run / "checkpoints" / "model_best.pth.tar").exists()
+    assert list(run.glob("events.out.tfevents.*")) and (run / "train.log").exists()
+    assert re.fullmatch(r"[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_l3_0", run.name)
+
+
+@pytest.mark.parametrize("extra", [["--seqL", "1", "--matcher", "None"], ["--seqL", "1"], ["--seqL", "2"]])
+def test_single_frame_and_short_sequences_train(tiny_oxford, monkeypatch, extra):
+    assert run_main(TRAIN + ["--nEpochs", "1"] + extra, tiny_oxford, monkeypatch) == 0
+    run = only_run(tiny_oxford)
+    assert "epoch 1: average loss" in (run / "train.log").read_text()
+
+
+def test_resume_continues_exactly(tiny_oxford, tmp_path, monkeypatch):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(tiny_oxford, other)
+    base = TRAIN + ["--seqL", "3", "--optim", "SGD", "--lrStep", "1"]
+    assert run_main(base + ["--nEpochs", "3"], tiny_oxford, monkeypatch) == 0
+    straight = torch.load(only_run(tiny_oxford) / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+
+    assert run_main(base + ["--nEpochs", "2"], other, monkeypatch) == 0
+    run = only_run(other)
+    assert run_main(base + ["--nEpochs", "3", "--resume", str(run)], other, monkeypatch) == 0
+    resumed = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 3
+    for key in straight["state_dict"]:
+        torch.testing.assert_close(resumed["state_dict"][key], straight["state_dict"][key], rtol=0, atol=0)
+    assert resumed["recalls"] == straight["recalls"]
+    assert torch.equal(resumed["neg_cache"], straight["neg_cache"])
+
+
+def test_worker_threads_do_not_change_training(tiny_oxford, tmp_path, monkeypatch):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(tiny_oxford, other)
+    args = TRAIN + ["--seqL", "3", "--nEpochs", "2"]
+    assert run_main(args, tiny_oxford, monkeypatch) == 0
+    import main
+    monkeypatch.chdir(other)
+    assert main.main(args + ["--nocuda", "--threads", "2", "--quiet"]) == 0
+    a = torch.load(only_run(tiny_oxford) / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    b = torch.load(only_run(other) / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert torch.equal(a["neg_cache"], b["neg_cache"]) and (a["neg_cache"] >= 0).any()
+    torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
+
+
+@needs_reference
+def test_reference_fixture_first_epoch_within_seed_band(reference_copy, monkeypatch):
+    """The reference's first epoch: loss 0.2998, R@1 0.2297 (seed 7 gave 0.3109 / 0.1662)."""
+    args = ("--mode train --seqL 5 --pooling --dataset oxford-v1.0 --loss_trip_method meanOfPairs "
+            "--neg_trip_method meanOfPairs --outDims 64 --nEpochs 1").split()
+    assert run_main(args, reference_copy, monkeypatch) == 0
+    runs = [p for p in (reference_copy / "data" / "runs").iterdir() if p.name != "ref_oxford_l5_1epoch"]
+    log = (runs[0] / "train.log").read_text()
+    assert "5912 frames" in log and "2927 query windows" in log and "2885 training queries" in log
+    loss = float(re.search(r"epoch 1: average loss ([0-9.]+)", log).group(1))
+    ckpt = torch.load(runs[0] / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert abs(loss - 0.2998) < 0.03
+    assert abs(ckpt["recalls"][1] - 0.2297) < 0.06
