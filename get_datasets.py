@@ -107,8 +107,61 @@ def prepare_dataset(opt: argparse.Namespace) -> None:
     ensure_synthetic(desc_dir(opt), Path(opt.structPath), params)
 
 
+HONEST_VAL_FRACTION = 0.15
+
+
 def get_split(opt: argparse.Namespace, split: str) -> Split:
-    """Load one split (train/val/test) of ``--dataset``: descriptors, positions, thresholds, bounds."""
+    """Load one split (train/val/test) of ``--dataset``: descriptors, positions, thresholds, bounds.
+
+    With ``--oxfordHonestVal`` on Oxford, train and val come from the training
+    route (see ``honest_validation``) instead of validating on the test split.
+    """
+    if getattr(opt, "oxfordHonestVal", False) and split in ("train", "val"):
+        if not opt.dataset.startswith("oxford"):
+            raise UserError("--oxfordHonestVal is for the Oxford datasets; the others have their own val split")
+        train_part, val_part = honest_validation(load_split(opt, "train"), load_split(opt, "test").pos_dist_thr)
+        return train_part if split == "train" else val_part
+    return load_split(opt, split)
+
+
+def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST_VAL_FRACTION) -> tuple[Split, Split]:
+    """Hold out a spatial block of the training route for validation.
+
+    The block is the ``fraction`` of database frames with the largest
+    coordinate along one axis (the axis that loses fewest frames). Frames of
+    either side within ``train.pos_dist_thr`` of the other side are dropped,
+    so no validation place is a training positive; queries go with the side
+    of their nearest database frame.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    def parts(axis: int):
+        coord = train.db_positions[:, axis]
+        in_val = coord >= np.quantile(coord, 1 - fraction)
+        d_val = NearestNeighbors(n_neighbors=1).fit(train.db_positions[in_val]).kneighbors(train.db_positions)[0][:, 0]
+        d_tr = NearestNeighbors(n_neighbors=1).fit(train.db_positions[~in_val]).kneighbors(train.db_positions)[0][:, 0]
+        return np.flatnonzero(~in_val & (d_val > train.pos_dist_thr)), np.flatnonzero(in_val & (d_tr > train.pos_dist_thr))
+
+    db_train, db_val = max((parts(a) for a in range(train.db_positions.shape[1])),
+                           key=lambda p: len(p[0]) + len(p[1]))
+    nearest = NearestNeighbors(n_neighbors=1).fit(train.db_positions).kneighbors(train.q_positions)[1][:, 0]
+    q_train = np.flatnonzero(np.isin(nearest, db_train))
+    q_val = np.flatnonzero(np.isin(nearest, db_val))
+    if min(len(db_train), len(db_val), len(q_train), len(q_val)) == 0:
+        raise UserError("--oxfordHonestVal could not separate a validation block from the training route")
+    return (subset_split(train, db_train, q_train, "train", train.pos_dist_thr),
+            subset_split(train, db_val, q_val, "val", val_pos_thr))
+
+
+def subset_split(split: Split, db_rows: np.ndarray, q_rows: np.ndarray, name: str, pos_dist_thr: float) -> Split:
+    """Some frames of a split as a split of their own (each side one contiguous segment)."""
+    return Split(name=name, db_desc=split.db_desc[db_rows], q_desc=split.q_desc[q_rows],
+                 db_positions=split.db_positions[db_rows], q_positions=split.q_positions[q_rows],
+                 pos_dist_thr=pos_dist_thr, non_triv_pos_dist_sq_thr=split.non_triv_pos_dist_sq_thr,
+                 db_bounds=segment_bounds(len(db_rows)), q_bounds=segment_bounds(len(q_rows)), files=split.files)
+
+
+def load_split(opt: argparse.Namespace, split: str) -> Split:
     spec = get_spec(opt)
     struct_dir = Path(opt.structPath)
     struct_path = struct_dir / spec.struct_files[split]
@@ -141,7 +194,7 @@ def get_split(opt: argparse.Namespace, split: str) -> Split:
         files += [struct_dir / b for b in spec.bounds[split]]
     else:
         db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
-    if split == "val" and spec.note:
+    if split == "val" and spec.note and not getattr(opt, "oxfordHonestVal", False):
         log.info("%s: %s", spec.name, spec.note)
     return Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
                  q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,

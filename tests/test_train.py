@@ -224,3 +224,21 @@ def test_reference_fixture_first_epoch_within_seed_band(reference_copy, monkeypa
     ckpt = torch.load(runs[0] / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
     assert abs(loss - 0.2998) < 0.03
     assert abs(ckpt["recalls"][1] - 0.2297) < 0.06
+
+
+@needs_reference
+def test_oxford_honest_validation_is_disjoint_from_training(monkeypatch):
+    from sklearn.neighbors import NearestNeighbors
+
+    from get_datasets import get_split
+    from options import parse_options
+
+    monkeypatch.chdir(REFERENCE)
+    opt = parse_options("--mode train --seqL 5 --pooling --dataset oxford-v1.0 --oxfordHonestVal --nocuda".split())
+    train, val = get_split(opt, "train"), get_split(opt, "val")
+    test = get_split(opt, "test")
+    assert val.num_db > 200 and val.num_q > 200 and train.num_db > 2000
+    nearest = NearestNeighbors(n_neighbors=1).fit(train.db_positions)
+    assert nearest.kneighbors(val.q_positions)[0].min() > train.pos_dist_thr
+    assert nearest.kneighbors(val.db_positions)[0].min() > train.pos_dist_thr
+    assert val.pos_dist_thr == test.pos_dist_thr
