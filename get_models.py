@@ -43,35 +43,102 @@ class WXpB(nn.Module):
         return self.conv(x.flatten(2)).permute(0, 2, 1)
 
 
+class SeqNetConv(nn.Module):
+    """SeqNet: a temporal convolution over a window, averaged over time:
+    ``[N, L, C] -> [N, outDims]`` (kernel ``w`` <= L)."""
+
+    def __init__(self, in_dims: int, out_dims: int, w: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_dims, out_dims, kernel_size=w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.permute(0, 2, 1)).mean(dim=-1)
+
+
+SEQUENCE_DESCRIPTOR_METHODS = ("smooth", "delta", "seqnet")
+METHODS = ("seqmatch", "single") + SEQUENCE_DESCRIPTOR_METHODS
+
+
+def smooth_weights(seq_len: int) -> torch.Tensor:
+    """Equal weights ``[L]``: the window mean."""
+    return torch.full((seq_len,), 1.0 / seq_len)
+
+
+def delta_weights(seq_len: int) -> torch.Tensor:
+    """Delta Descriptors ``[L]``: -2/L on the first floor(L/2) frames, +2/L on the others."""
+    w = torch.full((seq_len,), 2.0 / seq_len)
+    w[: seq_len // 2] = -2.0 / seq_len
+    return w
+
+
 class SeqMatchModel(nn.Module):
-    """``pool`` maps frame descriptors ``[N, C]`` to L2-normalised ``[N, outDims]``;
-    ``matcher`` compares aligned sequences."""
+    """``pool`` maps frame descriptors ``[N, C]`` to L2-normalised ``[N, outDims]``
+    (the learned 1x1 projection with ``pooling``, else the raw descriptors);
+    ``matcher`` compares aligned sequences.
+
+    With ``method='seqnet'``, ``pool`` is SeqNet's temporal convolution
+    instead and maps windows ``[N, L, C]`` to one descriptor each; ``smooth``
+    and ``delta`` combine the frame descriptors of a window with fixed weights.
+    """
 
     def __init__(self, encoder_dim: int, pooling: bool, out_dims: int, matcher: str = "seqMatchNet",
-                 method: str = "meanOfPairs") -> None:
+                 method: str = "meanOfPairs", sequence_method: str = "seqmatch", w: int = 5) -> None:
         super().__init__()
+        if sequence_method not in METHODS:
+            raise UserError(f"unknown --method {sequence_method!r}; choose one of {', '.join(METHODS)}")
         self.encoder_dim = encoder_dim
-        self.out_dims = out_dims if pooling else encoder_dim
-        if pooling:
+        self.sequence_method = sequence_method
+        self.learned = pooling or sequence_method == "seqnet"
+        self.out_dims = out_dims if self.learned else encoder_dim
+        if sequence_method == "seqnet":
+            self.pool = nn.Sequential(SeqNetConv(encoder_dim, out_dims, w), Flatten(), L2Norm(dim=-1))
+        elif pooling:
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), WXpB(encoder_dim, out_dims), L2Norm(dim=-1))
         else:
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), Flatten(), L2Norm(dim=-1))
         self.matcher = nn.Sequential(SeqMatchNet(method)) if matcher == "seqMatchNet" else None
 
+    @property
+    def describes_sequences(self) -> bool:
+        """True when a window is compared through one descriptor (smooth, delta, seqnet)."""
+        return self.sequence_method in SEQUENCE_DESCRIPTOR_METHODS
+
+    def _check_dims(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.encoder_dim:
+            raise UserError(f"descriptors have {x.shape[-1]} dimensions but the model expects "
+                            f"{self.encoder_dim}: use the descriptors the model was trained on")
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frame descriptors ``[N, C]`` -> projected, L2-normalised ``[N, outDims]``."""
-        if frames.shape[-1] != self.encoder_dim:
-            raise UserError(f"descriptors have {frames.shape[-1]} dimensions but the model expects "
-                            f"{self.encoder_dim}: use the descriptors the model was trained on")
+        self._check_dims(frames)
+        if self.sequence_method == "seqnet":
+            raise ValueError("a SeqNet model describes windows, not frames: use describe()")
         return self.pool(frames[:, :, None, None]).reshape(frames.shape[0], -1)
+
+    def describe(self, windows: torch.Tensor) -> torch.Tensor:
+        """One L2-normalised descriptor per window: ``[N, L, C] -> [N, outDims]``."""
+        self._check_dims(windows)
+        n, seq_len, _ = windows.shape
+        if self.sequence_method == "seqnet":
+            if seq_len < self.pool[0].conv.kernel_size[0]:
+                raise UserError(f"SeqNet's kernel w={self.pool[0].conv.kernel_size[0]} is longer than "
+                                f"--seqL {seq_len}: use --w <= --seqL")
+            return self.pool(windows)
+        frames = self.encode(windows.reshape(n * seq_len, -1)).reshape(n, seq_len, -1)
+        weights = (delta_weights if self.sequence_method == "delta" else smooth_weights)(seq_len)
+        return nn.functional.normalize(torch.einsum("nld,l->nd", frames, weights.to(frames)), dim=-1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.encode(frames)
 
 
 def get_model(opt: argparse.Namespace, encoder_dim: int) -> SeqMatchModel:
-    model = SeqMatchModel(encoder_dim, opt.pooling, opt.outDims, opt.matcher, opt.loss_trip_method)
-    if opt.pooling and getattr(opt, "init", "random") == "identity":
+    method = getattr(opt, "method", "seqmatch")
+    if method == "seqnet" and opt.w > opt.seqL:
+        raise UserError(f"SeqNet's kernel --w {opt.w} is longer than --seqL {opt.seqL}: use --w <= --seqL")
+    model = SeqMatchModel(encoder_dim, opt.pooling, opt.outDims, opt.matcher, opt.loss_trip_method,
+                          method, getattr(opt, "w", 5))
+    if opt.pooling and method != "seqnet" and getattr(opt, "init", "random") == "identity":
         init_identity(model)
     return model
 

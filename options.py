@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 RESTORED_FLAGS = {
     "lr": float, "lrStep": float, "lrGamma": float, "weightDecay": float, "momentum": float,
     "runsPath": str, "savePath": str, "optim": str, "margin": float, "seed": int, "patience": int,
-    "outDims": int,
+    "outDims": int, "method": str, "w": int,
 }
 
 
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outDims", type=int, default=4096, help="output dimensions of the projection")
     g.add_argument("--matcher", type=str, default="seqMatchNet", choices=["seqMatchNet", "None"],
                    help="seqMatchNet: sequence matching; None: single-frame descriptors (needs --seqL 1)")
+    g.add_argument("--method", type=str, default="seqmatch", choices=["seqmatch", "single", "smooth", "delta", "seqnet"],
+                   help="how sequences are compared: seqmatch (SeqMatchNet's sequence matching), single "
+                        "(single frames), smooth (window mean), delta (Delta Descriptors), seqnet (SeqNet)")
+    g.add_argument("--w", type=int, default=5, help="SeqNet temporal kernel width (--method seqnet)")
     g.add_argument("--init", type=str, default="random", choices=["random", "identity"],
                    help="initial projection: random (reference) or identity-like (needs --outDims = input dims)")
 
@@ -113,8 +117,14 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--seqL_filterData must be at least 1")
     if opt.matcher == "None" and opt.seqL != 1:
         raise UserError("--matcher None compares single frames: use it with --seqL 1")
-    if opt.resume and not opt.pooling:
+    if opt.resume and not (opt.pooling or opt.method == "seqnet"):
         raise UserError("--resume loads a learned projection: add --pooling")
+    if opt.method == "seqnet" and opt.pooling:
+        raise UserError("--method seqnet learns its own temporal convolution: drop --pooling")
+    if opt.w < 1:
+        raise UserError(f"--w must be at least 1, got {opt.w}")
+    if opt.method == "single" and opt.seqL != 1:
+        raise UserError("--method single compares single frames: use it with --seqL 1")
     for name in ("batchSize", "cacheBatchSize", "nEpochs", "outDims", "evalEvery", "queryChunk"):
         if getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(opt, name)}")
@@ -154,6 +164,8 @@ def restore_flags(opt: argparse.Namespace, flags_file: Path) -> argparse.Namespa
         if not ok or isinstance(value, bool):
             raise UserError(f"{flags_file}: option {key} should be {kind.__name__}, got {value!r}")
         setattr(out, key, kind(value))
+    if out.method not in ("seqmatch", "single", "smooth", "delta", "seqnet"):
+        raise UserError(f"{flags_file}: unknown method {out.method!r}")
     if out.optim not in ("SGD", "ADAM"):
         raise UserError(f"{flags_file}: optim must be SGD or ADAM, got {out.optim!r}")
     if out.outDims < 1 or out.lr <= 0:

@@ -55,6 +55,19 @@ def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.devic
     return torch.cat(out)
 
 
+@torch.no_grad()
+def describe_windows(model: SeqMatchModel, desc: np.ndarray, starts: np.ndarray, seq_len: int,
+                     device: torch.device, batch_size: int) -> torch.Tensor:
+    """One descriptor per window (smooth, delta, seqnet): ``starts [N]`` -> ``[N, outDims]`` on ``device``."""
+    model.eval()
+    offsets = np.arange(seq_len)
+    out = []
+    for lo in range(0, len(starts), batch_size):
+        windows = desc[starts[lo:lo + batch_size, None] + offsets]              # [b, L, C]
+        out.append(model.describe(torch.from_numpy(np.ascontiguousarray(windows)).to(device)))
+    return torch.cat(out) if out else torch.empty((0, model.out_dims), device=device)
+
+
 def select_frames(bounds: np.ndarray, filter_len: int | None) -> np.ndarray:
     """Frames to evaluate: all, or those whose window of ``filter_len`` needs no shift."""
     if filter_len is None:
@@ -149,11 +162,6 @@ def evaluate(opt: argparse.Namespace, split: Split, model: SeqMatchModel, device
              predictions: np.ndarray | None = None, quiet: bool | None = None) -> EvalResult:
     """Evaluate ``model`` on ``split``: features, ranking, Recall@N and recall at radii."""
     quiet = opt.quiet if quiet is None else quiet
-    t0 = time.perf_counter()
-    db_feats = extract_features(model, split.db_desc, device, opt.cacheBatchSize, "database", quiet)
-    q_feats = extract_features(model, split.q_desc, device, opt.cacheBatchSize, "queries", quiet)
-    t1 = time.perf_counter()
-
     seq_len = opt.seqL
     db_starts, _ = sequence_windows(split.db_bounds, seq_len)
     q_starts, _ = sequence_windows(split.q_bounds, seq_len)
@@ -162,14 +170,27 @@ def evaluate(opt: argparse.Namespace, split: Split, model: SeqMatchModel, device
     if len(db_sel) == 0 or len(q_sel) == 0:
         raise UserError(f"no frames of split {split.name} are valid for --seqL_filterData {opt.seqL_filterData}")
 
-    if predictions is not None:
+    t0 = time.perf_counter()
+    if model.describes_sequences:
+        if predictions is not None:
+            raise UserError("--predictionsFile re-ranks by sequence matching: use it with --method seqmatch")
+        db_feats = describe_windows(model, split.db_desc, db_starts[db_sel], seq_len, device, opt.cacheBatchSize)
+        q_feats = describe_windows(model, split.q_desc, q_starts[q_sel], seq_len, device, opt.cacheBatchSize)
+    else:
+        db_feats = extract_features(model, split.db_desc, device, opt.cacheBatchSize, "database", quiet)
+        q_feats = extract_features(model, split.q_desc, device, opt.cacheBatchSize, "queries", quiet)
+    t1 = time.perf_counter()
+
+    if model.describes_sequences:   # one descriptor per window: nearest neighbours in descriptor space
+        idx, dists = faiss_search(db_feats, q_feats, TOP_K)
+    elif predictions is not None:
         pos_in_sel = np.full(split.num_db, -1)
         pos_in_sel[db_sel] = np.arange(len(db_sel))
         cand = pos_in_sel[predictions[q_sel]]
         if (cand < 0).any():
             raise UserError("--predictionsFile names database frames that --seqL_filterData leaves out")
         idx, dists = rerank(db_feats, q_feats, db_starts[db_sel], q_starts[q_sel], cand, seq_len)
-    elif opt.matcher == "None":
+    elif opt.matcher == "None" or model.sequence_method == "single":
         idx, dists = faiss_search(db_feats[torch.as_tensor(db_sel, device=device)],
                                   q_feats[torch.as_tensor(q_sel, device=device)], TOP_K)
     else:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from datasets import Split, sequence_windows
 from get_models import SeqMatchModel
-from seqMatchNet import sequence_distance, topk_smallest, triplet_loss, window_distances
+from seqMatchNet import frame_distances, sequence_distance, topk_smallest, triplet_loss, window_distances
 from utils import UserError, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,23 @@ def cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: Trainin
     device = db_feats.device
     return window_distances(db_feats, q_feats, torch.as_tensor(tset.db_starts, device=device),
                             torch.as_tensor(tset.q_starts[queries], device=device), tset.seq_len, method)
+
+
+@torch.no_grad()
+def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.ndarray, opt: argparse.Namespace,
+                          device: torch.device) -> torch.Tensor:
+    """The mining matrix for ``model``: sequence matching of pooled frames, or the
+    Euclidean distance of sequence descriptors (smooth, delta, seqnet)."""
+    from test import describe_windows, extract_features
+
+    split = tset.split
+    if model.describes_sequences:
+        db_d = describe_windows(model, split.db_desc, tset.db_starts, tset.seq_len, device, opt.cacheBatchSize)
+        q_d = describe_windows(model, split.q_desc, tset.q_starts[queries], tset.seq_len, device, opt.cacheBatchSize)
+        return frame_distances(db_d, q_d)
+    db_feats = extract_features(model, split.db_desc, device, opt.cacheBatchSize, "cache db", opt.quiet)
+    q_feats = extract_features(model, split.q_desc, device, opt.cacheBatchSize, "cache queries", opt.quiet)
+    return cache_distances(db_feats, q_feats, tset, queries, opt.neg_trip_method)
 
 
 def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,
@@ -164,18 +181,30 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: 
     p_rows = tset.db_starts[pos][:, None] + seq                            # [B, L]
     n_mask = negs >= 0
     n_rows = tset.db_starts[np.maximum(negs, 0)][..., None] + seq          # [B, K, L]
-    rows = np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()])
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    raw = np.where((uniq >= num_db)[:, None], tset.split.q_desc[np.maximum(uniq - num_db, 0)],
-                   tset.split.db_desc[np.minimum(uniq, num_db - 1)])
-    feats = model.encode(torch.from_numpy(raw).to(device))[torch.as_tensor(inverse, device=device)]
     b, k, L = n_rows.shape
-    fq = feats[:b * L].view(b, L, -1)
-    fp = feats[b * L:2 * b * L].view(b, L, -1)
-    fn = feats[2 * b * L:].view(b, k, L, -1)
-    d_pos = sequence_distance(fq, fp, method)
-    d_neg = sequence_distance(fq[:, None], fn, method)
+    rows = np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()])
+    if model.describes_sequences:   # one descriptor per window, compared by Euclidean distance
+        desc = model.describe(torch.from_numpy(_stacked_rows(tset, rows)).to(device).view(-1, L, tset.split.dim))
+        fq, fp, fn = desc[:b, None], desc[b:2 * b, None], desc[2 * b:].view(b, k, 1, -1)
+        d_pos = sequence_distance(fq, fp)
+        d_neg = sequence_distance(fq[:, None], fn)
+    else:                           # every distinct frame pooled once, then sequence distances
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        feats = model.encode(torch.from_numpy(_stacked_rows(tset, uniq)).to(device))
+        feats = feats[torch.as_tensor(inverse, device=device)]
+        fq = feats[:b * L].view(b, L, -1)
+        fp = feats[b * L:2 * b * L].view(b, L, -1)
+        fn = feats[2 * b * L:].view(b, k, L, -1)
+        d_pos = sequence_distance(fq, fp, method)
+        d_neg = sequence_distance(fq[:, None], fn, method)
     return triplet_loss(d_pos, d_neg, torch.as_tensor(n_mask, device=device), margin)
+
+
+def _stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
+    """Raw descriptors of rows of the database + query stack (queries offset by numDb)."""
+    num_db = tset.split.num_db
+    return np.where((rows >= num_db)[:, None], tset.split.q_desc[np.maximum(rows - num_db, 0)],
+                    tset.split.db_desc[np.minimum(rows, num_db - 1)])
 
 
 # ---------------------------------------------------------------- one epoch
@@ -196,7 +225,7 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
 
     ``neg_cache`` ``[len(q_frames), N_NEG]`` is updated in place.
     """
-    from test import extract_features, recall_table
+    from test import recall_table
 
     rng = np.random.default_rng([opt.seed, epoch])
     gen = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
@@ -211,14 +240,11 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
     for c in range(n_chunks):
         chunk = np.sort(order[c * refresh:(c + 1) * refresh])
         t0 = time.perf_counter()
-        db_feats = extract_features(model, tset.split.db_desc, device, opt.cacheBatchSize, "cache db", quiet)
-        q_feats = extract_features(model, tset.split.q_desc, device, opt.cacheBatchSize, "cache queries", quiet)
-        dists = cache_distances(db_feats, q_feats, tset, chunk, opt.neg_trip_method)
+        dists = model_cache_distances(model, tset, chunk, opt, device)
         _, top = topk_smallest(dists, 100)
         preds_all.append(top.cpu().numpy())
         q_all.append(chunk)
         dists = dists.cpu().numpy()
-        del db_feats, q_feats
         t1 = time.perf_counter()
         sampled = sample_negatives(tset, chunk, rng)
         pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled, neg_cache[chunk], opt.margin)
@@ -316,8 +342,8 @@ def train(opt: argparse.Namespace) -> Path:
     from utils import (MetricsWriter, add_log_file, atomic_write, get_device, load_checkpoint, make_deterministic,
                        save_checkpoint_atomic, write_json_atomic)
 
-    if not opt.pooling:
-        raise UserError("training learns the projection: add --pooling")
+    if not (opt.pooling or opt.method == "seqnet"):
+        raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
     device = get_device(opt.nocuda)
     ckpt = None
     if opt.resume:

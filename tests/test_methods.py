@@ -1,0 +1,114 @@
+"""The comparison methods (single, smooth, delta, seqnet) against plain implementations of their definitions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import unit_rows
+from get_models import SeqMatchModel
+
+
+def plain_smooth(window: np.ndarray) -> np.ndarray:
+    v = window.sum(axis=0) / len(window)
+    return v / np.linalg.norm(v)
+
+
+def plain_delta(window: np.ndarray) -> np.ndarray:
+    seq_len = len(window)
+    v = np.zeros(window.shape[1])
+    for k in range(seq_len):
+        v += (-2.0 / seq_len if k < seq_len // 2 else 2.0 / seq_len) * window[k]
+    return v / np.linalg.norm(v)
+
+
+def plain_seqnet(window: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Conv1d(D, out, kernel w) over time, mean over the L - w + 1 outputs, L2-normalised."""
+    out_dims, _, w = weight.shape
+    steps = []
+    for t in range(len(window) - w + 1):
+        y = bias.copy()
+        for j in range(w):
+            y += weight[:, :, j] @ window[t + j]
+        steps.append(y)
+    v = np.mean(steps, axis=0)
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 5, 10])
+@pytest.mark.parametrize("method", ["smooth", "delta"])
+def test_fixed_weight_descriptors(seq_len, method):
+    rng = np.random.default_rng(seq_len)
+    windows = np.stack([unit_rows(rng, seq_len, 12) for _ in range(7)])
+    model = SeqMatchModel(12, False, 12, sequence_method=method)
+    got = model.describe(torch.from_numpy(windows)).numpy()
+    plain = plain_smooth if method == "smooth" else plain_delta
+    want = np.stack([plain(w.astype(np.float64)) for w in windows])
+    assert got.shape == (7, 12)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len,w", [(5, 3), (5, 5), (10, 5), (4, 1)])
+def test_seqnet_descriptor(seq_len, w):
+    rng = np.random.default_rng(w)
+    torch.manual_seed(0)
+    model = SeqMatchModel(8, False, 6, sequence_method="seqnet", w=w)
+    windows = np.stack([unit_rows(rng, seq_len, 8) for _ in range(5)])
+    got = model.describe(torch.from_numpy(windows)).detach().numpy()
+    conv = model.pool[0].conv
+    want = np.stack([plain_seqnet(x.astype(np.float64), conv.weight.detach().double().numpy(),
+                                  conv.bias.detach().double().numpy()) for x in windows])
+    assert got.shape == (5, 6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert set(model.state_dict()) == {"pool.0.conv.weight", "pool.0.conv.bias"}   # SeqNet's key layout
+
+
+def test_smooth_with_projection_uses_projected_frames():
+    torch.manual_seed(1)
+    model = SeqMatchModel(8, True, 4, sequence_method="smooth")
+    windows = torch.from_numpy(np.stack([unit_rows(np.random.default_rng(2), 3, 8)]))
+    frames = model.encode(windows[0]).detach().numpy()
+    np.testing.assert_allclose(model.describe(windows).detach().numpy()[0], plain_smooth(frames), atol=1e-5)
+
+
+def run(args, cwd, monkeypatch, tmp_path=None):
+    import main
+    monkeypatch.chdir(cwd)
+    return main.main(args + ["--nocuda", "--threads", "0", "--quiet"])
+
+
+@pytest.mark.parametrize("method", ["single", "smooth", "delta"])
+def test_untrained_methods_evaluate(tiny_oxford, monkeypatch, tmp_path, method):
+    seq_len = "1" if method == "single" else "4"
+    args = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", seq_len, "--method", method,
+            "--resultsPath", str(tmp_path / method)]
+    assert run(args, tiny_oxford, monkeypatch) == 0
+    res = np.load(tmp_path / method / "results.npz", allow_pickle=True)
+    assert res["preds"].shape[1] == 100 and 0 <= res["recalls"].item()[1] <= 1
+
+
+def test_seqnet_checkpoint_reloads_and_reproduces_recalls(tiny_oxford, monkeypatch, tmp_path):
+    train = "--mode train --dataset oxford-v1.0 --seqL 4 --w 3 --method seqnet --outDims 8 --nEpochs 1".split()
+    assert run(train, tiny_oxford, monkeypatch) == 0
+    run_dir = next((tiny_oxford / "data" / "runs").iterdir())
+    ckpt = torch.load(run_dir / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["state_dict"]["pool.0.conv.weight"].shape == (8, 16, 3)
+    test = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "val", "--seqL", "4", "--method", "seqnet",
+            "--resume", str(run_dir), "--resultsPath", str(tmp_path / "r")]
+    assert run(test, tiny_oxford, monkeypatch) == 0
+    recalls = np.load(tmp_path / "r" / "results.npz", allow_pickle=True)["recalls"].item()
+    assert recalls == ckpt["recalls"]        # exactly the validation recalls saved at training time
+
+
+def test_hierarchical_rerank_of_seqnet_shortlist(tiny_oxford, monkeypatch, tmp_path):
+    """HVPR: a sequence descriptor shortlists, sequence matching re-ranks the first 20."""
+    short = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", "4", "--method", "delta",
+             "--resultsPath", str(tmp_path / "short")]
+    assert run(short, tiny_oxford, monkeypatch) == 0
+    rerank = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", "4",
+              "--predictionsFile", str(tmp_path / "short" / "results.npz"), "--resultsPath", str(tmp_path / "hvpr")]
+    assert run(rerank, tiny_oxford, monkeypatch) == 0
+    a = np.load(tmp_path / "short" / "results.npz", allow_pickle=True)["preds"][:, :20]
+    b = np.load(tmp_path / "hvpr" / "results.npz", allow_pickle=True)["preds"]
+    assert b.shape == a.shape and all(set(x) == set(y) for x, y in zip(a, b))
