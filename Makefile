@@ -12,7 +12,7 @@ install:
 	$(PIP) install -q -r requirements.txt
 
 demo: install
-	$(PYTHON) demo.py
+	$(PYTHON) main.py --mode demo
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -39,8 +39,7 @@ def load_for_test(opt: argparse.Namespace):
 
 def run_test(opt: argparse.Namespace) -> dict:
     """``--mode test``: evaluate a split (optionally a trained run) and report recalls."""
-    from test import (evaluate, format_recalls, load_predictions, save_results, tsne_embeddings,
-                      extract_features)
+    from test import evaluate, format_recalls, load_predictions, save_results, tsne_embeddings
     from utils import write_json_atomic
 
     opt, split, model, device = load_for_test(opt)
@@ -52,21 +51,26 @@ def run_test(opt: argparse.Namespace) -> dict:
     result = evaluate(opt, split, model, device, predictions)
     print(format_recalls(result, f"{opt.dataset} {opt.split} (seqL {opt.seqL}"
                                  f"{', learned projection' if opt.pooling else ', raw descriptors'})"))
-    summary = {"mode": "test", "dataset": opt.dataset, "split": opt.split, "seqL": opt.seqL,
-               "recalls": result.recalls, "radius_recalls": dict(zip(map(str, (1, 5, 10, 20, 40, 100, 200)),
-                                                                     result.radius_recalls.tolist())),
-               "queries": int(len(result.q_frames)), "queries_with_positives": result.queries_with_positives,
-               "timings": result.timings, "options": vars(opt)}
+    summary = None
     if opt.resultsPath:
+        import report
+        from test import N_VALUES, RADII, write_figures
+
         results_dir = Path(opt.resultsPath)
         embeddings = None
         if opt.numSamples2Project != -1:
-            embeddings = tsne_embeddings(extract_features(model, split.db_desc, device, opt.cacheBatchSize),
-                                         extract_features(model, split.q_desc, device, opt.cacheBatchSize),
-                                         opt.numSamples2Project, opt.seed)
+            if result.db_feats is None:
+                log.warning("--numSamples2Project embeds frame descriptors; --method %s has none", opt.method)
+            else:
+                embeddings = tsne_embeddings(result.db_feats, result.q_feats, opt.numSamples2Project, opt.seed)
         path = save_results(results_dir, result, embeddings=embeddings)
+        pr = write_figures(result, split, opt.seqL, results_dir, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
+        radius = {r: dict(zip(N_VALUES, row)) for r, row in zip(RADII, result.radius_recalls.tolist())}
+        summary = report.build_summary("test", vars(opt), result.recalls, radius, pr, result.timings, split.files,
+                                       extra={"queries": int(len(result.q_frames)),
+                                              "queries_with_positives": result.queries_with_positives})
         write_json_atomic(summary, results_dir / "summary.json")
-        log.info("results written to %s", path)
+        log.info("results, figures and summary.json written to %s", path.parent)
     return summary
 
 
@@ -104,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     from options import parse_options
     from utils import UserError, setup_logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", default="train")
+    known, rest = mode.parse_known_args(argv)
+    if known.mode == "demo":            # the synthetic walk-through: its own few options
+        from demo import run_demo
+        return run_demo(rest)
+    if known.mode == "compare":         # summaries of several runs side by side
+        from report import main_compare
+        return main_compare(rest)
     started = time.time()
     try:
         opt = parse_options(argv)

@@ -39,6 +39,8 @@ class EvalResult:
     q_frames: np.ndarray          # query frames that were evaluated
     timings: dict = field(default_factory=dict)
     queries_with_positives: int = 0
+    db_feats: torch.Tensor | None = None   # pooled frame features (sequence matching), for figures
+    q_feats: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -205,7 +207,24 @@ def evaluate(opt: argparse.Namespace, split: Split, model: SeqMatchModel, device
     t3 = time.perf_counter()
     return EvalResult(recalls=recalls, radius_recalls=radius_recalls, preds=preds, dists=dists,
                       db_frames=db_sel, q_frames=q_sel, queries_with_positives=n_pos,
-                      timings={"features_s": t1 - t0, "matching_s": t2 - t1, "metrics_s": t3 - t2})
+                      timings={"features_s": t1 - t0, "matching_s": t2 - t1, "metrics_s": t3 - t2},
+                      db_feats=None if model.describes_sequences else db_feats,
+                      q_feats=None if model.describes_sequences else q_feats)
+
+
+def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path, label: str, prefix: str = "",
+                  writer=None, step: int = 0) -> dict:
+    """PNG figures of an evaluation into ``out_dir`` (and TensorBoard through ``writer``);
+    returns the precision-recall summary of the top-1 matches."""
+    import plots
+
+    figs, pr = plots.evaluation_figures(result, split, label, db_feats=result.db_feats, q_feats=result.q_feats,
+                                        seq_len=seq_len)
+    for name, fig in figs.items():
+        if writer is not None:
+            writer.figure(f"{prefix or 'Test'}/{name}", fig, step)
+        plots.save_figure(fig, Path(out_dir) / f"{prefix.lower() + '_' if prefix else ''}{name}.png")
+    return pr
 
 
 def format_recalls(result: EvalResult, title: str = "") -> str:

@@ -321,7 +321,7 @@ def make_optimizer(opt: argparse.Namespace, model: SeqMatchModel):
 
 
 def checkpoint_state(epoch: int, model: SeqMatchModel, optimizer, scheduler, recalls: dict, best_score: float,
-                     not_improved: int, neg_cache: np.ndarray) -> dict:
+                     not_improved: int, neg_cache: np.ndarray, history: dict) -> dict:
     """The reference's checkpoint keys plus what exact resumption needs; plain types only."""
     from utils import plain_floats
 
@@ -329,7 +329,8 @@ def checkpoint_state(epoch: int, model: SeqMatchModel, optimizer, scheduler, rec
     return {"epoch": epoch, "state_dict": state, "recalls": plain_floats(recalls), "best_score": float(best_score),
             "optimizer": optimizer.state_dict(), "parallel": False,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "not_improved": int(not_improved), "neg_cache": torch.from_numpy(neg_cache.copy())}
+            "not_improved": int(not_improved), "neg_cache": torch.from_numpy(neg_cache.copy()),
+            "history": history}
 
 
 def train(opt: argparse.Namespace) -> Path:
@@ -338,7 +339,9 @@ def train(opt: argparse.Namespace) -> Path:
     from get_models import get_model, load_state
     from main import checkpoint_path
     from options import options_dict, restore_flags
-    from test import evaluate, format_recalls
+    import plots
+    import report
+    from test import evaluate, format_recalls, write_figures
     from utils import (MetricsWriter, add_log_file, atomic_write, get_device, load_checkpoint, make_deterministic,
                        save_checkpoint_atomic, write_json_atomic)
 
@@ -362,6 +365,7 @@ def train(opt: argparse.Namespace) -> Path:
     optimizer, scheduler = make_optimizer(opt, model)
     neg_cache = np.full((len(tset.q_frames), N_NEG), -1, dtype=np.int64)
     start_epoch, best_score, not_improved = opt.start_epoch, 0.0, 0
+    history = {"epochs": [], "loss": [], "val_epochs": [], "val_recalls": {}}
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], str(ckpt_file))
         model.to(device)
@@ -374,6 +378,7 @@ def train(opt: argparse.Namespace) -> Path:
                 scheduler.load_state_dict(ckpt["scheduler"])
             else:   # reference checkpoints carry no scheduler: one step per finished epoch
                 scheduler.last_epoch = start_epoch
+        history = ckpt.get("history") or history
         cache = ckpt.get("neg_cache")
         if cache is not None and tuple(cache.shape) == neg_cache.shape:
             neg_cache = cache.numpy().copy()
@@ -388,6 +393,7 @@ def train(opt: argparse.Namespace) -> Path:
 
     writer = MetricsWriter(run_dir, opt)
     epoch = start_epoch
+    recalls, pr, timings = {}, None, {"epochs_s": 0.0}
     try:
         for epoch in range(start_epoch + 1, opt.nEpochs + 1):
             t0 = time.perf_counter()
@@ -398,6 +404,8 @@ def train(opt: argparse.Namespace) -> Path:
                      "train R@1 %.4f R@5 %.4f [%s]", epoch, stats.avg_loss, stats.batches, stats.triplet_queries,
                      stats.skipped, stats.train_recalls[1], stats.train_recalls[5],
                      ", ".join(f"{k} {v:.1f}" for k, v in stats.timings.items()))
+            history["epochs"].append(epoch)
+            history["loss"].append(stats.avg_loss)
             writer.scalar("Train/AvgLoss", stats.avg_loss, epoch)
             for n, r in stats.train_recalls.items():
                 writer.scalar(f"Train/Recall@{n}", r, epoch)
@@ -408,12 +416,25 @@ def train(opt: argparse.Namespace) -> Path:
                 log.info(format_recalls(result, f"epoch {epoch} validation"))
                 for n, r in recalls.items():
                     writer.scalar(f"Val/Recall@{n}", r, epoch)
+                history["val_epochs"].append(epoch)
+                for n, r in recalls.items():
+                    history["val_recalls"].setdefault(n, []).append(r)
+                pr = write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val",
+                                   writer, epoch)
                 is_best = recalls[5] > best_score
                 if is_best:
                     best_score, not_improved = recalls[5], 0
                 else:
                     not_improved += 1
-            state = checkpoint_state(epoch, model, optimizer, scheduler, recalls, best_score, not_improved, neg_cache)
+            fig = plots.training_curves_figure(history["epochs"], history["loss"], history["val_recalls"],
+                                               val_epochs=history["val_epochs"])
+            writer.figure("Train/Curves", fig, epoch)
+            plots.save_figure(fig, run_dir / "training_curves.png")
+            timings["epochs_s"] += time.perf_counter() - t0
+            for k, v in stats.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+            state = checkpoint_state(epoch, model, optimizer, scheduler, recalls, best_score, not_improved, neg_cache,
+                                     history)
             save_checkpoint_atomic(state, ckpt_dir / "checkpoint.pth.tar")
             if is_best:
                 atomic_write(ckpt_dir / "model_best.pth.tar",
@@ -430,5 +451,10 @@ def train(opt: argparse.Namespace) -> Path:
     finally:
         writer.close()
     log.info("best validation Recall@5 %.4f; checkpoints in %s", best_score, ckpt_dir)
+    summary = report.build_summary("train", options_dict(opt), recalls, {}, pr, timings,
+                                   train_split.files + val_split.files,
+                                   extra={"best_recall@5": best_score, "epochs": epoch, "run_dir": str(run_dir),
+                                          "training_set": tset.summary()})
+    write_json_atomic(summary, run_dir / "summary.json")
     shutil.rmtree(Path(opt.cachePath) / run_dir.name, ignore_errors=True)
     return run_dir

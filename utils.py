@@ -78,6 +78,9 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; results should be readable like any other file
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -128,7 +131,7 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
     root.addHandler(console)
     if log_file is not None:
         add_log_file(log_file)
-    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "tensorboard"):
+    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "tensorboard", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
