@@ -87,9 +87,41 @@ DATASETS = {
 }
 
 
+CUSTOM_PREFIX = "custom:"
+
+
+def custom_config_path(struct_dir: Path, name: str) -> Path:
+    return Path(struct_dir) / f"custom_{name}.json"
+
+
+def _custom(opt: argparse.Namespace, name: str) -> DatasetSpec:
+    """A dataset prepared with ``--mode prepare`` (see prepare.py): its JSON config names
+    the descriptor files (absolute, or relative to descData/<descType>/), the struct and
+    split-index files, and per-split sequence-bounds files when the data has several sequences."""
+    import json
+
+    path = custom_config_path(Path(opt.structPath), name)
+    if not path.is_file():
+        raise UserError(f"custom dataset {name!r}: {path} not found: run `python main.py --mode prepare --name {name} "
+                        "...` first (README, 'Using your own data'), or check --structPath")
+    try:
+        cfg = json.loads(path.read_text())
+        splits = ("train", "val", "test")
+        return DatasetSpec(
+            f"custom:{name}", db_file=_same(str(cfg["db_descriptors"])), q_file=_same(str(cfg["q_descriptors"])),
+            struct_files={s: str(cfg["struct_files"][s]) for s in splits}, split_inds=str(cfg["split_inds"]),
+            bounds={s: tuple(map(str, cfg["bounds_files"][s])) for s in splits} if cfg.get("bounds_files") else {})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"custom dataset config {path} is malformed ({type(exc).__name__}: {exc}): "
+                        "prepare the dataset again") from exc
+
+
 def get_spec(opt: argparse.Namespace) -> DatasetSpec:
+    if opt.dataset.startswith(CUSTOM_PREFIX):
+        return _custom(opt, opt.dataset[len(CUSTOM_PREFIX):])
     if opt.dataset not in DATASETS:
-        raise UserError(f"unknown --dataset {opt.dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown --dataset {opt.dataset!r}; choose one of {', '.join(DATASETS)} "
+                        f"or {CUSTOM_PREFIX}<name> (see --mode prepare)")
     return DATASETS[opt.dataset](opt)
 
 

@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if known.mode == "demo":            # the synthetic walk-through: its own few options
         from demo import run_demo
         return run_demo(rest)
+    if known.mode == "prepare":         # turn descriptors + positions CSVs into a dataset
+        from prepare import run_prepare
+        return run_prepare(rest)
     if known.mode == "compare":         # summaries of several runs side by side
         from report import main_compare
         return main_compare(rest)

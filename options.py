@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py",
         description="SeqMatchNet: contrastive learning with sequence matching for place recognition.")
     g = p.add_argument_group("run")
-    g.add_argument("--mode", type=str, default="train", choices=["train", "test", "demo", "compare"],
-                   help="train, test (evaluate), demo (synthetic walk-through), compare (runs side by side)")
+    g.add_argument("--mode", type=str, default="train", choices=["train", "test", "demo", "compare", "prepare"],
+                   help="train, test (evaluate), demo (synthetic walk-through), compare (runs side by side), "
+                        "prepare (your own data: see README)")
     g.add_argument("--nocuda", action="store_true", help="run on the CPU (CUDA is used otherwise)")
     g.add_argument("--nGPU", type=int, default=1, help="number of GPUs (nn.DataParallel when > 1)")
     g.add_argument("--threads", type=int, default=8, help="DataLoader worker processes for feature extraction")
