@@ -120,8 +120,9 @@ class SeqMatchModel(nn.Module):
         self._check_dims(windows)
         n, seq_len, _ = windows.shape
         if self.sequence_method == "seqnet":
-            if seq_len < self.pool[0].conv.kernel_size[0]:
-                raise UserError(f"SeqNet's kernel w={self.pool[0].conv.kernel_size[0]} is longer than "
+            pool = self.pool.module if isinstance(self.pool, nn.DataParallel) else self.pool
+            if seq_len < pool[0].conv.kernel_size[0]:
+                raise UserError(f"SeqNet's kernel w={pool[0].conv.kernel_size[0]} is longer than "
                                 f"--seqL {seq_len}: use --w <= --seqL")
             return self.pool(windows)
         frames = self.encode(windows.reshape(n * seq_len, -1)).reshape(n, seq_len, -1)
@@ -171,3 +172,14 @@ def load_state(model: SeqMatchModel, state_dict: dict, source: str) -> None:
         if not torch.isfinite(value).all():
             raise UserError(f"checkpoint {source}: {key} holds NaN/Inf values; use another checkpoint")
     model.load_state_dict(state)
+
+
+def parallelize(model: SeqMatchModel, n_gpu: int, device: torch.device) -> SeqMatchModel:
+    """Wrap ``pool`` in ``nn.DataParallel`` for ``--nGPU`` > 1 (state-dict keys
+    ``pool.module.*``, as in the reference; checkpoints are saved without the prefix)."""
+    if n_gpu > 1:
+        if device.type != "cuda" or torch.cuda.device_count() < n_gpu:
+            raise UserError(f"--nGPU {n_gpu} needs {n_gpu} CUDA devices; found "
+                            f"{torch.cuda.device_count() if device.type == 'cuda' else 0}")
+        model.pool = nn.DataParallel(model.pool)
+    return model

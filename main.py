@@ -17,7 +17,7 @@ log = logging.getLogger("seqmatchnet")
 def load_for_test(opt: argparse.Namespace):
     """Options (restored from a run with --resume), the split to evaluate, and the model on its device."""
     from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state
+    from get_models import get_model, load_state, parallelize
     from options import restore_flags
     from utils import get_device, load_checkpoint
 
@@ -34,14 +34,16 @@ def load_for_test(opt: argparse.Namespace):
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], str(ckpt_path))
         log.info("loaded %s (epoch %s)", ckpt_path, ckpt.get("epoch"))
-    return opt, split, model.to(device), device
+    return opt, split, parallelize(model.to(device), opt.nGPU, device), device
 
 
 def run_test(opt: argparse.Namespace) -> dict:
     """``--mode test``: evaluate a split (optionally a trained run) and report recalls."""
     from test import evaluate, format_recalls, load_predictions, save_results, tsne_embeddings
-    from utils import write_json_atomic
+    from utils import ensure_output_dir, write_json_atomic
 
+    if opt.resultsPath:             # fail before the evaluation, not after it
+        ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
     opt, split, model, device = load_for_test(opt)
     if opt.extractOnly:
         return extract_only(opt, split, model, device)
@@ -99,6 +101,11 @@ def extract_only(opt, split, model, device) -> dict:
     return {"mode": "extract", "path": str(path)}
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (messages quoted from libraries may hold line breaks)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def checkpoint_path(run_dir: Path, opt: argparse.Namespace) -> Path:
     name = "model_best.pth.tar" if opt.ckpt == "best" else "checkpoint.pth.tar"
     return Path(run_dir) / opt.savePath / name
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opt = parse_options(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(quiet=opt.quiet, debug=opt.debug)
     log.debug("argv: %s", sys.argv)
@@ -137,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             run_test(opt)
     except UserError as exc:
         log.debug("traceback:\n%s", traceback.format_exc())
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:          # the file system refused something the checks above did not foresee
+        log.debug("traceback:\n%s", traceback.format_exc())
+        print(f"error: {one_line(exc)}: check that the paths given exist and are writable and that the disk has "
+              "space (--debug shows where it happened)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

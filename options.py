@@ -7,11 +7,14 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 from utils import UserError
 
 log = logging.getLogger(__name__)
+
+MAX_OUT_DIMS = 65536     # a sanity bound for outDims read from a flags.json (NetVLAD without PCA is 32768)
 
 # Restored from a run's flags.json on --resume (SPEC section 7), with their types.
 RESTORED_FLAGS = {
@@ -31,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prepare (your own data: see README)")
     g.add_argument("--nocuda", action="store_true", help="run on the CPU (CUDA is used otherwise)")
     g.add_argument("--nGPU", type=int, default=1, help="number of GPUs (nn.DataParallel when > 1)")
-    g.add_argument("--threads", type=int, default=8, help="DataLoader worker processes for feature extraction")
+    g.add_argument("--threads", type=int, default=8, help="accepted for compatibility: descriptors are held in memory and mining runs in the "
+                        "main process, so no worker processes are needed")
     g.add_argument("--seed", type=int, default=123, help="random seed")
     g.add_argument("--quiet", action="store_true", help="print only results and errors")
     g.add_argument("--debug", action="store_true", help="print full tracebacks and debug messages")
@@ -51,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--msls_trainCity", type=str, default="melbourne", help="MSLS city used for training")
     g.add_argument("--msls_valCity", type=str, default="austin", help="MSLS city used for validation and test")
     g.add_argument("--oxfordHonestVal", action="store_true",
-                   help="Oxford: validate on a held-out tail of the training route instead of the test split "
-                        "(the reference validates on the test split)")
+                   help="Oxford: validate on a spatial block held out of the training route instead of the "
+                        "test split (the reference validates on the test split)")
     g.add_argument("--synth_seed", type=int, default=None, help="synthetic benchmark: generator seed")
     g.add_argument("--synth_frames", type=int, default=None, help="synthetic benchmark: frames per traversal")
     g.add_argument("--synth_dim", type=int, default=None, help="synthetic benchmark: descriptor dimensions")
@@ -94,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expName", type=str, default="0", help="run name suffix")
     g.add_argument("--runsPath", type=str, default="./data/runs", help="folder of run folders")
     g.add_argument("--savePath", type=str, default="checkpoints", help="checkpoint folder inside a run folder")
-    g.add_argument("--cachePath", type=str, default="./data/cache", help="folder for on-disk mining caches")
+    g.add_argument("--cachePath", type=str, default="./data/cache",
+                   help="accepted for compatibility: the mining cache is kept in memory, one "
+                        "--cacheRefreshRate chunk at a time, so nothing is written here")
     g.add_argument("--resume", type=str, default="", help="run folder to resume from (train) or evaluate (test)")
     g.add_argument("--ckpt", type=str, default="latest", choices=["latest", "best"], help="checkpoint to load")
     g.add_argument("--resultsPath", type=str, default=None, help="folder for results (.npz, JSON, figures)")
@@ -130,6 +136,8 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     for name in ("batchSize", "cacheBatchSize", "nEpochs", "outDims", "evalEvery", "queryChunk"):
         if getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(opt, name)}")
+    if not 0 <= opt.seed < 2**31:
+        raise UserError(f"--seed must be between 0 and {2**31 - 1}, got {opt.seed}")
     for name in ("cacheRefreshRate", "patience", "start_epoch", "threads", "dbChunk"):
         if getattr(opt, name) < 0:
             raise UserError(f"--{name.replace('_', '-') if name == 'start_epoch' else name} must not be negative")
@@ -153,25 +161,35 @@ def restore_flags(opt: argparse.Namespace, flags_file: Path) -> argparse.Namespa
         raise UserError(f"{flags_file} not found: --resume must name a run folder written by training")
     try:
         saved = json.loads(flags_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{flags_file} is not valid JSON ({exc}): fix or remove it") from exc
+    except (ValueError, RecursionError, OSError) as exc:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{flags_file} is not valid JSON ({type(exc).__name__}: {exc!s:.80}): fix it by hand "
+                        "(training writes it as a JSON object of options)") from exc
     if not isinstance(saved, dict):
-        raise UserError(f"{flags_file} must hold a JSON object of options")
+        raise UserError(f"{flags_file} must hold a JSON object of options, not {type(saved).__name__}: fix it by hand")
     out = copy.copy(opt)
     for key, kind in RESTORED_FLAGS.items():
         if key not in saved:
             continue
         value = saved[key]
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or isinstance(value, bool):
-            raise UserError(f"{flags_file}: option {key} should be {kind.__name__}, got {value!r}")
+        if not ok or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+            raise UserError(f"{flags_file}: option {key} should be {'a finite number' if kind is float else kind.__name__}"
+                            f", got {value!r:.60}: fix it in the file")
         setattr(out, key, kind(value))
+    save = Path(out.savePath)
+    if out.savePath != opt.savePath and (save.is_absolute() or ".." in save.parts):
+        raise UserError(f"{flags_file}: option savePath {out.savePath!r} points outside the run folder: fix it in the file")
+    if not 1 <= out.outDims <= MAX_OUT_DIMS:
+        raise UserError(f"{flags_file}: option outDims must be between 1 and {MAX_OUT_DIMS}, got {out.outDims}: "
+                        "fix it in the file")
     if out.method not in ("seqmatch", "single", "smooth", "delta", "seqnet"):
         raise UserError(f"{flags_file}: unknown method {out.method!r}")
     if out.optim not in ("SGD", "ADAM"):
         raise UserError(f"{flags_file}: optim must be SGD or ADAM, got {out.optim!r}")
-    if out.outDims < 1 or out.lr <= 0:
-        raise UserError(f"{flags_file}: outDims and lr must be positive")
+    try:
+        check_options(out)
+    except UserError as exc:
+        raise UserError(f"{flags_file}: {exc} (restored from this file: fix it there)") from exc
     changed = {k: (getattr(opt, k), getattr(out, k)) for k in RESTORED_FLAGS if getattr(opt, k) != getattr(out, k)}
     if changed:
         log.info("restored from %s: %s", flags_file, ", ".join(f"{k}={v[1]}" for k, v in changed.items()))

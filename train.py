@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -336,7 +335,7 @@ def checkpoint_state(epoch: int, model: SeqMatchModel, optimizer, scheduler, rec
 def train(opt: argparse.Namespace) -> Path:
     """``--mode train``: returns the run folder."""
     from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state
+    from get_models import get_model, load_state, parallelize
     from main import checkpoint_path
     from options import options_dict, restore_flags
     import plots
@@ -384,6 +383,7 @@ def train(opt: argparse.Namespace) -> Path:
             neg_cache = cache.numpy().copy()
     else:
         run_dir = make_run_dir(opt)
+    parallelize(model, opt.nGPU, device)
     ckpt_dir = run_dir / opt.savePath
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     add_log_file(run_dir / "train.log")
@@ -456,5 +456,4 @@ def train(opt: argparse.Namespace) -> Path:
                                    extra={"best_recall@5": best_score, "epochs": epoch, "run_dir": str(run_dir),
                                           "training_set": tset.summary()})
     write_json_atomic(summary, run_dir / "summary.json")
-    shutil.rmtree(Path(opt.cachePath) / run_dir.name, ignore_errors=True)
     return run_dir
