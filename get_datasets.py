@@ -107,13 +107,18 @@ def _custom(opt: argparse.Namespace, name: str) -> DatasetSpec:
     try:
         cfg = json.loads(path.read_text())
         splits = ("train", "val", "test")
-        return DatasetSpec(
+        spec = DatasetSpec(
             f"custom:{name}", db_file=_same(str(cfg["db_descriptors"])), q_file=_same(str(cfg["q_descriptors"])),
             struct_files={s: str(cfg["struct_files"][s]) for s in splits}, split_inds=str(cfg["split_inds"]),
             bounds={s: tuple(map(str, cfg["bounds_files"][s])) for s in splits} if cfg.get("bounds_files") else {})
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"custom dataset config {path} is malformed ({type(exc).__name__}: {exc}): "
                         "prepare the dataset again") from exc
+    for desc in (spec.db_file["train"], spec.q_file["train"]):   # the user's own files, referenced, not copied
+        if Path(desc).is_absolute() and not Path(desc).is_file():
+            raise UserError(f"custom dataset {name!r}: descriptor file {desc} (named in {path}) not found: "
+                            f"put it back, or prepare the dataset again with --mode prepare --name {name} --force")
+    return spec
 
 
 def get_spec(opt: argparse.Namespace) -> DatasetSpec:
@@ -215,11 +220,20 @@ def load_split(opt: argparse.Namespace, split: str) -> Split:
     else:
         db_rows = np.arange(struct.num_db)
         q_rows = np.arange(struct.num_q)
+    rows_from = f"split index file {struct_dir / spec.split_inds}" if spec.split_inds else f"dataset {spec.name}"
     if len(db_rows) != struct.num_db or len(q_rows) != struct.num_q:
         raise UserError(f"struct file {struct_path} lists {struct.num_db} database and {struct.num_q} query frames "
-                        f"but the split selects {len(db_rows)} and {len(q_rows)} rows: the files do not belong together")
+                        f"but the {rows_from} selects {len(db_rows)} and {len(q_rows)} rows for split {split}: "
+                        f"the files do not belong together; download them again (`bash download.sh`)")
+    if len(db_rows) == 0 or len(q_rows) == 0:
+        raise UserError(f"split {split} of {spec.name} is empty ({len(db_rows)} database, {len(q_rows)} query "
+                        f"frames in {struct_path} and the {rows_from}): download the files again "
+                        f"(`bash download.sh`) or choose another --split")
     db_desc = load_descriptors(db_path, db_rows)
     q_desc = load_descriptors(q_path, q_rows)
+    if db_desc.shape[1] != q_desc.shape[1]:
+        raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} ({q_desc.shape[1]} "
+                        "dims) differ in dimensions: both must come from the same descriptor (--descType)")
     if spec.bounds:
         db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db)
         q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q)
@@ -228,10 +242,34 @@ def load_split(opt: argparse.Namespace, split: str) -> Split:
         db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
     if split == "val" and spec.note and not getattr(opt, "oxfordHonestVal", False):
         log.info("%s: %s", spec.name, spec.note)
-    return Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
-                 q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,
-                 non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
-                 db_bounds=db_bounds, q_bounds=q_bounds, files=files)
+    out = Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
+                q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,
+                non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
+                db_bounds=db_bounds, q_bounds=q_bounds, files=files)
+    return drop_short_sequences(out, opt.seqL) if spec.bounds else out
+
+
+def drop_short_sequences(split: Split, seq_len: int) -> Split:
+    """Leave out the frames of capture sequences shorter than ``seq_len`` (MSLS has
+    sequences of a few frames), so no window has to cross a sequence bound."""
+    def keep_and_remap(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = (bounds[:, 1] - bounds[:, 0]) >= seq_len
+        kept_before = np.concatenate([[0], np.cumsum(keep)])    # new index of an old row = kept rows before it
+        return np.flatnonzero(keep), kept_before[bounds[keep]]
+
+    db_keep, db_bounds = keep_and_remap(split.db_bounds)
+    q_keep, q_bounds = keep_and_remap(split.q_bounds)
+    dropped_db, dropped_q = split.num_db - len(db_keep), split.num_q - len(q_keep)
+    if not dropped_db and not dropped_q:
+        return split
+    log.warning("split %s: leaving out %d database and %d query frames of sequences shorter than --seqL %d",
+                split.name, dropped_db, dropped_q, seq_len)
+    if len(db_keep) == 0 or len(q_keep) == 0:
+        raise UserError(f"split {split.name}: every sequence is shorter than --seqL {seq_len}: use a smaller --seqL")
+    return Split(name=split.name, db_desc=split.db_desc[db_keep], q_desc=split.q_desc[q_keep],
+                 db_positions=split.db_positions[db_keep], q_positions=split.q_positions[q_keep],
+                 pos_dist_thr=split.pos_dist_thr, non_triv_pos_dist_sq_thr=split.non_triv_pos_dist_sq_thr,
+                 db_bounds=db_bounds, q_bounds=q_bounds, files=split.files)
 
 
 def _read_bounds(path: Path, count: int) -> np.ndarray:

@@ -1,0 +1,574 @@
+"""``python main.py --mode prepare``: turn your own descriptors and positions into a dataset.
+
+Input, per traversal (database/reference and query): a descriptor file (``.npy``,
+or HDF5 with one 2-D dataset), one row per frame in capture order, and a
+positions CSV with a header and one line per frame in the same order:
+
+- ``x,y`` or ``easting,northing`` (metres), or ``lat,lon`` (degrees; converted
+  to local metres, equirectangular around the mean of all frames of both
+  traversals);
+- optional ``timestamp`` (numbers or ISO 8601), checked to increase;
+- optional ``sequence_id``: a sequence is a run of consecutive rows with the
+  same id, and no sequence window (SPEC section 3) crosses two sequences.
+
+Output, in ``--structPath``: ``custom_<name>_{train,val,test}.db`` (struct
+files like the real ones), ``custom_<name>_splitInds.npz``,
+``seqBoundsFiles/custom_<name>_<split>_{database,query}_seqBounds.txt``
+(always written: one ``lo hi`` line per frame of the split, its run of
+consecutive rows with one sequence id, relative to the split's own row list)
+and, last, ``custom_<name>.json``, which ``--dataset custom:<name>`` reads
+(see ``get_datasets._custom``). The descriptor files are referenced by
+absolute path, not copied.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from utils import UserError
+
+SPLITS = ("train", "val", "test")
+SIDES = ("database", "query")
+EARTH_RADIUS_M = 6378137.0          # WGS84 equatorial radius
+OUTLIER_FACTOR = 100.0              # a frame this many median steps from its neighbours is a glitch
+METRIC_COLUMNS = (("x", "y"), ("easting", "northing"))
+LATLON_ALIASES = {"lat": "lat", "latitude": "lat", "lon": "lon", "lng": "lon", "long": "lon", "longitude": "lon"}
+OPTIONAL_COLUMNS = ("timestamp", "sequence_id")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError (one ``error:`` line) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see python main.py --mode prepare --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="main.py --mode prepare",
+                description="Prepare your own descriptors + positions as a dataset for --dataset custom:<name> "
+                            "(README, 'Using your own data').")
+    p.add_argument("--name", required=True, help="dataset name: letters, digits, '_', '-', '.'")
+    g = p.add_argument_group("input (one descriptor file and one positions CSV per traversal, rows in capture order)")
+    g.add_argument("--db_descriptors", required=True, help="database traversal descriptors (.npy, or .h5/.hdf5)")
+    g.add_argument("--db_positions", required=True,
+                   help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] [,sequence_id]")
+    g.add_argument("--q_descriptors", required=True, help="query traversal descriptors (.npy, or .h5/.hdf5)")
+    g.add_argument("--q_positions", required=True, help="query positions CSV (same columns as --db_positions)")
+    g = p.add_argument_group("splits (fractions of the database route, or explicit row ranges)")
+    g.add_argument("--splits", default=None,
+                   help="train,val,test fractions of the database traversal in capture order (default 0.6,0.15,0.25);"
+                        " each query goes to the split of its nearest database frame, queries within the"
+                        " threshold of another split's database frames are dropped")
+    for split in SPLITS:
+        g.add_argument(f"--{split}_rows", default=None, metavar="DB_A:DB_B,Q_A:Q_B",
+                       help=f"{split} rows [A, B) of the database and of the query traversal")
+    g = p.add_argument_group("thresholds (metres) and checks")
+    g.add_argument("--posDistThr", type=float, default=20.0,
+                   help="train split: a database frame within this distance of a query is not a negative (20)")
+    g.add_argument("--evalPosDistThr", type=float, default=10.0,
+                   help="val and test splits: a database frame within this distance is a correct match (10)")
+    g.add_argument("--nonTrivPosDistThr", type=float, default=5.0,
+                   help="train split: training positives lie within this distance (5; stored squared)")
+    g.add_argument("--seqL", type=int, default=5,
+                   help="longest sequence length you will use: every sequence must have at least this many frames (5)")
+    g.add_argument("--structPath", default="./structFiles", help="folder to write the dataset files to")
+    g.add_argument("--force", action="store_true", help="overwrite the files of an existing dataset of this name")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    opt = build_parser().parse_args(argv)
+    if not NAME_PATTERN.fullmatch(opt.name):
+        raise UserError(f"--name {opt.name!r}: use letters, digits, '_', '-' and '.' only (it becomes a file name)")
+    explicit = [getattr(opt, f"{s}_rows") for s in SPLITS]
+    if any(explicit):
+        if opt.splits is not None:
+            raise UserError("give either --splits or --train_rows/--val_rows/--test_rows, not both")
+        missing = [f"--{s}_rows" for s, r in zip(SPLITS, explicit) if not r]
+        if missing:
+            raise UserError(f"explicit row ranges need all three splits: add {', '.join(missing)}")
+    for flag in ("posDistThr", "evalPosDistThr", "nonTrivPosDistThr"):
+        value = getattr(opt, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag} must be a positive number of metres, got {value}")
+    if opt.nonTrivPosDistThr > opt.posDistThr:
+        raise UserError(f"--nonTrivPosDistThr {opt.nonTrivPosDistThr} must not exceed --posDistThr {opt.posDistThr}:"
+                        " a training positive would also count as a negative")
+    if opt.seqL < 1:
+        raise UserError(f"--seqL must be at least 1, got {opt.seqL}")
+    return opt
+
+
+# ---------------------------------------------------------------- reading positions
+
+@dataclass
+class Positions:
+    """One positions CSV: ``values`` [N, 2] as read (metres, or lat/lon degrees when ``latlon``)."""
+
+    path: Path
+    values: np.ndarray
+    latlon: bool
+    timestamps: np.ndarray | None       # [N] float seconds (or the numbers as given)
+    sequence_ids: np.ndarray | None     # [N] str
+    lines: np.ndarray                   # [N] line number of each row in the file (header = 1)
+
+    def where(self, row: int) -> str:
+        return f"row {row} (line {int(self.lines[row])} of {self.path})"
+
+
+def _columns(header: list[str], path: Path) -> tuple[tuple[int, int], bool, dict[str, int]]:
+    """Indices of the two position columns, whether they are lat/lon, and of the optional columns."""
+    names = [h.strip().lower() for h in header]
+    expected = "x,y or easting,northing (metres) or lat,lon (degrees), optionally timestamp and sequence_id"
+    if len(set(names)) != len(names):
+        raise UserError(f"positions file {path}: repeated column names in the header {header}")
+    known = {c for pair in METRIC_COLUMNS for c in pair} | set(LATLON_ALIASES) | set(OPTIONAL_COLUMNS)
+    unknown = [h for h, n in zip(header, names) if n not in known]
+    if unknown:
+        raise UserError(f"positions file {path}: unknown column(s) {unknown}; expected {expected}")
+    optional = {n: i for i, n in enumerate(names) if n in OPTIONAL_COLUMNS}
+    pairs = [(names.index(a), names.index(b)) for a, b in METRIC_COLUMNS if a in names and b in names]
+    lat = [i for i, n in enumerate(names) if LATLON_ALIASES.get(n) == "lat"]
+    lon = [i for i, n in enumerate(names) if LATLON_ALIASES.get(n) == "lon"]
+    if lat and lon:
+        pairs.append((lat[0], lon[0]))
+    position_names = [n for n in names if n not in OPTIONAL_COLUMNS]
+    if len(pairs) != 1 or len(position_names) != 2:
+        raise UserError(f"positions file {path}: header {header} does not name one pair of position columns; "
+                        f"expected {expected}")
+    return pairs[0], bool(lat and lon), optional
+
+
+def _parse_time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def read_positions(path: Path, label: str) -> Positions:
+    """Parse and check a positions CSV (columns, numbers, lat/lon ranges)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{label} positions file {path} not found: check --{'db' if label == 'database' else 'q'}"
+                        "_positions")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"positions file {path} could not be read as CSV ({exc})") from exc
+    if not rows:
+        raise UserError(f"positions file {path} is empty: it needs a header line (e.g. x,y) and one line per frame")
+    (_, header), body = rows[0], rows[1:]
+    (ia, ib), latlon, optional = _columns(header, path)
+    if not body:
+        raise UserError(f"positions file {path} has a header but no frames")
+    values = np.empty((len(body), 2))
+    stamps = np.empty(len(body)) if "timestamp" in optional else None
+    seq_ids = np.empty(len(body), dtype=object) if "sequence_id" in optional else None
+    for k, (line, r) in enumerate(body):
+        if len(r) != len(header):
+            raise UserError(f"positions file {path}, line {line}: {len(r)} values but the header has {len(header)} "
+                            "columns")
+        for j, col in enumerate((ia, ib)):
+            try:
+                values[k, j] = float(r[col])
+            except ValueError:
+                raise UserError(f"positions file {path}, line {line} (row {k}): {header[col].strip()} is "
+                                f"{r[col]!r}, not a number") from None
+            if not math.isfinite(values[k, j]):
+                raise UserError(f"positions file {path}, line {line} (row {k}): {header[col].strip()} is "
+                                f"{r[col].strip()}: every frame needs a finite position (remove or fix that frame in "
+                                "both the CSV and the descriptor file)")
+        if stamps is not None:
+            text = r[optional["timestamp"]].strip()
+            try:
+                stamps[k] = _parse_time(text)
+            except ValueError:
+                raise UserError(f"positions file {path}, line {line} (row {k}): timestamp {text!r} is neither a "
+                                "number nor an ISO 8601 time") from None
+        if seq_ids is not None:
+            seq_ids[k] = r[optional["sequence_id"]].strip()
+            if not seq_ids[k]:
+                raise UserError(f"positions file {path}, line {line} (row {k}): empty sequence_id")
+    lines = np.array([line for line, _ in body])
+    if latlon:
+        for j, (name, limit) in enumerate((("lat", 90.0), ("lon", 180.0))):
+            bad = np.flatnonzero(np.abs(values[:, j]) > limit)
+            if len(bad):
+                raise UserError(f"positions file {path}, line {lines[bad[0]]} (row {bad[0]}): {name} "
+                                f"{values[bad[0], j]} is outside [-{limit:g}, {limit:g}] degrees")
+    return Positions(path, values, latlon, stamps, seq_ids, lines)
+
+
+def latlon_to_local(latlon: np.ndarray, origin: tuple[float, float]) -> np.ndarray:
+    """[N, 2] (lat, lon) degrees -> [N, 2] (east, north) metres, equirectangular around ``origin`` (lat0, lon0)."""
+    lat0, lon0 = origin
+    dlon = (latlon[:, 1] - lon0 + 180.0) % 360.0 - 180.0        # across the antimeridian
+    east = EARTH_RADIUS_M * np.cos(np.radians(lat0)) * np.radians(dlon)
+    north = EARTH_RADIUS_M * np.radians(latlon[:, 0] - lat0)
+    return np.stack([east, north], axis=1)
+
+
+def latlon_origin(*tables: np.ndarray) -> tuple[float, float]:
+    """Mean (lat, lon) of all frames; the longitude mean is circular (safe across the antimeridian)."""
+    both = np.concatenate(tables)
+    lon = np.degrees(np.arctan2(np.sin(np.radians(both[:, 1])).mean(), np.cos(np.radians(both[:, 1])).mean()))
+    return float(both[:, 0].mean()), float(lon)
+
+
+# ---------------------------------------------------------------- sequences and checks
+
+def run_starts(rows: np.ndarray, seq_ids: np.ndarray | None) -> np.ndarray:
+    """Start positions (into ``rows``) of the runs of consecutive row numbers with the same sequence id."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    breaks = np.diff(rows) != 1
+    if seq_ids is not None:
+        ids = seq_ids[rows]
+        breaks |= ids[1:] != ids[:-1]
+    return np.concatenate([[0], np.flatnonzero(breaks) + 1]).astype(np.int64)
+
+
+def run_bounds(rows: np.ndarray, seq_ids: np.ndarray | None) -> np.ndarray:
+    """Per frame of ``rows``, its run ``[lo, hi)`` as positions into ``rows``: [len(rows), 2]."""
+    starts = run_starts(rows, seq_ids)
+    if len(starts) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    ends = np.append(starts[1:], len(rows))
+    lengths = ends - starts
+    return np.stack([np.repeat(starts, lengths), np.repeat(ends, lengths)], axis=1)
+
+
+def check_traversal(pos: Positions, metres: np.ndarray, seq_len: int, label: str) -> None:
+    """Timestamps increase, no position glitches, every sequence has at least ``seq_len`` frames."""
+    n = len(metres)
+    bounds = run_bounds(np.arange(n), pos.sequence_ids)
+    starts = np.unique(bounds[:, 0])
+    for lo in starts:
+        hi = int(bounds[lo, 1])
+        if hi - lo < seq_len:
+            which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None else "the traversal")
+            raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows {lo}..{hi - 1}), "
+                            f"fewer than --seqL {seq_len}: remove it (from the CSV and the descriptors) or lower "
+                            "--seqL")
+    same_run = bounds[1:, 0] == bounds[:-1, 0]           # row i and i+1 belong to one sequence
+    if pos.timestamps is not None:
+        dt = np.diff(pos.timestamps)
+        bad = np.flatnonzero(same_run & (dt <= 0))
+        if len(bad):
+            i = int(bad[0]) + 1
+            what = "repeats" if dt[bad[0]] == 0 else "is earlier than"
+            raise UserError(f"{label} positions: the timestamp of {pos.where(i)} ({pos.timestamps[i]:.17g}) {what} "
+                            f"the previous frame's ({pos.timestamps[i - 1]:.17g}): rows must be in capture order, "
+                            "one per frame")
+    step = np.linalg.norm(np.diff(metres, axis=0), axis=1)
+    step = np.where(same_run, step, np.nan)               # no step across two sequences
+    if not np.isfinite(step).any():                       # only one-frame sequences: nothing to compare
+        return
+    moving = step[np.isfinite(step) & (step > 0)]
+    if len(moving) == 0:
+        raise UserError(f"{label} positions {pos.path}: all frames of each sequence have the same position: check "
+                        "the position columns")
+    median = float(np.median(moving))
+    limit = OUTLIER_FACTOR * median
+    before = np.r_[np.nan, step]                         # distance to the previous frame of the same sequence
+    after = np.r_[step, np.nan]
+    far_before, far_after = ~(before <= limit), ~(after <= limit)    # NaN (no neighbour) counts as far
+    has_neighbour = np.isfinite(before) | np.isfinite(after)
+    outlier = far_before & far_after & has_neighbour
+    if outlier.any():
+        i = int(np.argmax(outlier))
+        dist = np.nanmin([before[i], after[i]])
+        raise UserError(f"{label} positions: {pos.where(i)} is {dist:.1f} m from its neighbouring frame(s), more "
+                        f"than {OUTLIER_FACTOR:g}x the median step ({median:.2f} m): a GPS glitch? fix or remove that "
+                        "frame (in the CSV and the descriptors)")
+
+
+# ---------------------------------------------------------------- splits
+
+def parse_rows(text: str, flag: str, n_db: int, n_q: int) -> tuple[np.ndarray, np.ndarray]:
+    """``DB_A:DB_B,Q_A:Q_B`` -> (db rows, q rows), half-open ranges."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise UserError(f"--{flag} {text!r}: expected DB_A:DB_B,Q_A:Q_B (row ranges [A, B) of both traversals)")
+    out = []
+    for part, side, n in zip(parts, SIDES, (n_db, n_q)):
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if not m:
+            raise UserError(f"--{flag} {text!r}: {part!r} is not a row range A:B")
+        a, b = int(m.group(1)), int(m.group(2))
+        if not a < b <= n:
+            raise UserError(f"--{flag}: {side} rows {a}:{b} must satisfy A < B <= {n} (the {side} traversal has "
+                            f"{n} frames)")
+        out.append(np.arange(a, b, dtype=np.int64))
+    return out[0], out[1]
+
+
+def explicit_splits(opt: argparse.Namespace, n_db: int, n_q: int) -> dict:
+    splits = {s: parse_rows(getattr(opt, f"{s}_rows"), f"{s}_rows", n_db, n_q) for s in SPLITS}
+    for k, side in enumerate(SIDES):
+        for i, a in enumerate(SPLITS):
+            for b in SPLITS[i + 1:]:
+                ra, rb = splits[a][k], splits[b][k]
+                if ra[0] < rb[-1] + 1 and rb[0] < ra[-1] + 1:
+                    raise UserError(f"--{a}_rows and --{b}_rows overlap in the {side} traversal (rows "
+                                    f"{ra[0]}:{ra[-1] + 1} and {rb[0]}:{rb[-1] + 1}): a frame can be in one split only")
+    return splits
+
+
+def parse_fractions(text: str | None) -> tuple[float, float, float]:
+    text = text or "0.6,0.15,0.25"
+    try:
+        fr = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        fr = ()
+    if len(fr) != 3 or not all(math.isfinite(f) and f > 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+        raise UserError(f"--splits {text!r}: expected three positive fractions train,val,test that sum to 1 "
+                        "(e.g. 0.6,0.15,0.25)")
+    return fr
+
+
+def fraction_splits(fractions, db_pos: np.ndarray, q_pos: np.ndarray, margin: float) -> tuple[dict, int]:
+    """Database rows cut in capture order; each query goes to its nearest database frame's split and is
+    dropped when a database frame of another split is within ``margin`` metres. Returns (splits, dropped)."""
+    from scipy.spatial import cKDTree
+
+    n_db = len(db_pos)
+    cuts = np.rint(np.cumsum(fractions)[:2] * n_db).astype(int)
+    db_split = np.searchsorted(cuts, np.arange(n_db), side="right")     # 0, 1, 2 per database row
+    nearest = cKDTree(db_pos).query(q_pos)[1]
+    q_split = db_split[nearest]
+    keep = np.ones(len(q_pos), dtype=bool)
+    for k in range(3):
+        others = db_split != k
+        if not others.any():
+            continue
+        d = cKDTree(db_pos[others]).query(q_pos)[0]
+        keep &= ~((q_split == k) & (d <= margin))
+    splits = {s: (np.flatnonzero(db_split == k), np.flatnonzero((q_split == k) & keep)) for k, s in enumerate(SPLITS)}
+    return splits, int((~keep).sum())
+
+
+def drop_short_runs(rows: np.ndarray, seq_ids: np.ndarray | None, seq_len: int) -> tuple[np.ndarray, int]:
+    """Remove the frames of runs shorter than ``seq_len`` (pieces cut off at split boundaries)."""
+    bounds = run_bounds(rows, seq_ids)
+    keep = bounds[:, 1] - bounds[:, 0] >= seq_len
+    return rows[keep], int((~keep).sum())
+
+
+# ---------------------------------------------------------------- writing
+
+def file_names(name: str) -> dict:
+    """Paths relative to --structPath of everything ``prepare`` writes."""
+    return {
+        "struct_files": {s: f"custom_{name}_{s}.db" for s in SPLITS},
+        "split_inds": f"custom_{name}_splitInds.npz",
+        "bounds_files": {s: [f"seqBoundsFiles/custom_{name}_{s}_{side}_seqBounds.txt" for side in SIDES]
+                         for s in SPLITS},
+        "config": f"custom_{name}.json",
+    }
+
+
+def make_struct(name: str, split: str, db_rows: np.ndarray, q_rows: np.ndarray, db_pos: np.ndarray,
+                q_pos: np.ndarray, pos_thr: float, non_triv_sq: float) -> dict:
+    """A ``dbStruct`` with the fields of the real struct files (positions as [2, N])."""
+    def names(side: str, rows: np.ndarray) -> np.ndarray:
+        cell = np.empty((len(rows), 1), dtype=object)
+        cell[:, 0] = [f"custom_{name}/{side}/{r:06d}" for r in rows]
+        return cell
+
+    return {"whichSet": split, "dbImageFns": names("database", db_rows), "qImageFns": names("query", q_rows),
+            "numImages": len(db_rows), "numQueries": len(q_rows), "posDistThr": float(pos_thr),
+            "posDistSqThr": float(pos_thr) ** 2, "nonTrivPosDistSqThr": float(non_triv_sq),
+            "dataset": f"custom_{name}", "utmDb": db_pos[db_rows].T.copy(), "utmQ": q_pos[q_rows].T.copy()}
+
+
+def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bounds: dict, config: dict) -> None:
+    """Everything atomically, the JSON config (which makes the dataset usable) last."""
+    import scipy.io
+
+    from utils import atomic_write, write_json_atomic
+
+    (struct_dir / names["config"]).unlink(missing_ok=True)     # a half-rewritten dataset must not look complete
+    for s in SPLITS:
+        atomic_write(struct_dir / names["struct_files"][s],
+                     lambda f, st=structs[s]: scipy.io.savemat(f, {"dbStruct": st}, appendmat=False, format="5"))
+    inds = {}
+    for s in SPLITS:
+        pair = np.empty(2, dtype=object)
+        pair[0], pair[1] = splits[s]
+        inds[f"{s}Inds"] = pair
+    atomic_write(struct_dir / names["split_inds"], lambda f: np.savez(f, **inds))
+    for s in SPLITS:
+        for rel, b in zip(names["bounds_files"][s], bounds[s]):
+            atomic_write(struct_dir / rel, lambda f, b=b: np.savetxt(f, b, fmt="%d"))
+    write_json_atomic(config, struct_dir / names["config"])
+
+
+# ---------------------------------------------------------------- the command
+
+def prepare(opt: argparse.Namespace) -> dict:
+    """Check the inputs and write the dataset; returns the config written (plus a few counts)."""
+    from scipy.spatial import cKDTree
+
+    from datasets import load_descriptors
+
+    struct_dir = Path(opt.structPath)
+    names = file_names(opt.name)
+    targets = [names["config"], names["split_inds"], *names["struct_files"].values(),
+               *(f for pair in names["bounds_files"].values() for f in pair)]
+    existing = [t for t in targets if (struct_dir / t).exists()]
+    if existing and not opt.force:
+        raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): add --force to "
+                        "overwrite it, or choose another --name")
+
+    desc_paths = [Path(opt.db_descriptors), Path(opt.q_descriptors)]
+    for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):
+        if not path.is_file():
+            raise UserError(f"descriptor file {path} not found: check {flag}")
+    descs = [load_descriptors(p) for p in desc_paths]
+    if descs[0].shape[1] != descs[1].shape[1]:
+        raise UserError(f"the database descriptors have {descs[0].shape[1]} dimensions but the query descriptors "
+                        f"{descs[1].shape[1]}: use descriptors of the same type for both traversals")
+    tables = [read_positions(Path(opt.db_positions), "database"), read_positions(Path(opt.q_positions), "query")]
+    for side, desc, table, path in zip(SIDES, descs, tables, desc_paths):
+        if len(desc) != len(table.values):
+            raise UserError(f"{side}: {path} has {len(desc)} descriptor rows but {table.path} has "
+                            f"{len(table.values)} positions: the files must have one row per frame, in the same order")
+    if tables[0].latlon != tables[1].latlon:
+        raise UserError(f"{tables[0].path} and {tables[1].path} use different coordinates (one lat,lon, the other "
+                        "metres): give both traversals in the same form")
+    origin = None
+    if tables[0].latlon:
+        origin = latlon_origin(tables[0].values, tables[1].values)
+        db_pos, q_pos = (latlon_to_local(t.values, origin) for t in tables)
+    else:
+        db_pos, q_pos = tables[0].values, tables[1].values
+    for side, table, pos in zip(SIDES, tables, (db_pos, q_pos)):
+        check_traversal(table, pos, opt.seqL, side)
+
+    dropped_boundary = 0
+    if opt.train_rows:
+        splits = explicit_splits(opt, len(db_pos), len(q_pos))
+    else:
+        splits, dropped_boundary = fraction_splits(parse_fractions(opt.splits), db_pos, q_pos,
+                                                   max(opt.posDistThr, opt.evalPosDistThr))
+    dropped_short = 0
+    for s in SPLITS:
+        kept = []
+        for rows, table in zip(splits[s], tables):
+            rows, n = drop_short_runs(rows, table.sequence_ids, opt.seqL)
+            kept.append(rows)
+            dropped_short += n
+        splits[s] = tuple(kept)
+        for side, rows in zip(SIDES, kept):
+            if len(rows) == 0:
+                raise UserError(f"split {s} has no {side} frames (every sequence piece in it is shorter than --seqL "
+                                f"{opt.seqL}, or no queries are near its database frames): change --splits or the "
+                                "row ranges")
+
+    thresholds = {"train": opt.posDistThr, "val": opt.evalPosDistThr, "test": opt.evalPosDistThr}
+    non_triv_sq = opt.nonTrivPosDistThr ** 2
+    structs, bounds, frames, with_positive = {}, {}, {}, {}
+    for s in SPLITS:
+        db_rows, q_rows = splits[s]
+        structs[s] = make_struct(opt.name, s, db_rows, q_rows, db_pos, q_pos, thresholds[s], non_triv_sq)
+        bounds[s] = [run_bounds(db_rows, tables[0].sequence_ids), run_bounds(q_rows, tables[1].sequence_ids)]
+        frames[s] = {"database": len(db_rows), "query": len(q_rows),
+                     "sequences": [len(np.unique(b[:, 0])) for b in bounds[s]]}
+        near = cKDTree(db_pos[db_rows]).query(q_pos[q_rows])[0]
+        with_positive[s] = int((near <= thresholds[s]).sum())
+
+    config = {
+        "name": opt.name,
+        "db_descriptors": str(desc_paths[0].resolve()),
+        "q_descriptors": str(desc_paths[1].resolve()),
+        "struct_files": names["struct_files"],
+        "split_inds": names["split_inds"],
+        "bounds_files": names["bounds_files"],
+        "db_positions": str(tables[0].path.resolve()),
+        "q_positions": str(tables[1].path.resolve()),
+        "coordinates": ({"kind": "latlon", "origin_lat": origin[0], "origin_lon": origin[1],
+                         "projection": "equirectangular, metres east/north of the origin"} if origin
+                        else {"kind": "metric"}),
+        "posDistThr": opt.posDistThr, "evalPosDistThr": opt.evalPosDistThr,
+        "nonTrivPosDistSqThr": non_triv_sq, "seqL": opt.seqL,
+        "splits": (f"rows: train {opt.train_rows}, val {opt.val_rows}, test {opt.test_rows}" if opt.train_rows
+                   else f"fractions {parse_fractions(opt.splits)} of the database route"),
+        "frames": frames,
+        "dropped_queries_near_split_boundaries": dropped_boundary,
+        "dropped_frames_in_short_pieces": dropped_short,
+    }
+    write_dataset(struct_dir, names, structs, splits, bounds, config)
+    return {**config, "queries_with_positive": with_positive, "struct_dir": str(struct_dir)}
+
+
+def summary_lines(result: dict, opt: argparse.Namespace) -> list[str]:
+    struct_dir = Path(opt.structPath)
+    lines = [f"prepared dataset custom:{opt.name} in {struct_dir} ({result['splits']})"]
+    for s in SPLITS:
+        f = result["frames"][s]
+        thr = opt.posDistThr if s == "train" else opt.evalPosDistThr
+        lines.append(f"  {s:5s}: {f['database']:6d} database / {f['query']:6d} query frames "
+                     f"({f['sequences'][0]} / {f['sequences'][1]} sequences), posDistThr {thr:g} m, "
+                     f"{result['queries_with_positive'][s]} queries with a database frame within it")
+    lines.append(f"  nonTrivPosDistSqThr {result['nonTrivPosDistSqThr']:g} (training positives within "
+                 f"{opt.nonTrivPosDistThr:g} m)")
+    if result["dropped_queries_near_split_boundaries"]:
+        lines.append(f"  dropped {result['dropped_queries_near_split_boundaries']} queries within "
+                     f"{max(opt.posDistThr, opt.evalPosDistThr):g} m of another split's database frames")
+    if result["dropped_frames_in_short_pieces"]:
+        lines.append(f"  dropped {result['dropped_frames_in_short_pieces']} frames in sequence pieces shorter than "
+                     f"--seqL {opt.seqL} at split boundaries")
+    extra = "" if struct_dir == Path("structFiles") else f" --structPath {struct_dir}"
+    lines += ["next:",
+              f"  python main.py --mode train --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --pooling "
+              f"--outDims <dims> --expName {opt.name}",
+              f"  python main.py --mode test --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --pooling "
+              "--split test --resume <run folder printed by training>"]
+    return lines
+
+
+def warnings_for(result: dict) -> list[str]:
+    out = []
+    for s in SPLITS:
+        n_q = result["frames"][s]["query"]
+        if result["queries_with_positive"][s] < 0.5 * n_q:
+            out.append(f"warning: only {result['queries_with_positive'][s]} of {n_q} {s} queries have a database "
+                       "frame within the threshold: are both traversals of the same route, in the same coordinates?")
+    return out
+
+
+def run_prepare(argv: list[str]) -> int:
+    """``--mode prepare`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
+    try:
+        opt = parse_args(list(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:          # --help
+        return int(exc.code or 0)
+    try:
+        result = prepare(opt)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: could not write the dataset to {opt.structPath} ({exc.strerror or exc}): "
+              "choose a writable --structPath", file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(result, opt)))
+    for line in warnings_for(result):
+        print(line, file=sys.stderr)
+    return 0

@@ -1,0 +1,163 @@
+"""``--dataset msls`` on the real MSLS struct and sequence-bounds files (SPEC section 10), with synthetic
+descriptors: bounds read per traversal, no window crosses a capture sequence, the valid-window count of a
+plain loop over the bounds text, and train/test runs end to end."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import plain
+from conftest import REFERENCE, ROOT
+from utils import UserError
+
+MSLS = REFERENCE / "msls"
+CITIES = ("amman", "austin", "melbourne")
+TRAIN_CITY, VAL_CITY = "melbourne", "amman"    # amman is the smallest city: fast
+DIM = 16
+
+pytestmark = pytest.mark.skipif(not (MSLS / "structFiles").is_dir(), reason="../shared/reference/msls is absent")
+
+
+def bounds_file(root: Path, city: str, side: str) -> Path:
+    return root / "structFiles" / "seqBoundsFiles" / f"msls_{city}_{side}_seqBounds.txt"
+
+
+@pytest.fixture(scope="module")
+def msls_root(tmp_path_factory) -> Path:
+    """The real struct and bounds files in the project layout, and descriptors that follow the positions:
+    random Fourier features of the place (about 15 m scale), a per-traversal offset and noise."""
+    from datasets import load_struct
+
+    root = tmp_path_factory.mktemp("msls")
+    structs = root / "structFiles"
+    (structs / "seqBoundsFiles").mkdir(parents=True)
+    for f in (MSLS / "structFiles").glob("*.db"):
+        shutil.copyfile(f, structs / f.name)
+    for f in (MSLS / "seqBoundsFiles").glob("*.txt"):
+        shutil.copyfile(f, structs / "seqBoundsFiles" / f.name)
+    desc = root / "data" / "descData" / "netvlad-pytorch"
+    desc.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    freq = rng.standard_normal((DIM, 2)) / 15.0
+    phase = rng.uniform(0, 2 * np.pi, DIM)
+    for city in CITIES:
+        s = load_struct(structs / f"msls_{city}_d-20_d2-5.db")
+        centre = s.db_positions.mean(axis=0)
+        for side, pos, shift in (("database", s.db_positions, -1.0), ("query", s.q_positions, 1.0)):
+            x = np.cos((pos - centre) @ freq.T + phase) + 0.5 * rng.standard_normal((len(pos), DIM))
+            x[:, :4] += shift
+            np.save(desc / f"msls_{city}_{side}.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    return root
+
+
+def msls_opt(root: Path, seq_len: int, mode: str = "train"):
+    from options import parse_options
+
+    return parse_options(["--mode", mode, "--dataset", "msls", "--msls_trainCity", TRAIN_CITY, "--msls_valCity",
+                          VAL_CITY, "--seqL", str(seq_len), "--nocuda", "--dataPath", str(root / "data"),
+                          "--structPath", str(root / "structFiles")])
+
+
+def read_bounds_text(path: Path) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in line.split()) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plain_valid_count(path: Path, seq_len: int) -> int:
+    """Frames whose centred window of ``seq_len`` fits in their own [lo, hi) without shifting."""
+    count = 0
+    for i, (lo, hi) in enumerate(read_bounds_text(path)):
+        if i - seq_len // 2 >= lo and i + seq_len - seq_len // 2 <= hi:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("split,city", [("train", TRAIN_CITY), ("test", VAL_CITY)])
+def test_bounds_are_read_per_traversal(msls_root, split, city):
+    """Each traversal keeps its own bounds (relative to its own file); stacking db + query with the query bounds
+    offset by numDb (SPEC 10) gives the same windows."""
+    from datasets import sequence_windows
+    from get_datasets import get_split
+
+    sp = get_split(msls_opt(msls_root, 3), split)
+    db_text = np.array(read_bounds_text(bounds_file(msls_root, city, "database")))
+    q_text = np.array(read_bounds_text(bounds_file(msls_root, city, "query")))
+    np.testing.assert_array_equal(sp.db_bounds, db_text)
+    np.testing.assert_array_equal(sp.q_bounds, q_text)
+    assert sp.q_bounds.min() == 0 and sp.q_bounds.max() == sp.num_q        # not offset by the database part
+    db_starts, db_valid = sequence_windows(sp.db_bounds, 3)
+    q_starts, q_valid = sequence_windows(sp.q_bounds, 3)
+    stacked_starts, stacked_valid = sequence_windows(np.vstack([sp.db_bounds, sp.q_bounds + sp.num_db]), 3)
+    np.testing.assert_array_equal(stacked_starts, np.concatenate([db_starts, q_starts + sp.num_db]))
+    np.testing.assert_array_equal(stacked_valid, np.concatenate([db_valid, q_valid]))
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 3])
+@pytest.mark.parametrize("split,city", [("train", TRAIN_CITY), ("test", VAL_CITY)])
+def test_windows_stay_inside_their_sequence(msls_root, split, city, seq_len):
+    from datasets import sequence_windows
+    from get_datasets import get_split
+    from train import TrainingSet
+
+    sp = get_split(msls_opt(msls_root, seq_len), split)
+    for side, bounds in (("database", sp.db_bounds), ("query", sp.q_bounds)):
+        starts, valid = sequence_windows(bounds, seq_len)
+        windows = starts[:, None] + np.arange(seq_len)
+        assert (windows >= bounds[:, :1]).all() and (windows < bounds[:, 1:]).all()   # inside the frame's own bounds
+        np.testing.assert_array_equal(windows, plain.plain_windows(bounds, seq_len))
+        np.testing.assert_array_equal(valid, plain.plain_valid(bounds, seq_len))
+        assert valid.sum() == plain_valid_count(bounds_file(msls_root, city, side), seq_len)
+    if split == "train":
+        tset = TrainingSet.build(sp, seq_len)
+        assert len(tset.db_frames) == plain_valid_count(bounds_file(msls_root, city, "database"), seq_len)
+        assert len(tset.q_frames) == plain_valid_count(bounds_file(msls_root, city, "query"), seq_len)
+
+
+def test_train_and_test_run(msls_root, monkeypatch, capsys):
+    import torch
+
+    import main
+
+    monkeypatch.chdir(msls_root)
+    model = ["--seqL", "3", "--pooling", "--outDims", "16", "--nocuda", "--threads", "0", "--quiet"]
+    data = ["--dataset", "msls", "--msls_trainCity", TRAIN_CITY, "--msls_valCity", VAL_CITY]
+    assert main.main(["--mode", "train", "--nEpochs", "1", *data, *model]) == 0
+    (run,) = (msls_root / "data" / "runs").iterdir()
+    ckpt = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["recalls"][20] > 0.2            # the descriptors follow the positions
+    assert main.main(["--mode", "test", "--split", "test", "--resume", str(run), "--resultsPath", "results",
+                      *data, *model]) == 0
+    out = capsys.readouterr().out
+    assert "msls test (seqL 3" in out
+    with np.load(msls_root / "results" / "results.npz", allow_pickle=True) as z:
+        recalls = z["recalls"].item()
+    assert recalls[20] > 0.2
+
+
+def test_download_script_fetches_the_msls_files():
+    text = (ROOT / "download.sh").read_text()
+    assert "--what" in text and "msls" in text
+    assert "msls_${city}_d-20_d2-5.db" in text
+    assert "seqBoundsFiles/msls_${city}_${part}_seqBounds.txt" in text
+    for city in CITIES:
+        assert city in text
+
+
+@pytest.mark.parametrize("city,seq_len", [("austin", 3), ("melbourne", 5)])
+def test_short_capture_sequences_do_not_block_a_split(msls_root, city, seq_len):
+    from datasets import sequence_windows
+    from get_datasets import get_split
+    from options import parse_options
+
+    opt = parse_options(["--mode", "test", "--dataset", "msls", "--msls_valCity", city, "--seqL", str(seq_len),
+                         "--nocuda", "--dataPath", str(msls_root / "data"), "--structPath",
+                         str(msls_root / "structFiles")])
+    sp = get_split(opt, "test")
+    for bounds in (sp.db_bounds, sp.q_bounds):
+        starts, _ = sequence_windows(bounds, seq_len)
+        assert (starts >= bounds[:, 0]).all() and (starts + seq_len <= bounds[:, 1]).all()
+    # exactly the frames of sequences shorter than seq_len are left out
+    raw = np.loadtxt(msls_root / "structFiles" / "seqBoundsFiles" / f"msls_{city}_query_seqBounds.txt", dtype=int)
+    assert sp.num_q == sum(1 for lo, hi in raw if hi - lo >= seq_len) < len(raw)
