@@ -341,12 +341,13 @@ def train(opt: argparse.Namespace) -> Path:
     import plots
     import report
     from test import evaluate, format_recalls, write_figures
-    from utils import (MetricsWriter, add_log_file, atomic_write, get_device, load_checkpoint, make_deterministic,
-                       save_checkpoint_atomic, write_json_atomic)
+    from utils import (MetricsWriter, add_log_file, atomic_write, check_wandb, get_device, load_checkpoint,
+                       make_deterministic, save_checkpoint_atomic, write_json_atomic)
 
     if not (opt.pooling or opt.method == "seqnet"):
         raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
     device = get_device(opt.nocuda)
+    check_wandb(opt.wandb)
     ckpt = None
     if opt.resume:
         run_dir = Path(opt.resume)

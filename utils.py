@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +53,9 @@ def _numpy_safe_globals() -> list:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with weights-only unpickling (NumPy scalar types allow-listed) onto the CPU."""
+    """Load a checkpoint with weights-only unpickling (NumPy scalar types allow-listed) onto the CPU,
+    and check its structure: ``state_dict`` (name -> tensor), ``epoch`` (int) and, when present,
+    ``optimizer`` (an optimiser state dict)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: check --resume (a run folder with checkpoints/) and --ckpt")
@@ -60,40 +63,84 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many error types for bad files
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc).lower():
-            raise UserError(f"checkpoint {path} holds objects that would need arbitrary code to load; refusing "
-                            f"it for safety ({msg})") from exc
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({msg}): use another checkpoint "
+        text = str(exc)
+        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+        if unsafe or "weights_only" in text.lower() or "Weights only load failed" in text:
+            what = unsafe.group(1) if unsafe else "objects"
+            raise UserError(f"checkpoint {path} holds {what}, which would need arbitrary code to load; refusing it "
+                            "for safety: use a checkpoint written by SeqMatchNet training") from exc
+        msg = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({msg:.120}): use another checkpoint "
                         "(--ckpt latest|best) or retrain") from exc
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"checkpoint {path} has no 'state_dict': it is not a SeqMatchNet checkpoint")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"checkpoint {path} has no 'state_dict': it is not a SeqMatchNet checkpoint; check --resume")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
+        raise UserError(f"checkpoint {path}: 'state_dict' must map parameter names to tensors: it is not a "
+                        "SeqMatchNet checkpoint; check --resume")
+    epoch = ckpt.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        raise UserError(f"checkpoint {path} has no valid 'epoch' (got {epoch!r:.40}): it is damaged or not a "
+                        "SeqMatchNet checkpoint; use another checkpoint (--ckpt latest|best)")
+    optimizer = ckpt.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                                      and isinstance(optimizer.get("param_groups"), list)
+                                      and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                              for g in optimizer["param_groups"])):
+        raise UserError(f"checkpoint {path} has a malformed 'optimizer' state: it is damaged; use another "
+                        "checkpoint (--ckpt latest|best)")
     return ckpt
 
 
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` through ``write(file_object)`` into a temporary file in
     the same folder, fsync, then rename over the target: readers see the old
-    or the new file, never half of one."""
+    or the new file, never half of one. A failed write (disk full, folder not
+    writable) raises ``UserError`` and leaves the old file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; results should be readable like any other file
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; results should be readable like any other file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path} ({exc.strerror or exc}): free disk space or choose a writable "
+                            "folder (an existing file there is left unchanged)") from exc
         raise
 
 
+def ensure_output_dir(path: Path, option: str) -> Path:
+    """Create the output folder named by ``option`` (e.g. ``--resultsPath``), or say why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {option} {path} ({exc.strerror or exc}): choose a writable folder") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path} is not writable: choose a writable folder")
+    return path
+
+
 def save_checkpoint_atomic(obj: dict, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def write(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:     # torch reports a failed write (e.g. disk full) as RuntimeError
+            cause = exc.__context__
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror or str(cause)) from exc
+            raise
+
+    atomic_write(path, write)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -181,7 +228,10 @@ class MetricsWriter:
             self.wandb_run = None
 
 
-def start_wandb(mode: str, run_dir: Path, opt):
+def check_wandb(mode: str):
+    """The wandb module when ``mode`` can work (checked before a run starts), else a UserError."""
+    if mode == "disabled":
+        return None
     try:
         import wandb
     except ImportError as exc:
@@ -189,6 +239,11 @@ def start_wandb(mode: str, run_dir: Path, opt):
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb)):
         raise UserError("--wandb online needs a logged-in account (wandb login or WANDB_API_KEY); "
                         "use --wandb offline to log locally")
+    return wandb
+
+
+def start_wandb(mode: str, run_dir: Path, opt):
+    wandb = check_wandb(mode)
     return wandb.init(project="seqmatchnet", name=Path(run_dir).name, dir=str(run_dir), mode=mode,
                       config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()})
 
