@@ -1,9 +1,12 @@
 """Shared fixtures: the reference fixture (skipped when ../shared is absent) and small synthetic splits."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as main.py does, before torch loads
 
 import numpy as np
 import pytest
