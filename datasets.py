@@ -6,6 +6,7 @@ message that names the file and says what to do.
 from __future__ import annotations
 
 import logging
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ def load_descriptors(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= data.shape[0]):
             raise UserError(f"descriptor file {path} has {data.shape[0]} rows but the split needs row "
-                            f"{int(rows.max())}: the file is incomplete or belongs to another dataset")
+                            f"{int(rows.max())}: the file is incomplete or belongs to another dataset; download "
+                            "it again (`bash download.sh`) or check --dataset and --descType")
     try:
         out = np.asarray(data[rows] if rows is not None else data[:], dtype=np.float32)
     except (ValueError, OSError) as exc:
@@ -106,7 +108,9 @@ def _open_hdf5(path: Path):
     f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim == 2 else None)
     if len(datasets) != 1:
         names = [d.name for d in datasets]
-        raise UserError(f"HDF5 file {path} must hold exactly one 2-D dataset (frames x dims), found {names or 'none'}")
+        f.close()
+        raise UserError(f"HDF5 file {path} must hold exactly one 2-D dataset (frames x dims), found {names or 'none'}: "
+                        "write the descriptors as a single (frames, dims) dataset")
     return datasets[0]
 
 
@@ -148,30 +152,38 @@ def load_struct(path: Path) -> DbStruct:
         raise UserError(f"struct file {path} is not a readable MATLAB file ({type(exc).__name__}: {exc}): "
                         "download it again") from exc
     if "dbStruct" not in mat:
-        raise UserError(f"struct file {path} has no 'dbStruct' variable (found {sorted(k for k in mat if not k.startswith('__'))})")
+        raise UserError(f"struct file {path} has no 'dbStruct' variable (found "
+                        f"{sorted(k for k in mat if not k.startswith('__'))}): download it again (`bash download.sh`)")
     raw = mat["dbStruct"]
     if raw.dtype.names is None or raw.size != 1:
-        raise UserError(f"struct file {path}: 'dbStruct' is not a 1x1 struct")
+        raise UserError(f"struct file {path}: 'dbStruct' is not a 1x1 struct: download it again (`bash download.sh`)")
     s = {name: raw[name].item() if raw.shape else raw[name] for name in raw.dtype.names}
     missing = [f for f in STRUCT_FIELDS if f not in s]
     if missing:
-        raise UserError(f"struct file {path} lacks the fields {missing}: it is not a SeqNet/SeqMatchNet struct file")
+        raise UserError(f"struct file {path} lacks the fields {missing}: it is not a SeqNet/SeqMatchNet struct file; "
+                        "download it again (`bash download.sh`)")
 
     def scalar(name: str) -> float:
-        v = np.asarray(s[name], dtype=np.float64).ravel()
+        try:
+            v = np.asarray(s[name], dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            v = np.array([])
         if v.size != 1 or not np.isfinite(v[0]):
-            raise UserError(f"struct file {path}: field {name} must be one finite number, got {v[:3]}")
+            raise UserError(f"struct file {path}: field {name} must be one finite number, got {s[name]!r:.40}: "
+                            "download the struct file again (`bash download.sh`)")
         return float(v[0])
 
     def positions(name: str, count: int) -> np.ndarray:
         try:
             p = np.asarray(s[name], dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise UserError(f"struct file {path}: field {name} is not numeric") from exc
+            raise UserError(f"struct file {path}: field {name} is not numeric: download it again "
+                            "(`bash download.sh`)") from exc
         if p.ndim == 1:
             p = p[None, :]
         if p.ndim != 2 or p.shape[0] not in (1, 2) or p.shape[1] != count:
-            raise UserError(f"struct file {path}: field {name} has shape {p.shape}, expected (1 or 2, {count})")
+            raise UserError(f"struct file {path}: field {name} has shape {p.shape}, expected (1 or 2, {count}): "
+                            "the file is damaged or edited; download it again (`bash download.sh`)")
         if not np.isfinite(p).all():
             bad = int(np.argmin(np.isfinite(p).all(axis=0)))
             raise UserError(f"struct file {path}: field {name} has NaN/Inf at frame {bad}: fix the positions")
@@ -202,6 +214,32 @@ def _strings(v) -> list[str]:
     return [_string(x) for x in np.asarray(v, dtype=object).ravel()]
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays (and object arrays of them) and nothing else: a pickle
+    that names any other callable could run arbitrary code."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_npy_arrays_only(f) -> np.ndarray:
+    """One ``.npy`` member of an ``.npz``; object arrays are unpickled with ``_ArraysOnlyUnpickler``."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    if dtype.hasobject:
+        return np.asarray(_ArraysOnlyUnpickler(f).load(), dtype=object)
+    count = int(np.prod(shape))
+    data = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count)
+    return data.reshape(shape, order="F" if fortran else "C")
+
+
 def load_split_indices(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(db_rows, q_rows)`` of a split from a ``*_splitInds.npz`` file."""
     path = Path(path)
@@ -209,15 +247,25 @@ def load_split_indices(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"split index file {path} not found: {GET_DATA_HINT}")
     key = f"{split}Inds"
     try:
-        with np.load(path, allow_pickle=True) as z:  # object arrays of two int arrays
-            if key not in z.files:
-                raise UserError(f"split index file {path} has no '{key}' (found {z.files})")
-            pair = z[key]
+        with zipfile.ZipFile(path) as z:
+            files = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            if key not in files:
+                raise UserError(f"split index file {path} has no '{key}' (found {files}): download it again "
+                                "(`bash download.sh`)")
+            with z.open(f"{key}.npy") as f:
+                pair = _read_npy_arrays_only(f)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"split index file {path} holds {exc}, not just arrays; refusing to load it for safety: "
+                        "download it again (`bash download.sh`)") from exc
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise UserError(f"split index file {path} is corrupt ({exc}): download it again") from exc
-    if len(pair) != 2:
-        raise UserError(f"split index file {path}: '{key}' must be a pair [db rows, query rows]")
-    db_rows, q_rows = (np.asarray(p, dtype=np.int64).ravel() for p in pair)
+    try:
+        if len(pair) != 2:
+            raise ValueError("not a pair")
+        db_rows, q_rows = (np.asarray(p, dtype=np.int64).ravel() for p in pair)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"split index file {path}: '{key}' must be a pair [db rows, query rows] of integer arrays: "
+                        "download it again (`bash download.sh`)") from exc
     return db_rows, q_rows
 
 

@@ -60,7 +60,7 @@ def run_test(opt: argparse.Namespace) -> dict:
     summary = None
     if opt.resultsPath:
         import report
-        from test import N_VALUES, RADII, write_figures
+        from test import N_VALUES, RADII, top1_precision_recall, write_figures
 
         results_dir = Path(opt.resultsPath)
         embeddings = None
@@ -70,7 +70,10 @@ def run_test(opt: argparse.Namespace) -> dict:
             else:
                 embeddings = tsne_embeddings(result.db_feats, result.q_feats, opt.numSamples2Project, opt.seed)
         path = save_results(results_dir, result, embeddings=embeddings)
-        pr = write_figures(result, split, opt.seqL, results_dir, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
+        if opt.figures == "none":
+            pr = top1_precision_recall(result, split)
+        else:
+            pr = write_figures(result, split, opt.seqL, results_dir, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
         radius = {r: dict(zip(N_VALUES, row)) for r, row in zip(RADII, result.radius_recalls.tolist())}
         summary = report.build_summary("test", vars(opt), result.recalls, radius, pr, result.timings, split.files,
                                        extra={"queries": int(len(result.q_frames)),
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opt.mode == "train":
             from train import train
-            train(opt)
+            train(opt, argv)
         else:
             run_test(opt)
     except UserError as exc:

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extractOnly", action="store_true", help="save sequence descriptors instead of evaluating")
     g.add_argument("--predictionsFile", type=str, default=None,
                    help=".npz with 'preds' (numQ x >=20): re-rank each query's first 20 candidates")
+    g.add_argument("--figures", type=str, default="epoch", choices=["epoch", "end", "none"],
+                   help="PNG/TensorBoard figures of validation runs: after every validation, only at the end, or none")
     g.add_argument("--queryChunk", type=int, default=1024, help="query windows scored at once (bounds memory)")
     g.add_argument("--dbChunk", type=int, default=0,
                    help="database windows scored at once (0: all, or automatic when the matrix would not fit)")

@@ -227,6 +227,15 @@ def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path,
     return pr
 
 
+def top1_precision_recall(result: EvalResult, split: Split) -> dict:
+    """Precision-recall of the top-1 matches over their distance threshold (AUC, recall at 100 % precision)."""
+    import plots
+
+    correct, has_pos = plots.top1_outcomes(result.preds[:, 0], split.db_positions, split.q_positions[result.q_frames],
+                                           split.pos_dist_thr)
+    return plots.precision_recall(result.dists[:, 0], correct, has_pos)
+
+
 def format_recalls(result: EvalResult, title: str = "") -> str:
     """The recall table as text: Recall@N, then recall at each localisation radius."""
     head = "".join(f"{'R@' + str(n):>8}" for n in N_VALUES)

@@ -332,15 +332,43 @@ def checkpoint_state(epoch: int, model: SeqMatchModel, optimizer, scheduler, rec
             "history": history}
 
 
-def train(opt: argparse.Namespace) -> Path:
-    """``--mode train``: returns the run folder."""
+def draw_training_curves(history: dict, run_dir: Path, writer, epoch: int) -> None:
+    import plots
+
+    fig = plots.training_curves_figure(history["epochs"], history["loss"], history["val_recalls"],
+                                       val_epochs=history["val_epochs"])
+    writer.figure("Train/Curves", fig, epoch)
+    plots.save_figure(fig, run_dir / "training_curves.png")
+
+
+def resume_command(opt: argparse.Namespace, argv: list[str] | None, run_dir: Path) -> str:
+    """The command that continues this run: the original arguments with ``--resume RUNDIR``."""
+    import shlex
+
+    if argv is None:
+        argv = ["--mode", "train", "--seqL", str(opt.seqL), "--dataset", opt.dataset, "--dataPath", opt.dataPath,
+                "--structPath", opt.structPath, "--nEpochs", str(opt.nEpochs)]
+        argv += ["--pooling"] if opt.pooling else ["--method", opt.method]
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    return "python main.py " + " ".join(shlex.quote(a) for a in args + ["--resume", str(run_dir)])
+
+
+def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
+    """``--mode train``: returns the run folder. ``argv`` (the command line) only
+    serves the resume hint printed on Ctrl-C."""
     from get_datasets import get_split, prepare_dataset
     from get_models import get_model, load_state, parallelize
     from main import checkpoint_path
     from options import options_dict, restore_flags
-    import plots
     import report
-    from test import evaluate, format_recalls, write_figures
+    from test import evaluate, format_recalls, top1_precision_recall, write_figures
     from utils import (MetricsWriter, add_log_file, atomic_write, check_wandb, get_device, load_checkpoint,
                        make_deterministic, save_checkpoint_atomic, write_json_atomic)
 
@@ -369,7 +397,12 @@ def train(opt: argparse.Namespace) -> Path:
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], str(ckpt_file))
         model.to(device)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"checkpoint {ckpt_file}: its optimiser state is missing or does not fit this model and "
+                            f"--optim {opt.optim} ({type(exc).__name__}: {exc}); resume another checkpoint "
+                            "(--ckpt latest|best) or start a new run") from exc
         start_epoch = int(ckpt["epoch"])
         best_score = float(ckpt.get("best_score", 0.0))
         not_improved = int(ckpt.get("not_improved", 0))
@@ -394,7 +427,7 @@ def train(opt: argparse.Namespace) -> Path:
 
     writer = MetricsWriter(run_dir, opt)
     epoch = start_epoch
-    recalls, pr, timings = {}, None, {"epochs_s": 0.0}
+    recalls, pr, timings, last_val = {}, None, {"epochs_s": 0.0}, None
     try:
         for epoch in range(start_epoch + 1, opt.nEpochs + 1):
             t0 = time.perf_counter()
@@ -420,17 +453,17 @@ def train(opt: argparse.Namespace) -> Path:
                 history["val_epochs"].append(epoch)
                 for n, r in recalls.items():
                     history["val_recalls"].setdefault(n, []).append(r)
-                pr = write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val",
-                                   writer, epoch)
+                last_val = (epoch, result)
+                if opt.figures == "epoch":
+                    pr = write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val",
+                                       writer, epoch)
                 is_best = recalls[5] > best_score
                 if is_best:
                     best_score, not_improved = recalls[5], 0
                 else:
                     not_improved += 1
-            fig = plots.training_curves_figure(history["epochs"], history["loss"], history["val_recalls"],
-                                               val_epochs=history["val_epochs"])
-            writer.figure("Train/Curves", fig, epoch)
-            plots.save_figure(fig, run_dir / "training_curves.png")
+            if opt.figures == "epoch":
+                draw_training_curves(history, run_dir, writer, epoch)
             timings["epochs_s"] += time.perf_counter() - t0
             for k, v in stats.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
@@ -446,9 +479,16 @@ def train(opt: argparse.Namespace) -> Path:
     except KeyboardInterrupt:
         last = ckpt_dir / "checkpoint.pth.tar"
         where = f"the last checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        log.warning("interrupted during epoch %d: %s; continue with: python main.py --mode train --pooling "
-                    "--seqL %d --dataset %s --resume %s", epoch, where, opt.seqL, opt.dataset, run_dir)
+        log.warning("interrupted during epoch %d: %s; continue with: %s", epoch, where,
+                    resume_command(opt, argv, run_dir))
         raise
+    else:
+        if opt.figures == "end" and last_val is not None:
+            pr = write_figures(last_val[1], val_split, opt.seqL, run_dir, f"epoch {last_val[0]} validation", "Val",
+                               writer, last_val[0])
+            draw_training_curves(history, run_dir, writer, epoch)
+        elif opt.figures == "none" and last_val is not None:
+            pr = top1_precision_recall(last_val[1], val_split)
     finally:
         writer.close()
     log.info("best validation Recall@5 %.4f; checkpoints in %s", best_score, ckpt_dir)

@@ -152,15 +152,23 @@ def only_run(root: Path) -> Path:
     return runs[0]
 
 
-TRAIN = "--mode train --pooling --dataset oxford-v1.0 --outDims 8 --cacheRefreshRate 100".split()
+TRAIN = "--mode train --pooling --dataset oxford-v1.0 --outDims 8 --cacheRefreshRate 100 --figures none".split()
 
 
 @pytest.mark.parametrize("loss_m,neg_m", [("meanOfPairs", "meanOfPairs"), ("meanOfPairs", "centerOnly"),
                                           ("centerOnly", "meanOfPairs"), ("centerOnly", "centerOnly")])
 def test_all_method_combinations_train(tiny_oxford, monkeypatch, loss_m, neg_m):
-    args = TRAIN + ["--seqL", "3", "--nEpochs", "1", "--loss_trip_method", loss_m, "--neg_trip_method", neg_m]
+    figures = "epoch" if loss_m == neg_m == "meanOfPairs" else "none"
+    args = TRAIN + ["--seqL", "3", "--nEpochs", "1", "--loss_trip_method", loss_m, "--neg_trip_method", neg_m,
+                    "--figures", figures]
     assert run_main(args, tiny_oxford, monkeypatch) == 0
     run = only_run(tiny_oxford)
+    if figures == "epoch":
+        names = {p.name for p in run.glob("*.png")}
+        assert {"training_curves.png", "val_recall_at_n.png", "val_precision_recall.png",
+                "val_distance_matrix.png", "val_radius_recall.png"} <= names
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recalls"] and "auc" in json.dumps(summary).lower()
     ckpt = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and set(ckpt["recalls"]) == {1, 5, 10, 20, 100}
     flags = json.loads((run / "checkpoints" / "flags.json").read_text())

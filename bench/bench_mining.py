@@ -1,0 +1,325 @@
+"""Mining cache: time and peak memory of the training distance matrix for a Nordland-train-size split.
+
+    python bench/bench_mining.py [--quick] [--db 15000 --queries 15000 --dim 4096 --seqL 5]
+
+Every measured variant runs in a fresh subprocess (this script with ``--child``); its peak memory is
+the RSS high-water mark (``VmHWM``, reset once the inputs are allocated; ``ru_maxrss`` is printed
+too) minus the RSS after the inputs are allocated. For each ``--neg_trip_method``:
+
+- baseline: per query, ``cdist`` of its window's frames against every database window's frames and
+  the mean of the diagonals (centerOnly: the centre frame against the centre frames); timed on a
+  subset of queries and extrapolated;
+- project, all at once: ``train.cache_distances`` on every training query (``--cacheRefreshRate 0``);
+- project, default: what ``train_epoch`` does with the default ``--cacheRefreshRate 1000``: chunks of
+  1000 queries drawn at random (a permutation, each chunk sorted), ``cache_distances`` per chunk plus
+  the top-100 for the training recall; a few chunks are timed and the rest extrapolated;
+- proposal (bench-local, not project code): the same matrices from ``proposed_window_distances``
+  below, which writes into a preallocated output, works in place, and for a scattered chunk of
+  queries multiplies only the frames of the chosen windows (one product per window offset).
+Goal: peak memory within the matrix itself (``Nd x Nq x 4`` bytes) plus 1 GiB. Exits 1 when the
+project misses it (all at once or by default).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+
+from common import (CPU_NOTE, PeakMemory, add_threads_option, apply_threads, child_report, gib, goal, machine_line,
+                    median, mib, run_child, table, unit_rows)
+
+METHODS = ("meanOfPairs", "centerOnly")
+GIB = 1024 ** 3
+
+
+# ---------------------------------------------------------------- proposal (bench-local)
+
+def _frames(feats: torch.Tensor, starts: torch.Tensor, offset: int) -> torch.Tensor:
+    """Rows ``starts + offset``: a view when the starts are consecutive, else a gathered copy."""
+    n = len(starts)
+    lo = int(starts[0]) + offset
+    if n == 1 or bool((starts[1:] - starts[:-1] == 1).all()):
+        return feats[lo:lo + n]
+    return feats[starts + offset]
+
+
+def _distances_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= sqrt(max(0, 2 - 2 a b^T))`` with one temporary at most."""
+    if accumulate:
+        d = torch.addmm(torch.tensor(2.0, dtype=a.dtype), a, b.T, alpha=-2.0)
+        out += d.clamp_(min=0.0).sqrt_()
+    else:
+        torch.addmm(torch.tensor(2.0, dtype=a.dtype), a, b.T, alpha=-2.0, out=out)
+        out.clamp_(min=0.0).sqrt_()
+
+
+def proposed_window_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
+                              q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs",
+                              out: torch.Tensor | None = None, query_chunk: int = 1024) -> torch.Tensor:
+    """Same result as ``seqMatchNet.window_distances`` ``[len(db_starts), len(q_starts)]``, written into
+    ``out`` (allocated when None) query chunk by query chunk:
+
+    - a chunk whose windows are dense (covering frame range not much larger than the chunk) takes the
+      project's path (one product over the covered frames, diagonal sums), in place;
+    - a scattered chunk (e.g. random training queries) multiplies the frames of its windows at each
+      offset k (``L`` products of ``Nd x chunk``; centerOnly: one), instead of every frame in range.
+    Extra memory: O(Nd x query_chunk) beyond ``out``.
+    """
+    from seqMatchNet import diagonal_sums
+
+    offsets = [seq_len // 2] if method == "centerOnly" else list(range(seq_len))
+    if out is None:
+        out = torch.empty((len(db_starts), len(q_starts)), dtype=db_feats.dtype, device=db_feats.device)
+    db_lo, db_hi = int(db_starts.min()), int(db_starts.max()) + seq_len
+    for lo in range(0, len(q_starts), query_chunk):
+        qs = q_starts[lo:lo + query_chunk]
+        dst = out[:, lo:lo + len(qs)]
+        q_lo, q_hi = int(qs.min()), int(qs.max()) + seq_len
+        dense_cost = (db_hi - db_lo) * (q_hi - q_lo)
+        gather_cost = len(offsets) * len(db_starts) * len(qs)
+        if gather_cost < dense_cost:
+            if len(offsets) == 1:
+                _distances_into(dst, _frames(db_feats, db_starts, offsets[0]), q_feats[qs + offsets[0]], False)
+            else:
+                acc = torch.zeros((len(db_starts), len(qs)), dtype=db_feats.dtype, device=db_feats.device)
+                for k in offsets:
+                    _distances_into(acc, _frames(db_feats, db_starts, k), q_feats[qs + k], True)
+                dst.copy_(acc.div_(len(offsets)))
+                del acc
+        else:
+            frames = torch.empty((db_hi - db_lo, q_hi - q_lo), dtype=db_feats.dtype, device=db_feats.device)
+            _distances_into(frames, db_feats[db_lo:db_hi], q_feats[q_lo:q_hi], False)
+            agg = diagonal_sums(frames, seq_len, method)
+            del frames
+            dst.copy_(agg[(db_starts - db_lo)[:, None], (qs - q_lo)[None, :]])
+            del agg
+    return out
+
+
+# ---------------------------------------------------------------- baseline
+
+def baseline_column(db_windows: torch.Tensor, q_feats: torch.Tensor, q_start: int, seq_len: int,
+                    method: str) -> torch.Tensor:
+    """One query's cached distances ``[Nd]`` the per-query way (``db_windows`` from ``baseline_windows``)."""
+    if method == "centerOnly":
+        c = seq_len // 2
+        return torch.cdist(q_feats[q_start + c:q_start + c + 1], db_windows)[0]
+    block = torch.cdist(q_feats[q_start:q_start + seq_len], db_windows)          # [L, Nd * L]
+    block = block.view(seq_len, -1, seq_len).permute(1, 0, 2)                    # [Nd, L, L]
+    return torch.diagonal(block, dim1=1, dim2=2).mean(dim=1)
+
+
+def baseline_windows(db_feats: torch.Tensor, db_starts: np.ndarray, seq_len: int, method: str) -> torch.Tensor:
+    """Database window frames flattened ``[Nd * L, D]`` (centerOnly: centre frames ``[Nd, D]``)."""
+    if method == "centerOnly":
+        return db_feats[torch.as_tensor(db_starts) + seq_len // 2]
+    rows = torch.as_tensor(db_starts)[:, None] + torch.arange(seq_len)
+    return db_feats[rows].reshape(-1, db_feats.shape[1])
+
+
+# ---------------------------------------------------------------- setup shared by the children
+
+def make_training_set(n_db: int, n_q: int, dim: int, seq_len: int, seed: int):
+    """Random unit features (timing and memory do not depend on content) and a TrainingSet over them."""
+    from datasets import Split, segment_bounds
+    from train import TrainingSet
+
+    db = unit_rows(n_db, dim, seed)
+    q = unit_rows(n_q, dim, seed + 1)
+    db_pos = np.stack([np.arange(n_db) * 2.0, np.zeros(n_db)], axis=1)
+    q_pos = np.stack([np.arange(n_q) * 2.0 * n_db / n_q, np.zeros(n_q)], axis=1)
+    split = Split(name="train", db_desc=db.numpy(), q_desc=q.numpy(), db_positions=db_pos, q_positions=q_pos,
+                  pos_dist_thr=10.0, non_triv_pos_dist_sq_thr=25.0, db_bounds=segment_bounds(n_db),
+                  q_bounds=segment_bounds(n_q))
+    return db, q, TrainingSet.build(split, seq_len)
+
+
+def _head(tset, n: int):
+    """The first ``n`` database windows of a TrainingSet (for warm-up calls on small data)."""
+    import dataclasses
+
+    return dataclasses.replace(tset, db_starts=tset.db_starts[:n], db_frames=tset.db_frames[:n])
+
+
+def default_chunks(n_queries: int, refresh: int, seed: int) -> list[np.ndarray]:
+    """train_epoch's chunks: a random order of the queries cut into ``refresh``-sized pieces, each sorted."""
+    order = np.random.default_rng(seed).permutation(n_queries)
+    return [np.sort(order[lo:lo + refresh]) for lo in range(0, n_queries, refresh)]
+
+
+def child(args: argparse.Namespace) -> None:
+    from seqMatchNet import topk_smallest
+    from train import cache_distances
+
+    torch.set_grad_enabled(False)
+    method, variant = args.method, args.variant
+    db, q, tset = make_training_set(args.db, args.queries, args.dim, args.seqL, args.seed)
+    queries = np.arange(len(tset.q_frames))
+    dev = db.device
+    db_starts = torch.as_tensor(tset.db_starts, device=dev)
+    info: dict = {"n_db_windows": len(tset.db_starts), "n_queries": len(queries)}
+    # warm-up on a few queries: library code pages and allocator pools are touched before the measurement
+    few = queries[:8]
+    cache_distances(db[:64], q[:64], _head(tset, 32), few[:4], method)
+    proposed_window_distances(db[:64], q[:64], db_starts[:32], torch.as_tensor(tset.q_starts[few[:4]]), args.seqL,
+                              method)
+    baseline_column(baseline_windows(db[:64], tset.db_starts[:32], args.seqL, method), q, int(tset.q_starts[0]),
+                    args.seqL, method)
+    with PeakMemory() as pm:
+        t0 = time.perf_counter()
+        if variant == "baseline":
+            windows = baseline_windows(db, tset.db_starts, args.seqL, method)
+            info["build_s"] = time.perf_counter() - t0
+            subset = np.random.default_rng(args.seed).choice(queries, args.subset, replace=False)
+            t1 = time.perf_counter()
+            cols = [baseline_column(windows, q, int(tset.q_starts[j]), args.seqL, method) for j in subset]
+            info["per_query_s"] = (time.perf_counter() - t1) / len(subset)
+            info["matrix_bytes"] = len(cols[0]) * 4 * len(subset)
+            del cols, windows
+        elif variant in ("all", "proposal_all"):
+            if variant == "all":
+                d = cache_distances(db, q, tset, queries, method)
+            else:
+                d = proposed_window_distances(db, q, db_starts, torch.as_tensor(tset.q_starts[queries]),
+                                              args.seqL, method)
+            info["time_s"] = time.perf_counter() - t0
+            info["matrix_bytes"] = d.numel() * d.element_size()
+            info["shape"] = list(d.shape)
+            del d
+        else:   # default / proposal_default: chunks of cacheRefreshRate random queries
+            chunks = default_chunks(len(queries), args.refresh, args.seed)
+            timed = chunks[:args.timed_chunks]
+            for chunk in timed:
+                if variant == "default":
+                    d = cache_distances(db, q, tset, chunk, method)
+                else:
+                    d = proposed_window_distances(db, q, db_starts, torch.as_tensor(tset.q_starts[chunk]),
+                                                  args.seqL, method)
+                topk_smallest(d, 100)          # train_epoch's training-recall predictions
+                d = d.cpu().numpy()
+                del d
+            info["timed_chunks"] = len(timed)
+            info["chunks"] = len(chunks)
+            info["time_s"] = (time.perf_counter() - t0) / len(timed) * len(chunks)
+            info["matrix_bytes"] = len(tset.db_starts) * len(timed[0]) * 4
+    child_report(variant=variant, method=method, base=pm.base, peak=pm.peak, delta=pm.delta, reset=pm.reset,
+                 maxrss=pm.maxrss_after, **info)
+
+
+def check_proposal(seq_len: int) -> float:
+    """Largest |proposal - project| on small data, both methods, all and scattered queries."""
+    from train import cache_distances
+
+    db, q, tset = make_training_set(300, 280, 32, seq_len, 7)
+    worst = 0.0
+    with torch.no_grad():
+        for method in METHODS:
+            for queries in (np.arange(len(tset.q_frames)), np.sort(np.random.default_rng(0).choice(
+                    len(tset.q_frames), 40, replace=False))):
+                want = cache_distances(db, q, tset, queries, method)
+                got = proposed_window_distances(db, q, torch.as_tensor(tset.db_starts),
+                                                torch.as_tensor(tset.q_starts[queries]), seq_len, method,
+                                                query_chunk=64)
+                worst = max(worst, float((want - got).abs().max()))
+    return worst
+
+
+# ---------------------------------------------------------------- parent
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4000 x 4000 frames, D 1024")
+    p.add_argument("--db", type=int, default=15000, help="database frames")
+    p.add_argument("--queries", type=int, default=15000, help="query frames")
+    p.add_argument("--dim", type=int, default=4096, help="descriptor dimensions")
+    p.add_argument("--seqL", type=int, default=5, help="sequence length")
+    p.add_argument("--subset", type=int, default=4, help="queries on which the baseline is timed")
+    p.add_argument("--refresh", type=int, default=1000, help="queries per chunk (train_epoch's cacheRefreshRate)")
+    p.add_argument("--timed-chunks", dest="timed_chunks", type=int, default=1,
+                   help="chunks timed in the chunked variants (the rest extrapolated)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="neg_trip_method values")
+    p.add_argument("--no-proposal", dest="proposal", action="store_false", help="skip the bench-local proposal")
+    p.add_argument("--seed", type=int, default=0)
+    add_threads_option(p)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="all", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="meanOfPairs", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.db, args.queries, args.dim, args.subset, args.timed_chunks = 4000, 4000, 1024, 4, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    apply_threads(args.threads)
+    if args.child:
+        child(args)
+        return 0
+    print(f"bench_mining: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
+          f"chunks of {args.refresh} queries; {machine_line()}")
+    err = check_proposal(args.seqL)
+    print(f"proposal vs project cache_distances on small data (both methods, all and scattered queries): "
+          f"max |difference| {err:.1e}")
+    common = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim), "--seqL", str(args.seqL),
+              "--subset", str(args.subset), "--refresh", str(args.refresh), "--timed-chunks", str(args.timed_chunks),
+              "--seed", str(args.seed), "--threads", str(args.threads)]
+    variants = ["all", "default"] + (["proposal_all", "proposal_default"] if args.proposal else [])
+    ok = True
+    for method in args.methods:
+        res = {}
+        # the baseline brackets the project variants (before and after) so that both see the same load
+        base_runs = [run_child(Path(__file__), common + ["--variant", "baseline", "--method", method])]
+        for v in variants:
+            res[v] = run_child(Path(__file__), common + ["--variant", v, "--method", method])
+        base_runs.append(run_child(Path(__file__), common + ["--variant", "baseline", "--method", method]))
+        b = base_runs[0]
+        n_q = b["n_queries"]
+        per_q = median([r["per_query_s"] for r in base_runs])
+        t_base = median([r["build_s"] for r in base_runs]) + per_q * n_q
+        full_bytes = b["n_db_windows"] * n_q * 4
+        rows = [[f"baseline per-query loop ({args.subset} queries x2, EXTRAPOLATED to {n_q})", f"{t_base:.0f}",
+                 "", mib(max(r["delta"] for r in base_runs)), "(window frames + one column per query)"]]
+        names = {"all": "project cache_distances, all queries at once (cacheRefreshRate 0)",
+                 "default": f"project default: chunks of {args.refresh} random queries (cacheRefreshRate "
+                            f"{args.refresh})",
+                 "proposal_all": "proposal, all queries at once",
+                 "proposal_default": f"proposal, chunks of {args.refresh} random queries"}
+        for v in variants:
+            r = res[v]
+            extrap = f" ({r['timed_chunks']} of {r['chunks']} chunks timed, EXTRAPOLATED)" if "chunks" in r else ""
+            rows.append([names[v] + extrap, f"{r['time_s']:.1f}", f"{t_base / r['time_s']:.0f}x", gib(r["delta"]),
+                         f"matrix {gib(r['matrix_bytes'])}, limit {gib(r['matrix_bytes'] + GIB)}"])
+        print(f"\nneg_trip_method {method}: {b['n_db_windows']} database x {n_q} query windows "
+              f"(full matrix {gib(full_bytes)}); inputs {gib(2 * args.db * args.dim * 4)}")
+        print(table(rows, ["variant", "time s", "baseline/variant", "peak over inputs", "memory goal"]))
+        print("peaks: " + ", ".join(f"{v} VmHWM {gib(r['peak'])} ru_maxrss {gib(r['maxrss'])} "
+                                    f"(after inputs {gib(r['base'])}{'' if r['reset'] else ', no HWM reset'})"
+                                    for v, r in res.items()))
+        for v in ("all", "default"):
+            r = res[v]
+            ok &= goal(r["delta"] <= r["matrix_bytes"] + GIB,
+                       f"{method}: {names[v]}: peak {gib(r['delta'])} over the inputs <= matrix "
+                       f"{gib(r['matrix_bytes'])} + 1 GiB")
+        for v in ("proposal_all", "proposal_default"):
+            if v in res:
+                r = res[v]
+                within = r["delta"] <= r["matrix_bytes"] + GIB
+                print(f"info: {method}: {names[v]}: peak {gib(r['delta'])}, "
+                      f"{'within' if within else 'over'} the limit; "
+                      f"{res[v.replace('proposal_', '')]['time_s'] / r['time_s']:.1f}x faster than the project's")
+    print(CPU_NOTE)
+    print("the project's default is --cacheRefreshRate 1000: train_epoch calls cache_distances once per chunk of "
+          "1000 randomly drawn training queries (row 'project default' above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
