@@ -25,7 +25,10 @@ METHODS = ("centerOnly", "meanOfPairs")
 
 def frame_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Euclidean distances of L2-normalised rows: ``[M, D] x [N, D] -> [M, N]``."""
-    return torch.sqrt(torch.clamp(2.0 - 2.0 * (a @ b.T), min=0.0))
+    d = a @ b.T
+    if d.requires_grad:
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * d, min=0.0))
+    return d.mul_(-2.0).add_(2.0).clamp_(min=0.0).sqrt_()   # in place: one [M, N] block
 
 
 def diagonal_sums(frame_dists: torch.Tensor, seq_len: int, method: str = "meanOfPairs") -> torch.Tensor:
@@ -46,23 +49,48 @@ def diagonal_sums(frame_dists: torch.Tensor, seq_len: int, method: str = "meanOf
     out = frame_dists[:rows, :cols].clone()
     for k in range(1, seq_len):
         out += frame_dists[k:k + rows, k:k + cols]
-    return out / seq_len
+    return out.div_(seq_len)
 
 
 def window_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
-                     q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs") -> torch.Tensor:
+                     q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs",
+                     query_chunk: int = 2048) -> torch.Tensor:
     """Dense sequence distances ``[len(db_starts), len(q_starts)]``.
 
     ``db_feats`` ``[Nd, D]`` and ``q_feats`` ``[Nq, D]`` are frame descriptors;
-    the starts index their rows. Only the query frames the windows cover are
-    used, so passing a chunk of query starts costs a chunk of work.
+    the starts index their rows. Queries are processed ``query_chunk`` at a
+    time into one preallocated result, so the extra memory is a few
+    ``Nd x query_chunk`` blocks. Each chunk takes the cheaper of two exact
+    routes: the diagonal sums over the frame range the chunk covers, or, for
+    scattered queries (a random mining chunk), one product per window offset
+    over just the chosen windows.
     """
-    q_lo = int(q_starts.min())
-    q_hi = int(q_starts.max()) + seq_len
+    _check_method(method)
+    out = torch.empty((len(db_starts), len(q_starts)), dtype=db_feats.dtype, device=db_feats.device)
+    for lo in range(0, len(q_starts), query_chunk):
+        sl = slice(lo, min(lo + query_chunk, len(q_starts)))
+        out[:, sl] = _window_distance_block(db_feats, q_feats, db_starts, q_starts[sl], seq_len, method)
+    return out
+
+
+def _window_distance_block(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
+                           q_starts: torch.Tensor, seq_len: int, method: str) -> torch.Tensor:
     db_lo = int(db_starts.min())
     db_hi = int(db_starts.max()) + seq_len
+    q_lo = int(q_starts.min())
+    q_hi = int(q_starts.max()) + seq_len
+    offsets = [seq_len // 2] if method == "centerOnly" else list(range(seq_len))
+    if len(offsets) * len(q_starts) < q_hi - q_lo:
+        # scattered queries: sum the frame distances of each offset over the chosen windows only
+        rows = db_starts - db_lo
+        out = None
+        for k in offsets:
+            frames = frame_distances(db_feats[db_lo:db_hi], q_feats[q_starts + k])[rows + k]
+            out = frames if out is None else out.add_(frames)
+        return out.div_(len(offsets))
     frames = frame_distances(db_feats[db_lo:db_hi], q_feats[q_lo:q_hi])
     agg = diagonal_sums(frames, seq_len, method)
+    del frames
     return agg[(db_starts - db_lo)[:, None], (q_starts - q_lo)[None, :]]
 
 

@@ -142,3 +142,20 @@ def test_recall_table_matches_plain(dims):
         assert n == sum(len(p) > 0 for p in positives)
         for k in (1, 5, 10, 20):
             assert got[k] == pytest.approx(want[k])
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 5])
+@pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
+@pytest.mark.parametrize("query_chunk", [2048, 3])
+def test_window_distances_for_scattered_queries(seq_len, method, query_chunk):
+    """A random mining chunk takes the per-offset route; chunking the queries changes nothing."""
+    rng = np.random.default_rng(30 + seq_len)
+    db, q = unit_rows(rng, 45, 9), unit_rows(rng, 60, 9)
+    db_s, _ = sequence_windows(segment_bounds(45), seq_len)
+    q_s, _ = sequence_windows(segment_bounds(60), seq_len)
+    chosen = np.sort(rng.choice(60, 7, replace=False))
+    got = window_distances(torch.from_numpy(db), torch.from_numpy(q), torch.as_tensor(db_s),
+                           torch.as_tensor(q_s[chosen]), seq_len, method, query_chunk=query_chunk).numpy()
+    want = plain.plain_score_matrix(db, q, plain.plain_windows(segment_bounds(45), seq_len),
+                                    plain.plain_windows(segment_bounds(60), seq_len)[chosen], method)
+    np.testing.assert_allclose(got, want, atol=2e-5)
