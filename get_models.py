@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -172,6 +173,24 @@ def load_state(model: SeqMatchModel, state_dict: dict, source: str) -> None:
         if not torch.isfinite(value).all():
             raise UserError(f"checkpoint {source}: {key} holds NaN/Inf values; use another checkpoint")
     model.load_state_dict(state)
+
+
+def checkpoint_path(run_dir: Path, opt: argparse.Namespace) -> Path:
+    """``RUNDIR/<savePath>/checkpoint.pth.tar`` (``--ckpt latest``) or ``model_best.pth.tar`` (``--ckpt best``)."""
+    name = "model_best.pth.tar" if opt.ckpt == "best" else "checkpoint.pth.tar"
+    return Path(run_dir) / opt.savePath / name
+
+
+def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, dict]:
+    """For ``--resume RUNDIR``: the options with those of the run's flags.json restored,
+    the run folder, the checkpoint's path and the checkpoint (loaded to the CPU)."""
+    from options import restore_flags
+    from utils import load_checkpoint
+
+    run_dir = Path(opt.resume)
+    opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
+    ckpt_file = checkpoint_path(run_dir, opt)
+    return opt, run_dir, ckpt_file, load_checkpoint(ckpt_file)
 
 
 def parallelize(model: SeqMatchModel, n_gpu: int, device: torch.device) -> SeqMatchModel:

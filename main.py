@@ -21,17 +21,13 @@ log = logging.getLogger("seqmatchnet")
 def load_for_test(opt: argparse.Namespace):
     """Options (restored from a run with --resume), the split to evaluate, and the model on its device."""
     from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state, parallelize
-    from options import restore_flags
-    from utils import get_device, load_checkpoint
+    from get_models import get_model, load_state, open_run, parallelize
+    from utils import get_device
 
     device = get_device(opt.nocuda)
     ckpt = None
     if opt.resume:
-        run_dir = Path(opt.resume)
-        opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
-        ckpt_path = checkpoint_path(run_dir, opt)
-        ckpt = load_checkpoint(ckpt_path)
+        opt, _, ckpt_path, ckpt = open_run(opt)
     prepare_dataset(opt)
     split = get_split(opt, opt.split)
     model = get_model(opt, split.dim)
@@ -111,11 +107,6 @@ def extract_only(opt, split, model, device) -> dict:
 def one_line(exc: BaseException) -> str:
     """An error message on one line (messages quoted from libraries may hold line breaks)."""
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def checkpoint_path(run_dir: Path, opt: argparse.Namespace) -> Path:
-    name = "model_best.pth.tar" if opt.ckpt == "best" else "checkpoint.pth.tar"
-    return Path(run_dir) / opt.savePath / name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -364,13 +364,12 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     """``--mode train``: returns the run folder. ``argv`` (the command line) only
     serves the resume hint printed on Ctrl-C."""
     from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state, parallelize
-    from main import checkpoint_path
-    from options import options_dict, restore_flags
+    from get_models import get_model, load_state, open_run, parallelize
+    from options import options_dict
     import report
     from test import evaluate, format_recalls, top1_precision_recall, write_figures
-    from utils import (MetricsWriter, add_log_file, atomic_write, check_wandb, get_device, load_checkpoint,
-                       make_deterministic, save_checkpoint_atomic, write_json_atomic)
+    from utils import (MetricsWriter, add_log_file, atomic_write, check_wandb, get_device, make_deterministic,
+                       save_checkpoint_atomic, write_json_atomic)
 
     if not (opt.pooling or opt.method == "seqnet"):
         raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
@@ -378,10 +377,7 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     check_wandb(opt.wandb)
     ckpt = None
     if opt.resume:
-        run_dir = Path(opt.resume)
-        opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
-        ckpt_file = checkpoint_path(run_dir, opt)
-        ckpt = load_checkpoint(ckpt_file)
+        opt, run_dir, ckpt_file, ckpt = open_run(opt)
         for stale in (run_dir / opt.savePath).glob(".*.tmp"):   # left by a run killed mid-write
             stale.unlink(missing_ok=True)
     make_deterministic(opt.seed)
