@@ -114,7 +114,10 @@ class SeqMatchModel(nn.Module):
         self._check_dims(frames)
         if self.sequence_method == "seqnet":
             raise ValueError("a SeqNet model describes windows, not frames: use describe()")
-        return self.pool(frames[:, :, None, None]).reshape(frames.shape[0], -1)
+        pool = self.pool
+        if isinstance(pool, nn.Sequential):
+            pool = pool[1:]     # its first layer max-pools a 1x1 map: the identity, skipped
+        return pool(frames[:, :, None, None]).reshape(frames.shape[0], -1)
 
     def describe(self, windows: torch.Tensor) -> torch.Tensor:
         """One L2-normalised descriptor per window: ``[N, L, C] -> [N, outDims]``."""
