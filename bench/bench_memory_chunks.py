@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
 
 import torch
 

@@ -12,10 +12,7 @@ too) minus the RSS after the inputs are allocated. For each ``--neg_trip_method`
 - project, all at once: ``train.cache_distances`` on every training query (``--cacheRefreshRate 0``);
 - project, default: what ``train_epoch`` does with the default ``--cacheRefreshRate 1000``: chunks of
   1000 queries drawn at random (a permutation, each chunk sorted), ``cache_distances`` per chunk plus
-  the top-100 for the training recall; a few chunks are timed and the rest extrapolated;
-- proposal (bench-local, not project code): the same matrices from ``proposed_window_distances``
-  below, which writes into a preallocated output, works in place, and for a scattered chunk of
-  queries multiplies only the frames of the chosen windows (one product per window offset).
+  the top-100 for the training recall; a few chunks are timed and the rest extrapolated.
 Goal: peak memory within the matrix itself (``Nd x Nq x 4`` bytes) plus 1 GiB. Exits 1 when the
 project misses it (all at once or by default).
 """
@@ -28,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
 
 import numpy as np
 import torch
@@ -37,70 +35,6 @@ from common import (CPU_NOTE, PeakMemory, add_threads_option, apply_threads, chi
 
 METHODS = ("meanOfPairs", "centerOnly")
 GIB = 1024 ** 3
-
-
-# ---------------------------------------------------------------- proposal (bench-local)
-
-def _frames(feats: torch.Tensor, starts: torch.Tensor, offset: int) -> torch.Tensor:
-    """Rows ``starts + offset``: a view when the starts are consecutive, else a gathered copy."""
-    n = len(starts)
-    lo = int(starts[0]) + offset
-    if n == 1 or bool((starts[1:] - starts[:-1] == 1).all()):
-        return feats[lo:lo + n]
-    return feats[starts + offset]
-
-
-def _distances_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= sqrt(max(0, 2 - 2 a b^T))`` with one temporary at most."""
-    if accumulate:
-        d = torch.addmm(torch.tensor(2.0, dtype=a.dtype), a, b.T, alpha=-2.0)
-        out += d.clamp_(min=0.0).sqrt_()
-    else:
-        torch.addmm(torch.tensor(2.0, dtype=a.dtype), a, b.T, alpha=-2.0, out=out)
-        out.clamp_(min=0.0).sqrt_()
-
-
-def proposed_window_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
-                              q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs",
-                              out: torch.Tensor | None = None, query_chunk: int = 1024) -> torch.Tensor:
-    """Same result as ``seqMatchNet.window_distances`` ``[len(db_starts), len(q_starts)]``, written into
-    ``out`` (allocated when None) query chunk by query chunk:
-
-    - a chunk whose windows are dense (covering frame range not much larger than the chunk) takes the
-      project's path (one product over the covered frames, diagonal sums), in place;
-    - a scattered chunk (e.g. random training queries) multiplies the frames of its windows at each
-      offset k (``L`` products of ``Nd x chunk``; centerOnly: one), instead of every frame in range.
-    Extra memory: O(Nd x query_chunk) beyond ``out``.
-    """
-    from seqMatchNet import diagonal_sums
-
-    offsets = [seq_len // 2] if method == "centerOnly" else list(range(seq_len))
-    if out is None:
-        out = torch.empty((len(db_starts), len(q_starts)), dtype=db_feats.dtype, device=db_feats.device)
-    db_lo, db_hi = int(db_starts.min()), int(db_starts.max()) + seq_len
-    for lo in range(0, len(q_starts), query_chunk):
-        qs = q_starts[lo:lo + query_chunk]
-        dst = out[:, lo:lo + len(qs)]
-        q_lo, q_hi = int(qs.min()), int(qs.max()) + seq_len
-        dense_cost = (db_hi - db_lo) * (q_hi - q_lo)
-        gather_cost = len(offsets) * len(db_starts) * len(qs)
-        if gather_cost < dense_cost:
-            if len(offsets) == 1:
-                _distances_into(dst, _frames(db_feats, db_starts, offsets[0]), q_feats[qs + offsets[0]], False)
-            else:
-                acc = torch.zeros((len(db_starts), len(qs)), dtype=db_feats.dtype, device=db_feats.device)
-                for k in offsets:
-                    _distances_into(acc, _frames(db_feats, db_starts, k), q_feats[qs + k], True)
-                dst.copy_(acc.div_(len(offsets)))
-                del acc
-        else:
-            frames = torch.empty((db_hi - db_lo, q_hi - q_lo), dtype=db_feats.dtype, device=db_feats.device)
-            _distances_into(frames, db_feats[db_lo:db_hi], q_feats[q_lo:q_hi], False)
-            agg = diagonal_sums(frames, seq_len, method)
-            del frames
-            dst.copy_(agg[(db_starts - db_lo)[:, None], (qs - q_lo)[None, :]])
-            del agg
-    return out
 
 
 # ---------------------------------------------------------------- baseline
@@ -162,14 +96,10 @@ def child(args: argparse.Namespace) -> None:
     method, variant = args.method, args.variant
     db, q, tset = make_training_set(args.db, args.queries, args.dim, args.seqL, args.seed)
     queries = np.arange(len(tset.q_frames))
-    dev = db.device
-    db_starts = torch.as_tensor(tset.db_starts, device=dev)
     info: dict = {"n_db_windows": len(tset.db_starts), "n_queries": len(queries)}
     # warm-up on a few queries: library code pages and allocator pools are touched before the measurement
     few = queries[:8]
     cache_distances(db[:64], q[:64], _head(tset, 32), few[:4], method)
-    proposed_window_distances(db[:64], q[:64], db_starts[:32], torch.as_tensor(tset.q_starts[few[:4]]), args.seqL,
-                              method)
     baseline_column(baseline_windows(db[:64], tset.db_starts[:32], args.seqL, method), q, int(tset.q_starts[0]),
                     args.seqL, method)
     with PeakMemory() as pm:
@@ -183,25 +113,17 @@ def child(args: argparse.Namespace) -> None:
             info["per_query_s"] = (time.perf_counter() - t1) / len(subset)
             info["matrix_bytes"] = len(cols[0]) * 4 * len(subset)
             del cols, windows
-        elif variant in ("all", "proposal_all"):
-            if variant == "all":
-                d = cache_distances(db, q, tset, queries, method)
-            else:
-                d = proposed_window_distances(db, q, db_starts, torch.as_tensor(tset.q_starts[queries]),
-                                              args.seqL, method)
+        elif variant == "all":
+            d = cache_distances(db, q, tset, queries, method)
             info["time_s"] = time.perf_counter() - t0
             info["matrix_bytes"] = d.numel() * d.element_size()
             info["shape"] = list(d.shape)
             del d
-        else:   # default / proposal_default: chunks of cacheRefreshRate random queries
+        else:   # default: chunks of cacheRefreshRate random queries
             chunks = default_chunks(len(queries), args.refresh, args.seed)
             timed = chunks[:args.timed_chunks]
             for chunk in timed:
-                if variant == "default":
-                    d = cache_distances(db, q, tset, chunk, method)
-                else:
-                    d = proposed_window_distances(db, q, db_starts, torch.as_tensor(tset.q_starts[chunk]),
-                                                  args.seqL, method)
+                d = cache_distances(db, q, tset, chunk, method)
                 topk_smallest(d, 100)          # train_epoch's training-recall predictions
                 d = d.cpu().numpy()
                 del d
@@ -211,24 +133,6 @@ def child(args: argparse.Namespace) -> None:
             info["matrix_bytes"] = len(tset.db_starts) * len(timed[0]) * 4
     child_report(variant=variant, method=method, base=pm.base, peak=pm.peak, delta=pm.delta, reset=pm.reset,
                  maxrss=pm.maxrss_after, **info)
-
-
-def check_proposal(seq_len: int) -> float:
-    """Largest |proposal - project| on small data, both methods, all and scattered queries."""
-    from train import cache_distances
-
-    db, q, tset = make_training_set(300, 280, 32, seq_len, 7)
-    worst = 0.0
-    with torch.no_grad():
-        for method in METHODS:
-            for queries in (np.arange(len(tset.q_frames)), np.sort(np.random.default_rng(0).choice(
-                    len(tset.q_frames), 40, replace=False))):
-                want = cache_distances(db, q, tset, queries, method)
-                got = proposed_window_distances(db, q, torch.as_tensor(tset.db_starts),
-                                                torch.as_tensor(tset.q_starts[queries]), seq_len, method,
-                                                query_chunk=64)
-                worst = max(worst, float((want - got).abs().max()))
-    return worst
 
 
 # ---------------------------------------------------------------- parent
@@ -245,7 +149,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timed-chunks", dest="timed_chunks", type=int, default=1,
                    help="chunks timed in the chunked variants (the rest extrapolated)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="neg_trip_method values")
-    p.add_argument("--no-proposal", dest="proposal", action="store_false", help="skip the bench-local proposal")
     p.add_argument("--seed", type=int, default=0)
     add_threads_option(p)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -265,13 +168,10 @@ def main(argv=None) -> int:
         return 0
     print(f"bench_mining: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
           f"chunks of {args.refresh} queries; {machine_line()}")
-    err = check_proposal(args.seqL)
-    print(f"proposal vs project cache_distances on small data (both methods, all and scattered queries): "
-          f"max |difference| {err:.1e}")
     common = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim), "--seqL", str(args.seqL),
               "--subset", str(args.subset), "--refresh", str(args.refresh), "--timed-chunks", str(args.timed_chunks),
               "--seed", str(args.seed), "--threads", str(args.threads)]
-    variants = ["all", "default"] + (["proposal_all", "proposal_default"] if args.proposal else [])
+    variants = ["all", "default"]
     ok = True
     for method in args.methods:
         res = {}
@@ -289,9 +189,7 @@ def main(argv=None) -> int:
                  "", mib(max(r["delta"] for r in base_runs)), "(window frames + one column per query)"]]
         names = {"all": "project cache_distances, all queries at once (cacheRefreshRate 0)",
                  "default": f"project default: chunks of {args.refresh} random queries (cacheRefreshRate "
-                            f"{args.refresh})",
-                 "proposal_all": "proposal, all queries at once",
-                 "proposal_default": f"proposal, chunks of {args.refresh} random queries"}
+                            f"{args.refresh})"}
         for v in variants:
             r = res[v]
             extrap = f" ({r['timed_chunks']} of {r['chunks']} chunks timed, EXTRAPOLATED)" if "chunks" in r else ""
@@ -308,13 +206,6 @@ def main(argv=None) -> int:
             ok &= goal(r["delta"] <= r["matrix_bytes"] + GIB,
                        f"{method}: {names[v]}: peak {gib(r['delta'])} over the inputs <= matrix "
                        f"{gib(r['matrix_bytes'])} + 1 GiB")
-        for v in ("proposal_all", "proposal_default"):
-            if v in res:
-                r = res[v]
-                within = r["delta"] <= r["matrix_bytes"] + GIB
-                print(f"info: {method}: {names[v]}: peak {gib(r['delta'])}, "
-                      f"{'within' if within else 'over'} the limit; "
-                      f"{res[v.replace('proposal_', '')]['time_s'] / r['time_s']:.1f}x faster than the project's")
     print(CPU_NOTE)
     print("the project's default is --cacheRefreshRate 1000: train_epoch calls cache_distances once per chunk of "
           "1000 randomly drawn training queries (row 'project default' above)")

@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
 sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np

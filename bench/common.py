@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as main.py does, before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_TAG = "CHILD_RESULT "
