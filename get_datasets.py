@@ -141,7 +141,10 @@ def prepare_dataset(opt: argparse.Namespace) -> None:
     from options import dataclass_overrides
     from synthetic import SyntheticParams, ensure_synthetic
     params = dataclass_overrides(SyntheticParams(), opt, "synth_")
-    ensure_synthetic(desc_dir(opt), Path(opt.structPath), params)
+    try:
+        ensure_synthetic(desc_dir(opt), Path(opt.structPath), params)
+    except ValueError as exc:   # parameters that cannot make a benchmark
+        raise UserError(f"synthetic benchmark: {exc}: change the --synth_* options") from exc
 
 
 HONEST_VAL_FRACTION = 0.15

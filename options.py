@@ -57,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--oxfordHonestVal", action="store_true",
                    help="Oxford: validate on a spatial block held out of the training route instead of the "
                         "test split (the reference validates on the test split)")
-    g.add_argument("--synth_seed", type=int, default=None, help="synthetic benchmark: generator seed")
-    g.add_argument("--synth_frames", type=int, default=None, help="synthetic benchmark: frames per traversal")
-    g.add_argument("--synth_dim", type=int, default=None, help="synthetic benchmark: descriptor dimensions")
+    add_synthetic_options(p)
 
     g = p.add_argument_group("model")
     g.add_argument("--pooling", action="store_true", help="learn the 1x1 temporal-conv projection (WXpB)")
@@ -115,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dbChunk", type=int, default=0,
                    help="database windows scored at once (0: all, or automatic when the matrix would not fit)")
     return p
+
+
+def add_synthetic_options(parser: argparse.ArgumentParser) -> None:
+    """``--synth_<field>`` for every field of ``synthetic.SyntheticParams`` (default: the field's)."""
+    import dataclasses
+
+    from synthetic import SyntheticParams
+
+    g = parser.add_argument_group("synthetic benchmark (--dataset synthetic; regenerated when these change)")
+    for f in dataclasses.fields(SyntheticParams):
+        kind = type(f.default)
+        g.add_argument(f"--synth_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
+                       help=f"default {f.default}")
 
 
 def check_options(opt: argparse.Namespace) -> argparse.Namespace:

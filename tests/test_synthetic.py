@@ -300,3 +300,19 @@ def test_recall_helper_against_brute_force() -> None:
                 frame = np.sqrt(np.clip(2 - 2 * db @ q.T, 0, None))
                 vec = sum(frame[w_db[i, k], w_q[j, k]] for k in range(seq_len)) / seq_len
                 assert np.isclose(loop, vec)
+
+
+def test_cli_synth_options_regenerate_and_bad_values_are_refused(tmp_path, monkeypatch, capsys):
+    import main
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--mode", "test", "--dataset", "synthetic", "--seqL", "3", "--split", "test", "--nocuda", "--quiet",
+            "--synth_frames", "600", "--synth_dim", "16"]
+    assert main.main(base) == 0
+    params = json.loads((tmp_path / "structFiles" / "synthetic_params.json").read_text())
+    assert params["frames"] == 600 and params["dim"] == 16
+    assert main.main(base + ["--synth_noise_std", "0.5"]) == 0
+    params = json.loads((tmp_path / "structFiles" / "synthetic_params.json").read_text())
+    assert params["noise_std"] == 0.5
+    assert main.main(base[:-4] + ["--synth_frames", "10"]) == 1
+    assert "--synth_" in capsys.readouterr().err
