@@ -15,7 +15,7 @@ shifted additions.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -92,18 +92,6 @@ def _window_distance_block(db_feats: torch.Tensor, q_feats: torch.Tensor, db_sta
     agg = diagonal_sums(frames, seq_len, method)
     del frames
     return agg[(db_starts - db_lo)[:, None], (q_starts - q_lo)[None, :]]
-
-
-def iter_window_distance_chunks(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
-                                q_starts: torch.Tensor, seq_len: int, method: str = "meanOfPairs",
-                                chunk_size: int = 1024) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(query slice, distances [len(db_starts), chunk])`` over query chunks.
-
-    Peak memory is ``O(Nd x chunk_size)`` whatever the number of queries.
-    """
-    for lo in range(0, len(q_starts), chunk_size):
-        sl = slice(lo, min(lo + chunk_size, len(q_starts)))
-        yield sl, window_distances(db_feats, q_feats, db_starts, q_starts[sl], seq_len, method)
 
 
 def topk_smallest(dists: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
