@@ -24,7 +24,7 @@ def load_for_test(opt: argparse.Namespace):
     from get_models import get_model, load_state, open_run, parallelize
     from utils import get_device
 
-    device = get_device(opt.nocuda)
+    device = get_device(opt.nocuda, opt.device)
     ckpt = None
     if opt.resume:
         opt, _, ckpt_path, ckpt = open_run(opt)

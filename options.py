@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", type=str, default="train", choices=["train", "test", "demo", "compare", "prepare"],
                    help="train, test (evaluate), demo (synthetic walk-through), compare (runs side by side), "
                         "prepare (your own data: see README)")
-    g.add_argument("--nocuda", action="store_true", help="run on the CPU (CUDA is used otherwise)")
+    g.add_argument("--nocuda", action="store_true", help="run on the CPU")
+    g.add_argument("--device", type=str, default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available, else the CPU; cuda: require CUDA (an error without it)")
     g.add_argument("--nGPU", type=int, default=1, help="number of GPUs (nn.DataParallel when > 1)")
     g.add_argument("--threads", type=int, default=8, help="accepted for compatibility: descriptors are held in memory and mining runs in the "
                         "main process, so no worker processes are needed")

@@ -373,7 +373,7 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
 
     if not (opt.pooling or opt.method == "seqnet"):
         raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
-    device = get_device(opt.nocuda)
+    device = get_device(opt.nocuda, opt.device)
     check_wandb(opt.wandb)
     ckpt = None
     if opt.resume:

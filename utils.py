@@ -30,13 +30,18 @@ def make_deterministic(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_device(nocuda: bool) -> torch.device:
-    """``cuda`` unless ``--nocuda``; asking for CUDA without one is an error."""
-    if nocuda:
+def get_device(nocuda: bool, device: str = "auto") -> torch.device:
+    """The CPU with ``--nocuda`` or ``--device cpu``; CUDA with ``--device cuda`` (an error
+    when there is none); by default (``auto``) CUDA when available, else the CPU."""
+    if nocuda or device == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("CUDA is not available on this machine: add --nocuda to run on the CPU")
-    return torch.device("cuda")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if device == "cuda":
+        raise UserError("--device cuda was asked for but CUDA is not available on this machine: "
+                        "use --nocuda (or --device cpu) to run on the CPU")
+    log.info("CUDA is not available: running on the CPU (--nocuda says so explicitly)")
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- checkpoints

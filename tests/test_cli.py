@@ -50,3 +50,19 @@ def test_compare_prints_runs_side_by_side(tiny_oxford, monkeypatch, tmp_path, ca
     assert main.main(["--mode", "compare", str(tmp_path / "l1"), str(tmp_path / "l3")]) == 0
     table = capsys.readouterr().out
     assert "l1" in table and "l3" in table
+
+
+def test_device_selection():
+    import pytest
+    import torch
+
+    from utils import UserError, get_device
+
+    assert get_device(True, "cuda") == torch.device("cpu")
+    assert get_device(False, "cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert get_device(False, "auto").type == "cuda"
+    else:
+        assert get_device(False, "auto") == torch.device("cpu")     # falls back without an error
+        with pytest.raises(UserError, match="--nocuda"):
+            get_device(False, "cuda")
