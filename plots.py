@@ -61,8 +61,6 @@ def recall_at_n_figure(n_values: Sequence[int], recalls_by_label: Mapping[str, S
     ``n_values`` ``[K]`` (e.g. 1, 5, 10, 20, 100); each value of
     ``recalls_by_label`` is ``[K]`` recalls in [0, 1] (NaN/None = not measured).
     """
-    from matplotlib.ticker import NullFormatter
-
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
     n = np.asarray(n_values, dtype=float)
@@ -76,16 +74,23 @@ def recall_at_n_figure(n_values: Sequence[int], recalls_by_label: Mapping[str, S
                 if np.isfinite(y):
                     ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, -14), ha="center",
                                 fontsize=8)
+    _log_recall_axes(ax, n, [str(int(v)) for v in n], "N (number of top candidates)", "Recall@N", title)
+    return fig
+
+
+def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, title: str) -> None:
+    """Log-scaled x axis with the given ticks, recall from 0 to 1 on y, grid and legend."""
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
-    ax.set_xticks(n, [str(int(v)) for v in n])
+    ax.set_xticks(ticks, labels)
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("N (number of top candidates)")
-    ax.set_ylabel("Recall@N")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    return fig
 
 
 def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius_recalls: np.ndarray,
@@ -95,8 +100,6 @@ def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius
     ``radius_recalls`` ``[len(radii), len(n_values)]`` (``EvalResult.radius_recalls``); radii in the
     units of the dataset positions (metres or frames).
     """
-    from matplotlib.ticker import NullFormatter
-
     rr = np.asarray(radius_recalls, dtype=float)
     if rr.shape != (len(radii), len(n_values)):
         raise ValueError(f"radius_recalls has shape {rr.shape}, expected ({len(radii)}, {len(n_values)})")
@@ -105,15 +108,7 @@ def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius
     x = np.asarray(radii, dtype=float)
     for j, n in enumerate(n_values):
         ax.plot(x, rr[:, j], marker="o", label=f"R@{n}")
-    ax.set_xscale("log")
-    ax.set_xticks(x, [f"{v:g}" for v in x])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("localisation radius (position units)")
-    ax.set_ylabel("recall")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    _log_recall_axes(ax, x, [f"{v:g}" for v in x], "localisation radius (position units)", "recall", title)
     return fig
 
 
