@@ -25,7 +25,7 @@ import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch load
 import numpy as np
 import torch
 
-from common import (CPU_NOTE, add_threads_option, apply_threads, goal, interleaved, machine_line, median,
+from common import (CPU_NOTE, add_size_options, apply_threads, goal, interleaved, machine_line, median,
                     route_features, table, timed)
 
 TOP_K = 100
@@ -71,15 +71,9 @@ def make_split(db: torch.Tensor, q: torch.Tensor):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (1000 x 1000, D 1024) for a smoke run")
-    p.add_argument("--db", type=int, default=3000, help="database frames")
-    p.add_argument("--queries", type=int, default=3000, help="query frames")
-    p.add_argument("--dim", type=int, default=4096, help="descriptor dimensions")
-    p.add_argument("--seqL", type=int, default=5, help="sequence length")
+    add_size_options(p, "small sizes (1000 x 1000, D 1024) for a smoke run", db=3000, queries=3000, dim=4096)
     p.add_argument("--subset", type=int, default=30, help="queries on which the baseline is timed")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_option(p)
     args = p.parse_args(argv)
     if args.quick:
         args.db, args.queries, args.dim, args.subset, args.repeats = 1000, 1000, 1024, 10, 2

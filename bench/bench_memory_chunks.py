@@ -26,7 +26,7 @@ import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch load
 
 import torch
 
-from common import (PeakMemory, add_threads_option, apply_threads, child_report, goal, machine_line, mib, run_child,
+from common import (PeakMemory, add_size_options, child_report, ran_as_child, goal, machine_line, mib, run_child,
                     table, unit_rows)
 
 TOP_K = 100
@@ -54,16 +54,11 @@ def child(args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="12000 database frames, 3000 vs 12000 queries, query_chunk 1024 vs 8192")
-    p.add_argument("--db", type=int, default=20000, help="database frames")
+    add_size_options(p, "12000 database frames, 3000 vs 12000 queries, query_chunk 1024 vs 8192",
+                     db=20000, queries=None, dim=64)
     p.add_argument("--queries", type=int, nargs=2, default=[5000, 20000], help="(a): the two query counts")
     p.add_argument("--fixed-chunk", dest="fixed_chunk", type=int, default=1024, help="(a): query_chunk")
     p.add_argument("--chunks", type=int, nargs=2, default=[512, 4096], help="(b): the two query_chunk values")
-    p.add_argument("--dim", type=int, default=64, help="descriptor dimensions")
-    p.add_argument("--seqL", type=int, default=5, help="sequence length")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_option(p)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n-queries", dest="n_queries", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--query-chunk", dest="query_chunk", type=int, default=1024, help=argparse.SUPPRESS)
@@ -75,9 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    apply_threads(args.threads)
-    if args.child:
-        child(args)
+    if ran_as_child(args, child):
         return 0
     n_small, n_large = args.queries
     c_small, c_large = args.chunks

@@ -30,7 +30,7 @@ import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch load
 import numpy as np
 import torch
 
-from common import (CPU_NOTE, PeakMemory, add_threads_option, apply_threads, child_report, gib, goal, machine_line,
+from common import (CPU_NOTE, PeakMemory, add_size_options, child_report, ran_as_child, gib, goal, machine_line,
                     median, mib, run_child, table, unit_rows)
 
 METHODS = ("meanOfPairs", "centerOnly")
@@ -139,18 +139,12 @@ def child(args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4000 x 4000 frames, D 1024")
-    p.add_argument("--db", type=int, default=15000, help="database frames")
-    p.add_argument("--queries", type=int, default=15000, help="query frames")
-    p.add_argument("--dim", type=int, default=4096, help="descriptor dimensions")
-    p.add_argument("--seqL", type=int, default=5, help="sequence length")
+    add_size_options(p, "4000 x 4000 frames, D 1024", db=15000, queries=15000, dim=4096)
     p.add_argument("--subset", type=int, default=4, help="queries on which the baseline is timed")
     p.add_argument("--refresh", type=int, default=1000, help="queries per chunk (train_epoch's cacheRefreshRate)")
     p.add_argument("--timed-chunks", dest="timed_chunks", type=int, default=1,
                    help="chunks timed in the chunked variants (the rest extrapolated)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="neg_trip_method values")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_option(p)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="all", help=argparse.SUPPRESS)
     p.add_argument("--method", default="meanOfPairs", help=argparse.SUPPRESS)
@@ -162,9 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    apply_threads(args.threads)
-    if args.child:
-        child(args)
+    if ran_as_child(args, child):
         return 0
     print(f"bench_mining: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
           f"chunks of {args.refresh} queries; {machine_line()}")

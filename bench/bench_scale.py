@@ -25,7 +25,7 @@ import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch load
 import numpy as np
 import torch
 
-from common import (CPU_NOTE, PeakMemory, add_threads_option, apply_threads, child_report, gib, goal, machine_line,
+from common import (CPU_NOTE, PeakMemory, add_size_options, child_report, ran_as_child, gib, goal, machine_line,
                     run_child, route_features, table)
 
 GIB = 1024 ** 3
@@ -91,17 +91,11 @@ def child(args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="50k x 1k frames")
-    p.add_argument("--db", type=int, default=200_000, help="database frames")
-    p.add_argument("--queries", type=int, default=5000, help="query frames")
-    p.add_argument("--dim", type=int, default=256, help="descriptor dimensions")
-    p.add_argument("--seqL", type=int, default=5, help="sequence length")
+    add_size_options(p, "50k x 1k frames", db=200_000, queries=5000, dim=256)
     p.add_argument("--query-chunk", dest="query_chunk", type=int, default=1024, help="test.rank query_chunk")
     p.add_argument("--db-chunk", dest="db_chunk", type=int, nargs="+", default=None,
                    help="test.rank db_chunk values to run (0: automatic; default 0 and 50000, --quick 0 and 20000)")
     p.add_argument("--subset", type=int, default=200, help="queries checked against exact dense scoring")
-    p.add_argument("--seed", type=int, default=0)
-    add_threads_option(p)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -115,9 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    apply_threads(args.threads)
-    if args.child:
-        child(args)
+    if ran_as_child(args, child):
         return 0
     import test as project_test
 

@@ -195,6 +195,28 @@ def goal(ok: bool, text: str) -> bool:
     return ok
 
 
+def add_size_options(parser, quick_help: str, db: int, queries: int | None, dim: int) -> None:
+    """The options every scoring benchmark shares: --quick, --db, --queries (unless None), --dim,
+    --seqL, --seed and --threads."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--db", type=int, default=db, help="database frames")
+    if queries is not None:
+        parser.add_argument("--queries", type=int, default=queries, help="query frames")
+    parser.add_argument("--dim", type=int, default=dim, help="descriptor dimensions")
+    parser.add_argument("--seqL", type=int, default=5, help="sequence length")
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_option(parser)
+
+
+def ran_as_child(args, child: Callable) -> bool:
+    """Apply --threads; in a ``--child`` run, do the measured part and report: True when it did."""
+    apply_threads(args.threads)
+    if getattr(args, "child", False):
+        child(args)
+        return True
+    return False
+
+
 def add_threads_option(parser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); passed on to the subprocesses")
