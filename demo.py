@@ -36,11 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate_row(label: str, args: list[str]) -> tuple[str, dict, float]:
     import main
     from options import parse_options
-    from test import evaluate
 
     print(f"  python main.py {' '.join(args)}")
-    opt, split, model, device = main.load_for_test(parse_options(args))
-    result = evaluate(opt, split, model, device)
+    result = main.evaluate_options(parse_options(args))[-1]
     per_query = result.timings["matching_s"] / max(len(result.q_frames), 1)
     return label, result.recalls, per_query
 

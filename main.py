@@ -37,20 +37,28 @@ def load_for_test(opt: argparse.Namespace):
     return opt, split, parallelize(model.to(device), opt.nGPU, device), device
 
 
+def evaluate_options(opt: argparse.Namespace):
+    """Load what ``opt`` names (split, model, ``--predictionsFile``) and evaluate:
+    ``(opt, split, model, device, EvalResult)``."""
+    from test import evaluate, load_predictions
+
+    opt, split, model, device = load_for_test(opt)
+    predictions = None
+    if opt.predictionsFile:
+        predictions = load_predictions(Path(opt.predictionsFile), split.num_q, split.num_db)
+    return opt, split, model, device, evaluate(opt, split, model, device, predictions)
+
+
 def run_test(opt: argparse.Namespace) -> dict:
     """``--mode test``: evaluate a split (optionally a trained run) and report recalls."""
-    from test import evaluate, format_recalls, load_predictions, save_results, tsne_embeddings
+    from test import format_recalls, save_results, tsne_embeddings
     from utils import ensure_output_dir, write_json_atomic
 
     if opt.resultsPath:             # fail before the evaluation, not after it
         ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
-    opt, split, model, device = load_for_test(opt)
     if opt.extractOnly:
-        return extract_only(opt, split, model, device)
-    predictions = None
-    if opt.predictionsFile:
-        predictions = load_predictions(Path(opt.predictionsFile), split.num_q, split.num_db)
-    result = evaluate(opt, split, model, device, predictions)
+        return extract_only(*load_for_test(opt))
+    opt, split, model, device, result = evaluate_options(opt)
     print(format_recalls(result, f"{opt.dataset} {opt.split} (seqL {opt.seqL}"
                                  f"{', learned projection' if opt.pooling else ', raw descriptors'})"))
     summary = None

@@ -30,7 +30,6 @@ def main() -> int:
 
     import main as cli
     from options import parse_options
-    from test import evaluate
     from train import train
     from utils import setup_logging
 
@@ -42,13 +41,7 @@ def main() -> int:
     def run_test(args: list[str], results: str | None = None):
         args = test + args + (["--resultsPath", results] if results else [])
         print("  python main.py " + " ".join(args), flush=True)
-        opt = parse_options(args)
-        opt, split, model, device = cli.load_for_test(opt)
-        predictions = None
-        if opt.predictionsFile:
-            from test import load_predictions
-            predictions = load_predictions(Path(opt.predictionsFile), split.num_q, split.num_db)
-        result = evaluate(opt, split, model, device, predictions)
+        result = cli.evaluate_options(parse_options(args))[-1]
         if results:
             from test import save_results
             save_results(Path(results), result)
