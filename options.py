@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--evalEvery", type=int, default=1, help="validate every N epochs")
     g.add_argument("--loss_trip_method", type=str, default="meanOfPairs", choices=["centerOnly", "meanOfPairs"],
                    help="sequence distance in the triplet loss")
+    g.add_argument("--negCache", type=str, default="on", choices=["on", "off"],
+                   help="on: each query's last hard negatives are candidates at the next refresh (the reference "
+                        "intended this but lost it inside DataLoader workers); off: mine without them, as the "
+                        "paper's runs did with --threads 8")
     g.add_argument("--neg_trip_method", type=str, default="meanOfPairs", choices=["centerOnly", "meanOfPairs"],
                    help="sequence distance for hard-negative mining")
 

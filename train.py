@@ -51,6 +51,7 @@ class TrainingSet:
     q_starts: np.ndarray         # [Nq]
     nontriv_pos: list            # [Nq] sorted database positions within sqrt(nonTrivPosDistSqThr)
     queries: np.ndarray          # positions in q_frames of queries with a non-trivial positive and a negative
+    close: list                  # [Nq] sorted database positions within posDistThr (not potential negatives)
 
     @classmethod
     def build(cls, split: Split, seq_len: int) -> "TrainingSet":
@@ -65,14 +66,16 @@ class TrainingSet:
         q_pos = split.q_positions[q_frames]
         nontriv = knn.radius_neighbors(q_pos, radius=math.sqrt(split.non_triv_pos_dist_sq_thr), return_distance=False)
         nontriv = [np.sort(p).astype(np.int64) for p in nontriv]
-        n_close = np.array([len(p) for p in knn.radius_neighbors(q_pos, radius=split.pos_dist_thr,
-                                                                 return_distance=False)])
+        close = [np.sort(p).astype(np.int64)
+                 for p in knn.radius_neighbors(q_pos, radius=split.pos_dist_thr, return_distance=False)]
+        n_close = np.array([len(p) for p in close])
         has_pos = np.array([len(p) > 0 for p in nontriv], dtype=bool)
         queries = np.flatnonzero(has_pos & (n_close < len(db_frames)))
         if len(queries) == 0:
             raise UserError(f"split {split.name}: no query has a non-trivial positive (within "
                             f"{math.sqrt(split.non_triv_pos_dist_sq_thr):g}) and a negative: check the positions")
-        return cls(split, seq_len, db_frames, q_frames, db_starts[db_frames], q_starts[q_frames], nontriv, queries)
+        return cls(split, seq_len, db_frames, q_frames, db_starts[db_frames], q_starts[q_frames], nontriv, queries,
+                   close)
 
     def summary(self) -> str:
         return (f"{self.split.num_db + self.split.num_q} frames ({self.split.num_db} database, {self.split.num_q} "
@@ -113,17 +116,25 @@ def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.n
 def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,
                      n: int = N_NEG_SAMPLE) -> np.ndarray:
     """``n`` potential negatives per query, drawn uniformly with replacement from
-    the database windows farther than posDistThr: ``[len(queries), n]``."""
-    db_pos = tset.split.db_positions[tset.db_frames]
-    q_pos = tset.split.q_positions[tset.q_frames[queries]]
-    thr = tset.split.pos_dist_thr
-    out = rng.integers(0, len(db_pos), size=(len(queries), n))
-    bad = np.linalg.norm(db_pos[out] - q_pos[:, None, :], axis=-1) <= thr
-    while bad.any():  # redraw the few that fell near the query (rejection sampling stays uniform)
-        rows, _ = np.nonzero(bad)
-        out[bad] = rng.integers(0, len(db_pos), size=len(rows))
-        bad[bad] = np.linalg.norm(db_pos[out[bad]] - q_pos[rows], axis=-1) <= thr
-    return out
+    the database windows farther than posDistThr: ``[len(queries), n]``.
+
+    Each query draws from its own candidates directly (no rejection), so a query
+    with only a handful of potential negatives costs the same as any other: draw
+    ``u`` uniformly among the ``Nd - |close|`` candidates, then step over the
+    sorted close windows at or below it (``u + #{j: close_j - j <= u}``).
+    """
+    n_db = len(tset.db_frames)
+    close = [tset.close[i] for i in queries]
+    width = max((len(c) for c in close), default=0)
+    shifted = np.full((len(queries), max(width, 1)), n_db, dtype=np.int64)   # n_db: above every draw
+    for i, c in enumerate(close):   # ragged -> padded (no arithmetic here)
+        shifted[i, :len(c)] = c - np.arange(len(c))
+    n_free = n_db - np.array([len(c) for c in close], dtype=np.int64)
+    draws = rng.integers(0, n_free[:, None], size=(len(queries), n))
+    # per-row searchsorted as one search: rows are offset so that each row's values stay apart
+    offset = (np.arange(len(queries), dtype=np.int64) * (n_db + 1))[:, None]
+    below = np.searchsorted((shifted + offset).ravel(), (draws + offset).ravel(), side="right").reshape(draws.shape)
+    return draws + below - np.arange(len(queries))[:, None] * shifted.shape[1]
 
 
 def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: np.ndarray, margin: float,
@@ -208,6 +219,13 @@ def _stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one epoch
 
+def refresh_chunks(queries: np.ndarray, refresh_rate: int) -> list[np.ndarray]:
+    """The reference's cache-refresh chunks: ``ceil(len / refresh_rate)`` consecutive
+    pieces of the queries in route order (``np.array_split`` sizes); 0 = one chunk."""
+    n_chunks = math.ceil(len(queries) / refresh_rate) if refresh_rate > 0 else 1
+    return np.array_split(np.asarray(queries), max(n_chunks, 1))
+
+
 @dataclass
 class EpochStats:
     avg_loss: float
@@ -227,17 +245,16 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
     from test import recall_table
 
     rng = np.random.default_rng([opt.seed, epoch])
-    gen = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
-    order = tset.queries[torch.randperm(len(tset.queries), generator=gen).numpy()]
-    refresh = opt.cacheRefreshRate or len(order)
-    n_chunks = math.ceil(len(order) / refresh)
+    chunks = refresh_chunks(tset.queries, opt.cacheRefreshRate)
+    n_chunks = len(chunks)
+    n_batches = math.ceil(len(tset.queries) / opt.batchSize)     # the reference's denominator of the average loss
+    use_cache = getattr(opt, "negCache", "on") == "on"
     quiet = opt.quiet
     losses, kept_total, skipped = [], 0, 0
     preds_all, q_all = [], []
     timings = {"cache_s": 0.0, "mining_s": 0.0, "batches_s": 0.0}
-    step = (epoch - 1) * math.ceil(len(order) / opt.batchSize)
-    for c in range(n_chunks):
-        chunk = np.sort(order[c * refresh:(c + 1) * refresh])
+    step = (epoch - 1) * n_batches
+    for c, chunk in enumerate(chunks):
         t0 = time.perf_counter()
         dists = model_cache_distances(model, tset, chunk, opt, device)
         _, top = topk_smallest(dists, 100)
@@ -246,8 +263,10 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
         dists = dists.cpu().numpy()
         t1 = time.perf_counter()
         sampled = sample_negatives(tset, chunk, rng)
-        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled, neg_cache[chunk], opt.margin)
-        neg_cache[chunk[kept]] = negs[kept]
+        previous = neg_cache[chunk] if use_cache else np.full((len(chunk), N_NEG), -1, dtype=np.int64)
+        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled, previous, opt.margin)
+        if use_cache:
+            neg_cache[chunk[kept]] = negs[kept]
         skipped += int((~kept).sum())
         t2 = time.perf_counter()
         timings["cache_s"] += t1 - t0
@@ -281,7 +300,7 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
     split = tset.split
     recalls, _ = recall_table(preds, split.db_positions[tset.db_frames],
                               split.q_positions[tset.q_frames[q_idx]], split.pos_dist_thr)
-    avg = float(np.mean(losses)) if losses else float("nan")
+    avg = float(np.sum(losses)) / n_batches if losses else float("nan")
     return EpochStats(avg, len(losses), kept_total, skipped, recalls, timings)
 
 

@@ -250,3 +250,95 @@ def test_oxford_honest_validation_is_disjoint_from_training(monkeypatch):
     assert nearest.kneighbors(val.q_positions)[0].min() > train.pos_dist_thr
     assert nearest.kneighbors(val.db_positions)[0].min() > train.pos_dist_thr
     assert val.pos_dist_thr == test.pos_dist_thr
+
+
+# ---------------------------------------------------------------- refresh chunks, negative cache, few negatives
+
+def test_refresh_chunks_are_consecutive_array_split_pieces(tiny_oxford, monkeypatch):
+    """Each cache refresh scores one consecutive piece of the route's training queries (the
+    reference's np.array_split), and every training query appears in exactly one chunk."""
+    import train as train_mod
+
+    seen = []
+    real = train_mod.model_cache_distances
+
+    def spy(model, tset, queries, opt, device):
+        seen.append((np.asarray(queries).copy(), tset.queries.copy()))
+        return real(model, tset, queries, opt, device)
+
+    monkeypatch.setattr(train_mod, "model_cache_distances", spy)
+    assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "1", "--cacheRefreshRate", "70"], tiny_oxford,
+                    monkeypatch) == 0
+    queries = seen[0][1]
+    want = np.array_split(queries, int(np.ceil(len(queries) / 70)))
+    assert len(seen) == len(want) > 1
+    for (got, _), expected in zip(seen, want):
+        np.testing.assert_array_equal(got, expected)
+    assert all(np.all(np.diff(got) > 0) for got, _ in seen)        # route order inside each chunk too
+
+
+def test_refresh_chunks_helper_sizes():
+    from train import refresh_chunks
+
+    q = np.arange(2885) * 2 + 1
+    chunks = refresh_chunks(q, 1000)
+    assert [len(c) for c in chunks] == [962, 962, 961]                  # np.array_split, not 1000/1000/885
+    np.testing.assert_array_equal(np.concatenate(chunks), q)
+    assert len(refresh_chunks(q, 0)) == 1
+
+
+@pytest.mark.parametrize("neg_cache", ["on", "off"])
+def test_negative_cache_on_and_off_train_and_resume(tiny_oxford, monkeypatch, neg_cache):
+    base = TRAIN + ["--seqL", "3", "--negCache", neg_cache]
+    assert run_main(base + ["--nEpochs", "1"], tiny_oxford, monkeypatch) == 0
+    run = only_run(tiny_oxford)
+    assert run_main(base + ["--nEpochs", "2", "--resume", str(run)], tiny_oxford, monkeypatch) == 0
+    ckpt = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 2
+    assert ((ckpt["neg_cache"] >= 0).any()).item() == (neg_cache == "on")
+    losses = [float(x) for x in re.findall(r"average loss ([0-9.naN]+)", (run / "train.log").read_text())]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_mining_without_cache_ignores_previous_negatives(tiny_oxford, monkeypatch):
+    """--negCache off: the previous negatives are not offered to mine()."""
+    import train as train_mod
+
+    offered = []
+    real = train_mod.mine
+
+    def spy(dists, nontriv, sampled, neg_cache, margin, *a, **k):
+        offered.append(np.asarray(neg_cache).copy())
+        return real(dists, nontriv, sampled, neg_cache, margin, *a, **k)
+
+    monkeypatch.setattr(train_mod, "mine", spy)
+    assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "2", "--negCache", "off"], tiny_oxford, monkeypatch) == 0
+    assert len(offered) > 2 and all((c == -1).all() for c in offered)
+
+
+def test_queries_with_few_potential_negatives_train_quickly(tiny_oxford, monkeypatch):
+    """Every training query has only 4 potential negatives: sampling draws from each query's own
+    candidates instead of rejecting, so an epoch takes seconds."""
+    import time
+
+    from conftest import OX_PREFIX, write_struct
+
+    n_train = int(400 * 0.6)
+    far = 6                                         # the last 6 database frames are far away: 4 full windows
+    db_pos = np.stack([np.r_[np.arange(n_train - far) * 0.05, 1000.0 + np.arange(far)], np.zeros(n_train)], 1)
+    q_pos = np.stack([np.arange(n_train) * 0.05, np.zeros(n_train)], 1)
+    write_struct(tiny_oxford / "structFiles" / f"{OX_PREFIX}_train_d-20_d2-5.db", "train", db_pos, q_pos, 20.0, 25.0)
+
+    from get_datasets import get_split
+    from options import parse_options
+    monkeypatch.chdir(tiny_oxford)
+    tset = TrainingSet.build(get_split(parse_options(TRAIN + ["--seqL", "5", "--nocuda"]), "train"), 5)
+    n_neg = len(tset.db_frames) - np.array([len(c) for c in tset.close])[tset.queries]
+    assert n_neg.max() < 5 and n_neg.min() > 0
+    sampled = sample_negatives(tset, tset.queries, np.random.default_rng(1), n=1000)
+    far_rows = np.flatnonzero(tset.split.db_positions[tset.db_frames][:, 0] >= 1000)
+    assert set(np.unique(sampled)) == set(far_rows)
+
+    started = time.perf_counter()
+    assert run_main(TRAIN + ["--seqL", "5", "--nEpochs", "1", "--evalEvery", "5"], tiny_oxford, monkeypatch) == 0
+    assert time.perf_counter() - started < 30
