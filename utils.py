@@ -183,7 +183,7 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
     root.addHandler(console)
     if log_file is not None:
         add_log_file(log_file)
-    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "tensorboard", "faiss", "faiss.loader"):
+    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "tensorboard", "tensorboardX", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -204,10 +204,11 @@ def progress_enabled(quiet: bool = False) -> bool:
 # ---------------------------------------------------------------- metrics
 
 class MetricsWriter:
-    """Scalars (and figures) to TensorBoard in the run folder, and to wandb with --wandb offline|online."""
+    """Scalars (and figures) to TensorBoard event files in the run folder (written with tensorboardX;
+    view them with ``tensorboard --logdir``), and to wandb with --wandb offline|online."""
 
     def __init__(self, run_dir: Path, opt) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(run_dir))
         self.wandb_run = None

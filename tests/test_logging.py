@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -35,3 +36,34 @@ def test_wandb_online_without_account_fails_at_once(tiny_oxford, monkeypatch, tm
     err = capsys.readouterr().err
     assert "wandb" in err and "--wandb offline" in err and "Traceback" not in err
     assert not (tiny_oxford / "data" / "runs").exists() or not any((tiny_oxford / "data" / "runs").iterdir())
+
+
+def read_event_scalars(path) -> dict:
+    """Scalar values by tag from a TensorBoard event file (TFRecord framing, read without tensorboard)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, at = path.read_bytes(), {}, 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        event = Event.FromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_events_hold_the_epoch_scalars(tiny_oxford, monkeypatch):
+    assert run_main(TRAIN + ["--seqL", "2", "--nEpochs", "2"], tiny_oxford, monkeypatch) == 0
+    run = only_run(tiny_oxford)
+    (events,) = run.glob("events.out.tfevents.*")
+    scalars = read_event_scalars(events)
+    # tensorboardX writes the tag Val/Recall@5 as Val/Recall_5
+    assert [step for step, _ in scalars["Train/AvgLoss"]] == [1, 2]
+    assert [step for step, _ in scalars["Val/Recall_5"]] == [1, 2]
+    assert all(0 <= v <= 1 for _, v in scalars["Val/Recall_1"])
+    log = (run / "train.log").read_text()
+    logged = [float(x) for x in re.findall(r"average loss ([0-9.]+)", log)]
+    assert [round(v, 4) for _, v in scalars["Train/AvgLoss"]] == logged
