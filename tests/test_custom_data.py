@@ -4,6 +4,7 @@ README's worked example run as written."""
 from __future__ import annotations
 
 import os
+import shlex
 import re
 import subprocess
 import sys
@@ -435,7 +436,9 @@ def test_readme_worked_example_runs(tmp_path):
     path, blocks = readme_bash_blocks()
     shim = tmp_path / "bin"                  # `python` in the example is this interpreter
     shim.mkdir()
-    (shim / "python").symlink_to(sys.executable)
+    # a script, not a symlink: a symlinked venv interpreter called from another folder misses its pyvenv.cfg
+    (shim / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (shim / "python").chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "SEQMATCHNET": str(ROOT), "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"}
