@@ -1,0 +1,583 @@
+"""Online relocalisation: causal sequence matching, one query frame at a time.
+
+``Localizer`` holds the database frame descriptors, projected once (``[Nd, D]``,
+L2-normalised, contiguous float32). Each ``step(frame)`` costs one
+matrix-vector product for the new frame: its ``Nd`` frame distances go into a
+ring buffer ``[L, Nd]`` holding the last ``L`` query frames, and the scores of
+all database windows are ``L`` shifted additions of those rows. Frame
+distances of older frames are never recomputed.
+
+Windows are *trailing*: the query window at time ``t`` is the last ``L``
+frames since the last ``reset()``; the database window ending at ``j`` is
+frames ``j-L+1..j`` and never crosses a database sequence bound. The sequence
+distance is the mean of the ``L`` Euclidean frame distances along the aligned
+frames (``seqMatchNet``'s meanOfPairs).
+
+``run_localize(opt)`` is ``--mode localize``: it replays a split's query
+traversal frame by frame, or localises descriptors streamed from another
+process (``--stream FILE.npy|-``), and writes one CSV row per query frame.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("query_frame", "db_frame", "distance", "confidence", "latency_ms")
+DEFAULT_CONF_RADIUS_FRAMES = 10
+PROJECT_BATCH = 4096
+
+
+# ---------------------------------------------------------------- the matcher
+
+@dataclass(frozen=True)
+class Match:
+    """The best database window for the current query window.
+
+    ``db_frame``: the last frame of that window (a row of the database);
+    ``distance``: its sequence distance (mean Euclidean frame distance, in
+    ``[0, 2]``); ``confidence``: ``distance`` divided by the best distance
+    among the database windows whose last frame lies farther than the
+    confidence radius from ``db_frame`` (lower = more confident: 1 means an
+    equally good match elsewhere; NaN when no such window exists);
+    ``position``: the database position of ``db_frame`` when positions are known.
+    """
+
+    db_frame: int
+    distance: float
+    confidence: float
+    position: tuple[float, ...] | None = None
+
+
+def project_database(descriptors: np.ndarray | torch.Tensor, model=None, device: torch.device | str = "cpu",
+                     batch_size: int = PROJECT_BATCH) -> torch.Tensor:
+    """Database frames ``[Nd, C]`` -> contiguous float32 ``[Nd, D]`` on ``device``, L2-normalised.
+
+    With ``model``: ``model.encode`` on batches (eval mode, no gradients);
+    without: the raw descriptors, normalised. Raises ValueError on NaN/Inf or
+    all-zero rows (naming the first one).
+    """
+    device = torch.device(device)
+    x = torch.as_tensor(descriptors)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"database descriptors must be [frames, dims], got shape {tuple(x.shape)}")
+    out = None
+    with torch.no_grad():
+        if model is not None:
+            model.eval()
+        for lo in range(0, len(x), batch_size):
+            batch = x[lo:lo + batch_size].to(device=device, dtype=torch.float32)
+            _check_rows(batch, lo)
+            if model is not None:
+                feats = model.encode(batch)
+            else:
+                feats = torch.nn.functional.normalize(batch, dim=1)
+            if out is None:
+                out = torch.empty((len(x), feats.shape[1]), dtype=torch.float32, device=device)
+            out[lo:lo + len(batch)] = feats
+    return out
+
+
+def _check_rows(batch: torch.Tensor, offset: int) -> None:
+    finite = torch.isfinite(batch).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"database frame {offset + int(torch.argmin(finite.int()))} has NaN/Inf values")
+    nonzero = (batch != 0).any(dim=1)
+    if not bool(nonzero.all()):
+        raise ValueError(f"database frame {offset + int(torch.argmin(nonzero.int()))} is all zeros "
+                         "and cannot be normalised")
+
+
+class Localizer:
+    """Causal sequence matching of query frames against a fixed database.
+
+    ``db_descriptors`` ``[Nd, C]``; ``model`` an optional ``SeqMatchModel``
+    (its ``encode`` projects frames); ``positions`` ``[Nd, k]`` database
+    positions (optional); ``db_bounds`` ``[Nd, 2]`` each frame's segment
+    ``[lo, hi)`` (default: one segment); ``conf_radius``: the radius of the
+    confidence ratio, in position units when positions are given, else in
+    frames (None: ``DEFAULT_CONF_RADIUS_FRAMES`` frames, or that many median
+    database frame spacings with positions).
+
+    ``step(frame [C]) -> Match | None``: None until ``seq_len`` frames have
+    arrived since construction or the last ``reset()``. Among exactly tied
+    scores the smallest database frame wins.
+    """
+
+    def __init__(self, db_descriptors: np.ndarray | torch.Tensor, model=None, seq_len: int = 5,
+                 positions: np.ndarray | None = None, db_bounds: np.ndarray | None = None,
+                 conf_radius: float | None = None, device: torch.device | str = "cpu",
+                 batch_size: int = PROJECT_BATCH) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        self.seq_len = int(seq_len)
+        self.model = model
+        self.device = torch.device(device)
+        self.input_dim = int(torch.as_tensor(db_descriptors).shape[-1])
+        self.db_feats = project_database(db_descriptors, model, self.device, batch_size)   # [Nd, D]
+        nd = len(self.db_feats)
+        n_ends = nd - self.seq_len + 1
+        if n_ends < 1:
+            raise ValueError(f"the database has {nd} frames, fewer than seq_len {self.seq_len}")
+        self.num_db = nd
+
+        # database windows end at frames L-1 .. Nd-1; one ending at j is valid when it stays in j's segment
+        if db_bounds is None:
+            valid = np.ones(n_ends, dtype=bool)
+        else:
+            db_bounds = np.asarray(db_bounds, dtype=np.int64)
+            if db_bounds.shape != (nd, 2):
+                raise ValueError(f"db_bounds must be [{nd}, 2], got {db_bounds.shape}")
+            ends = np.arange(self.seq_len - 1, nd)
+            valid = ends - self.seq_len + 1 >= db_bounds[ends, 0]
+        if not valid.any():
+            raise ValueError(f"no database segment holds {self.seq_len} frames: use a shorter seq_len")
+        self._penalty = None if valid.all() else torch.as_tensor(
+            np.where(valid, 0.0, np.inf), dtype=torch.float32, device=self.device)
+
+        self.positions = None
+        self._end_positions = None
+        if positions is not None:
+            self.positions = np.asarray(positions, dtype=np.float64).reshape(nd, -1)
+            self._end_positions = torch.as_tensor(self.positions[self.seq_len - 1:], device=self.device)
+            self._pos_diff = torch.empty_like(self._end_positions)          # [n_ends, k]
+            self._pos_d2 = torch.empty(n_ends, dtype=torch.float64, device=self.device)
+            self._near = torch.empty(n_ends, dtype=torch.bool, device=self.device)
+        self.conf_radius = self._default_radius(db_bounds) if conf_radius is None else float(conf_radius)
+        if not self.conf_radius >= 0:
+            raise ValueError(f"conf_radius must be a non-negative number, got {conf_radius}")
+
+        # per-step buffers, allocated once
+        self._twos = torch.full((nd,), 2.0, dtype=torch.float32, device=self.device)
+        self._ring = torch.empty((self.seq_len, nd), dtype=torch.float32, device=self.device)   # [L, Nd]
+        self._scores = torch.empty(n_ends, dtype=torch.float32, device=self.device)           # window sums
+        self._alt = torch.empty(n_ends, dtype=torch.float32, device=self.device) if positions is not None else None
+        self._query = torch.empty(self.db_feats.shape[1], dtype=torch.float32, device=self.device)
+        self._count = 0
+
+    def _default_radius(self, db_bounds: np.ndarray | None) -> float:
+        if self.positions is None:
+            return float(DEFAULT_CONF_RADIUS_FRAMES)
+        steps = np.linalg.norm(np.diff(self.positions, axis=0), axis=1)
+        if db_bounds is not None:                # spacings inside segments only
+            steps = steps[db_bounds[1:, 0] == db_bounds[:-1, 0]]
+        steps = steps[steps > 0]
+        return float(DEFAULT_CONF_RADIUS_FRAMES * np.median(steps)) if len(steps) else 0.0
+
+    @property
+    def frames_in_window(self) -> int:
+        """Query frames received since the last reset, capped at ``seq_len``."""
+        return min(self._count, self.seq_len)
+
+    def reset(self) -> None:
+        """Start a new query sequence: the next ``seq_len - 1`` steps return None."""
+        self._count = 0
+
+    @torch.no_grad()
+    def step(self, frame: np.ndarray | torch.Tensor) -> Match | None:
+        """Add query frame ``[C]`` and match the trailing window; None while it has fewer than L frames.
+
+        Raises ValueError for a frame of the wrong width, with NaN/Inf values or all zeros.
+        """
+        x = torch.as_tensor(frame)
+        if x.ndim != 1 or x.shape[0] != self.input_dim:
+            raise ValueError(f"expected a frame descriptor of {self.input_dim} values, got shape {tuple(x.shape)}")
+        x = x.to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the frame descriptor has NaN/Inf values")
+        q = self._query
+        if self.model is not None:
+            q.copy_(self.model.encode(x[None])[0])
+        else:
+            norm = torch.linalg.vector_norm(x)
+            if not bool(norm > 0):
+                raise ValueError("the frame descriptor is all zeros and cannot be normalised")
+            torch.div(x, norm, out=q)
+
+        L = self.seq_len
+        slot = self._count % L
+        row = self._ring[slot]
+        torch.addmv(self._twos, self.db_feats, q, alpha=-2.0, out=row)    # 2 - 2 db.q
+        row.clamp_(min=0.0).sqrt_()
+        self._count += 1
+        if self._count < L:
+            return None
+
+        # window ending at database frame j: sum over k of d(q_{t-k}, db_{j-k}); scores[i] is for j = L-1+i
+        n = len(self._scores)
+        scores = self._scores
+        scores.copy_(row[L - 1:])
+        for k in range(1, L):
+            scores.add_(self._ring[(slot - k) % L, L - 1 - k:L - 1 - k + n])
+        if self._penalty is not None:
+            scores.add_(self._penalty)
+        best = int(torch.argmin(scores))          # the first of exactly tied minima
+        best_sum = float(scores[best])
+        alt_sum = self._best_elsewhere(best)
+        if not math.isfinite(alt_sum):
+            confidence = math.nan
+        else:
+            confidence = best_sum / alt_sum if alt_sum > 0 else 1.0
+        db_frame = best + L - 1
+        position = None if self.positions is None else tuple(float(v) for v in self.positions[db_frame])
+        return Match(db_frame=db_frame, distance=best_sum / L, confidence=confidence, position=position)
+
+    def _best_elsewhere(self, best: int) -> float:
+        """Smallest window sum among windows ending farther than ``conf_radius`` from window ``best``."""
+        scores = self._scores
+        if self._end_positions is None:
+            r = math.floor(self.conf_radius)
+            lo, hi = best - r, best + r + 1
+            parts = [float(scores[:lo].min())] if lo > 0 else []
+            if hi < len(scores):
+                parts.append(float(scores[hi:].min()))
+            return min(parts, default=math.inf)
+        torch.sub(self._end_positions, self._end_positions[best], out=self._pos_diff)
+        torch.sum(self._pos_diff.square_(), dim=1, out=self._pos_d2)
+        torch.le(self._pos_d2, self.conf_radius ** 2, out=self._near)
+        return float(self._alt.copy_(scores).masked_fill_(self._near, math.inf).min())
+
+
+# ---------------------------------------------------------------- stream input
+
+def read_frames(source: BinaryIO, dim: int, dtype: np.dtype | str = "<f4", name: str = "stream",
+                count: int | None = None) -> Iterator[np.ndarray]:
+    """Rows of ``dim`` values of ``dtype`` read one at a time from ``source``, as float32 ``[dim]``.
+
+    Stops at the end of the input (or after ``count`` rows). A partial row,
+    fewer than ``count`` rows, or NaN/Inf values raise ``UserError`` naming the
+    frame number (0-based); the rows before it have already been yielded.
+    """
+    dtype = np.dtype(dtype)
+    row_bytes = dim * dtype.itemsize
+    i = 0
+    while count is None or i < count:
+        buf = _read_exact(source, row_bytes)
+        if len(buf) < row_bytes:
+            if len(buf) == 0 and count is None:
+                return
+            got = f"{len(buf)} of {row_bytes} bytes" if buf else "no data"
+            raise UserError(f"{name}: frame {i} is truncated ({got}; {dim} values of {dtype.str} expected): "
+                            "the writer stopped mid-row or wrote rows of another width")
+        row = np.frombuffer(buf, dtype=dtype).astype(np.float32)
+        if not np.isfinite(row).all():
+            first = int(np.argmin(np.isfinite(row)))
+            raise UserError(f"{name}: frame {i} has NaN/Inf values (first at value {first}): "
+                            "fix the descriptors of that frame")
+        if not row.any():
+            raise UserError(f"{name}: frame {i} is all zeros and cannot be normalised: "
+                            "fix the descriptors of that frame")
+        yield row
+        i += 1
+
+
+def _read_exact(source: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes; fewer only at the end of the input (pipes may return short reads)."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = source.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def open_stream(stream: str, dim: int | None) -> Iterator[tuple[BinaryIO, int | None, int, np.dtype, str]]:
+    """``--stream``: ``(source, rows or None, dims, dtype, name)`` with ``source`` positioned at the first row.
+
+    ``-``: raw little-endian float32 rows of ``dim`` values on standard input;
+    otherwise a ``.npy`` file of ``[frames, dims]`` floats, read row by row.
+    """
+    if stream == "-":
+        yield sys.stdin.buffer, None, int(dim), np.dtype("<f4"), "standard input"
+        return
+    path = Path(stream)
+    if not path.is_file():
+        raise UserError(f"--stream {path} not found: give a .npy of query descriptors [frames, dims] or '-' "
+                        "for raw float32 rows on standard input")
+    with open(path, "rb") as f:
+        try:
+            fmt = np.lib.format
+            version = fmt.read_magic(f)
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+        except (ValueError, OSError, EOFError) as exc:
+            raise UserError(f"--stream {path} is not a readable .npy file ({exc}): write it with numpy.save") from exc
+        if len(shape) != 2 or dtype.kind != "f" or (fortran and shape[0] > 1 and shape[1] > 1):
+            raise UserError(f"--stream {path} holds a {'Fortran-ordered ' if fortran else ''}{dtype} array of shape "
+                            f"{shape}; expected C-ordered floats [frames, dims]")
+        yield f, int(shape[0]), int(shape[1]), dtype, f"--stream {path}"
+
+
+# ---------------------------------------------------------------- options
+
+def add_localize_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--mode localize`` as their own group of ``parser``."""
+    g = parser.add_argument_group("online localisation (--mode localize)")
+    g.add_argument("--output", type=str, default=None, metavar="FILE.csv",
+                   help="CSV with one row per query frame (query_frame, db_frame, distance, confidence, "
+                        "latency_ms); without it, replay prints only the summary and --stream writes to stdout")
+    g.add_argument("--stream", type=str, default=None, metavar="FILE.npy|-",
+                   help="localise query descriptors arriving from another process instead of replaying the "
+                        "split's queries: a .npy [frames, dims], or '-' for raw little-endian float32 rows on "
+                        "standard input (needs --dim)")
+    g.add_argument("--dim", type=int, default=None, metavar="D",
+                   help="values per row of --stream - (the raw descriptor dimensions of the dataset)")
+    g.add_argument("--confRadius", type=float, default=None, metavar="R",
+                   help="confidence = best distance / best distance among database windows ending farther than "
+                        "R (position units) from the match; lower is more confident (default: the split's "
+                        "posDistThr)")
+
+
+def check_localize_options(opt: argparse.Namespace) -> None:
+    """Refuse ``--mode localize`` option combinations that cannot work."""
+    stream, dim = getattr(opt, "stream", None), getattr(opt, "dim", None)
+    if stream == "-" and dim is None:
+        raise UserError("--stream - reads raw float32 rows: give their width with --dim D")
+    if dim is not None and dim < 1:
+        raise UserError(f"--dim must be at least 1, got {dim}")
+    if dim is not None and stream != "-":
+        raise UserError("--dim gives the row width of --stream -; a .npy stream carries its own shape")
+    radius = getattr(opt, "confRadius", None)
+    if radius is not None and not (math.isfinite(radius) and radius >= 0):
+        raise UserError(f"--confRadius must be a non-negative number, got {radius}")
+    if getattr(opt, "method", "seqmatch") in ("smooth", "delta", "seqnet"):
+        raise UserError(f"--mode localize matches frame sequences; --method {opt.method} compares one "
+                        "descriptor per window: use --method seqmatch")
+
+
+# ---------------------------------------------------------------- the mode
+
+def load_model_for(opt: argparse.Namespace):
+    """``(opt, split, model or None, device)`` for ``opt``: options restored from ``--resume RUN``,
+    the split, and the learned projection on its device (None for raw descriptors).
+
+    The only place this module imports the project's model, dataset and device code.
+    """
+    from get_datasets import get_split, prepare_dataset
+    from get_models import get_model, load_state
+    from runs import open_run
+    from utils import get_device
+
+    device = get_device(opt.nocuda, opt.device)
+    ckpt = None
+    if opt.resume:
+        opt, _, ckpt_path, ckpt = open_run(opt)
+    prepare_dataset(opt)
+    split = get_split(opt, opt.split)
+    model = get_model(opt, split.dim)
+    if model.describes_sequences:
+        raise UserError(f"--mode localize matches frame sequences; --method {model.sequence_method} compares "
+                        "one descriptor per window: use --method seqmatch")
+    if ckpt is not None:
+        load_state(model, ckpt["state_dict"], str(ckpt_path))
+        log.info("loaded %s (epoch %s)", ckpt_path, ckpt.get("epoch"))
+    elif opt.pooling:
+        log.warning("--pooling without --resume localises with a randomly initialised projection")
+    return opt, split, (model.to(device).eval() if model.learned else None), device
+
+
+def csv_row(query_frame: int, match: Match | None, latency_ms: float) -> str:
+    """One CSV line (no newline); db_frame, distance and confidence are empty without a match."""
+    if match is None:
+        return f"{query_frame},,,,{latency_ms:.3f}"
+    return f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},{latency_ms:.3f}"
+
+
+def timed_step(localizer: Localizer, frame: np.ndarray) -> tuple[Match | None, float]:
+    """``(match, latency in ms)`` of one ``step``."""
+    t0 = time.perf_counter()
+    match = localizer.step(frame)
+    return match, (time.perf_counter() - t0) * 1e3
+
+
+def latency_stats(latencies_ms: np.ndarray, wall_s: float) -> dict:
+    """Latency p50/p99 (ms) and frames per second over a run."""
+    lat = np.asarray(latencies_ms, dtype=float)
+    if len(lat) == 0:
+        return {"frames": 0, "latency_p50_ms": math.nan, "latency_p99_ms": math.nan, "frames_per_s": math.nan}
+    return {"frames": len(lat), "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p99_ms": float(np.percentile(lat, 99)),
+            "frames_per_s": float(len(lat) / wall_s) if wall_s > 0 else math.inf}
+
+
+def format_latency(stats: dict) -> str:
+    return (f"latency p50 {stats['latency_p50_ms']:.3f} ms, p99 {stats['latency_p99_ms']:.3f} ms, "
+            f"{stats['frames_per_s']:.1f} frames/s over {stats['frames']} frames")
+
+
+def replay(localizer: Localizer, q_desc: np.ndarray, q_bounds: np.ndarray) -> tuple[list, np.ndarray, float]:
+    """Localise a query traversal frame by frame, resetting at each new segment.
+
+    ``q_desc`` ``[Nq, C]``, ``q_bounds`` ``[Nq, 2]``. Returns ``(matches [Nq] (None before a
+    window is full), latencies_ms [Nq], wall seconds)``.
+    """
+    matches: list[Match | None] = []
+    latencies = np.empty(len(q_desc))
+    t0 = time.perf_counter()
+    for t in range(len(q_desc)):
+        if t == q_bounds[t, 0]:
+            localizer.reset()
+        match, latencies[t] = timed_step(localizer, q_desc[t])
+        matches.append(match)
+    return matches, latencies, time.perf_counter() - t0
+
+
+def run_localize(opt: argparse.Namespace) -> dict:
+    """``--mode localize``: replay the split's queries (or ``--stream``) causally; CSV, Recall@1, latency."""
+    from utils import atomic_write, ensure_output_dir
+
+    check_localize_options(opt)
+    if opt.resultsPath:
+        ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
+    stream = getattr(opt, "stream", None)
+    t0 = time.perf_counter()
+    opt, split, model, device = load_model_for(opt)
+    radius = split.pos_dist_thr if opt.confRadius is None else opt.confRadius
+    try:
+        localizer = Localizer(split.db_desc, model=model, seq_len=opt.seqL, positions=split.db_positions,
+                              db_bounds=split.db_bounds, conf_radius=radius, device=device,
+                              batch_size=opt.cacheBatchSize)
+    except ValueError as exc:
+        raise UserError(f"split {split.name}: {exc}") from exc
+    setup_s = time.perf_counter() - t0
+    if stream is not None:
+        return _run_stream(opt, localizer, stream, setup_s)
+
+    matches, latencies, wall = replay(localizer, split.q_desc, split.q_bounds)
+    if opt.output:
+        lines = [",".join(CSV_COLUMNS)] + [csv_row(t, m, lat) for t, (m, lat) in enumerate(zip(matches, latencies))]
+        atomic_write(Path(opt.output), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    done = np.array([m is not None for m in matches])
+    stats = latency_stats(latencies, wall)
+    result = {"mode": "localize", "queries": split.num_q, "queries_localised": int(done.sum()),
+              "conf_radius": float(radius), **stats}
+    recall, pr = math.nan, None
+    if done.any():
+        q_rows = np.flatnonzero(done)
+        db_frames = np.array([matches[t].db_frame for t in q_rows])
+        confidence = np.array([matches[t].confidence for t in q_rows])
+        recall, n_pos, pr = evaluate_matches(
+            db_frames, confidence, split.db_positions, split.q_positions[q_rows], split.pos_dist_thr,
+            Path(opt.resultsPath) if opt.resultsPath else None, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
+        result.update(queries_with_positives=n_pos)
+    result["recall@1"] = recall
+    print(f"{opt.dataset} {opt.split} (seqL {opt.seqL}, causal): Recall@1 {recall:.4f} at posDistThr "
+          f"{split.pos_dist_thr:g} over {result.get('queries_with_positives', 0)} localised queries with a "
+          f"positive ({result['queries_localised']} of {split.num_q} localised)")
+    print(format_latency(stats))
+    if opt.output:
+        print(f"matches written to {opt.output}")
+    if opt.resultsPath:
+        _write_summary(opt, split, result, pr, {"setup_s": setup_s, "localize_s": wall})
+    return result
+
+
+def evaluate_matches(db_frames: np.ndarray, confidence: np.ndarray, db_positions: np.ndarray,
+                     q_positions: np.ndarray, radius: float, results_dir: Path | None,
+                     label: str) -> tuple[float, int, dict | None]:
+    """Recall@1 of causal matches and their precision-recall over the confidence threshold.
+
+    ``db_frames``, ``confidence`` ``[n]`` for the localised queries at ``q_positions`` ``[n, k]``;
+    a match is correct within ``radius`` (<=); queries without a database frame within ``radius``
+    are left out. With ``results_dir``, ``localize_precision_recall.png`` is written there and
+    the precision-recall numbers are returned. Returns ``(recall@1, queries with a positive, pr or None)``.
+    The only place this module imports the project's metrics and figure code.
+    """
+    import metrics
+    import plots
+
+    correct, has_pos = metrics.top1_outcomes(db_frames, db_positions, q_positions, radius)
+    n_pos = int(has_pos.sum())
+    recall = float(correct[has_pos].mean()) if n_pos else math.nan
+    if results_dir is None:
+        return recall, n_pos, None
+    pr = metrics.precision_recall(confidence, correct, has_pos)
+    fig = plots.pr_figure(pr, title=f"{label}: causal matches,\naccepted when confidence <= threshold")
+    plots.save_figure(fig, results_dir / "localize_precision_recall.png")
+    return recall, n_pos, pr
+
+
+def _write_summary(opt: argparse.Namespace, split, result: dict, pr: dict | None, timings: dict) -> None:
+    import report
+    from utils import write_json_atomic
+
+    extra = {k: v for k, v in result.items() if k not in ("mode", "recall@1")}
+    summary = report.build_summary("localize", vars(opt), {1: result["recall@1"]}, {}, pr, timings, split.files,
+                                   extra={"localize": extra})
+    write_json_atomic(summary, Path(opt.resultsPath) / "summary.json")
+    log.info("localisation summary and precision-recall figure written to %s", opt.resultsPath)
+
+
+@contextlib.contextmanager
+def _console_log_to_stderr():
+    """While the CSV goes to stdout, route log records printed there to stderr instead."""
+    moved = [h for h in logging.getLogger().handlers
+             if type(h) is logging.StreamHandler and h.stream is sys.stdout]
+    for h in moved:
+        h.setStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for h in moved:
+            h.setStream(sys.stdout)
+
+
+def _run_stream(opt: argparse.Namespace, localizer: Localizer, stream: str, setup_s: float) -> dict:
+    """Localise frames from ``--stream`` as they arrive: one flushed CSV line per frame
+    (to ``--output``, else to stdout with log messages moved to stderr)."""
+    with contextlib.ExitStack() as stack:
+        source, count, dim, dtype, name = stack.enter_context(open_stream(stream, opt.dim))
+        if dim != localizer.input_dim:
+            raise UserError(f"{name}: frame 0 has {dim} values but the database descriptors have "
+                            f"{localizer.input_dim}: stream descriptors of the same type (--descType)")
+        if opt.output:
+            try:
+                out = stack.enter_context(open(opt.output, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise UserError(f"cannot write --output {opt.output} ({exc.strerror or exc}): choose a writable "
+                                "path") from exc
+        else:
+            out = sys.stdout
+            stack.enter_context(_console_log_to_stderr())
+        latencies, wall = stream_localize(localizer, read_frames(source, dim, dtype, name, count), out)
+    stats = latency_stats(np.asarray(latencies), wall)
+    print(f"{name}: {format_latency(stats)}", file=sys.stdout if opt.output else sys.stderr)
+    return {"mode": "localize", "stream": stream, "setup_s": setup_s, **stats}
+
+
+def stream_localize(localizer: Localizer, frames: Iterator[np.ndarray], out: TextIO) -> tuple[list[float], float]:
+    """Write the CSV header, then one flushed line per frame of ``frames`` as it arrives.
+
+    Returns ``(latencies_ms, wall seconds)``. An error raised by ``frames``
+    ends the run after the lines of the frames before it.
+    """
+    out.write(",".join(CSV_COLUMNS) + "\n")
+    out.flush()
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    for i, frame in enumerate(frames):
+        try:
+            match, lat = timed_step(localizer, frame)
+        except ValueError as exc:
+            raise UserError(f"stream frame {i}: {exc}") from exc
+        out.write(csv_row(i, match, lat) + "\n")
+        out.flush()
+        latencies.append(lat)
+    return latencies, time.perf_counter() - t0
