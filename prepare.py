@@ -19,6 +19,11 @@ consecutive rows with one sequence id, relative to the split's own row list)
 and, last, ``custom_<name>.json``, which ``--dataset custom:<name>`` reads
 (see ``get_datasets._custom``). The descriptor files are referenced by
 absolute path, not copied.
+
+Instead of a descriptor file, a traversal can be given as images (``--db_images`` /
+``--q_images``: a folder or a list file, see extract.py) with ``--netvladCkpt``: their
+NetVLAD descriptors are extracted first (resumably, at extract.py's defaults) into
+``custom_<name>_descriptors/{database,query}.npy`` in ``--structPath``.
 """
 from __future__ import annotations
 
@@ -57,11 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Prepare your own descriptors + positions as a dataset for --dataset custom:<name> "
                             "(README, 'Using your own data').")
     p.add_argument("--name", required=True, help="dataset name: letters, digits, '_', '-', '.'")
-    g = p.add_argument_group("input (one descriptor file and one positions CSV per traversal, rows in capture order)")
-    g.add_argument("--db_descriptors", required=True, help="database traversal descriptors (.npy, or .h5/.hdf5)")
+    g = p.add_argument_group("input (one descriptor file, or images, and one positions CSV per traversal, rows in "
+                             "capture order)")
+    g.add_argument("--db_descriptors", help="database traversal descriptors (.npy, or .h5/.hdf5)")
+    g.add_argument("--db_images", metavar="SRC",
+                   help="instead of --db_descriptors: folder or list file of the database images (needs --netvladCkpt)")
     g.add_argument("--db_positions", required=True,
                    help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] [,sequence_id]")
-    g.add_argument("--q_descriptors", required=True, help="query traversal descriptors (.npy, or .h5/.hdf5)")
+    g.add_argument("--q_descriptors", help="query traversal descriptors (.npy, or .h5/.hdf5)")
+    g.add_argument("--q_images", metavar="SRC",
+                   help="instead of --q_descriptors: folder or list file of the query images")
+    g.add_argument("--netvladCkpt", metavar="CKPT",
+                   help="Patch-NetVLAD checkpoint to extract descriptors of --db_images/--q_images with")
     g.add_argument("--q_positions", required=True, help="query positions CSV (same columns as --db_positions)")
     g = p.add_argument_group("splits (fractions of the database route, or explicit row ranges)")
     g.add_argument("--splits", default=None,
@@ -89,6 +101,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opt = build_parser().parse_args(argv)
     if not NAME_PATTERN.fullmatch(opt.name):
         raise UserError(f"--name {opt.name!r}: use letters, digits, '_', '-' and '.' only (it becomes a file name)")
+    for side in ("db", "q"):
+        given = [f"--{side}_{kind}" for kind in ("descriptors", "images") if getattr(opt, f"{side}_{kind}")]
+        if len(given) != 1:
+            raise UserError(f"give exactly one of --{side}_descriptors and --{side}_images"
+                            f"{'' if given else ' (the traversal needs descriptors or images)'}")
+    uses_images = bool(opt.db_images or opt.q_images)
+    if uses_images != bool(opt.netvladCkpt):
+        raise UserError("--db_images/--q_images need --netvladCkpt (the NetVLAD checkpoint to extract with)"
+                        if uses_images else "--netvladCkpt is only used with --db_images/--q_images")
     explicit = [getattr(opt, f"{s}_rows") for s in SPLITS]
     if any(explicit):
         if opt.splits is not None:
@@ -418,6 +439,37 @@ def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bo
 
 # ---------------------------------------------------------------- the command
 
+def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
+    """The database and query descriptor files: as given, or extracted from ``--db_images`` /
+    ``--q_images`` into ``custom_<name>_descriptors/`` (checked against the positions CSVs first)."""
+    if not opt.netvladCkpt:
+        return [Path(opt.db_descriptors), Path(opt.q_descriptors)]
+    import extract
+    from utils import get_device, progress_enabled
+
+    out_dir = struct_dir / f"custom_{opt.name}_descriptors"
+    jobs = []
+    for side, flag, images, csv_file in (("database", "--db_images", opt.db_images, opt.db_positions),
+                                         ("query", "--q_images", opt.q_images, opt.q_positions)):
+        if images is None:
+            continue
+        paths = extract.list_images(Path(images))
+        table = read_positions(Path(csv_file), side)
+        if len(paths) != len(table.values):
+            raise UserError(f"{side}: {flag} {images} has {len(paths)} images but {table.path} has "
+                            f"{len(table.values)} positions: one image per position row, in the same order")
+        jobs.append((side, paths))
+    model = extract.load_netvlad_checkpoint(Path(opt.netvladCkpt))
+    checkpoint_id = extract.file_digest(Path(opt.netvladCkpt))
+    device = get_device(False)
+    out = {}
+    for side, paths in jobs:
+        out[side] = extract.extract_descriptors(
+            model, paths, out_dir / f"{side}.npy", checkpoint_id=checkpoint_id,
+            image_size=extract.DEFAULT_IMAGE_SIZE, device=device, progress=progress_enabled()).path
+    return [out.get("database") or Path(opt.db_descriptors), out.get("query") or Path(opt.q_descriptors)]
+
+
 def prepare(opt: argparse.Namespace) -> dict:
     """Check the inputs and write the dataset; returns the config written (plus a few counts)."""
     from scipy.spatial import cKDTree
@@ -433,7 +485,7 @@ def prepare(opt: argparse.Namespace) -> dict:
         raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): add --force to "
                         "overwrite it, or choose another --name")
 
-    desc_paths = [Path(opt.db_descriptors), Path(opt.q_descriptors)]
+    desc_paths = descriptor_files(opt, struct_dir)
     for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):
         if not path.is_file():
             raise UserError(f"descriptor file {path} not found: check {flag}")
