@@ -1,4 +1,7 @@
-"""Shared fixtures: the reference fixture (skipped when ../shared is absent) and small synthetic splits."""
+"""Shared fixtures: the reference fixture and small synthetic splits.
+
+Tests of the reference fixture are skipped when ``../shared/reference`` is absent, unless the
+environment variable ``CI`` or ``REQUIRE_REFERENCE`` is set (non-empty): then they fail."""
 from __future__ import annotations
 
 import os
@@ -19,7 +22,27 @@ for p in (str(ROOT), str(TESTS)):
         sys.path.insert(0, p)
 
 REFERENCE = ROOT.parent / "shared" / "reference"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is absent")
+REQUIRE_REFERENCE = bool(os.environ.get("CI") or os.environ.get("REQUIRE_REFERENCE"))
+
+
+def check_reference() -> None:
+    """Skip the calling test when the reference fixture is absent; fail instead when it is required."""
+    if REFERENCE.is_dir():
+        return
+    reason = f"{REFERENCE} is absent"
+    if REQUIRE_REFERENCE:
+        pytest.fail(f"{reason}, and CI or REQUIRE_REFERENCE is set: the fidelity tests need it", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    """The read-only reference fixture (see ``check_reference``)."""
+    check_reference()
+    return REFERENCE
+
+
+needs_reference = pytest.mark.usefixtures("reference_dir")
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -82,9 +105,8 @@ def tiny_oxford(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def reference_copy(tmp_path: Path) -> Path:
-    """A writable copy of the reference fixture."""
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/reference is absent")
+    """A writable copy of the reference fixture (see ``check_reference``)."""
+    check_reference()
     dst = tmp_path / "reference"
     shutil.copytree(REFERENCE, dst)
     for p in dst.rglob("*"):

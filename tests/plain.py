@@ -5,14 +5,18 @@ compare the project's vectorised code against something obviously correct.
 They follow the text of ``SPEC.md`` (sections 3, 5, 6 and 7) literally, with
 explicit Python loops, and compute in float64 where that helps accuracy.
 
+Ranking (``plain_topk``, ``plain_rerank``) orders exactly equal scores by
+ascending database index, so every ranking has one right answer.
+
 This module is a helper, not a test file: it defines no ``test_*`` functions.
-Run ``python tests/plain.py`` to exercise every function on tiny random data.
+Its own checks on hand-worked examples are ``test_plain_*`` in
+``tests/test_seqmatch.py``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -205,7 +209,8 @@ def plain_rerank(db_feats, q_feats, db_windows, q_windows, candidates,
     """Re-rank each query's candidate db indices by sequence distance.
 
     ``candidates``: (numQ, C) db indices. Returns (reranked indices (numQ, C)
-    int64, their scores (numQ, C) float64 ascending); stable sort.
+    int64, their scores (numQ, C) float64 ascending); equal scores by
+    ascending db index.
     """
     db_feats = np.asarray(db_feats, dtype=np.float64)
     q_feats = np.asarray(q_feats, dtype=np.float64)
@@ -222,7 +227,7 @@ def plain_rerank(db_feats, q_feats, db_windows, q_windows, candidates,
             db_i = int(candidates[j, c])
             scores.append(plain_seq_distance(db_feats[db_windows[db_i]],
                                              b_seq, method))
-        order = sorted(range(num_c), key=lambda c: scores[c])  # stable
+        order = sorted(range(num_c), key=lambda c: (scores[c], int(candidates[j, c])))
         for r in range(num_c):
             out_idx[j, r] = int(candidates[j, order[r]])
             out_score[j, r] = scores[order[r]]
@@ -230,7 +235,8 @@ def plain_rerank(db_feats, q_feats, db_windows, q_windows, candidates,
 
 
 def plain_topk(S, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query column j: db indices by ascending S[:, j] (stable), first k.
+    """Per query column j: db indices by ascending S[:, j] (stable, so equal
+    scores by ascending db index), first k.
 
     Returns (indices (numQ, k) int64, scores (numQ, k) float64); k is capped
     at the number of db rows.
@@ -262,7 +268,7 @@ def plain_recall_at_n(preds, positives: list,
         num_with_gt = 0
         hits = 0
         for j in range(len(preds)):
-            pos = set(int(x) for x in np.asarray(positives[j]).reshape(-1))
+            pos = {int(x) for x in np.asarray(positives[j]).reshape(-1)}
             if len(pos) == 0:
                 continue
             num_with_gt += 1
@@ -300,6 +306,36 @@ def plain_positives(db_pos, q_pos, radius: float) -> list:
     return out
 
 
+def plain_first_hits(preds, db_pos, q_pos, radius: float) -> np.ndarray:
+    """Per query: the rank of its first prediction within ``radius`` (<=) of it,
+    ``len(preds[j])`` when none is, and -1 when no db frame at all is within
+    ``radius`` (the query has no positive; SPEC 6.5).
+
+    A quicker form of ``plain_positives`` + ``plain_recall_at_n`` for the
+    sizes of real splits: one query at a time, Euclidean distances in float64.
+    """
+    preds = np.asarray(preds)
+    db_pos = np.asarray(db_pos, dtype=np.float64).reshape(len(db_pos), -1)
+    q_pos = np.asarray(q_pos, dtype=np.float64).reshape(len(q_pos), -1)
+    out = np.zeros(len(q_pos), dtype=np.int64)
+    for j in range(len(q_pos)):
+        within = np.sqrt(((db_pos - q_pos[j]) ** 2).sum(axis=1)) <= radius
+        if not within.any():
+            out[j] = -1
+            continue
+        hits = np.flatnonzero(within[preds[j]])
+        out[j] = hits[0] if len(hits) else preds.shape[1]
+    return out
+
+
+def plain_recall_from_first_hits(first_hits, n_values: Sequence[int] = (1, 5, 10, 20, 100)) -> dict:
+    """SPEC 6.6 from ``plain_first_hits``: {N: share of the queries with a
+    positive whose first hit has rank < N}; NaN when no query has a positive."""
+    first_hits = np.asarray(first_hits)
+    with_pos = first_hits[first_hits >= 0]
+    return {int(n): (float(np.mean(with_pos < n)) if len(with_pos) else float("nan")) for n in n_values}
+
+
 # --------------------------------------------------------------------------
 # SPEC section 7: training
 # --------------------------------------------------------------------------
@@ -307,7 +343,7 @@ def plain_positives(db_pos, q_pos, radius: float) -> list:
 def plain_mine_query(dist_col, nontriv_pos, sampled_negs, neg_cache,
                      margin: float, n_neg: int = 10,
                      n_neg_candidates: int = 100
-                     ) -> Optional[tuple[int, np.ndarray, np.ndarray]]:
+                     ) -> tuple[int, np.ndarray, np.ndarray] | None:
     """SPEC 7 step 2 for one query.
 
     ``dist_col``: (num_db,) cached distances of this query to every db frame.
@@ -391,216 +427,3 @@ def plain_triplet_loss(q_seqs, p_seqs, n_seqs, method: str,
     if count == 0:
         raise ValueError("no (q, p, n) triplet given")
     return total / count
-
-
-# --------------------------------------------------------------------------
-# Self-checks (not collected by pytest): python tests/plain.py
-# --------------------------------------------------------------------------
-
-def _normed(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
-    x = rng.standard_normal((n, d))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _selfcheck_windows() -> None:
-    # Hand-worked examples, segment [0, 10).
-    assert plain_window(0, 0, 10, 5) == [0, 1, 2, 3, 4]
-    assert plain_window(1, 0, 10, 5) == [0, 1, 2, 3, 4]
-    assert plain_window(2, 0, 10, 5) == [0, 1, 2, 3, 4]
-    assert plain_window(3, 0, 10, 5) == [1, 2, 3, 4, 5]
-    assert plain_window(7, 0, 10, 5) == [5, 6, 7, 8, 9]
-    assert plain_window(8, 0, 10, 5) == [5, 6, 7, 8, 9]
-    assert plain_window(9, 0, 10, 5) == [5, 6, 7, 8, 9]
-    assert plain_window(0, 0, 10, 4) == [0, 1, 2, 3]
-    assert plain_window(2, 0, 10, 4) == [0, 1, 2, 3]
-    assert plain_window(8, 0, 10, 4) == [6, 7, 8, 9]
-    assert plain_window(9, 0, 10, 4) == [6, 7, 8, 9]
-    # L = 1 and L = 2.
-    for i in range(10):
-        assert plain_window(i, 0, 10, 1) == [i]
-    assert plain_window(0, 0, 10, 2) == [0, 1]
-    assert plain_window(5, 0, 10, 2) == [4, 5]
-    assert plain_window(9, 0, 10, 2) == [8, 9]
-    # Non-zero lo (MSLS-like).
-    assert plain_window(3, 3, 8, 3) == [3, 4, 5]
-    assert plain_window(7, 3, 8, 3) == [5, 6, 7]
-    # Segment exactly L long: every frame gets the whole segment.
-    for i in range(3, 8):
-        assert plain_window(i, 3, 8, 5) == [3, 4, 5, 6, 7]
-
-    # Multi-segment bounds: windows have L frames, contiguous, inside bounds.
-    bounds = np.array([[0, 6]] * 6 + [[6, 13]] * 7 + [[13, 18]] * 5)
-    for seq_len in range(1, 6):
-        W = plain_windows(bounds, seq_len)
-        V = plain_valid(bounds, seq_len)
-        assert W.shape == (18, seq_len) and W.dtype == np.int64
-        assert V.shape == (18,) and V.dtype == bool
-        for n in range(18):
-            lo, hi = bounds[n]
-            assert all(lo <= x < hi for x in W[n]), (seq_len, n, W[n])
-            assert all(W[n][k + 1] == W[n][k] + 1 for k in range(seq_len - 1))
-            assert n in W[n]
-            # Valid frames are centred on themselves.
-            if V[n]:
-                assert W[n][seq_len // 2] == n
-        # Number of valid frames per segment: len - (L - 1).
-        assert V.sum() == sum(max(0, s - (seq_len - 1)) for s in (6, 7, 5))
-    assert plain_valid(bounds, 1).all()
-
-    db_b, q_b = default_bounds(4, 3)
-    assert db_b.tolist() == [[0, 4]] * 4 and q_b.tolist() == [[0, 3]] * 3
-
-
-def _selfcheck_distances() -> None:
-    rng = np.random.default_rng(0)
-    a, b = _normed(rng, 2, 8)
-    assert abs(frame_distance(a, b) - np.linalg.norm(a - b)) < 1e-12
-    # a.a rounds to 1 +- eps: the clamp keeps it finite (never NaN).
-    assert 0.0 <= frame_distance(a, a) < 1e-7
-    # An un-normalised vector making a.b > 1 gives exactly 0, not NaN.
-    assert frame_distance(a * (1 + 1e-9), a) == 0.0
-
-    for seq_len in (1, 2, 3, 5):
-        A = _normed(rng, seq_len, 8)
-        B = _normed(rng, seq_len, 8)
-        mop = plain_seq_distance(A, B, "meanOfPairs")
-        co = plain_seq_distance(A, B, "centerOnly")
-        assert abs(mop - np.linalg.norm(A - B, axis=1).mean()) < 1e-12
-        assert abs(co - np.linalg.norm(A[seq_len // 2] - B[seq_len // 2])) < 1e-12
-        assert abs(mop - plain_seq_distance(B, A, "meanOfPairs")) < 1e-15
-        assert 0.0 <= plain_seq_distance(A, A, "meanOfPairs") < 1e-7
-
-
-def _selfcheck_score_matrix() -> None:
-    rng = np.random.default_rng(1)
-    num_db, num_q, dim = 9, 7, 6
-    db = _normed(rng, num_db, dim)
-    q = _normed(rng, num_q, dim)
-    D = np.linalg.norm(db[:, None, :] - q[None, :, :], axis=2)
-    for seq_len in (1, 2, 3, 4, 5):
-        db_b, q_b = default_bounds(num_db, num_q)
-        Wd = plain_windows(db_b, seq_len)
-        Wq = plain_windows(q_b, seq_len)
-        S = plain_score_matrix(db, q, Wd, Wq)
-        assert S.shape == (num_db, num_q)
-        # Diagonal sums over the frame-distance matrix (SPEC 5).
-        for i in range(num_db):
-            for j in range(num_q):
-                diag = sum(D[Wd[i][0] + k, Wq[j][0] + k]
-                           for k in range(seq_len)) / seq_len
-                assert abs(S[i, j] - diag) < 1e-12
-        # Symmetry: same features on both sides -> symmetric, zero diagonal.
-        Wd2 = plain_windows(default_bounds(num_db, num_db)[0], seq_len)
-        S_self = plain_score_matrix(db, db, Wd2, Wd2)
-        assert np.allclose(S_self, S_self.T, atol=1e-15)
-        assert np.allclose(np.diag(S_self), 0.0, atol=1e-7)
-        # Cache matrix.
-        C_mop = plain_cache_matrix(db, q, Wd, Wq, "meanOfPairs")
-        assert np.array_equal(C_mop, S)
-        C_co = plain_cache_matrix(db, q, Wd, Wq, "centerOnly")
-        S_co = plain_score_matrix(db, q, Wd, Wq, "centerOnly")
-        assert np.allclose(C_co, S_co, atol=1e-15)
-        if seq_len == 1:
-            assert np.allclose(S, D, atol=1e-12)
-
-        # Top-k and re-ranking agree on full candidate lists.
-        idx, sc = plain_topk(S, 4)
-        assert idx.shape == (num_q, 4) and sc.shape == (num_q, 4)
-        for j in range(num_q):
-            assert all(sc[j][r] <= sc[j][r + 1] for r in range(3))
-            assert all(S[idx[j][r], j] == sc[j][r] for r in range(4))
-        cands = np.array([rng.permutation(num_db) for _ in range(num_q)])
-        rr_idx, rr_sc = plain_rerank(db, q, Wd, Wq, cands)
-        full_idx, full_sc = plain_topk(S, num_db)
-        assert np.allclose(rr_sc, full_sc, atol=1e-15)
-        for j in range(num_q):
-            assert sorted(rr_idx[j].tolist()) == list(range(num_db))
-            assert all(S[rr_idx[j][r], j] == rr_sc[j][r] for r in range(num_db))
-
-    # Stable tie-breaking: equal scores keep ascending db order (topk) and
-    # candidate order (rerank).
-    S_tie = np.array([[1.0], [0.5], [0.5], [0.2], [0.5]])
-    idx, _ = plain_topk(S_tie, 5)
-    assert idx[0].tolist() == [3, 1, 2, 4, 0]
-    feats = _normed(rng, 3, dim)
-    feats_db = np.stack([feats[0], feats[0], feats[1]])  # db 0 and 1 tie
-    wins = np.arange(3).reshape(-1, 1)
-    rr_idx, rr_sc = plain_rerank(feats_db, feats[:1], wins, wins[:1],
-                                 np.array([[2, 1, 0]]))
-    assert rr_idx[0].tolist() == [1, 0, 2] and rr_sc[0][0] == rr_sc[0][1]
-
-
-def _selfcheck_recall_positives() -> None:
-    db_pos = np.arange(10, dtype=np.float64).reshape(-1, 1)
-    q_pos = np.array([[0.0], [4.5], [100.0]])
-    pos = plain_positives(db_pos, q_pos, 1.0)
-    assert pos[0].tolist() == [0, 1]
-    assert pos[1].tolist() == [4, 5]
-    assert pos[2].tolist() == []
-    pos2 = plain_positives(np.array([[0.0, 0.0], [3.0, 4.0]]),
-                           np.array([[0.0, 0.0]]), 5.0)
-    assert pos2[0].tolist() == [0, 1]  # 5.0 <= 5.0 inclusive
-
-    preds = np.array([[5, 0, 1], [9, 8, 4], [0, 1, 2]])
-    rec = plain_recall_at_n(preds, pos, [1, 2, 3])
-    # Query 2 has no positive -> denominator 2.
-    assert rec == {1: 0.0, 2: 0.5, 3: 1.0}, rec
-
-
-def _selfcheck_mining() -> None:
-    dist = np.array([0.9, 0.1, 0.3, 0.2, 0.15, 0.5, 0.25, 0.8, 0.2, 0.05])
-    res = plain_mine_query(dist, [2, 3], sampled_negs=[7, 5, 5, 9, 8, 0],
-                           neg_cache=[6], margin=0.01, n_neg=2,
-                           n_neg_candidates=4)
-    assert res is not None
-    pos_index, negs, cache = res
-    assert pos_index == 3  # d=0.2 < 0.3
-    # unique {0,5,6,7,8,9}; by distance 9(.05), 8(.2), 6(.25), 5(.5) ...
-    # threshold 0.2 + 0.1 = 0.3 -> 9, 8, 6 -> first 2.
-    assert negs.tolist() == [9, 8] and cache.tolist() == [9, 8]
-    # Ties on the positive: first in the given order.
-    res = plain_mine_query(dist, [8, 3], [9], [], 0.01)
-    assert res is not None and res[0] == 8
-    # No violating negative -> skipped.
-    assert plain_mine_query(dist, [9], [0, 7], [], 0.01) is None
-    # No non-trivial positive -> skipped.
-    assert plain_mine_query(dist, [], [0, 7], [], 0.01) is None
-    # n_neg_candidates cuts before the margin test.
-    res = plain_mine_query(dist, [2], [9, 8, 4], [], 0.01, n_neg=10,
-                           n_neg_candidates=1)
-    assert res is not None and res[1].tolist() == [9]
-
-
-def _selfcheck_loss() -> None:
-    rng = np.random.default_rng(2)
-    for seq_len in (1, 2, 5):
-        for method in METHODS:
-            def t(n: int) -> torch.Tensor:
-                return torch.tensor(_normed(rng, n, 6), dtype=torch.float64)
-            q = [t(seq_len).requires_grad_(True) for _ in range(3)]
-            p = [t(seq_len) for _ in range(3)]
-            n = [[t(seq_len) for _ in range(k)] for k in (1, 3, 2)]
-            margin = 0.1
-            loss = plain_triplet_loss(q, p, n, method, margin)
-            # Compare with numpy sequence distances.
-            terms = []
-            for qi, pi, ni in zip(q, p, n):
-                d_qp = plain_seq_distance(qi.detach().numpy(), pi.numpy(), method)
-                for nn in ni:
-                    d_qn = plain_seq_distance(qi.detach().numpy(), nn.numpy(),
-                                              method)
-                    terms.append(max(0.0, d_qp - d_qn + math.sqrt(margin)))
-            assert len(terms) == 6
-            assert abs(loss.item() - sum(terms) / len(terms)) < 1e-10
-            loss.backward()
-            assert all(x.grad is not None for x in q)
-
-
-if __name__ == "__main__":
-    _selfcheck_windows()
-    _selfcheck_distances()
-    _selfcheck_score_matrix()
-    _selfcheck_recall_positives()
-    _selfcheck_mining()
-    _selfcheck_loss()
-    print("plain.py self-checks passed")
