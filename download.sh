@@ -148,6 +148,35 @@ fetch() {
   fi
 }
 
+# reachable BASE_URL: does the host of BASE_URL answer at all (any HTTP status)? Asked once per
+# base, quickly, so that a machine without network says so at once instead of retrying every file.
+declare -A REACHABLE=()
+OFFLINE_NOTE=0
+reachable() {
+  local base="$1" ok=1 why host
+  host="$(echo "$base" | cut -d/ -f1-3)"
+  if [[ -z "${REACHABLE[$host]+x}" ]]; then
+    local rc=0
+    if [[ "$FETCHER" == curl ]]; then    # unreachable: cannot resolve (5, 6), connect (7) or connect in time
+      curl -sS -o /dev/null --connect-timeout 5 --max-time 8 -r 0-0 "$host/" 2> "$WORK_DIR/probe.err" || rc=$?
+      if ! [[ $rc -eq 5 || $rc -eq 6 || $rc -eq 7 ]] &&
+         ! { [[ $rc -eq 28 ]] && grep -qiE "connect|resolv" "$WORK_DIR/probe.err"; }; then
+        ok=0
+      fi
+    else                                 # wget: 4 is a network failure; 8 (an HTTP error) means it answered
+      wget -q --spider --timeout=5 --tries=1 "$host/" 2> "$WORK_DIR/probe.err" || rc=$?
+      [[ $rc -ne 4 ]] && ok=0
+    fi
+    REACHABLE[$host]=$ok
+    if [[ $ok -ne 0 ]]; then
+      why="$(tail -n 1 "$WORK_DIR/probe.err" | sed 's/^curl: ([0-9]*) //')"
+      echo "  no network: cannot reach $host (${why:-no answer})"
+      OFFLINE_NOTE=1
+    fi
+  fi
+  return "${REACHABLE[$host]}"
+}
+
 # first_bytes_hex FILE N: the first N bytes of FILE as lowercase hex.
 first_bytes_hex() { LC_ALL=C od -An -tx1 -N "$2" -- "$1" | tr -d ' \n'; }
 ascii_hex() { printf '%s' "$1" | LC_ALL=C od -An -tx1 | tr -d ' \n'; }
@@ -224,6 +253,13 @@ get() {
   fi
 
   mkdir -p "$dest_dir"
+  local bases=()
+  for base in "$@"; do reachable "$base" && bases+=("$base"); done
+  if [[ ${#bases[@]} -eq 0 ]]; then            # no source answers: counted, said once above
+    N_FAILED=$((N_FAILED + 1)); FAILED_NAMES+=("$name")
+    return 0
+  fi
+  set -- "${bases[@]}"
   while [[ $# -gt 0 ]]; do
     base="$1"; shift
     url="$base/$rel"
@@ -328,6 +364,11 @@ summary="Summary: $N_DOWNLOADED downloaded, $N_PRESENT present, $N_FAILED failed
 echo "$summary"
 if [[ $N_FAILED -gt 0 ]]; then
   echo "Failed: ${FAILED_NAMES[*]}"
+  if [[ $OFFLINE_NOTE -eq 1 ]]; then
+    echo "No network to a source above: run this again where the network reaches it, point SEQNET_BASE_URL /"
+    echo "SEQMATCHNET_BASE_URL (and DESC_BASE_URL) at a mirror you can reach, or copy the files by hand into"
+    echo "$STRUCT_DIR from https://github.com/oravus/seqNet/tree/main/structFiles (the README lists every link)."
+  fi
   exit 1
 fi
 echo "Next step (run from $TARGET, the data paths are relative to it), e.g.:"

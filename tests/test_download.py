@@ -11,8 +11,8 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import threading
+import time
 import zlib
 from collections import Counter
 from functools import partial
@@ -379,3 +379,20 @@ def test_wget_is_used_when_curl_is_missing(tmp_path, good, files):
     assert "wget" in out
     for rel in DESCS:
         assert dest(target, rel).read_bytes() == files["desc"][rel]
+
+
+def test_no_network_is_said_once_and_quickly(tmp_path):
+    """Unreachable sources (a closed local port): one 'no network' line per source, no per-file
+    retries, the failed files listed and what to do, exit 1, within seconds."""
+    import time
+
+    started = time.perf_counter()
+    r = run(tmp_path / "t", "--what", "structs", seqnet="http://127.0.0.1:9/seqnet",
+            seqmatchnet="http://127.0.0.1:9/seqmatchnet")
+    out = r.stdout + r.stderr
+    assert r.returncode == 1
+    assert time.perf_counter() - started < 20
+    assert out.count("no network: cannot reach") == 1                # both sources share one host and port
+    assert "ERROR" not in out and f"{len(STRUCTS)} failed" in out
+    assert "SEQNET_BASE_URL" in out and "by hand" in out
+    assert not leftovers(tmp_path / "t")
