@@ -31,6 +31,7 @@ import argparse
 import csv
 import math
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -470,20 +471,10 @@ def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
     return [out.get("database") or Path(opt.db_descriptors), out.get("query") or Path(opt.q_descriptors)]
 
 
-def prepare(opt: argparse.Namespace) -> dict:
-    """Check the inputs and write the dataset; returns the config written (plus a few counts)."""
-    from scipy.spatial import cKDTree
-
+def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], list, np.ndarray, np.ndarray, tuple]:
+    """Descriptor files, position tables and positions in metres, all checked against each other:
+    ``(desc_paths, tables, db_pos, q_pos, latlon origin or None)``."""
     from datasets import load_descriptors
-
-    struct_dir = Path(opt.structPath)
-    names = file_names(opt.name)
-    targets = [names["config"], names["split_inds"], *names["struct_files"].values(),
-               *(f for pair in names["bounds_files"].values() for f in pair)]
-    existing = [t for t in targets if (struct_dir / t).exists()]
-    if existing and not opt.force:
-        raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): add --force to "
-                        "overwrite it, or choose another --name")
 
     desc_paths = descriptor_files(opt, struct_dir)
     for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):
@@ -509,7 +500,12 @@ def prepare(opt: argparse.Namespace) -> dict:
         db_pos, q_pos = tables[0].values, tables[1].values
     for side, table, pos in zip(SIDES, tables, (db_pos, q_pos)):
         check_traversal(table, pos, opt.seqL, side)
+    return desc_paths, tables, db_pos, q_pos, origin
 
+
+def cut_splits(opt: argparse.Namespace, tables: list, db_pos: np.ndarray, q_pos: np.ndarray) -> tuple[dict, int, int]:
+    """Rows of each split (``{split: (db rows, q rows)}``), without sequence pieces shorter than
+    ``--seqL``; also the queries dropped near split boundaries and the frames in short pieces."""
     dropped_boundary = 0
     if opt.train_rows:
         splits = explicit_splits(opt, len(db_pos), len(q_pos))
@@ -529,19 +525,41 @@ def prepare(opt: argparse.Namespace) -> dict:
                 raise UserError(f"split {s} has no {side} frames (every sequence piece in it is shorter than --seqL "
                                 f"{opt.seqL}, or no queries are near its database frames): change --splits or the "
                                 "row ranges")
+    return splits, dropped_boundary, dropped_short
+
+
+def split_files(opt: argparse.Namespace, splits: dict, tables: list, db_pos: np.ndarray,
+                q_pos: np.ndarray) -> tuple[dict, dict, dict, dict]:
+    """Per split: the struct, the sequence bounds, the frame counts and the queries with a positive."""
+    from scipy.spatial import cKDTree
 
     thresholds = {"train": opt.posDistThr, "val": opt.evalPosDistThr, "test": opt.evalPosDistThr}
-    non_triv_sq = opt.nonTrivPosDistThr ** 2
     structs, bounds, frames, with_positive = {}, {}, {}, {}
     for s in SPLITS:
         db_rows, q_rows = splits[s]
-        structs[s] = make_struct(opt.name, s, db_rows, q_rows, db_pos, q_pos, thresholds[s], non_triv_sq)
+        structs[s] = make_struct(opt.name, s, db_rows, q_rows, db_pos, q_pos, thresholds[s],
+                                 opt.nonTrivPosDistThr ** 2)
         bounds[s] = [run_bounds(db_rows, tables[0].sequence_ids), run_bounds(q_rows, tables[1].sequence_ids)]
         frames[s] = {"database": len(db_rows), "query": len(q_rows),
                      "sequences": [len(np.unique(b[:, 0])) for b in bounds[s]]}
         near = cKDTree(db_pos[db_rows]).query(q_pos[q_rows])[0]
         with_positive[s] = int((near <= thresholds[s]).sum())
+    return structs, bounds, frames, with_positive
 
+
+def prepare(opt: argparse.Namespace) -> dict:
+    """Check the inputs and write the dataset; returns the config written (plus a few counts)."""
+    struct_dir = Path(opt.structPath)
+    names = file_names(opt.name)
+    targets = [names["config"], names["split_inds"], *names["struct_files"].values(),
+               *(f for pair in names["bounds_files"].values() for f in pair)]
+    existing = [t for t in targets if (struct_dir / t).exists()]
+    if existing and not opt.force:
+        raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): add --force to "
+                        "overwrite it, or choose another --name")
+    desc_paths, tables, db_pos, q_pos, origin = read_inputs(opt, struct_dir)
+    splits, dropped_boundary, dropped_short = cut_splits(opt, tables, db_pos, q_pos)
+    structs, bounds, frames, with_positive = split_files(opt, splits, tables, db_pos, q_pos)
     config = {
         "name": opt.name,
         "db_descriptors": str(desc_paths[0].resolve()),
@@ -555,7 +573,7 @@ def prepare(opt: argparse.Namespace) -> dict:
                          "projection": "equirectangular, metres east/north of the origin"} if origin
                         else {"kind": "metric"}),
         "posDistThr": opt.posDistThr, "evalPosDistThr": opt.evalPosDistThr,
-        "nonTrivPosDistSqThr": non_triv_sq, "seqL": opt.seqL,
+        "nonTrivPosDistSqThr": opt.nonTrivPosDistThr ** 2, "seqL": opt.seqL,
         "splits": (f"rows: train {opt.train_rows}, val {opt.val_rows}, test {opt.test_rows}" if opt.train_rows
                    else f"fractions {parse_fractions(opt.splits)} of the database route"),
         "frames": frames,
@@ -583,12 +601,13 @@ def summary_lines(result: dict, opt: argparse.Namespace) -> list[str]:
     if result["dropped_frames_in_short_pieces"]:
         lines.append(f"  dropped {result['dropped_frames_in_short_pieces']} frames in sequence pieces shorter than "
                      f"--seqL {opt.seqL} at split boundaries")
-    extra = "" if struct_dir == Path("structFiles") else f" --structPath {struct_dir}"
-    lines += ["next:",
-              f"  python main.py --mode train --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --pooling "
-              f"--outDims <dims> --expName {opt.name}",
-              f"  python main.py --mode test --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --pooling "
-              "--split test --resume <run folder printed by training>"]
+    extra = "" if struct_dir == Path("structFiles") else f" --structPath {shlex.quote(str(struct_dir))}"
+    main_py = shlex.quote(sys.argv[0]) if Path(sys.argv[0]).name == "main.py" else "main.py"
+    lines += ["next (paste as they are; the second finds the run the first made):",
+              f"  python {main_py} --mode train --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --pooling "
+              f"--expName {opt.name}",
+              f"  python {main_py} --mode test --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --split test "
+              f"--resume \"$(ls -d data/runs/*_l{opt.seqL}_{opt.name} | tail -n 1)\""]
     return lines
 
 

@@ -4,8 +4,8 @@ README's worked example run as written."""
 from __future__ import annotations
 
 import os
-import shlex
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import plain
-from conftest import ROOT, unit_rows
-
 import prepare
+from conftest import ROOT, unit_rows
 from datasets import load_split_indices, load_struct, sequence_windows
 
 SYNTH = {"frames": 400, "dim": 16}
@@ -193,7 +192,7 @@ def plain_run_bounds(rows: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
 
 
 def test_sequence_ids_bound_the_windows(tmp_path, capsys):
-    """Sequences split the traversals; windows (SPEC 3) stay inside one sequence and match the plain loop.
+    """Sequences split the traversals; windows stay inside one sequence and match the plain loop.
     The database cut at row 120 leaves a 2-frame piece of sequence 'c' in val: it is dropped (seqL 5)."""
     from get_datasets import get_split
     from options import parse_options
@@ -448,4 +447,31 @@ def test_readme_worked_example_runs(tmp_path):
     assert proc.returncode == 0, f"{path} example failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
     assert "prepared dataset custom:myroute" in proc.stdout
-    assert re.search(r"custom:myroute test \(seqL 5", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"custom:myroute test, seqL 5: sequence matching, learned projection \(run \S+_l5_myroute, "
+                     r"epoch 1, latest\)", proc.stdout), proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_prepare_next_commands_run_as_printed(tmp_path):
+    """The 'next' lines hold real values (no placeholder), the path of main.py as invoked, and run as
+    pasted (with a short epoch count added)."""
+    import shlex
+    import subprocess
+
+    files = straight_route(tmp_path / "in", dim=6)
+    work = tmp_path / "work"
+    work.mkdir()
+    main_py = str(Path(prepare.__file__).with_name("main.py"))
+    args = [sys.executable, main_py, "--mode", "prepare", *map(str, args_for(files, struct=work / "structFiles"))]
+    out = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    nxt = [ln.strip() for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("next"))) + 1:]]
+    assert len(nxt) == 2 and all("<" not in ln for ln in nxt)
+    assert all(shlex.split(ln)[1] == main_py for ln in nxt)
+    quick = " --nEpochs 1 --nocuda --threads 0 --quiet --figures none"
+    script = "\n".join([nxt[0] + quick, nxt[1] + " --nocuda --threads 0"]).replace("python ", f"{sys.executable} ", 2)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "custom:road test, seqL 5: sequence matching, learned projection (run" in run.stdout
