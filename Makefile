@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-fast lint bench
 
 # Installs into the active Python. torch first: on a machine without CUDA the pinned
 # CPU build is taken when available; elsewhere the range in requirements.txt applies.
@@ -14,8 +14,16 @@ install:
 demo: install
 	$(PYTHON) main.py --mode demo
 
+# everything (the reference-fidelity and fault tests included); about 5 minutes on 2 cores
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# the edit-test loop: everything not marked slow, in under a minute
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(PYTHON) -m ruff check .
 
 bench: install
 	$(PYTHON) bench/bench_eval.py

@@ -25,7 +25,7 @@ GET_DATA_HINT = "run `bash download.sh` (see README, 'Getting the data') or try 
 # ---------------------------------------------------------------- windows
 
 def sequence_windows(bounds: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of ``seq_len`` frames centred on each frame (SPEC section 3).
+    """Windows of ``seq_len`` frames centred on each frame (README, "How it works").
 
     ``bounds`` ``[N, 2]`` holds each frame's segment ``[lo, hi)``. Returns
     ``(starts [N], valid [N])``: window ``i`` is ``starts[i] + arange(seq_len)``;
@@ -288,6 +288,7 @@ class Split:
     db_bounds: np.ndarray        # [numDb, 2] segment [lo, hi) per frame
     q_bounds: np.ndarray         # [numQ, 2]
     files: list[Path] = field(default_factory=list)
+    position_unit: str = "m"     # of positions and radii: metres, or frames (Nordland)
 
     def __post_init__(self) -> None:
         if self.db_desc.shape[1] != self.q_desc.shape[1]:

@@ -34,11 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def evaluate_row(label: str, args: list[str]) -> tuple[str, dict, float]:
-    import main
     from options import parse_options
+    from test import evaluate_options
 
     print(f"  python main.py {' '.join(args)}")
-    result = main.evaluate_options(parse_options(args))[-1]
+    _, result = evaluate_options(parse_options(args))
     per_query = result.timings["matching_s"] / max(len(result.q_frames), 1)
     return label, result.recalls, per_query
 

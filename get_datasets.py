@@ -38,6 +38,7 @@ class DatasetSpec:
     split_inds: str | None = None
     bounds: dict = field(default_factory=dict)   # split -> (db bounds file, query bounds file) under structPath
     note: str = ""
+    position_unit: str = "m"      # Nordland's positions are frame numbers
 
 
 def _same(value: str) -> dict:
@@ -47,7 +48,7 @@ def _same(value: str) -> dict:
 def _nordland(name: str, db_season: str, q_season: str) -> DatasetSpec:
     return DatasetSpec(name, db_file=_same(f"nordland-clean-{db_season}.npy"),
                        q_file=_same(f"nordland-clean-{q_season}.npy"),
-                       struct_files=NORDLAND_STRUCTS, rows=NORDLAND_ROWS)
+                       struct_files=NORDLAND_STRUCTS, rows=NORDLAND_ROWS, position_unit="frames")
 
 
 def _oxford(version: str, test_thr: str) -> DatasetSpec:
@@ -180,7 +181,8 @@ def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST
         in_val = coord >= np.quantile(coord, 1 - fraction)
         d_val = NearestNeighbors(n_neighbors=1).fit(train.db_positions[in_val]).kneighbors(train.db_positions)[0][:, 0]
         d_tr = NearestNeighbors(n_neighbors=1).fit(train.db_positions[~in_val]).kneighbors(train.db_positions)[0][:, 0]
-        return np.flatnonzero(~in_val & (d_val > train.pos_dist_thr)), np.flatnonzero(in_val & (d_tr > train.pos_dist_thr))
+        return (np.flatnonzero(~in_val & (d_val > train.pos_dist_thr)),
+                np.flatnonzero(in_val & (d_tr > train.pos_dist_thr)))
 
     db_train, db_val = max((parts(a) for a in range(train.db_positions.shape[1])),
                            key=lambda p: len(p[0]) + len(p[1]))
@@ -198,7 +200,8 @@ def subset_split(split: Split, db_rows: np.ndarray, q_rows: np.ndarray, name: st
     return Split(name=name, db_desc=split.db_desc[db_rows], q_desc=split.q_desc[q_rows],
                  db_positions=split.db_positions[db_rows], q_positions=split.q_positions[q_rows],
                  pos_dist_thr=pos_dist_thr, non_triv_pos_dist_sq_thr=split.non_triv_pos_dist_sq_thr,
-                 db_bounds=segment_bounds(len(db_rows)), q_bounds=segment_bounds(len(q_rows)), files=split.files)
+                 db_bounds=segment_bounds(len(db_rows)), q_bounds=segment_bounds(len(q_rows)), files=split.files,
+                 position_unit=split.position_unit)
 
 
 def load_split(opt: argparse.Namespace, split: str) -> Split:
@@ -248,7 +251,7 @@ def load_split(opt: argparse.Namespace, split: str) -> Split:
     out = Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
                 q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,
                 non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
-                db_bounds=db_bounds, q_bounds=q_bounds, files=files)
+                db_bounds=db_bounds, q_bounds=q_bounds, files=files, position_unit=spec.position_unit)
     return drop_short_sequences(out, opt.seqL) if spec.bounds else out
 
 
@@ -272,7 +275,7 @@ def drop_short_sequences(split: Split, seq_len: int) -> Split:
     return Split(name=split.name, db_desc=split.db_desc[db_keep], q_desc=split.q_desc[q_keep],
                  db_positions=split.db_positions[db_keep], q_positions=split.q_positions[q_keep],
                  pos_dist_thr=split.pos_dist_thr, non_triv_pos_dist_sq_thr=split.non_triv_pos_dist_sq_thr,
-                 db_bounds=db_bounds, q_bounds=q_bounds, files=split.files)
+                 db_bounds=db_bounds, q_bounds=q_bounds, files=split.files, position_unit=split.position_unit)
 
 
 def _read_bounds(path: Path, count: int) -> np.ndarray:
@@ -282,7 +285,8 @@ def _read_bounds(path: Path, count: int) -> np.ndarray:
     try:
         bounds = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as exc:
-        raise UserError(f"sequence bounds file {path} is malformed ({exc}): expected one 'lo hi' line per frame") from exc
+        raise UserError(f"sequence bounds file {path} is malformed ({exc}): expected one 'lo hi' line per "
+                        "frame") from exc
     if bounds.shape != (count, 2):
         raise UserError(f"sequence bounds file {path} has shape {bounds.shape}, expected ({count}, 2)")
     return bounds

@@ -1,4 +1,13 @@
-"""The SeqMatchNet model: a per-frame projection (``pool``) and the sequence matcher.
+"""The SeqMatchNet model: a per-frame projection (``pool``) and the sequence matcher,
+and the comparison methods, behind one interface.
+
+Two families of models compare windows of L frames. *Frame models* (``seqmatch``,
+``single``) project each frame and compare windows by sequence matching (single:
+L = 1); *window models* (``smooth``, ``delta``, ``seqnet``) turn each window into
+one descriptor. Both offer the same three calls, so evaluation, mining and the
+loss need not know which they have: ``embed_windows`` (a traversal's windows as a
+``WindowEmbedding``), ``window_distance_matrix`` (the mining matrix) and
+``triplet_distances`` (the loss's distances).
 
 State-dict keys follow the reference (``pool.1.conv.weight`` / ``.bias``) so
 released checkpoints load unchanged.
@@ -7,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from seqMatchNet import SeqMatchNet
-from utils import UserError
+from seqMatchNet import SeqMatchNet, frame_distances, sequence_distance, window_distances
+from utils import UserError, progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +44,22 @@ class Flatten(nn.Module):
 
 
 class WXpB(nn.Module):
-    """``W x + b`` on each frame descriptor as a 1x1 temporal convolution:
-    ``[N, C, 1, 1] -> [N, 1, outDims]``."""
+    """``W x + b`` on each frame descriptor: ``[N, C, 1, 1] -> [N, 1, outDims]`` (any ``[N, C, *]``
+    gives ``[N, prod(*), outDims]``).
+
+    The reference's 1x1 temporal convolution, computed as one matrix product (``F.linear`` with the
+    kernel viewed as ``[out, in]``): the same values, many times faster than ``conv1d`` on ``[N, C, 1]``
+    on the CPU. ``conv`` only holds the parameters, so the state-dict keys and shapes stay the
+    reference's (``conv.weight`` ``[out, in, 1]``, ``conv.bias``).
+    """
 
     def __init__(self, in_dims: int, out_dims: int) -> None:
         super().__init__()
         self.conv = nn.Conv1d(in_dims, out_dims, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.flatten(2)).permute(0, 2, 1)
+        weight = self.conv.weight
+        return nn.functional.linear(x.flatten(2).transpose(1, 2), weight.view(weight.shape[0], -1), self.conv.bias)
 
 
 class SeqNetConv(nn.Module):
@@ -53,11 +71,32 @@ class SeqNetConv(nn.Module):
         self.conv = nn.Conv1d(in_dims, out_dims, kernel_size=w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.permute(0, 2, 1)).mean(dim=-1)
+        # The convolution is linear, so its mean over the L - w + 1 positions is the kernel applied to
+        # the mean of the shifted windows: one matrix product [N, C*w] x [C*w, out] (conv1d on the CPU
+        # is several times slower); ``conv`` holds the parameters (reference keys and shapes).
+        weight = self.conv.weight
+        windows = x.unfold(1, weight.shape[-1], 1).mean(dim=1)          # [N, C, w]
+        return nn.functional.linear(windows.reshape(x.shape[0], -1), weight.reshape(weight.shape[0], -1),
+                                    self.conv.bias)
 
 
-SEQUENCE_DESCRIPTOR_METHODS = ("smooth", "delta", "seqnet")
-METHODS = ("seqmatch", "single") + SEQUENCE_DESCRIPTOR_METHODS
+WINDOW_METHODS = ("smooth", "delta", "seqnet")      # one descriptor per window
+METHODS = ("seqmatch", "single") + WINDOW_METHODS    # the choices of --method
+FEATURE_BLOCK_BYTES = 128 * 1024**2   # extract_features: at least this much input + output per block
+
+
+@dataclass
+class WindowEmbedding:
+    """A traversal's windows as a model sees them: frame features ``feats`` ``[F, D]`` with
+    ``starts`` ``[N]`` the first row of each window in them (frame models), or one descriptor
+    per window ``feats`` ``[N, D]`` with ``starts`` None (window models)."""
+
+    feats: torch.Tensor
+    starts: torch.Tensor | None
+
+    def rows(self) -> torch.Tensor:
+        """One row per window (for L = 1 or window models): ``[N, D]``."""
+        return self.feats if self.starts is None else self.feats[self.starts]
 
 
 def smooth_weights(seq_len: int) -> torch.Tensor:
@@ -83,26 +122,33 @@ class SeqMatchModel(nn.Module):
     """
 
     def __init__(self, encoder_dim: int, pooling: bool, out_dims: int, matcher: str = "seqMatchNet",
-                 method: str = "meanOfPairs", sequence_method: str = "seqmatch", w: int = 5) -> None:
+                 distance: str = "meanOfPairs", method: str = "seqmatch", w: int = 5) -> None:
         super().__init__()
-        if sequence_method not in METHODS:
-            raise UserError(f"unknown --method {sequence_method!r}; choose one of {', '.join(METHODS)}")
+        if method not in METHODS:
+            raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
         self.encoder_dim = encoder_dim
-        self.sequence_method = sequence_method
-        self.learned = pooling or sequence_method == "seqnet"
+        self.method = method
+        self.learned = pooling or method == "seqnet"
         self.out_dims = out_dims if self.learned else encoder_dim
-        if sequence_method == "seqnet":
+        self.single_frames = method == "single" or matcher == "None"
+        if method == "seqnet":
             self.pool = nn.Sequential(SeqNetConv(encoder_dim, out_dims, w), Flatten(), L2Norm(dim=-1))
         elif pooling:
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), WXpB(encoder_dim, out_dims), L2Norm(dim=-1))
         else:
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), Flatten(), L2Norm(dim=-1))
-        self.matcher = nn.Sequential(SeqMatchNet(method)) if matcher == "seqMatchNet" else None
+        self.matcher = nn.Sequential(SeqMatchNet(distance)) if matcher == "seqMatchNet" else None
 
     @property
-    def describes_sequences(self) -> bool:
-        """True when a window is compared through one descriptor (smooth, delta, seqnet)."""
-        return self.sequence_method in SEQUENCE_DESCRIPTOR_METHODS
+    def describes_windows(self) -> bool:
+        """True for window models (smooth, delta, seqnet): one descriptor per window."""
+        return self.method in WINDOW_METHODS
+
+    @property
+    def compares_descriptors(self) -> bool:
+        """True when windows are compared as single descriptors (window models, single frames):
+        nearest neighbours by Euclidean distance instead of sequence matching."""
+        return self.describes_windows or self.single_frames
 
     def _check_dims(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.encoder_dim:
@@ -112,7 +158,7 @@ class SeqMatchModel(nn.Module):
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frame descriptors ``[N, C]`` -> projected, L2-normalised ``[N, outDims]``."""
         self._check_dims(frames)
-        if self.sequence_method == "seqnet":
+        if self.method == "seqnet":
             raise ValueError("a SeqNet model describes windows, not frames: use describe()")
         pool = self.pool
         if isinstance(pool, nn.Sequential):
@@ -123,25 +169,119 @@ class SeqMatchModel(nn.Module):
         """One L2-normalised descriptor per window: ``[N, L, C] -> [N, outDims]``."""
         self._check_dims(windows)
         n, seq_len, _ = windows.shape
-        if self.sequence_method == "seqnet":
+        if self.method == "seqnet":
             pool = self.pool.module if isinstance(self.pool, nn.DataParallel) else self.pool
             if seq_len < pool[0].conv.kernel_size[0]:
                 raise UserError(f"SeqNet's kernel w={pool[0].conv.kernel_size[0]} is longer than "
                                 f"--seqL {seq_len}: use --w <= --seqL")
             return self.pool(windows)
         frames = self.encode(windows.reshape(n * seq_len, -1)).reshape(n, seq_len, -1)
-        weights = (delta_weights if self.sequence_method == "delta" else smooth_weights)(seq_len)
+        weights = (delta_weights if self.method == "delta" else smooth_weights)(seq_len)
         return nn.functional.normalize(torch.einsum("nld,l->nd", frames, weights.to(frames)), dim=-1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.encode(frames)
+
+    # ------------------------------------------------------------ the family interface
+
+    @torch.no_grad()
+    def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device,
+                      batch_size: int, name: str = "frames", quiet: bool = False,
+                      all_frames: bool = False) -> WindowEmbedding:
+        """The windows starting at ``starts`` of the traversal ``desc`` ``[N, C]``, in eval mode.
+        Frame models project the frames the windows cover (every frame with ``all_frames``)."""
+        if self.describes_windows:
+            return WindowEmbedding(describe_windows(self, desc, starts, seq_len, device, batch_size), None)
+        if all_frames:
+            frames, local = np.arange(len(desc)), np.asarray(starts)
+        else:
+            frames, local = window_frames(starts, seq_len)
+        feats = extract_features(self, rows_of(desc, frames), device, batch_size, name, quiet)
+        return WindowEmbedding(feats, torch.as_tensor(local, device=feats.device))
+
+    def window_distance_matrix(self, db: WindowEmbedding, q: WindowEmbedding, seq_len: int,
+                               distance: str = "meanOfPairs") -> torch.Tensor:
+        """Distances of every database window to every query window ``[Nd, Nq]``: sequence matching
+        with ``distance`` (frame models) or the Euclidean distance of the descriptors."""
+        if db.starts is None:
+            return frame_distances(db.feats, q.feats)
+        return window_distances(db.feats, q.feats, db.starts, q.starts, seq_len, distance)
+
+    def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
+                          n_idx: torch.Tensor, distance: str = "meanOfPairs") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d(q, p) [B], d(q, n) [B, K])`` with gradients, for windows given as rows of ``frames``
+        ``[R, C]`` (raw descriptors, each distinct frame once): ``q_idx``, ``p_idx`` ``[B, L]`` and
+        ``n_idx`` ``[B, K, L]``. Frame models project each frame once."""
+        if self.describes_windows:
+            seq_len = q_idx.shape[-1]
+
+            def describe(idx: torch.Tensor) -> torch.Tensor:
+                return self.describe(frames[idx.reshape(-1, seq_len)]).view(*idx.shape[:-1], 1, -1)
+
+            fq, fp, fn = describe(q_idx), describe(p_idx), describe(n_idx)
+            return sequence_distance(fq, fp), sequence_distance(fq[:, None], fn)
+        feats = self.encode(frames)
+        fq, fp, fn = feats[q_idx], feats[p_idx], feats[n_idx]
+        return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
+
+
+@torch.no_grad()
+def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
+                     desc_name: str = "frames", quiet: bool = False) -> torch.Tensor:
+    """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on ``device``.
+
+    Frames go through in blocks of ``batch_size`` rows, or of ``FEATURE_BLOCK_BYTES`` of input and
+    output when that is more (a projection is one matrix product per block; small blocks cost several
+    times more per frame on the CPU), straight into one preallocated result."""
+    model.eval()
+    rows = max(batch_size, FEATURE_BLOCK_BYTES // (4 * (desc.shape[1] + model.out_dims)), 1)
+    out = None
+    bar = tqdm(range(0, len(desc), rows), desc=f"features ({desc_name})", unit="block",
+               disable=not progress_enabled(quiet), leave=False)
+    for lo in bar:
+        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device))
+        if out is None:
+            out = torch.empty((len(desc), feats.shape[1]), dtype=feats.dtype, device=feats.device)
+        out[lo:lo + len(feats)] = feats
+    return out if out is not None else torch.empty((0, model.out_dims), device=device)
+
+
+@torch.no_grad()
+def describe_windows(model: SeqMatchModel, desc: np.ndarray, starts: np.ndarray, seq_len: int,
+                     device: torch.device, batch_size: int) -> torch.Tensor:
+    """One descriptor per window (window models): ``starts [N]`` -> ``[N, outDims]`` on ``device``."""
+    model.eval()
+    offsets = np.arange(seq_len)
+    out = []
+    for lo in range(0, len(starts), batch_size):
+        windows = desc[starts[lo:lo + batch_size, None] + offsets]              # [b, L, C]
+        out.append(model.describe(torch.from_numpy(np.ascontiguousarray(windows)).to(device)))
+    return torch.cat(out) if out else torch.empty((0, model.out_dims), device=device)
+
+
+def window_frames(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frames that the windows ``starts`` cover, ascending, and each window's start among them:
+    ``(frames [F], local_starts [N])``. Every frame of a window is kept, so a window stays contiguous:
+    frame ``starts[i] + k`` is ``frames[local_starts[i] + k]``; features of ``frames`` alone then give
+    the same window distances as features of every frame."""
+    starts = np.asarray(starts, dtype=np.int64)
+    frames = np.unique((starts[:, None] + np.arange(seq_len)).ravel())
+    return frames, np.searchsorted(frames, starts)
+
+
+def rows_of(desc: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``desc[rows]`` for ascending distinct ``rows``: a view (no copy) when they are one contiguous range."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return desc[rows[0]:rows[-1] + 1]
+    return desc[rows]
 
 
 def get_model(opt: argparse.Namespace, encoder_dim: int) -> SeqMatchModel:
     method = getattr(opt, "method", "seqmatch")
     if method == "seqnet" and opt.w > opt.seqL:
         raise UserError(f"SeqNet's kernel --w {opt.w} is longer than --seqL {opt.seqL}: use --w <= --seqL")
-    model = SeqMatchModel(encoder_dim, opt.pooling, opt.outDims, opt.matcher, opt.loss_trip_method,
+    out_dims = encoder_dim if opt.outDims is None else opt.outDims   # default: keep the descriptors' size
+    model = SeqMatchModel(encoder_dim, opt.pooling, out_dims, opt.matcher, opt.loss_trip_method,
                           method, getattr(opt, "w", 5))
     if opt.pooling and method != "seqnet" and getattr(opt, "init", "random") == "identity":
         init_identity(model)
@@ -176,24 +316,6 @@ def load_state(model: SeqMatchModel, state_dict: dict, source: str) -> None:
         if not torch.isfinite(value).all():
             raise UserError(f"checkpoint {source}: {key} holds NaN/Inf values; use another checkpoint")
     model.load_state_dict(state)
-
-
-def checkpoint_path(run_dir: Path, opt: argparse.Namespace) -> Path:
-    """``RUNDIR/<savePath>/checkpoint.pth.tar`` (``--ckpt latest``) or ``model_best.pth.tar`` (``--ckpt best``)."""
-    name = "model_best.pth.tar" if opt.ckpt == "best" else "checkpoint.pth.tar"
-    return Path(run_dir) / opt.savePath / name
-
-
-def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, dict]:
-    """For ``--resume RUNDIR``: the options with those of the run's flags.json restored,
-    the run folder, the checkpoint's path and the checkpoint (loaded to the CPU)."""
-    from options import restore_flags
-    from utils import load_checkpoint
-
-    run_dir = Path(opt.resume)
-    opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
-    ckpt_file = checkpoint_path(run_dir, opt)
-    return opt, run_dir, ckpt_file, load_checkpoint(ckpt_file)
 
 
 def parallelize(model: SeqMatchModel, n_gpu: int, device: torch.device) -> SeqMatchModel:

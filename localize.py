@@ -327,43 +327,6 @@ def open_stream(stream: str, dim: int | None) -> Iterator[tuple[BinaryIO, int | 
 
 # ---------------------------------------------------------------- options
 
-def add_localize_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``--mode localize`` as their own group of ``parser``."""
-    g = parser.add_argument_group("online localisation (--mode localize)")
-    g.add_argument("--output", type=str, default=None, metavar="FILE.csv",
-                   help="CSV with one row per query frame (query_frame, db_frame, distance, confidence, "
-                        "latency_ms); without it, replay prints only the summary and --stream writes to stdout")
-    g.add_argument("--stream", type=str, default=None, metavar="FILE.npy|-",
-                   help="localise query descriptors arriving from another process instead of replaying the "
-                        "split's queries: a .npy [frames, dims], or '-' for raw little-endian float32 rows on "
-                        "standard input (needs --dim)")
-    g.add_argument("--dim", type=int, default=None, metavar="D",
-                   help="values per row of --stream - (the raw descriptor dimensions of the dataset)")
-    g.add_argument("--confRadius", type=float, default=None, metavar="R",
-                   help="confidence = best distance / best distance among database windows ending farther than "
-                        "R (position units) from the match; lower is more confident (default: the split's "
-                        "posDistThr)")
-
-
-def check_localize_options(opt: argparse.Namespace) -> None:
-    """Refuse ``--mode localize`` option combinations that cannot work."""
-    stream, dim = getattr(opt, "stream", None), getattr(opt, "dim", None)
-    if stream == "-" and dim is None:
-        raise UserError("--stream - reads raw float32 rows: give their width with --dim D")
-    if dim is not None and dim < 1:
-        raise UserError(f"--dim must be at least 1, got {dim}")
-    if dim is not None and stream != "-":
-        raise UserError("--dim gives the row width of --stream -; a .npy stream carries its own shape")
-    radius = getattr(opt, "confRadius", None)
-    if radius is not None and not (math.isfinite(radius) and radius >= 0):
-        raise UserError(f"--confRadius must be a non-negative number, got {radius}")
-    if getattr(opt, "method", "seqmatch") in ("smooth", "delta", "seqnet"):
-        raise UserError(f"--mode localize matches frame sequences; --method {opt.method} compares one "
-                        "descriptor per window: use --method seqmatch")
-
-
-# ---------------------------------------------------------------- the mode
-
 def load_model_for(opt: argparse.Namespace):
     """``(opt, split, model or None, device)`` for ``opt``: options restored from ``--resume RUN``,
     the split, and the learned projection on its device (None for raw descriptors).
@@ -382,8 +345,8 @@ def load_model_for(opt: argparse.Namespace):
     prepare_dataset(opt)
     split = get_split(opt, opt.split)
     model = get_model(opt, split.dim)
-    if model.describes_sequences:
-        raise UserError(f"--mode localize matches frame sequences; --method {model.sequence_method} compares "
+    if model.describes_windows:
+        raise UserError(f"--mode localize matches frame sequences; --method {model.method} compares "
                         "one descriptor per window: use --method seqmatch")
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], str(ckpt_path))
@@ -441,6 +404,7 @@ def replay(localizer: Localizer, q_desc: np.ndarray, q_bounds: np.ndarray) -> tu
 
 def run_localize(opt: argparse.Namespace) -> dict:
     """``--mode localize``: replay the split's queries (or ``--stream``) causally; CSV, Recall@1, latency."""
+    from options import check_localize_options
     from utils import atomic_write, ensure_output_dir
 
     check_localize_options(opt)

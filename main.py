@@ -1,115 +1,43 @@
-"""SeqMatchNet command line: ``python main.py --mode train|test ...`` (see README)."""
+"""SeqMatchNet command line: ``python main.py --mode MODE ...`` (see README).
+
+This file only dispatches: it reads ``--mode``, hands the command line to that
+mode's function from ``MODES`` and turns errors into exit codes. Nothing
+imports it.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads made small
 # training steps up to 50x slower. Must be set before torch loads; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
-
 log = logging.getLogger("seqmatchnet")
 
-
-def load_for_test(opt: argparse.Namespace):
-    """Options (restored from a run with --resume), the split to evaluate, and the model on its device."""
-    from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state, open_run, parallelize
-    from utils import get_device
-
-    device = get_device(opt.nocuda, opt.device)
-    ckpt = None
-    if opt.resume:
-        opt, _, ckpt_path, ckpt = open_run(opt)
-    prepare_dataset(opt)
-    split = get_split(opt, opt.split)
-    model = get_model(opt, split.dim)
-    if ckpt is not None:
-        load_state(model, ckpt["state_dict"], str(ckpt_path))
-        log.info("loaded %s (epoch %s)", ckpt_path, ckpt.get("epoch"))
-    return opt, split, parallelize(model.to(device), opt.nGPU, device), device
+# mode -> "module:function". Modes in OWN_PARSER read the rest of the command line themselves
+# (``function(argv) -> exit code``); the others get the parsed shared options (``function(opt)``,
+# train also the command line for its resume hint).
+MODES = {
+    "train": "train:train",
+    "test": "test:run_test",
+    "localize": "localize:run_localize",
+    "extract": "extract:run_extract",
+    "prepare": "prepare:run_prepare",
+    "demo": "demo:run_demo",
+    "compare": "report:main_compare",
+}
+OWN_PARSER = {"extract", "prepare", "demo", "compare"}
 
 
-def evaluate_options(opt: argparse.Namespace):
-    """Load what ``opt`` names (split, model, ``--predictionsFile``) and evaluate:
-    ``(opt, split, model, device, EvalResult)``."""
-    from test import evaluate, load_predictions
-
-    opt, split, model, device = load_for_test(opt)
-    predictions = None
-    if opt.predictionsFile:
-        predictions = load_predictions(Path(opt.predictionsFile), split.num_q, split.num_db)
-    return opt, split, model, device, evaluate(opt, split, model, device, predictions)
-
-
-def run_test(opt: argparse.Namespace) -> dict:
-    """``--mode test``: evaluate a split (optionally a trained run) and report recalls."""
-    from test import format_recalls, save_results, tsne_embeddings
-    from utils import ensure_output_dir, write_json_atomic
-
-    if opt.resultsPath:             # fail before the evaluation, not after it
-        ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
-    if opt.extractOnly:
-        return extract_only(*load_for_test(opt))
-    opt, split, model, device, result = evaluate_options(opt)
-    print(format_recalls(result, f"{opt.dataset} {opt.split} (seqL {opt.seqL}"
-                                 f"{', learned projection' if opt.pooling else ', raw descriptors'})"))
-    summary = None
-    if opt.resultsPath:
-        import report
-        from test import N_VALUES, RADII, top1_precision_recall, write_figures
-
-        results_dir = Path(opt.resultsPath)
-        embeddings = None
-        if opt.numSamples2Project != -1:
-            if result.db_feats is None:
-                log.warning("--numSamples2Project embeds frame descriptors; --method %s has none", opt.method)
-            else:
-                embeddings = tsne_embeddings(result.db_feats, result.q_feats, opt.numSamples2Project, opt.seed)
-        path = save_results(results_dir, result, embeddings=embeddings)
-        if opt.figures == "none":
-            pr = top1_precision_recall(result, split)
-        else:
-            pr = write_figures(result, split, opt.seqL, results_dir, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
-        radius = {r: dict(zip(N_VALUES, row)) for r, row in zip(RADII, result.radius_recalls.tolist())}
-        summary = report.build_summary("test", vars(opt), result.recalls, radius, pr, result.timings, split.files,
-                                       extra={"queries": int(len(result.q_frames)),
-                                              "queries_with_positives": result.queries_with_positives})
-        write_json_atomic(summary, results_dir / "summary.json")
-        log.info("results, figures and summary.json written to %s", path.parent)
-    return summary
-
-
-def extract_only(opt, split, model, device) -> dict:
-    """``--extractOnly``: save sequence descriptors ``[N, L, D]`` and ground truth instead of evaluating."""
-    import torch
-    from sklearn.neighbors import NearestNeighbors
-
-    from datasets import sequence_windows
-    from test import extract_features
-    from utils import UserError, atomic_write
-
-    if not opt.resultsPath:
-        raise UserError("--extractOnly needs --resultsPath to write the descriptors to")
-    out = {}
-    for side, desc, bounds in (("db", split.db_desc, split.db_bounds), ("q", split.q_desc, split.q_bounds)):
-        feats = extract_features(model, desc, device, opt.cacheBatchSize, side).cpu()
-        starts, _ = sequence_windows(bounds, opt.seqL)
-        out[f"{side}Desc"] = feats[torch.as_tensor(starts)[:, None] + torch.arange(opt.seqL)].numpy()
-    gt = NearestNeighbors().fit(split.db_positions).radius_neighbors(
-        split.q_positions, radius=split.pos_dist_thr, return_distance=False)
-    out["gt"] = np.array([np.sort(g) for g in gt] + [None], dtype=object)[:-1]
-    path = Path(opt.resultsPath) / "descriptors.npz"
-    atomic_write(path, lambda f: np.savez(f, **out))
-    print(f"sequence descriptors written to {path} (db {out['dbDesc'].shape}, q {out['qDesc'].shape})")
-    return {"mode": "extract", "path": str(path)}
+def mode_function(mode: str):
+    module, name = MODES[mode].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def one_line(exc: BaseException) -> str:
@@ -117,23 +45,11 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_mode(mode: str, argv: list[str]) -> int:
+    """Parse the shared options, set up logging and run ``mode``; errors become exit codes."""
     from options import parse_options
     from utils import UserError, setup_logging
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    mode = argparse.ArgumentParser(add_help=False)
-    mode.add_argument("--mode", default="train")
-    known, rest = mode.parse_known_args(argv)
-    if known.mode == "demo":            # the synthetic walk-through: its own few options
-        from demo import run_demo
-        return run_demo(rest)
-    if known.mode == "prepare":         # turn descriptors + positions CSVs into a dataset
-        from prepare import run_prepare
-        return run_prepare(rest)
-    if known.mode == "compare":         # summaries of several runs side by side
-        from report import main_compare
-        return main_compare(rest)
     started = time.time()
     try:
         opt = parse_options(argv)
@@ -143,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(quiet=opt.quiet, debug=opt.debug)
     log.debug("argv: %s", sys.argv)
     try:
-        if opt.mode == "train":
-            from train import train
-            train(opt, argv)
-        else:
-            run_test(opt)
+        function = mode_function(mode)
+        function(opt, argv) if mode == "train" else function(opt)
     except UserError as exc:
         log.debug("traceback:\n%s", traceback.format_exc())
         print(f"error: {one_line(exc)}", file=sys.stderr)
@@ -162,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     log.debug("finished in %.1f s", time.time() - started)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", default="train")
+    known, rest = mode.parse_known_args(argv)
+    if known.mode in OWN_PARSER:
+        return mode_function(known.mode)(rest)
+    if known.mode not in MODES:     # the full parser names the choices
+        from options import build_parser
+        build_parser().parse_args(argv)
+    return run_mode(known.mode, argv)
 
 
 if __name__ == "__main__":

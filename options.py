@@ -3,40 +3,38 @@ a few additions, parsed and checked in one place."""
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import json
 import logging
 import math
-from pathlib import Path
 
 from utils import UserError
 
 log = logging.getLogger(__name__)
 
-MAX_OUT_DIMS = 65536     # a sanity bound for outDims read from a flags.json (NetVLAD without PCA is 32768)
-
-# Restored from a run's flags.json on --resume (SPEC section 7), with their types.
-RESTORED_FLAGS = {
-    "lr": float, "lrStep": float, "lrGamma": float, "weightDecay": float, "momentum": float,
-    "runsPath": str, "savePath": str, "optim": str, "margin": float, "seed": int, "patience": int,
-    "outDims": int, "method": str, "w": int,
-}
+# --mode choices: main.py's MODES table dispatches each (a test checks that the two agree)
+MODES = ("train", "test", "localize", "extract", "prepare", "demo", "compare")
+OPTIMISERS = ("SGD", "ADAM")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option of train/test/localize; ``--help`` shows each default."""
+    from get_models import METHODS
+    from seqMatchNet import DISTANCES
+
     p = argparse.ArgumentParser(
-        prog="main.py",
+        prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="SeqMatchNet: contrastive learning with sequence matching for place recognition.")
     g = p.add_argument_group("run")
-    g.add_argument("--mode", type=str, default="train", choices=["train", "test", "demo", "compare", "prepare"],
-                   help="train, test (evaluate), demo (synthetic walk-through), compare (runs side by side), "
-                        "prepare (your own data: see README)")
+    g.add_argument("--mode", type=str, default="train", choices=MODES,
+                   help="train, test (evaluate), localize (online, frame by frame), extract (images to NetVLAD "
+                        "descriptors), prepare (your own data), demo (synthetic walk-through), compare (runs side "
+                        "by side); extract, prepare, demo and compare have their own --help")
     g.add_argument("--nocuda", action="store_true", help="run on the CPU")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: CUDA when available, else the CPU; cuda: require CUDA (an error without it)")
     g.add_argument("--nGPU", type=int, default=1, help="number of GPUs (nn.DataParallel when > 1)")
-    g.add_argument("--threads", type=int, default=8, help="accepted for compatibility: descriptors are held in memory and mining runs in the "
+    g.add_argument("--threads", type=int, default=8,
+                   help="accepted for compatibility: descriptors are held in memory and mining runs in the "
                         "main process, so no worker processes are needed")
     g.add_argument("--seed", type=int, default=123, help="random seed")
     g.add_argument("--quiet", action="store_true", help="print only results and errors")
@@ -60,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Oxford: validate on a spatial block held out of the training route instead of the "
                         "test split (the reference validates on the test split)")
     add_synthetic_options(p)
+    add_localize_options(p)
 
     g = p.add_argument_group("model")
     g.add_argument("--pooling", action="store_true", help="learn the 1x1 temporal-conv projection (WXpB)")
-    g.add_argument("--outDims", type=int, default=4096, help="output dimensions of the projection")
+    g.add_argument("--outDims", type=int, default=None,
+                   help="output dimensions of the projection (default: the descriptors' dimensions, 4096 for the "
+                        "published NetVLAD descriptors)")
     g.add_argument("--matcher", type=str, default="seqMatchNet", choices=["seqMatchNet", "None"],
                    help="seqMatchNet: sequence matching; None: single-frame descriptors (needs --seqL 1)")
-    g.add_argument("--method", type=str, default="seqmatch", choices=["seqmatch", "single", "smooth", "delta", "seqnet"],
+    g.add_argument("--method", type=str, default="seqmatch", choices=METHODS,
                    help="how sequences are compared: seqmatch (SeqMatchNet's sequence matching), single "
                         "(single frames), smooth (window mean), delta (Delta Descriptors), seqnet (SeqNet)")
     g.add_argument("--w", type=int, default=5, help="SeqNet temporal kernel width (--method seqnet)")
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries between refreshes of the mining cache (0: once per epoch)")
     g.add_argument("--nEpochs", type=int, default=50, help="epochs to train")
     g.add_argument("--start-epoch", dest="start_epoch", type=int, default=0, help="epoch number to start from")
-    g.add_argument("--optim", type=str, default="SGD", choices=["SGD", "ADAM"], help="optimiser")
+    g.add_argument("--optim", type=str, default="SGD", choices=OPTIMISERS, help="optimiser")
     g.add_argument("--lr", type=float, default=0.001, help="learning rate")
     g.add_argument("--lrStep", type=float, default=5, help="epochs between learning-rate drops")
     g.add_argument("--lrGamma", type=float, default=0.5, help="learning-rate multiplier at each drop")
@@ -89,13 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=0.1, help="triplet margin squared (the hinge uses sqrt(margin))")
     g.add_argument("--patience", type=int, default=0, help="stop after this many epochs without improvement (0: off)")
     g.add_argument("--evalEvery", type=int, default=1, help="validate every N epochs")
-    g.add_argument("--loss_trip_method", type=str, default="meanOfPairs", choices=["centerOnly", "meanOfPairs"],
+    g.add_argument("--loss_trip_method", type=str, default="meanOfPairs", choices=DISTANCES,
                    help="sequence distance in the triplet loss")
     g.add_argument("--negCache", type=str, default="on", choices=["on", "off"],
                    help="on: each query's last hard negatives are candidates at the next refresh (the reference "
                         "intended this but lost it inside DataLoader workers); off: mine without them, as the "
                         "paper's runs did with --threads 8")
-    g.add_argument("--neg_trip_method", type=str, default="meanOfPairs", choices=["centerOnly", "meanOfPairs"],
+    g.add_argument("--neg_trip_method", type=str, default="meanOfPairs", choices=DISTANCES,
                    help="sequence distance for hard-negative mining")
 
     g = p.add_argument_group("runs and outputs")
@@ -131,7 +132,45 @@ def add_synthetic_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SyntheticParams):
         kind = type(f.default)
         g.add_argument(f"--synth_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                       help=f"default {f.default}")
+                       help=f"synthetic benchmark parameter (default {f.default})")
+
+
+def add_localize_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--mode localize`` as their own group of ``parser``."""
+    g = parser.add_argument_group("online localisation (--mode localize)")
+    g.add_argument("--output", type=str, default=None, metavar="FILE.csv",
+                   help="CSV with one row per query frame (query_frame, db_frame, distance, confidence, "
+                        "latency_ms); without it, replay prints only the summary and --stream writes to stdout")
+    g.add_argument("--stream", type=str, default=None, metavar="FILE.npy|-",
+                   help="localise query descriptors arriving from another process instead of replaying the "
+                        "split's queries: a .npy [frames, dims], or '-' for raw little-endian float32 rows on "
+                        "standard input (needs --dim)")
+    g.add_argument("--dim", type=int, default=None, metavar="D",
+                   help="values per row of --stream - (the raw descriptor dimensions of the dataset)")
+    g.add_argument("--confRadius", type=float, default=None, metavar="R",
+                   help="confidence = best distance / best distance among database windows ending farther than "
+                        "R (position units) from the match; lower is more confident (default: the split's "
+                        "posDistThr)")
+
+
+def check_localize_options(opt: argparse.Namespace) -> None:
+    """Refuse ``--mode localize`` option combinations that cannot work."""
+    stream, dim = getattr(opt, "stream", None), getattr(opt, "dim", None)
+    if stream == "-" and dim is None:
+        raise UserError("--stream - reads raw float32 rows: give their width with --dim D")
+    if dim is not None and dim < 1:
+        raise UserError(f"--dim must be at least 1, got {dim}")
+    if dim is not None and stream != "-":
+        raise UserError("--dim gives the row width of --stream -; a .npy stream carries its own shape")
+    radius = getattr(opt, "confRadius", None)
+    if radius is not None and not (math.isfinite(radius) and radius >= 0):
+        raise UserError(f"--confRadius must be a non-negative number, got {radius}")
+    if getattr(opt, "method", "seqmatch") in ("smooth", "delta", "seqnet"):
+        raise UserError(f"--mode localize matches frame sequences; --method {opt.method} compares one "
+                        "descriptor per window: use --method seqmatch")
+
+
+# ---------------------------------------------------------------- the mode
 
 
 def check_options(opt: argparse.Namespace) -> argparse.Namespace:
@@ -144,8 +183,6 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--seqL_filterData must be at least 1")
     if opt.matcher == "None" and opt.seqL != 1:
         raise UserError("--matcher None compares single frames: use it with --seqL 1")
-    if opt.resume and not (opt.pooling or opt.method == "seqnet"):
-        raise UserError("--resume loads a learned projection: add --pooling")
     if opt.method == "seqnet" and opt.pooling:
         raise UserError("--method seqnet learns its own temporal convolution: drop --pooling")
     if opt.w < 1:
@@ -153,7 +190,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     if opt.method == "single" and opt.seqL != 1:
         raise UserError("--method single compares single frames: use it with --seqL 1")
     for name in ("batchSize", "cacheBatchSize", "nEpochs", "outDims", "evalEvery", "queryChunk"):
-        if getattr(opt, name) < 1:
+        if getattr(opt, name) is not None and getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(opt, name)}")
     if not 0 <= opt.seed < 2**31:
         raise UserError(f"--seed must be between 0 and {2**31 - 1}, got {opt.seed}")
@@ -164,6 +201,8 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--lr must be positive and --margin not negative")
     if opt.mode == "train" and opt.extractOnly:
         raise UserError("--extractOnly is for --mode test")
+    if opt.mode == "localize":
+        check_localize_options(opt)
     if opt.mode == "test" and opt.pooling and not opt.resume:
         log.warning("--pooling without --resume evaluates a randomly initialised projection")
     return opt
@@ -171,52 +210,6 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     return check_options(build_parser().parse_args(argv))
-
-
-def restore_flags(opt: argparse.Namespace, flags_file: Path) -> argparse.Namespace:
-    """A copy of ``opt`` with the options of ``RESTORED_FLAGS`` taken from a run's flags.json."""
-    flags_file = Path(flags_file)
-    if not flags_file.is_file():
-        raise UserError(f"{flags_file} not found: --resume must name a run folder written by training")
-    try:
-        saved = json.loads(flags_file.read_text())
-    except (ValueError, RecursionError, OSError) as exc:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{flags_file} is not valid JSON ({type(exc).__name__}: {exc!s:.80}): fix it by hand "
-                        "(training writes it as a JSON object of options)") from exc
-    if not isinstance(saved, dict):
-        raise UserError(f"{flags_file} must hold a JSON object of options, not {type(saved).__name__}: fix it by hand")
-    out = copy.copy(opt)
-    for key, kind in RESTORED_FLAGS.items():
-        if key not in saved:
-            continue
-        value = saved[key]
-        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
-            raise UserError(f"{flags_file}: option {key} should be {'a finite number' if kind is float else kind.__name__}"
-                            f", got {value!r:.60}: fix it in the file")
-        setattr(out, key, kind(value))
-    save = Path(out.savePath)
-    if out.savePath != opt.savePath and (save.is_absolute() or ".." in save.parts):
-        raise UserError(f"{flags_file}: option savePath {out.savePath!r} points outside the run folder: fix it in the file")
-    if not 1 <= out.outDims <= MAX_OUT_DIMS:
-        raise UserError(f"{flags_file}: option outDims must be between 1 and {MAX_OUT_DIMS}, got {out.outDims}: "
-                        "fix it in the file")
-    if out.method not in ("seqmatch", "single", "smooth", "delta", "seqnet"):
-        raise UserError(f"{flags_file}: unknown method {out.method!r}")
-    if out.optim not in ("SGD", "ADAM"):
-        raise UserError(f"{flags_file}: optim must be SGD or ADAM, got {out.optim!r}")
-    try:
-        check_options(out)
-    except UserError as exc:
-        raise UserError(f"{flags_file}: {exc} (restored from this file: fix it there)") from exc
-    changed = {k: (getattr(opt, k), getattr(out, k)) for k in RESTORED_FLAGS if getattr(opt, k) != getattr(out, k)}
-    if changed:
-        log.info("restored from %s: %s", flags_file, ", ".join(f"{k}={v[1]}" for k, v in changed.items()))
-    return out
-
-
-def options_dict(opt: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
 
 
 def dataclass_overrides(params, opt: argparse.Namespace, prefix: str):

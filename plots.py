@@ -4,17 +4,20 @@ Each ``*_figure`` function takes plain arrays and returns a
 ``matplotlib.figure.Figure`` (built without pyplot, on the Agg canvas); the
 caller saves it with ``save_figure`` and/or logs it with
 ``MetricsWriter.figure``. Sizes are fixed (``figsize`` x ``FIG_DPI``) so the
-PNGs have a known pixel size. ``precision_recall`` is the one numeric piece:
-the precision-recall curve of the top-1 match over its distance threshold.
-``evaluation_figures`` builds all test-mode figures from an ``EvalResult``.
+PNGs have a known pixel size. Nothing here computes a metric: the numbers
+come from ``metrics`` and ``test`` (``evaluation_figures`` draws all test-mode
+figures from them).
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
+
+from metrics import N_VALUES, RADII
 
 FIG_DPI = 100
 SMALL = (6.4, 4.8)        # 640 x 480 pixels at FIG_DPI
@@ -94,7 +97,7 @@ def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, tit
 
 
 def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius_recalls: np.ndarray,
-                         title: str = "Recall against localisation radius"):
+                         title: str = "Recall against localisation radius", unit: str = "position units"):
     """Recall against the localisation radius, one line per N.
 
     ``radius_recalls`` ``[len(radii), len(n_values)]`` (``EvalResult.radius_recalls``); radii in the
@@ -108,51 +111,11 @@ def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius
     x = np.asarray(radii, dtype=float)
     for j, n in enumerate(n_values):
         ax.plot(x, rr[:, j], marker="o", label=f"R@{n}")
-    _log_recall_axes(ax, x, [f"{v:g}" for v in x], "localisation radius (position units)", "recall", title)
+    _log_recall_axes(ax, x, [f"{v:g}" for v in x], f"localisation radius ({unit})", "recall", title)
     return fig
 
 
 # ---------------------------------------------------------------- precision-recall
-
-def precision_recall(top1_dists: np.ndarray, top1_correct: np.ndarray, has_positive: np.ndarray) -> dict:
-    """Precision-recall of the top-1 match over the distance threshold.
-
-    All inputs ``[Nq]``. A query is accepted when its top-1 distance is <= the
-    threshold (non-finite distances are never accepted); precision = correct
-    accepted / accepted, recall = correct accepted / queries with a positive.
-    A top-1 of a query without a positive is never correct. Thresholds are the
-    distinct finite distances, ascending. ``auc`` is the trapezoid area over
-    recall from recall 0, where the curve starts at the precision of the
-    smallest threshold; ``recall_at_100_precision`` is the largest recall
-    whose precision is exactly 1 (0 when none). Both are NaN when no query
-    has a positive.
-    """
-    d = np.asarray(top1_dists, dtype=float).ravel()
-    has_pos = np.asarray(has_positive, dtype=bool).ravel()
-    correct = np.asarray(top1_correct, dtype=bool).ravel() & has_pos
-    if not (len(d) == len(has_pos) == len(correct)):
-        raise ValueError(f"top1_dists, top1_correct and has_positive differ in length: "
-                         f"{len(d)}, {len(correct)}, {len(has_pos)}")
-    n_pos = int(has_pos.sum())
-    ok = np.isfinite(d)
-    order = np.argsort(d[ok], kind="stable")
-    d_sorted, c_sorted = d[ok][order], correct[ok][order]
-    if len(d_sorted) == 0 or n_pos == 0:
-        nan = float("nan")
-        return {"precision": [], "recall": [], "thresholds": [], "auc": nan if n_pos == 0 else 0.0,
-                "recall_at_100_precision": nan if n_pos == 0 else 0.0}
-    last = np.r_[d_sorted[1:] != d_sorted[:-1], True]     # ties are accepted together
-    tp = np.cumsum(c_sorted)[last]
-    accepted = np.arange(1, len(d_sorted) + 1)[last]
-    precision = tp / accepted
-    recall = tp / n_pos
-    r = np.r_[0.0, recall]
-    p = np.r_[precision[0], precision]
-    auc = float(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2))
-    perfect = recall[precision == 1.0]
-    return {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": d_sorted[last].tolist(),
-            "auc": auc, "recall_at_100_precision": float(perfect.max()) if len(perfect) else 0.0}
-
 
 def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match"):
     """Plot the output of ``precision_recall``: precision against recall, AUC and R@100%P in the title."""
@@ -180,46 +143,7 @@ def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match"):
     return fig
 
 
-def top1_outcomes(top1: np.ndarray, db_positions: np.ndarray, q_positions: np.ndarray,
-                  radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(top1_correct [Nq], has_positive [Nq])`` for ``precision_recall``.
-
-    ``top1`` ``[Nq]`` indexes ``db_positions`` ``[Nd, k]``; ``q_positions`` is
-    ``[Nq, k]``; a match is correct within ``radius`` (<=, as ``test.recall_table``).
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    q_positions = np.asarray(q_positions, dtype=float)
-    db_positions = np.asarray(db_positions, dtype=float)
-    nearest, _ = NearestNeighbors(n_neighbors=1).fit(db_positions).kneighbors(q_positions)
-    has_pos = nearest[:, 0] <= radius
-    correct = np.linalg.norm(q_positions - db_positions[np.asarray(top1)], axis=1) <= radius
-    return correct & has_pos, has_pos
-
-
 # ---------------------------------------------------------------- distance matrix
-
-def distance_matrix_section(db_feats, q_feats, db_starts: np.ndarray, q_starts: np.ndarray, seq_len: int,
-                            q_range: tuple[int, int], db_range: tuple[int, int],
-                            method: str = "meanOfPairs") -> np.ndarray:
-    """Sequence distances of windows ``db_range`` x ``q_range`` as ``[Nd_sub, Nq_sub]`` (NumPy, float32).
-
-    ``db_feats`` ``[Nd, D]`` / ``q_feats`` ``[Nq, D]`` are pooled frame
-    features (torch, any device); ``db_starts`` / ``q_starts`` the window
-    starts (``datasets.sequence_windows``); ranges are ``[lo, hi)`` window indices.
-    """
-    import torch
-
-    from seqMatchNet import window_distances
-
-    device = db_feats.device
-    db_s = torch.as_tensor(np.asarray(db_starts)[db_range[0]:db_range[1]], device=device)
-    q_s = torch.as_tensor(np.asarray(q_starts)[q_range[0]:q_range[1]], device=device)
-    if len(db_s) == 0 or len(q_s) == 0:
-        raise ValueError(f"empty section: db_range {db_range}, q_range {q_range}")
-    with torch.no_grad():
-        return window_distances(db_feats, q_feats, db_s, q_s, seq_len, method).float().cpu().numpy()
-
 
 def _gt_mask(gt, shape: tuple[int, int]) -> np.ndarray:
     gt_arr = np.asarray(gt)
@@ -323,53 +247,52 @@ def training_curves_figure(epochs: Sequence[int], losses: Sequence[float], val_r
     return fig
 
 
+# ---------------------------------------------------------------- embeddings
+
+def embedding_figure(db_emb: np.ndarray, q_emb: np.ndarray, title: str = "t-SNE of frame descriptors"):
+    """2-D embeddings ``[N, 2]`` of database and query frames (``--numSamples2Project``), coloured by
+    frame order so that the route shows as a gradient."""
+    fig = _new_figure(SMALL)
+    ax = fig.add_subplot()
+    for emb, marker, name in ((np.asarray(db_emb), "o", "database"), (np.asarray(q_emb), "^", "query")):
+        ax.scatter(emb[:, 0], emb[:, 1], c=np.arange(len(emb)), cmap="viridis", marker=marker, s=10,
+                   label=name, alpha=0.7)
+    ax.legend(loc="best")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
 # ---------------------------------------------------------------- all test-mode figures
 
-def evaluation_figures(result, split, label: str = "", n_values: Sequence[int] | None = None,
-                       radii: Sequence[float] | None = None, db_feats=None, q_feats=None, seq_len: int | None = None,
-                       section: int = 300) -> tuple[dict, dict]:
-    """Figures of one evaluation: ``({name: Figure}, pr)`` with names ``recall_at_n``,
-    ``radius_recall``, ``precision_recall`` and, when ``db_feats``/``q_feats``
-    (pooled features of all split frames) and ``seq_len`` are given,
-    ``distance_matrix`` for the first ``section`` evaluated queries.
+@dataclass
+class DistanceSection:
+    """What ``distance_matrix_figure`` draws: a block of sequence distances ``[Nd_sub, Nq_sub]``
+    starting at frames (``db_offset``, ``q_offset``), its ground-truth mask and each query
+    column's top-1 row in the block (-1: outside)."""
 
-    ``result`` is a ``test.EvalResult`` and ``split`` a ``datasets.Split``;
-    ``pr`` is ``precision_recall`` of the top-1 matches (for ``report.build_summary``).
-    """
-    from test import N_VALUES, RADII
+    block: np.ndarray
+    db_offset: int
+    q_offset: int
+    gt: np.ndarray
+    top1_rows: np.ndarray
+    seq_len: int
 
-    n_values = list(N_VALUES if n_values is None else n_values)
-    radii = list(RADII if radii is None else radii)
-    q_frames = np.asarray(result.q_frames)
-    name = label or split.name
-    figs = {"recall_at_n": recall_at_n_figure(n_values, {name: [result.recalls[n] for n in n_values]},
-                                              title=f"Recall@N ({name})"),
-            "radius_recall": radius_recall_figure(radii, n_values, result.radius_recalls,
-                                                  title=f"Recall against localisation radius ({name})")}
-    top1 = np.asarray(result.preds)[:, 0]
-    correct, has_pos = top1_outcomes(top1, split.db_positions, split.q_positions[q_frames], split.pos_dist_thr)
-    pr = precision_recall(np.asarray(result.dists)[:, 0], correct, has_pos)
-    figs["precision_recall"] = pr_figure(pr, title=f"Precision-recall of the top-1 match ({name})")
-    if db_feats is not None and q_feats is not None and seq_len is not None:
-        from datasets import sequence_windows
 
-        q_lo, q_hi = int(q_frames[0]), int(min(q_frames[0] + section, split.num_q))
-        # database rows around the ground truth of these queries (nearest frame), at most 2 * section
-        from sklearn.neighbors import NearestNeighbors
-        _, near = NearestNeighbors(n_neighbors=1).fit(split.db_positions).kneighbors(split.q_positions[q_lo:q_hi])
-        near = near[:, 0]
-        span = min(max(int(near.max() - near.min()) + section // 5, section), 2 * section)
-        db_lo = int(np.clip(np.median(near) - span // 2, 0, max(split.num_db - span, 0)))
-        db_hi = min(db_lo + span, split.num_db)
-        db_starts, _ = sequence_windows(split.db_bounds, seq_len)
-        q_starts, _ = sequence_windows(split.q_bounds, seq_len)
-        block = distance_matrix_section(db_feats, q_feats, db_starts, q_starts, seq_len, (q_lo, q_hi), (db_lo, db_hi))
-        gt = np.linalg.norm(split.db_positions[db_lo:db_hi, None, :] - split.q_positions[None, q_lo:q_hi, :],
-                            axis=-1) <= split.pos_dist_thr
-        rows = np.full(q_hi - q_lo, -1, dtype=np.int64)
-        evaluated = (q_frames >= q_lo) & (q_frames < q_hi)
-        rows[q_frames[evaluated] - q_lo] = top1[evaluated] - db_lo
-        rows[(rows < 0) | (rows >= db_hi - db_lo)] = -1
+def evaluation_figures(recalls: Mapping[int, float], radius_recalls: np.ndarray, pr: Mapping, label: str,
+                       section: DistanceSection | None = None, n_values: Sequence[int] = N_VALUES,
+                       radii: Sequence[float] = RADII, radius_unit: str = "position units") -> dict:
+    """Figures of one evaluation, from numbers computed elsewhere: ``{name: Figure}`` with names
+    ``recall_at_n``, ``radius_recall``, ``precision_recall`` and, with ``section``, ``distance_matrix``."""
+    figs = {"recall_at_n": recall_at_n_figure(list(n_values), {label: [recalls[n] for n in n_values]},
+                                              title=f"Recall@N ({label})"),
+            "radius_recall": radius_recall_figure(list(radii), list(n_values), radius_recalls,
+                                                  title=f"Recall against localisation radius ({label})",
+                                                  unit=radius_unit),
+            "precision_recall": pr_figure(pr, title=f"Precision-recall of the top-1 match ({label})")}
+    if section is not None:
         figs["distance_matrix"] = distance_matrix_figure(
-            block, db_lo, q_lo, gt, rows, title=f"Sequence-matching distances, seqL {seq_len} ({name})")
-    return figs, pr
+            section.block, section.db_offset, section.q_offset, section.gt, section.top1_rows,
+            title=f"Sequence-matching distances, seqL {section.seq_len} ({label})")
+    return figs

@@ -14,9 +14,10 @@ import math
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,7 @@ def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict,
     options = plain(dict(options))
     summary = {
         "mode": mode,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": options.get("dataset"),
         "split": options.get("split"),
         "seqL": options.get("seqL"),
@@ -169,12 +170,36 @@ def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict,
     return summary
 
 
+METHOD_NAMES = {"seqmatch": "sequence matching", "single": "single frame", "smooth": "window mean (smooth)",
+                "delta": "Delta Descriptors", "seqnet": "SeqNet"}
+
+
+def method_label(options: dict, checkpoint: dict | None = None) -> str:
+    """What produced a result, in words: the method, its descriptors (raw or learned, with the
+    run, epoch and which checkpoint) and the re-ranking source, e.g. ``sequence matching, learned
+    projection (run Nov27_10-00-00_l5_0, epoch 3, latest)``."""
+    method = options.get("method", "seqmatch")
+    if options.get("matcher") == "None":
+        method = "single"
+    name = METHOD_NAMES.get(method, str(method))
+    if method == "seqnet":
+        name += f" w={options.get('w')}"
+    if method == "seqnet" or options.get("pooling"):
+        name += ", learned" if method == "seqnet" else ", learned projection"
+        if checkpoint:
+            name += f" (run {checkpoint['run']}, epoch {checkpoint['epoch']}, {checkpoint['which']})"
+    else:
+        name += ", raw descriptors"
+    if options.get("predictionsFile"):
+        name += f"; re-ranks the top 20 of {options['predictionsFile']}"
+    return name
+
+
 def _method(options: dict) -> str | None:
-    """``matcher/projection``, e.g. ``seqMatchNet/learned`` or ``None/raw``."""
-    if "matcher" not in options and "pooling" not in options:
+    """The short method name of ``summary.json`` (``method_label`` without the checkpoint)."""
+    if "matcher" not in options and "pooling" not in options and "method" not in options:
         return None
-    projection = "learned" if options.get("pooling") else "raw"
-    return f"{options.get('matcher', '?')}/{projection}"
+    return method_label(options)
 
 
 # ---------------------------------------------------------------- comparing runs
@@ -231,7 +256,7 @@ def summary_row(name: str, data: dict) -> list[str]:
     def field(key: str) -> Any:
         return data.get(key) if data.get(key) is not None else options.get(key)
 
-    method = data.get("method") or _method(options)
+    method = data.get("method_label") or data.get("method") or _method(options)
     recalls = data.get("recalls") or {}
     row = [name, _fmt(field("dataset")), _fmt(field("split")), _fmt(field("seqL"), "d"), _fmt(method)]
     row += [_fmt(recalls.get(str(n)) if isinstance(recalls, dict) else None) for n in TABLE_N]

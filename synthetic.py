@@ -37,9 +37,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO
 
 import numpy as np
 import scipy.io

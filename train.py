@@ -1,4 +1,4 @@
-"""Training (SPEC section 7): sequence-matching triplet loss with hard negatives
+"""Training (README, "How it works"): sequence-matching triplet loss with hard negatives
 mined by the same sequence distance.
 
 The pieces are separate and testable alone: ``TrainingSet`` (who may be a
@@ -13,18 +13,31 @@ import argparse
 import logging
 import math
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import report
+import runs
 from datasets import Split, sequence_windows
-from get_models import SeqMatchModel
-from seqMatchNet import frame_distances, sequence_distance, topk_smallest, triplet_loss, window_distances
-from utils import UserError, progress_enabled
+from get_datasets import get_split, prepare_dataset
+from get_models import SeqMatchModel, get_model, load_state, parallelize
+from metrics import recall_table
+from seqMatchNet import topk_smallest, triplet_loss, window_distances
+from utils import (
+    MetricsWriter,
+    UserError,
+    add_log_file,
+    check_wandb,
+    get_device,
+    make_deterministic,
+    plain_floats,
+    progress_enabled,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +52,8 @@ N_NEG_CANDIDATES = N_NEG * 10
 class TrainingSet:
     """Valid windows of a training split and their relations.
 
-    Database and query windows are those that needed no shift (SPEC section
-    7). Indices below are positions in ``db_frames`` / ``q_frames``.
+    Database and query windows are those that needed no shift (README, "How it
+    works"). Indices below are positions in ``db_frames`` / ``q_frames``.
     """
 
     split: Split
@@ -54,7 +67,7 @@ class TrainingSet:
     close: list                  # [Nq] sorted database positions within posDistThr (not potential negatives)
 
     @classmethod
-    def build(cls, split: Split, seq_len: int) -> "TrainingSet":
+    def build(cls, split: Split, seq_len: int) -> TrainingSet:
         from sklearn.neighbors import NearestNeighbors
 
         db_starts, db_valid = sequence_windows(split.db_bounds, seq_len)
@@ -99,18 +112,14 @@ def cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: Trainin
 @torch.no_grad()
 def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.ndarray, opt: argparse.Namespace,
                           device: torch.device) -> torch.Tensor:
-    """The mining matrix for ``model``: sequence matching of pooled frames, or the
-    Euclidean distance of sequence descriptors (smooth, delta, seqnet)."""
-    from test import describe_windows, extract_features
-
+    """The mining matrix ``[Nd, len(queries)]`` for ``model``: every valid database window against
+    the given queries' windows (frame models project only the frames these windows cover)."""
     split = tset.split
-    if model.describes_sequences:
-        db_d = describe_windows(model, split.db_desc, tset.db_starts, tset.seq_len, device, opt.cacheBatchSize)
-        q_d = describe_windows(model, split.q_desc, tset.q_starts[queries], tset.seq_len, device, opt.cacheBatchSize)
-        return frame_distances(db_d, q_d)
-    db_feats = extract_features(model, split.db_desc, device, opt.cacheBatchSize, "cache db", opt.quiet)
-    q_feats = extract_features(model, split.q_desc, device, opt.cacheBatchSize, "cache queries", opt.quiet)
-    return cache_distances(db_feats, q_feats, tset, queries, opt.neg_trip_method)
+    db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, opt.cacheBatchSize, "cache db",
+                             opt.quiet)
+    q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device, opt.cacheBatchSize,
+                            "cache queries", opt.quiet)
+    return model.window_distance_matrix(db, q, tset.seq_len, opt.neg_trip_method)
 
 
 def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,
@@ -139,7 +148,7 @@ def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Gene
 
 def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: np.ndarray, margin: float,
          n_neg: int = N_NEG, n_candidates: int = N_NEG_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hard triplets for a set of queries (SPEC section 7 step 2), all at once.
+    """Hard triplets for a set of queries (README, "How it works"), all at once.
 
     ``dists`` ``[Nd, B]`` cached distances; ``nontriv_pos`` B arrays of database
     indices; ``sampled`` ``[B, S]`` drawn potential negatives; ``neg_cache``
@@ -178,43 +187,51 @@ def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: n
 # ---------------------------------------------------------------- loss
 
 def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: np.ndarray, negs: np.ndarray,
-               method: str, margin: float, device: torch.device) -> torch.Tensor:
+               distance: str, margin: float, device: torch.device) -> torch.Tensor:
     """Mean triplet loss of a batch: ``q_idx`` ``[B]`` query positions, ``pos``
     ``[B]`` database positions, ``negs`` ``[B, K]`` (-1 = none).
 
-    Every distinct frame of the batch is pooled once; the sequence distances
-    of all triplets are computed together.
+    Every distinct frame of the batch is read (and, by frame models, projected)
+    once; the distances of all triplets are computed together.
     """
     seq = np.arange(tset.seq_len)
     num_db = tset.split.num_db
     q_rows = tset.q_starts[q_idx][:, None] + seq + num_db                 # [B, L] rows in db+query stack
     p_rows = tset.db_starts[pos][:, None] + seq                            # [B, L]
-    n_mask = negs >= 0
     n_rows = tset.db_starts[np.maximum(negs, 0)][..., None] + seq          # [B, K, L]
     b, k, L = n_rows.shape
-    rows = np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()])
-    if model.describes_sequences:   # one descriptor per window, compared by Euclidean distance
-        desc = model.describe(torch.from_numpy(_stacked_rows(tset, rows)).to(device).view(-1, L, tset.split.dim))
-        fq, fp, fn = desc[:b, None], desc[b:2 * b, None], desc[2 * b:].view(b, k, 1, -1)
-        d_pos = sequence_distance(fq, fp)
-        d_neg = sequence_distance(fq[:, None], fn)
-    else:                           # every distinct frame pooled once, then sequence distances
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        feats = model.encode(torch.from_numpy(_stacked_rows(tset, uniq)).to(device))
-        feats = feats[torch.as_tensor(inverse, device=device)]
-        fq = feats[:b * L].view(b, L, -1)
-        fp = feats[b * L:2 * b * L].view(b, L, -1)
-        fn = feats[2 * b * L:].view(b, k, L, -1)
-        d_pos = sequence_distance(fq, fp, method)
-        d_neg = sequence_distance(fq[:, None], fn, method)
-    return triplet_loss(d_pos, d_neg, torch.as_tensor(n_mask, device=device), margin)
+    uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]), return_inverse=True)
+    inverse = torch.as_tensor(inverse, device=device)
+    frames = torch.from_numpy(_stacked_rows(tset, uniq)).to(device)
+    d_pos, d_neg = model.triplet_distances(frames, inverse[:b * L].view(b, L), inverse[b * L:2 * b * L].view(b, L),
+                                           inverse[2 * b * L:].view(b, k, L), distance)
+    return triplet_loss(d_pos, d_neg, torch.as_tensor(negs >= 0, device=device), margin)
 
 
 def _stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
-    """Raw descriptors of rows of the database + query stack (queries offset by numDb)."""
-    num_db = tset.split.num_db
-    return np.where((rows >= num_db)[:, None], tset.split.q_desc[np.maximum(rows - num_db, 0)],
-                    tset.split.db_desc[np.minimum(rows, num_db - 1)])
+    """Raw descriptors of rows of the database + query stack (queries offset by numDb): ``[len(rows), D]``.
+
+    Each row is copied once, straight into the result: one gather per run of rows from the same
+    side (the sorted rows of a batch are two runs), else one gather + scatter per side.
+    """
+    split = tset.split
+    num_db, db, q = split.num_db, split.db_desc, split.q_desc
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_db + split.num_q):
+        raise IndexError(f"rows must lie in [0, {num_db + split.num_q})")
+    out = np.empty((len(rows), split.dim), dtype=np.result_type(db.dtype, q.dtype))
+    is_q = rows >= num_db
+    cuts = np.flatnonzero(is_q[1:] != is_q[:-1]) + 1
+    if len(cuts) <= 8:
+        bounds = [0, *cuts.tolist(), len(rows)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi > lo:
+                side, offset = (q, num_db) if is_q[lo] else (db, 0)
+                np.take(side, rows[lo:hi] - offset, axis=0, out=out[lo:hi], mode="clip")   # in range: checked above
+    else:
+        out[~is_q] = db[rows[~is_q]]
+        out[is_q] = q[rows[is_q] - num_db]
+    return out
 
 
 # ---------------------------------------------------------------- one epoch
@@ -228,104 +245,110 @@ def refresh_chunks(queries: np.ndarray, refresh_rate: int) -> list[np.ndarray]:
 
 @dataclass
 class EpochStats:
-    avg_loss: float
-    batches: int
-    triplet_queries: int
-    skipped: int
-    train_recalls: dict
-    timings: dict
+    avg_loss: float = float("nan")
+    batches: int = 0
+    triplet_queries: int = 0
+    skipped: int = 0
+    train_recalls: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=lambda: {"cache_s": 0.0, "mining_s": 0.0, "batches_s": 0.0})
+
+
+@dataclass
+class MinedChunk:
+    """Triplets of one refresh chunk: ``positive [B]``, ``negatives [B, N_NEG]`` (-1 padded),
+    ``kept [B]`` (queries with a hard negative) and the chunk's top-100 by the cached distances."""
+
+    queries: np.ndarray
+    positive: np.ndarray
+    negatives: np.ndarray
+    kept: np.ndarray
+    top: np.ndarray
+
+
+def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray, neg_cache: np.ndarray,
+                     opt: argparse.Namespace, rng: np.random.Generator, device: torch.device,
+                     timings: dict) -> MinedChunk:
+    """Refresh and mine one chunk (README, "How it works", steps 1-2): the mining matrix with the
+    current model, then the triplets; with ``--negCache on`` the kept queries' negatives become their
+    cache (in place)."""
+    t0 = time.perf_counter()
+    dists = model_cache_distances(model, tset, chunk, opt, device)
+    top = topk_smallest(dists, 100)[1].cpu().numpy()
+    dists = dists.cpu().numpy()
+    t1 = time.perf_counter()
+    use_cache = opt.negCache == "on"
+    previous = neg_cache[chunk] if use_cache else np.full((len(chunk), N_NEG), -1, dtype=np.int64)
+    sampled = sample_negatives(tset, chunk, rng)
+    pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled, previous, opt.margin)
+    if use_cache:
+        neg_cache[chunk[kept]] = negs[kept]
+    timings["cache_s"] += t1 - t0
+    timings["mining_s"] += time.perf_counter() - t1
+    return MinedChunk(chunk, pos, negs, kept, top)
+
+
+def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, optimizer,
+                 opt: argparse.Namespace, rng: np.random.Generator, device: torch.device, step: int, label: str,
+                 writer=None) -> list[float]:
+    """Step 3 of README "How it works": shuffled batches of the chunk's queries, one optimiser step each
+    (queries without a hard negative are left out, as in the reference). Returns the batch losses;
+    ``step`` numbers the first batch for TensorBoard (empty batches count, as in the reference)."""
+    model.train()
+    local = rng.permutation(len(mined.queries))
+    losses = []
+    bar = tqdm(range(0, len(local), opt.batchSize), desc=label, unit="batch",
+               disable=not progress_enabled(opt.quiet), leave=False)
+    for i, lo in enumerate(bar):
+        sel = local[lo:lo + opt.batchSize]
+        sel = sel[mined.kept[sel]]
+        if len(sel) == 0:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
+                          opt.loss_trip_method, opt.margin, device)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if writer is not None:
+            writer.scalar("Train/Loss", losses[-1], step + i)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
 
 
 def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.Optimizer, neg_cache: np.ndarray,
                 opt: argparse.Namespace, epoch: int, device: torch.device, writer=None) -> EpochStats:
-    """One epoch: per chunk of queries, refresh the cache, mine, then step over shuffled batches.
+    """One epoch: per consecutive chunk of queries, refresh the cache and mine, then step over
+    shuffled batches. ``neg_cache`` ``[len(q_frames), N_NEG]`` is updated in place.
 
-    ``neg_cache`` ``[len(q_frames), N_NEG]`` is updated in place.
+    The average loss is the reference's: the sum of batch losses over ``ceil(queries / batchSize)``.
+    The training recall is measured on each chunk's mining matrix (the training queries, with the
+    model of that chunk's refresh); the reference used the last chunk's matrix over all valid queries.
     """
-    from test import recall_table
-
     rng = np.random.default_rng([opt.seed, epoch])
     chunks = refresh_chunks(tset.queries, opt.cacheRefreshRate)
-    n_chunks = len(chunks)
-    n_batches = math.ceil(len(tset.queries) / opt.batchSize)     # the reference's denominator of the average loss
-    use_cache = getattr(opt, "negCache", "on") == "on"
-    quiet = opt.quiet
-    losses, kept_total, skipped = [], 0, 0
-    preds_all, q_all = [], []
-    timings = {"cache_s": 0.0, "mining_s": 0.0, "batches_s": 0.0}
-    step = (epoch - 1) * n_batches
+    n_batches = math.ceil(len(tset.queries) / opt.batchSize)
+    stats, losses, tops = EpochStats(), [], []
+    step = (epoch - 1) * n_batches + 1
     for c, chunk in enumerate(chunks):
+        mined = refresh_and_mine(model, tset, chunk, neg_cache, opt, rng, device, stats.timings)
         t0 = time.perf_counter()
-        dists = model_cache_distances(model, tset, chunk, opt, device)
-        _, top = topk_smallest(dists, 100)
-        preds_all.append(top.cpu().numpy())
-        q_all.append(chunk)
-        dists = dists.cpu().numpy()
-        t1 = time.perf_counter()
-        sampled = sample_negatives(tset, chunk, rng)
-        previous = neg_cache[chunk] if use_cache else np.full((len(chunk), N_NEG), -1, dtype=np.int64)
-        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled, previous, opt.margin)
-        if use_cache:
-            neg_cache[chunk[kept]] = negs[kept]
-        skipped += int((~kept).sum())
-        t2 = time.perf_counter()
-        timings["cache_s"] += t1 - t0
-        timings["mining_s"] += t2 - t1
-
-        model.train()
-        local = rng.permutation(len(chunk))
-        batches = range(0, len(local), opt.batchSize)
-        bar = tqdm(batches, desc=f"epoch {epoch} chunk {c + 1}/{n_chunks}", unit="batch",
-                   disable=not progress_enabled(quiet), leave=False)
-        for lo in bar:
-            sel = local[lo:lo + opt.batchSize]
-            sel = sel[kept[sel]]          # queries without a hard negative are skipped, as in the reference
-            step += 1
-            if len(sel) == 0:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = batch_loss(model, tset, chunk[sel], pos[sel], negs[sel], opt.loss_trip_method,
-                              opt.margin, device)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            kept_total += len(sel)
-            if writer is not None:
-                writer.scalar("Train/Loss", losses[-1], step)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        timings["batches_s"] += time.perf_counter() - t2
-
-    preds = np.concatenate(preds_all)
-    q_idx = np.concatenate(q_all)
+        losses += step_batches(model, tset, mined, optimizer, opt, rng, device, step,
+                               f"epoch {epoch} chunk {c + 1}/{len(chunks)}", writer)
+        step += math.ceil(len(chunk) / opt.batchSize)
+        stats.timings["batches_s"] += time.perf_counter() - t0
+        stats.skipped += int((~mined.kept).sum())
+        stats.triplet_queries += int(mined.kept.sum())
+        tops.append(mined.top)
     split = tset.split
-    recalls, _ = recall_table(preds, split.db_positions[tset.db_frames],
-                              split.q_positions[tset.q_frames[q_idx]], split.pos_dist_thr)
-    avg = float(np.sum(losses)) / n_batches if losses else float("nan")
-    return EpochStats(avg, len(losses), kept_total, skipped, recalls, timings)
+    stats.train_recalls, _ = recall_table(np.concatenate(tops), split.db_positions[tset.db_frames],
+                                          split.q_positions[tset.q_frames[np.concatenate(chunks)]],
+                                          split.pos_dist_thr)
+    stats.batches = len(losses)
+    stats.avg_loss = float(np.sum(losses)) / n_batches if losses else float("nan")
+    return stats
 
 
 # ---------------------------------------------------------------- the run
-
-def make_run_dir(opt: argparse.Namespace) -> Path:
-    """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>``, created exclusively
-    (a suffix is added when another run took the name in the same second)."""
-    runs = Path(opt.runsPath)
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --runsPath {runs} ({exc.strerror}): choose a writable folder") from exc
-    base = f"{datetime.now().strftime('%b%d_%H-%M-%S')}_l{opt.seqL}_{opt.expName}"
-    for i in range(1000):
-        run_dir = runs / (base if i == 0 else f"{base}_{i}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise UserError(f"cannot write to --runsPath {runs} ({exc.strerror}): choose a writable folder") from exc
-    raise UserError(f"could not find a free run folder name under {runs}")
-
 
 def make_optimizer(opt: argparse.Namespace, model: SeqMatchModel):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -338,17 +361,98 @@ def make_optimizer(opt: argparse.Namespace, model: SeqMatchModel):
     return optimizer, scheduler
 
 
-def checkpoint_state(epoch: int, model: SeqMatchModel, optimizer, scheduler, recalls: dict, best_score: float,
-                     not_improved: int, neg_cache: np.ndarray, history: dict) -> dict:
-    """The reference's checkpoint keys plus what exact resumption needs; plain types only."""
-    from utils import plain_floats
+@dataclass
+class TrainState:
+    """What training carries from epoch to epoch; a checkpoint holds all of it except
+    ``last_val`` and ``timings``."""
 
-    state = {k.replace("pool.module.", "pool."): v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"epoch": epoch, "state_dict": state, "recalls": plain_floats(recalls), "best_score": float(best_score),
-            "optimizer": optimizer.state_dict(), "parallel": False,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "not_improved": int(not_improved), "neg_cache": torch.from_numpy(neg_cache.copy()),
-            "history": history}
+    epoch: int
+    neg_cache: np.ndarray                  # [len(q_frames), N_NEG] database positions, -1 = empty
+    best_score: float = 0.0                # best validation Recall@5
+    not_improved: int = 0                  # validations since the best one
+    recalls: dict = field(default_factory=dict)     # the last epoch's validation recalls ({} when not run)
+    history: dict = field(default_factory=lambda: {"epochs": [], "loss": [], "val_epochs": [], "val_recalls": {}})
+    last_val: tuple | None = None          # (epoch, EvalResult) of the last validation
+    timings: dict = field(default_factory=lambda: {"epochs_s": 0.0})
+
+    @classmethod
+    def fresh(cls, num_queries: int, start_epoch: int = 0) -> TrainState:
+        return cls(start_epoch, np.full((num_queries, N_NEG), -1, dtype=np.int64))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, source: str, model: SeqMatchModel, optimizer, scheduler,
+                        num_queries: int) -> TrainState:
+        """Restore the model, optimiser and scheduler from ``ckpt`` and return the loop state.
+        Reference checkpoints carry no scheduler, cache or history: those start afresh."""
+        load_state(model, ckpt["state_dict"], source)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"checkpoint {source}: its optimiser state is missing or does not fit this model "
+                            f"({type(exc).__name__}: {exc}); resume another checkpoint (--ckpt latest|best) "
+                            "or start a new run") from exc
+        state = cls.fresh(num_queries, int(ckpt["epoch"]))
+        state.best_score = float(ckpt.get("best_score", 0.0))
+        state.not_improved = int(ckpt.get("not_improved", 0))
+        state.history = ckpt.get("history") or state.history
+        if scheduler is not None:
+            if ckpt.get("scheduler"):
+                scheduler.load_state_dict(ckpt["scheduler"])
+            else:   # one step per finished epoch
+                scheduler.last_epoch = state.epoch
+        cache = ckpt.get("neg_cache")
+        if cache is not None and tuple(cache.shape) == state.neg_cache.shape:
+            state.neg_cache = cache.numpy().copy()
+        return state
+
+    def to_checkpoint(self, model: SeqMatchModel, optimizer, scheduler) -> dict:
+        """The reference's checkpoint keys plus what exact resumption needs; plain types only."""
+        weights = {k.replace("pool.module.", "pool."): v.detach().cpu() for k, v in model.state_dict().items()}
+        return {"epoch": self.epoch, "state_dict": weights, "recalls": plain_floats(self.recalls),
+                "best_score": float(self.best_score), "optimizer": optimizer.state_dict(), "parallel": False,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "not_improved": int(self.not_improved), "neg_cache": torch.from_numpy(self.neg_cache.copy()),
+                "history": self.history}
+
+    def record_epoch(self, epoch: int, stats: EpochStats, seconds: float) -> None:
+        self.epoch = epoch
+        self.history["epochs"].append(epoch)
+        self.history["loss"].append(stats.avg_loss)
+        self.timings["epochs_s"] += seconds
+        for k, v in stats.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
+
+
+def log_epoch(epoch: int, stats: EpochStats, writer) -> None:
+    log.info("epoch %d: average loss %.4f over %d batches (%d triplet queries, %d skipped); train R@1 %.4f "
+             "R@5 %.4f [%s]", epoch, stats.avg_loss, stats.batches, stats.triplet_queries, stats.skipped,
+             stats.train_recalls[1], stats.train_recalls[5],
+             ", ".join(f"{k} {v:.1f}" for k, v in stats.timings.items()))
+    writer.scalar("Train/AvgLoss", stats.avg_loss, epoch)
+    for n, r in stats.train_recalls.items():
+        writer.scalar(f"Train/Recall@{n}", r, epoch)
+
+
+def validate(opt: argparse.Namespace, epoch: int, model: SeqMatchModel, val_split: Split, device: torch.device,
+             state: TrainState, run_dir: Path, writer) -> bool:
+    """Evaluate on the validation split, log and draw it, and update the best score (validation
+    Recall@5, as the reference). Returns True when this epoch is the best so far."""
+    from test import evaluate, format_recalls, write_figures
+
+    result = evaluate(opt, val_split, model, device)
+    state.recalls, state.last_val = result.recalls, (epoch, result)
+    log.info(format_recalls(result, f"epoch {epoch} validation"))
+    state.history["val_epochs"].append(epoch)
+    for n, r in result.recalls.items():
+        writer.scalar(f"Val/Recall@{n}", r, epoch)
+        state.history["val_recalls"].setdefault(n, []).append(r)
+    if opt.figures == "epoch":
+        write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
+    if result.recalls[5] > state.best_score:
+        state.best_score, state.not_improved = result.recalls[5], 0
+        return True
+    state.not_improved += 1
+    return False
 
 
 def draw_training_curves(history: dict, run_dir: Path, writer, epoch: int) -> None:
@@ -360,156 +464,89 @@ def draw_training_curves(history: dict, run_dir: Path, writer, epoch: int) -> No
     plots.save_figure(fig, run_dir / "training_curves.png")
 
 
-def resume_command(opt: argparse.Namespace, argv: list[str] | None, run_dir: Path) -> str:
-    """The command that continues this run: the original arguments with ``--resume RUNDIR``."""
-    import shlex
+def final_precision_recall(opt: argparse.Namespace, state: TrainState, val_split: Split, run_dir: Path,
+                           writer) -> dict | None:
+    """Precision-recall of the last validation (and, with ``--figures end``, its figures)."""
+    from test import top1_precision_recall, write_figures
 
-    if argv is None:
-        argv = ["--mode", "train", "--seqL", str(opt.seqL), "--dataset", opt.dataset, "--dataPath", opt.dataPath,
-                "--structPath", opt.structPath, "--nEpochs", str(opt.nEpochs)]
-        argv += ["--pooling"] if opt.pooling else ["--method", opt.method]
-    args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--resume":
-            skip = True
-        elif not a.startswith("--resume="):
-            args.append(a)
-    return "python main.py " + " ".join(shlex.quote(a) for a in args + ["--resume", str(run_dir)])
+    if state.last_val is None:
+        return None
+    epoch, result = state.last_val
+    if opt.figures == "end":
+        draw_training_curves(state.history, run_dir, writer, state.epoch)
+        return write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
+    return top1_precision_recall(result, val_split)
+
+
+def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchModel, optimizer, scheduler,
+                    resumed: tuple | None, device: torch.device) -> tuple[TrainState, Path]:
+    """A new run folder, or the resumed one with the model, optimiser and loop state restored from
+    ``resumed`` = ``(run_dir, ckpt_file, ckpt)``; then the log file and ``flags.json``."""
+    if resumed is None:
+        state, run_dir = TrainState.fresh(len(tset.q_frames), opt.start_epoch), runs.make_run_dir(opt)
+    else:
+        run_dir, ckpt_file, ckpt = resumed
+        state = TrainState.from_checkpoint(ckpt, str(ckpt_file), model, optimizer, scheduler, len(tset.q_frames))
+        model.to(device)
+    ckpt_dir = run_dir / opt.savePath
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    add_log_file(run_dir / "train.log")
+    runs.write_flags(argparse.Namespace(**{**vars(opt), "outDims": model.out_dims}), ckpt_dir)
+    log.info("run folder: %s\ntraining set: %s", run_dir, tset.summary())
+    return state, run_dir
 
 
 def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
-    """``--mode train``: returns the run folder. ``argv`` (the command line) only
-    serves the resume hint printed on Ctrl-C."""
-    from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state, open_run, parallelize
-    from options import options_dict
-    import report
-    from test import evaluate, format_recalls, top1_precision_recall, write_figures
-    from utils import (MetricsWriter, add_log_file, atomic_write, check_wandb, get_device, make_deterministic,
-                       save_checkpoint_atomic, write_json_atomic)
-
+    """``--mode train``: build, resume, then per epoch train, validate, checkpoint and stop
+    early; returns the run folder. ``argv`` only serves the resume hint printed on Ctrl-C."""
     if not (opt.pooling or opt.method == "seqnet"):
         raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
     device = get_device(opt.nocuda, opt.device)
     check_wandb(opt.wandb)
-    ckpt = None
+    resumed = None
     if opt.resume:
-        opt, run_dir, ckpt_file, ckpt = open_run(opt)
-        for stale in (run_dir / opt.savePath).glob(".*.tmp"):   # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
+        opt, *resumed = runs.open_run(opt)
+        runs.remove_stale_temporaries(resumed[0] / opt.savePath)
     make_deterministic(opt.seed)
     prepare_dataset(opt)
-    train_split = get_split(opt, "train")
-    val_split = get_split(opt, "val")
+    train_split, val_split = get_split(opt, "train"), get_split(opt, "val")
     tset = TrainingSet.build(train_split, opt.seqL)
     model = get_model(opt, train_split.dim).to(device)
     optimizer, scheduler = make_optimizer(opt, model)
-    neg_cache = np.full((len(tset.q_frames), N_NEG), -1, dtype=np.int64)
-    start_epoch, best_score, not_improved = opt.start_epoch, 0.0, 0
-    history = {"epochs": [], "loss": [], "val_epochs": [], "val_recalls": {}}
-    if ckpt is not None:
-        load_state(model, ckpt["state_dict"], str(ckpt_file))
-        model.to(device)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(f"checkpoint {ckpt_file}: its optimiser state is missing or does not fit this model and "
-                            f"--optim {opt.optim} ({type(exc).__name__}: {exc}); resume another checkpoint "
-                            "(--ckpt latest|best) or start a new run") from exc
-        start_epoch = int(ckpt["epoch"])
-        best_score = float(ckpt.get("best_score", 0.0))
-        not_improved = int(ckpt.get("not_improved", 0))
-        if scheduler is not None:
-            if ckpt.get("scheduler"):
-                scheduler.load_state_dict(ckpt["scheduler"])
-            else:   # reference checkpoints carry no scheduler: one step per finished epoch
-                scheduler.last_epoch = start_epoch
-        history = ckpt.get("history") or history
-        cache = ckpt.get("neg_cache")
-        if cache is not None and tuple(cache.shape) == neg_cache.shape:
-            neg_cache = cache.numpy().copy()
-    else:
-        run_dir = make_run_dir(opt)
+    state, run_dir = open_run_folder(opt, tset, model, optimizer, scheduler, resumed, device)
     parallelize(model, opt.nGPU, device)
     ckpt_dir = run_dir / opt.savePath
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    add_log_file(run_dir / "train.log")
-    write_json_atomic(options_dict(opt), ckpt_dir / "flags.json")
-    log.info("run folder: %s", run_dir)
-    log.info("training set: %s", tset.summary())
-
     writer = MetricsWriter(run_dir, opt)
-    epoch = start_epoch
-    recalls, pr, timings, last_val = {}, None, {"epochs_s": 0.0}, None
     try:
-        for epoch in range(start_epoch + 1, opt.nEpochs + 1):
+        for epoch in range(state.epoch + 1, opt.nEpochs + 1):
             t0 = time.perf_counter()
-            stats = train_epoch(model, tset, optimizer, neg_cache, opt, epoch, device, writer)
+            stats = train_epoch(model, tset, optimizer, state.neg_cache, opt, epoch, device, writer)
             if scheduler is not None:
                 scheduler.step()
-            log.info("epoch %d: average loss %.4f over %d batches (%d triplet queries, %d skipped); "
-                     "train R@1 %.4f R@5 %.4f [%s]", epoch, stats.avg_loss, stats.batches, stats.triplet_queries,
-                     stats.skipped, stats.train_recalls[1], stats.train_recalls[5],
-                     ", ".join(f"{k} {v:.1f}" for k, v in stats.timings.items()))
-            history["epochs"].append(epoch)
-            history["loss"].append(stats.avg_loss)
-            writer.scalar("Train/AvgLoss", stats.avg_loss, epoch)
-            for n, r in stats.train_recalls.items():
-                writer.scalar(f"Train/Recall@{n}", r, epoch)
-            recalls, is_best = {}, False
+            log_epoch(epoch, stats, writer)
+            state.recalls, is_best = {}, False
             if epoch % opt.evalEvery == 0:
-                result = evaluate(opt, val_split, model, device)
-                recalls = result.recalls
-                log.info(format_recalls(result, f"epoch {epoch} validation"))
-                for n, r in recalls.items():
-                    writer.scalar(f"Val/Recall@{n}", r, epoch)
-                history["val_epochs"].append(epoch)
-                for n, r in recalls.items():
-                    history["val_recalls"].setdefault(n, []).append(r)
-                last_val = (epoch, result)
-                if opt.figures == "epoch":
-                    pr = write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val",
-                                       writer, epoch)
-                is_best = recalls[5] > best_score
-                if is_best:
-                    best_score, not_improved = recalls[5], 0
-                else:
-                    not_improved += 1
+                is_best = validate(opt, epoch, model, val_split, device, state, run_dir, writer)
+            state.record_epoch(epoch, stats, time.perf_counter() - t0)
             if opt.figures == "epoch":
-                draw_training_curves(history, run_dir, writer, epoch)
-            timings["epochs_s"] += time.perf_counter() - t0
-            for k, v in stats.timings.items():
-                timings[k] = timings.get(k, 0.0) + v
-            state = checkpoint_state(epoch, model, optimizer, scheduler, recalls, best_score, not_improved, neg_cache,
-                                     history)
-            save_checkpoint_atomic(state, ckpt_dir / "checkpoint.pth.tar")
+                draw_training_curves(state.history, run_dir, writer, epoch)
+            checkpoint = state.to_checkpoint(model, optimizer, scheduler)
+            runs.save_checkpoint_atomic(checkpoint, ckpt_dir / "checkpoint.pth.tar")
             if is_best:
-                atomic_write(ckpt_dir / "model_best.pth.tar",
-                             lambda f: f.write((ckpt_dir / "checkpoint.pth.tar").read_bytes()))
-            if opt.patience > 0 and not_improved > opt.patience / opt.evalEvery:
-                log.info("no improvement for %d validations: stopping early", not_improved)
+                runs.copy_as_best(ckpt_dir)
+            if opt.patience > 0 and state.not_improved > opt.patience / opt.evalEvery:
+                log.info("no improvement for %d validations: stopping early", state.not_improved)
                 break
+        pr = final_precision_recall(opt, state, val_split, run_dir, writer)
     except KeyboardInterrupt:
-        last = ckpt_dir / "checkpoint.pth.tar"
-        where = f"the last checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        log.warning("interrupted during epoch %d: %s; continue with: %s", epoch, where,
-                    resume_command(opt, argv, run_dir))
+        runs.log_interrupted(ckpt_dir, state.epoch + 1, runs.resume_command(opt, argv, run_dir))
         raise
-    else:
-        if opt.figures == "end" and last_val is not None:
-            pr = write_figures(last_val[1], val_split, opt.seqL, run_dir, f"epoch {last_val[0]} validation", "Val",
-                               writer, last_val[0])
-            draw_training_curves(history, run_dir, writer, epoch)
-        elif opt.figures == "none" and last_val is not None:
-            pr = top1_precision_recall(last_val[1], val_split)
     finally:
         writer.close()
-    log.info("best validation Recall@5 %.4f; checkpoints in %s", best_score, ckpt_dir)
-    summary = report.build_summary("train", options_dict(opt), recalls, {}, pr, timings,
+    log.info("best validation Recall@5 %.4f; checkpoints in %s", state.best_score, ckpt_dir)
+    summary = report.build_summary("train", runs.options_dict(opt), state.recalls, {}, pr, state.timings,
                                    train_split.files + val_split.files,
-                                   extra={"best_recall@5": best_score, "epochs": epoch, "run_dir": str(run_dir),
-                                          "training_set": tset.summary()})
+                                   extra={"best_recall@5": state.best_score, "epochs": state.epoch,
+                                          "run_dir": str(run_dir), "training_set": tset.summary()})
     write_json_atomic(summary, run_dir / "summary.json")
     return run_dir

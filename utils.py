@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import random
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -40,61 +39,11 @@ def get_device(nocuda: bool, device: str = "auto") -> torch.device:
     if device == "cuda":
         raise UserError("--device cuda was asked for but CUDA is not available on this machine: "
                         "use --nocuda (or --device cpu) to run on the CPU")
-    log.info("CUDA is not available: running on the CPU (--nocuda says so explicitly)")
+    log.debug("CUDA is not available: running on the CPU")
     return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- checkpoints
-
-def _numpy_safe_globals() -> list:
-    """NumPy types found in reference checkpoints (their recalls are NumPy scalars)."""
-    names = []
-    core = getattr(np, "_core", None) or np.core
-    names.append(core.multiarray.scalar)
-    names.append(np.dtype)
-    names.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    names.extend([np.float64, np.float32, np.int64, np.int32, np.ndarray, core.multiarray._reconstruct])
-    return names
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with weights-only unpickling (NumPy scalar types allow-listed) onto the CPU,
-    and check its structure: ``state_dict`` (name -> tensor), ``epoch`` (int) and, when present,
-    ``optimizer`` (an optimiser state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: check --resume (a run folder with checkpoints/) and --ckpt")
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many error types for bad files
-        text = str(exc)
-        unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
-        if unsafe or "weights_only" in text.lower() or "Weights only load failed" in text:
-            what = unsafe.group(1) if unsafe else "objects"
-            raise UserError(f"checkpoint {path} holds {what}, which would need arbitrary code to load; refusing it "
-                            "for safety: use a checkpoint written by SeqMatchNet training") from exc
-        msg = text.splitlines()[0] if text else type(exc).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({msg:.120}): use another checkpoint "
-                        "(--ckpt latest|best) or retrain") from exc
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise UserError(f"checkpoint {path} has no 'state_dict': it is not a SeqMatchNet checkpoint; check --resume")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
-        raise UserError(f"checkpoint {path}: 'state_dict' must map parameter names to tensors: it is not a "
-                        "SeqMatchNet checkpoint; check --resume")
-    epoch = ckpt.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise UserError(f"checkpoint {path} has no valid 'epoch' (got {epoch!r:.40}): it is damaged or not a "
-                        "SeqMatchNet checkpoint; use another checkpoint (--ckpt latest|best)")
-    optimizer = ckpt.get("optimizer")
-    if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
-                                      and isinstance(optimizer.get("param_groups"), list)
-                                      and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                              for g in optimizer["param_groups"])):
-        raise UserError(f"checkpoint {path} has a malformed 'optimizer' state: it is damaged; use another "
-                        "checkpoint (--ckpt latest|best)")
-    return ckpt
-
 
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` through ``write(file_object)`` into a temporary file in
@@ -133,19 +82,6 @@ def ensure_output_dir(path: Path, option: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path} is not writable: choose a writable folder")
     return path
-
-
-def save_checkpoint_atomic(obj: dict, path: Path) -> None:
-    def write(f) -> None:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as exc:     # torch reports a failed write (e.g. disk full) as RuntimeError
-            cause = exc.__context__
-            if isinstance(cause, OSError):
-                raise OSError(cause.errno, cause.strerror or str(cause)) from exc
-            raise
-
-    atomic_write(path, write)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -241,7 +177,8 @@ def check_wandb(mode: str):
     try:
         import wandb
     except ImportError as exc:
-        raise UserError(f"--wandb {mode} needs the wandb package: pip install wandb (or leave --wandb disabled)") from exc
+        raise UserError(f"--wandb {mode} needs the wandb package: pip install wandb (or leave --wandb "
+                        "disabled)") from exc
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb)):
         raise UserError("--wandb online needs a logged-in account (wandb login or WANDB_API_KEY); "
                         "use --wandb offline to log locally")

@@ -1,6 +1,6 @@
 """Draw assets/overview.png: the same stretch of the synthetic test split seen three ways.
 
-    python assets/make_overview.py RUN_DIR [--out assets/overview.png]
+    python assets/make_overview.py RUN_DIR [--out RUN_DIR/overview.png]
 
 RUN_DIR is a SeqMatchNet run trained on ``--dataset synthetic`` (``make demo``
 leaves one under data/runs/). Run from the folder that holds data/ and structFiles/.
@@ -23,12 +23,12 @@ def overview(run_dir: str, out: Path, frames: int = 250, seq_len: int = 5) -> Pa
     import torch
     from matplotlib.figure import Figure
 
-    import main
     from datasets import sequence_windows
+    from get_models import extract_features
     from options import parse_options
     from plots import save_figure
     from seqMatchNet import window_distances
-    from test import extract_features
+    from test import load_for_test
 
     base = "--mode test --dataset synthetic --split test --nocuda --quiet".split()
     panels = []
@@ -36,9 +36,10 @@ def overview(run_dir: str, out: Path, frames: int = 250, seq_len: int = 5) -> Pa
                            (f"sequence matching (L={seq_len}), raw", ["--seqL", str(seq_len)], seq_len),
                            (f"sequence matching (L={seq_len}), SeqMatchNet",
                             ["--seqL", str(seq_len), "--pooling", "--resume", run_dir, "--ckpt", "best"], seq_len)):
-        opt, split, model, device = main.load_for_test(parse_options(base + args))
-        db = extract_features(model, split.db_desc[:frames], device, 256)
-        q = extract_features(model, split.q_desc[:frames], device, 256)
+        loaded = load_for_test(parse_options(base + args))
+        split = loaded.split
+        db = extract_features(loaded.model, split.db_desc[:frames], loaded.device, 256)
+        q = extract_features(loaded.model, split.q_desc[:frames], loaded.device, 256)
         db_s, _ = sequence_windows(np.tile([[0, frames]], (frames, 1)), L)
         q_s, _ = sequence_windows(np.tile([[0, frames]], (frames, 1)), L)
         d = window_distances(db, q, torch.as_tensor(db_s), torch.as_tensor(q_s), L).numpy()
@@ -67,9 +68,9 @@ def overview(run_dir: str, out: Path, frames: int = 250, seq_len: int = 5) -> Pa
 def main_cli(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--out", default=str(ROOT / "assets" / "overview.png"))
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/overview.png)")
     a = p.parse_args(argv)
-    print(overview(a.run_dir, Path(a.out)))
+    print(overview(a.run_dir, Path(a.out) if a.out else Path(a.run_dir) / "overview.png"))
 
 
 if __name__ == "__main__":

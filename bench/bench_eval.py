@@ -20,13 +20,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
-
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
-
-from common import (CPU_NOTE, add_size_options, apply_threads, goal, interleaved, machine_line, median,
-                    route_features, table, timed)
+from common import (
+    CPU_NOTE,
+    add_size_options,
+    apply_threads,
+    goal,
+    interleaved,
+    machine_line,
+    median,
+    route_features,
+    table,
+    timed,
+)
 
 TOP_K = 100
 
@@ -83,10 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
+    import test as project_test
     from datasets import segment_bounds, sequence_windows
     from get_models import SeqMatchModel
     from options import parse_options
-    import test as project_test
 
     L = args.seqL
     print(f"bench_eval: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {L}; {machine_line()}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
 from common import CPU_NOTE, add_size_options, apply_threads, goal, machine_line, table, unit_rows

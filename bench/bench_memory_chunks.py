@@ -22,12 +22,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
-
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
 import torch
-
-from common import (PeakMemory, add_size_options, child_report, ran_as_child, goal, machine_line, mib, run_child,
-                    table, unit_rows)
+from common import (
+    PeakMemory,
+    add_size_options,
+    child_report,
+    goal,
+    machine_line,
+    mib,
+    ran_as_child,
+    run_child,
+    table,
+    unit_rows,
+)
 
 TOP_K = 100
 

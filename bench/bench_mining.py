@@ -25,13 +25,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
-
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
-
-from common import (CPU_NOTE, PeakMemory, add_size_options, child_report, ran_as_child, gib, goal, machine_line,
-                    median, mib, run_child, table, unit_rows)
+from common import (
+    CPU_NOTE,
+    PeakMemory,
+    add_size_options,
+    child_report,
+    gib,
+    goal,
+    machine_line,
+    median,
+    mib,
+    ran_as_child,
+    run_child,
+    table,
+    unit_rows,
+)
 
 METHODS = ("meanOfPairs", "centerOnly")
 GIB = 1024 ** 3
@@ -160,7 +171,8 @@ def main(argv=None) -> int:
         return 0
     print(f"bench_mining: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
           f"chunks of {args.refresh} queries; {machine_line()}")
-    common = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim), "--seqL", str(args.seqL),
+    child_args = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim),
+                  "--seqL", str(args.seqL),
               "--subset", str(args.subset), "--refresh", str(args.refresh), "--timed-chunks", str(args.timed_chunks),
               "--seed", str(args.seed), "--threads", str(args.threads)]
     variants = ["all", "default"]
@@ -168,10 +180,10 @@ def main(argv=None) -> int:
     for method in args.methods:
         res = {}
         # the baseline brackets the project variants (before and after) so that both see the same load
-        base_runs = [run_child(Path(__file__), common + ["--variant", "baseline", "--method", method])]
+        base_runs = [run_child(Path(__file__), child_args + ["--variant", "baseline", "--method", method])]
         for v in variants:
-            res[v] = run_child(Path(__file__), common + ["--variant", v, "--method", method])
-        base_runs.append(run_child(Path(__file__), common + ["--variant", "baseline", "--method", method]))
+            res[v] = run_child(Path(__file__), child_args + ["--variant", v, "--method", method])
+        base_runs.append(run_child(Path(__file__), child_args + ["--variant", "baseline", "--method", method]))
         b = base_runs[0]
         n_q = b["n_queries"]
         per_q = median([r["per_query_s"] for r in base_runs])

@@ -20,13 +20,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
-
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
-
-from common import (CPU_NOTE, PeakMemory, add_size_options, child_report, ran_as_child, gib, goal, machine_line,
-                    run_child, route_features, table)
+from common import (
+    CPU_NOTE,
+    PeakMemory,
+    add_size_options,
+    child_report,
+    gib,
+    goal,
+    machine_line,
+    ran_as_child,
+    route_features,
+    run_child,
+    table,
+)
 
 GIB = 1024 ** 3
 
@@ -116,12 +125,13 @@ def main(argv=None) -> int:
     print(f"bench_scale: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
           f"query_chunk {args.query_chunk}, test.DENSE_LIMIT_BYTES {gib(project_test.DENSE_LIMIT_BYTES)}; "
           f"{machine_line()}")
-    common = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim), "--seqL", str(args.seqL),
+    child_args = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim),
+                  "--seqL", str(args.seqL),
               "--query-chunk", str(args.query_chunk), "--subset", str(args.subset), "--seed", str(args.seed),
               "--threads", str(args.threads)]
     rows, ok = [], True
     for db_chunk in args.db_chunk:
-        r = run_child(Path(__file__), common + ["--db-chunk", str(db_chunk)])
+        r = run_child(Path(__file__), child_args + ["--db-chunk", str(db_chunk)])
         name = f"rank, db_chunk {'automatic' if db_chunk <= 0 else db_chunk} (-> {r['db_chunk']})"
         rows.append([name, f"{r['rank_s']:.1f}", f"{r['n_q'] / r['rank_s']:.0f}", f"{r['rank_s'] / r['floor_s']:.2f}",
                      gib(r["delta"]), gib(r["peak"]),

@@ -1,5 +1,5 @@
 """One training epoch on the reference fixture: the project's ``train_epoch`` against a straightforward
-per-query implementation of the same steps (SPEC section 7), written here.
+per-query implementation of the same steps (README, "How it works"), written here.
 
     python bench/bench_train.py [--quick] [--baseline-queries 120 --baseline-batches 6 --repeats 2]
 
@@ -37,12 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np
 import torch
-
 from common import CPU_NOTE, add_threads_option, apply_threads, goal, machine_line, median, table
 
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -105,7 +105,6 @@ def baseline_epoch_parts(model, tset, optimizer, neg_cache: np.ndarray, opt, epo
                          n_batches: int) -> dict:
     """Time the baseline on part of the epoch; return per-unit times and the epoch's unit counts."""
     from plain import plain_mine_query
-
     from train import N_NEG_SAMPLE
 
     split, L = tset.split, tset.seq_len
@@ -191,9 +190,8 @@ def extrapolate(parts: dict) -> dict:
 def check_equivalence(model, tset, opt) -> tuple[int, int, float, float]:
     """Plain mining and loss against the project's ``mine`` / ``batch_loss`` on one chunk's inputs.
     Returns (queries compared, mismatching queries, |loss difference|, max |gradient difference|)."""
+    from get_models import extract_features
     from plain import plain_mine_query
-
-    from test import extract_features
     from train import N_NEG, batch_loss, cache_distances, mine, sample_negatives
 
     model = copy.deepcopy(model)

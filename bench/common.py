@@ -10,8 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as main.py does, before torch loads
 
@@ -61,10 +61,7 @@ def route_features(n_db: int, n_q: int, dim: int, seed: int = 0, noise: float = 
             out[lo:hi] = x / x.norm(dim=1, keepdim=True)
         return out
 
-    db = traversal(n_db, None)
-    q = traversal(n_q, nuis)
-    del place
-    return db, q
+    return traversal(n_db, None), traversal(n_q, nuis)
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -136,7 +133,7 @@ class PeakMemory:
     ``reset`` is False (the peak may then include transients from before the block).
     """
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         gc.collect()
         self.reset = False
         try:

@@ -28,8 +28,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     os.chdir(a.workdir)
 
-    import main as cli
     from options import parse_options
+    from test import evaluate_options, load_for_test
     from train import train
     from utils import setup_logging
 
@@ -41,7 +41,7 @@ def main() -> int:
     def run_test(args: list[str], results: str | None = None):
         args = test + args + (["--resultsPath", results] if results else [])
         print("  python main.py " + " ".join(args), flush=True)
-        result = cli.evaluate_options(parse_options(args))[-1]
+        _, result = evaluate_options(parse_options(args))
         if results:
             from test import save_results
             save_results(Path(results), result)
@@ -52,7 +52,7 @@ def main() -> int:
         print("  python main.py " + " ".join(args), flush=True)
         return str(train(parse_options(args)))
 
-    dim = str(cli.load_for_test(parse_options(test + ["--seqL", "1"]))[1].dim)
+    dim = str(load_for_test(parse_options(test + ["--seqL", "1"])).split.dim)
     rows = []
 
     def add(label: str, *results) -> None:
@@ -64,8 +64,10 @@ def main() -> int:
     add(f"smooth (L={L})", run_test(["--seqL", L, "--method", "smooth"]))
     add(f"delta (L={L})", run_test(["--seqL", L, "--method", "delta"]))
     add(f"sequence matching, raw (L={L})", run_test(["--seqL", L]))
-    seqnet = run_train(["--method", "seqnet", "--seqL", L, "--w", str(a.w), "--outDims", dim, "--expName", "cmp_seqnet"])
-    shortlist = run_test(["--method", "seqnet", "--seqL", L, "--resume", seqnet, "--ckpt", "best"], "results/cmp_seqnet")
+    seqnet = run_train(["--method", "seqnet", "--seqL", L, "--w", str(a.w), "--outDims", dim,
+                        "--expName", "cmp_seqnet"])
+    shortlist = run_test(["--method", "seqnet", "--seqL", L, "--resume", seqnet, "--ckpt", "best"],
+                         "results/cmp_seqnet")
     add(f"SeqNet (trained, w={a.w})", shortlist)
     s1 = run_train(["--seqL", "1", "--pooling", "--outDims", dim, "--init", "identity", "--expName", "cmp_s1"])
     add("S1 + SeqMatch", run_test(["--seqL", L, "--pooling", "--resume", s1, "--ckpt", "best"]))

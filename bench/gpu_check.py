@@ -23,8 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY before torch loads)
-
+import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
 
@@ -51,6 +50,7 @@ def timed(fn, device: torch.device, repeats: int = 3) -> float:
 
 def make_split(n: int, dim: int, seed: int):
     from common import route_features
+
     from datasets import Split, segment_bounds
 
     db, q = route_features(n, n, dim, seed=seed)
@@ -73,6 +73,7 @@ class Report:
 
 def check_distances(rep: Report, gpu: torch.device) -> None:
     from common import route_features
+
     from datasets import segment_bounds, sequence_windows
     from seqMatchNet import window_distances
 
@@ -88,8 +89,9 @@ def check_distances(rep: Report, gpu: torch.device) -> None:
 
 
 def check_rank(rep: Report, gpu: torch.device) -> None:
-    import test as project_test
     from common import route_features
+
+    import test as project_test
     from datasets import segment_bounds, sequence_windows
 
     db, q = route_features(3000, 2000, 512, seed=2)
@@ -108,8 +110,7 @@ def check_rank(rep: Report, gpu: torch.device) -> None:
 
 
 def batch_inputs(seed: int = 3):
-    from get_models import SeqMatchModel
-    from test import extract_features
+    from get_models import SeqMatchModel, extract_features
     from train import N_NEG, TrainingSet, cache_distances, mine, sample_negatives
 
     split = make_split(800, 128, seed)
@@ -173,6 +174,7 @@ def check_faiss(rep: Report, gpu: torch.device) -> None:
               "(CPU build)" if gpu.type == "cuda" else "skip faiss GPU: no CUDA device (self-test)")
         return
     from common import route_features
+
     from test import faiss_search
 
     db, q = route_features(5000, 1000, 256, seed=4)
@@ -183,8 +185,9 @@ def check_faiss(rep: Report, gpu: torch.device) -> None:
 
 
 def time_rank(gpu: torch.device, n: int, dim: int) -> None:
-    import test as project_test
     from common import route_features
+
+    import test as project_test
     from datasets import segment_bounds, sequence_windows
 
     db, q = route_features(n, n, dim, seed=5)
@@ -208,7 +211,7 @@ def time_epoch(gpu: torch.device, n: int) -> None:
     model0 = SeqMatchModel(256, pooling=True, out_dims=64)
     times, losses = {}, {}
     for name, device in (("cpu", torch.device("cpu")), ("gpu", gpu)):
-        for run in range(2):   # the first run warms up (CUDA context, cuBLAS/cuDNN handles)
+        for _run in range(2):   # the first run warms up (CUDA context, cuBLAS/cuDNN handles)
             model = copy.deepcopy(model0).to(device)
             optimizer, _ = make_optimizer(opt, model)
             neg_cache = np.full((len(tset.q_frames), N_NEG), -1, dtype=np.int64)

@@ -26,9 +26,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -190,7 +190,7 @@ def temp_files(ckpt_dir: Path) -> list[Path]:
 
 
 def checkpoint_epoch(path: Path):
-    from utils import load_checkpoint
+    from runs import load_checkpoint
     return load_checkpoint(path)["epoch"]
 
 
@@ -684,7 +684,8 @@ def test_unknown_keys_in_flags_json_are_ignored(outcomes, name):
                                        ("seed", -5), ("optim", "LBFGS"), ("lr", float("nan")),
                                        ("margin", float("inf")), ("savePath", "../../outside"), ("savePath", "/tmp/x")])
 def test_hostile_flags_json_values(tmp_path, key, value):
-    from options import parse_options, restore_flags
+    from options import parse_options
+    from runs import restore_flags
     from utils import UserError
 
     flags = tmp_path / "flags.json"
@@ -697,7 +698,8 @@ def test_hostile_flags_json_values(tmp_path, key, value):
 
 @pytest.mark.parametrize("content", ["[" * 200000 + "]" * 200000, '["lr", 0.1]', "\xff\xfe binary", ""])
 def test_unreadable_flags_json(tmp_path, content):
-    from options import parse_options, restore_flags
+    from options import parse_options
+    from runs import restore_flags
     from utils import UserError
 
     flags = tmp_path / "flags.json"
@@ -724,7 +726,8 @@ def test_bad_options_in_process(tmp_path, monkeypatch, capsys, args, needles):
 @pytest.mark.parametrize("damage", ["no epoch", "epoch is text", "optimizer is empty", "state_dict of strings",
                                     "state_dict is a list"])
 def test_malformed_checkpoint_structure(tmp_path, damage):
-    from utils import UserError, load_checkpoint
+    from runs import load_checkpoint
+    from utils import UserError
 
     ckpt = {"epoch": 1, "state_dict": {"pool.1.conv.weight": torch.zeros(2, 2, 1)},
             "optimizer": {"state": {}, "param_groups": [{"params": [0, 1]}]}}
@@ -745,9 +748,9 @@ def test_malformed_checkpoint_structure(tmp_path, damage):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("bad", ["float", "missing key", "not npz", "object array", "one row"])
+@pytest.mark.parametrize("bad", ["float", "missing key", "not npz", "object array", "one row", "rows", "range"])
 def test_bad_predictions_file(tmp_path, bad):
-    from test import load_predictions
+    from test import check_predictions, load_predictions
     from utils import UserError
 
     path = tmp_path / "preds.npz"
@@ -760,10 +763,14 @@ def test_bad_predictions_file(tmp_path, bad):
         path.write_bytes(b"not an npz at all")
     elif bad == "object array":
         np.savez(path, preds=np.array([[1, "x"]] * 70, dtype=object))
+    elif bad == "rows":
+        np.savez(path, preds=preds[:69])
+    elif bad == "range":
+        np.savez(path, preds=preds + 51)
     else:
         np.savez(path, preds=np.arange(20))
     with pytest.raises(UserError) as err:
-        load_predictions(path, 70, 70)
+        check_predictions(load_predictions(path), 70, 70, f"--predictionsFile {path}")
     assert "--predictionsFile" in str(err.value) and str(path) in str(err.value)
 
 
@@ -842,16 +849,16 @@ def test_same_second_gets_two_run_folders(tmp_path, monkeypatch):
     import datetime as dt
     from argparse import Namespace
 
-    import train
+    import runs
 
     class Frozen(dt.datetime):
         @classmethod
         def now(cls, tz=None):
             return dt.datetime(2024, 3, 1, 12, 0, 0)
 
-    monkeypatch.setattr(train, "datetime", Frozen)
+    monkeypatch.setattr(runs, "datetime", Frozen)
     opt = Namespace(runsPath=str(tmp_path / "runs"), seqL=5, expName="same")
-    a, b = train.make_run_dir(opt), train.make_run_dir(opt)
+    a, b = runs.make_run_dir(opt), runs.make_run_dir(opt)
     assert a != b and a.is_dir() and b.is_dir()
     assert a.name.startswith("Mar01_12-00-00_l5_same") and b.name.startswith("Mar01_12-00-00_l5_same")
 
@@ -873,7 +880,8 @@ def test_concurrent_training_runs(outcomes, name):
 
 @pytest.mark.parametrize("how", ["OSError", "torch RuntimeError"])
 def test_enospc_keeps_the_previous_checkpoint(tmp_path, monkeypatch, how):
-    from utils import UserError, save_checkpoint_atomic
+    from runs import save_checkpoint_atomic
+    from utils import UserError
 
     path = tmp_path / "checkpoints" / "checkpoint.pth.tar"
     save_checkpoint_atomic({"epoch": 1, "state_dict": {"w": torch.ones(4)}}, path)
@@ -916,7 +924,7 @@ REFERENCE_CKPT = REFERENCE / "data/runs/ref_oxford_l5_1epoch/checkpoints/checkpo
 
 @pytest.mark.skipif(not REFERENCE_CKPT.is_file(), reason="the reference checkpoint is absent")
 def test_reference_checkpoint_loads_weights_only():
-    from utils import load_checkpoint
+    from runs import load_checkpoint
 
     ckpt = load_checkpoint(REFERENCE_CKPT)
     assert any(k.endswith("1.conv.weight") for k in ckpt["state_dict"])
@@ -939,7 +947,8 @@ class CustomObject:
 
 @pytest.mark.parametrize("kind", ["os.system reduce", "custom class"])
 def test_code_execution_is_refused(tmp_path, kind):
-    from utils import UserError, load_checkpoint
+    from runs import load_checkpoint
+    from utils import UserError
 
     marker = tmp_path / MARKER
     path = tmp_path / "evil.pth.tar"

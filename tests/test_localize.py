@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, unit_rows
-from localize import CSV_COLUMNS, Localizer, Match, add_localize_options, run_localize
+from localize import CSV_COLUMNS, Localizer, Match, run_localize
 from utils import UserError
 
 N_TEST = 400 - int(400 * 0.65)          # query and database frames of the tiny Oxford test split
@@ -211,15 +211,10 @@ def localize_options(root: Path, *extra: str):
     import options
 
     parser = options.build_parser()
-    if not any("--output" in a.option_strings for a in parser._actions):
-        add_localize_options(parser)
-    mode = next(a for a in parser._actions if "--mode" in a.option_strings)
-    argv = ["--mode", "localize" if "localize" in mode.choices else "test", "--dataset", "oxford-v1.0",
+    argv = ["--mode", "localize", "--dataset", "oxford-v1.0",
             "--split", "test", "--nocuda", "--quiet", "--dataPath", str(root / "data"),
             "--structPath", str(root / "structFiles"), *extra]
-    opt = options.check_options(parser.parse_args(argv))
-    opt.mode = "localize"
-    return opt
+    return options.check_options(parser.parse_args(argv))
 
 
 def read_csv(path_or_text) -> list[dict]:
@@ -353,9 +348,7 @@ import sys
 sys.path.insert(0, {root!r})
 import options, localize
 p = options.build_parser()
-if not any("--output" in a.option_strings for a in p._actions):
-    localize.add_localize_options(p)
-opt = options.check_options(p.parse_args(["--mode", "test", "--nocuda", "--quiet", "--dataset", "oxford-v1.0",
+opt = options.check_options(p.parse_args(["--mode", "localize", "--nocuda", "--quiet", "--dataset", "oxford-v1.0",
     "--split", "test", "--seqL", "2", "--stream", "-", "--dim", "16", "--dataPath", {data!r},
     "--structPath", {struct!r}]))
 localize.run_localize(opt)

@@ -1,11 +1,9 @@
 """Metrics logging: TensorBoard always, wandb only when asked (disabled by default, offline without an account)."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
-
 from test_train import TRAIN, only_run, run_main
 
 

@@ -40,7 +40,7 @@ def plain_seqnet(window: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np
 def test_fixed_weight_descriptors(seq_len, method):
     rng = np.random.default_rng(seq_len)
     windows = np.stack([unit_rows(rng, seq_len, 12) for _ in range(7)])
-    model = SeqMatchModel(12, False, 12, sequence_method=method)
+    model = SeqMatchModel(12, False, 12, method=method)
     got = model.describe(torch.from_numpy(windows)).numpy()
     plain = plain_smooth if method == "smooth" else plain_delta
     want = np.stack([plain(w.astype(np.float64)) for w in windows])
@@ -53,7 +53,7 @@ def test_fixed_weight_descriptors(seq_len, method):
 def test_seqnet_descriptor(seq_len, w):
     rng = np.random.default_rng(w)
     torch.manual_seed(0)
-    model = SeqMatchModel(8, False, 6, sequence_method="seqnet", w=w)
+    model = SeqMatchModel(8, False, 6, method="seqnet", w=w)
     windows = np.stack([unit_rows(rng, seq_len, 8) for _ in range(5)])
     got = model.describe(torch.from_numpy(windows)).detach().numpy()
     conv = model.pool[0].conv
@@ -66,7 +66,7 @@ def test_seqnet_descriptor(seq_len, w):
 
 def test_smooth_with_projection_uses_projected_frames():
     torch.manual_seed(1)
-    model = SeqMatchModel(8, True, 4, sequence_method="smooth")
+    model = SeqMatchModel(8, True, 4, method="smooth")
     windows = torch.from_numpy(np.stack([unit_rows(np.random.default_rng(2), 3, 8)]))
     frames = model.encode(windows[0]).detach().numpy()
     np.testing.assert_allclose(model.describe(windows).detach().numpy()[0], plain_smooth(frames), atol=1e-5)
@@ -86,6 +86,34 @@ def test_untrained_methods_evaluate(tiny_oxford, monkeypatch, tmp_path, method):
     assert run(args, tiny_oxford, monkeypatch) == 0
     res = np.load(tmp_path / method / "results.npz", allow_pickle=True)
     assert res["preds"].shape[1] == 100 and 0 <= res["recalls"].item()[1] <= 1
+    if method == "single":
+        check_single_against_plain_search(tiny_oxford, res)
+
+
+def check_single_against_plain_search(root, res):
+    """--method single: nearest neighbours of each query frame among the database frames by the Euclidean
+    distance of the L2-normalised raw descriptors, one query at a time."""
+    rows = np.arange(int(400 * 0.65), 400)                         # tiny_oxford's test split
+    desc = root / "data" / "descData" / "netvlad-pytorch"
+    db = np.load(desc / "oxford_2015-03-17-11-08-44_stereo_left.npy")[rows].astype(np.float64)
+    q = np.load(desc / "oxford_2014-12-16-18-44-24_stereo_left.npy")[rows].astype(np.float64)
+    db = [x / np.sqrt(sum(v * v for v in x)) for x in db]
+    q = [x / np.sqrt(sum(v * v for v in x)) for x in q]
+    preds, dists = res["preds"], res["dists"]
+    for j in range(len(q)):
+        d = []
+        for i in range(len(db)):
+            d.append(float(np.sqrt(sum((a - b) ** 2 for a, b in zip(db[i], q[j])))))
+        order = sorted(range(len(db)), key=lambda i: (d[i], i))[:100]
+        got = [d[int(i)] for i in preds[j]]
+        # the same distances in the same order (faiss reports squared L2); the same frames where no
+        # two distances are within float32 rounding of each other
+        np.testing.assert_allclose(got, [d[i] for i in order], atol=1e-5)
+        np.testing.assert_allclose(np.sqrt(np.maximum(dists[j], 0)), got, atol=1e-3)
+        gaps = np.diff([d[i] for i in order])
+        for r in range(100):
+            if (r == 0 or gaps[r - 1] > 1e-5) and (r == 99 or gaps[r] > 1e-5):
+                assert preds[j, r] == order[r], (j, r)
 
 
 def test_seqnet_checkpoint_reloads_and_reproduces_recalls(tiny_oxford, monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""``--dataset msls`` on the real MSLS struct and sequence-bounds files (SPEC section 10), with synthetic
+"""``--dataset msls`` on the real MSLS struct and sequence-bounds files (README, "How it works"), with synthetic
 descriptors: bounds read per traversal, no window crosses a capture sequence, the valid-window count of a
 plain loop over the bounds text, and train/test runs end to end."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ import pytest
 
 import plain
 from conftest import REFERENCE, ROOT
-from utils import UserError
 
 MSLS = REFERENCE / "msls"
 CITIES = ("amman", "austin", "melbourne")
@@ -77,7 +76,7 @@ def plain_valid_count(path: Path, seq_len: int) -> int:
 @pytest.mark.parametrize("split,city", [("train", TRAIN_CITY), ("test", VAL_CITY)])
 def test_bounds_are_read_per_traversal(msls_root, split, city):
     """Each traversal keeps its own bounds (relative to its own file); stacking db + query with the query bounds
-    offset by numDb (SPEC 10) gives the same windows."""
+    offset by numDb gives the same windows."""
     from datasets import sequence_windows
     from get_datasets import get_split
 
@@ -130,7 +129,7 @@ def test_train_and_test_run(msls_root, monkeypatch, capsys):
     assert main.main(["--mode", "test", "--split", "test", "--resume", str(run), "--resultsPath", "results",
                       *data, *model]) == 0
     out = capsys.readouterr().out
-    assert "msls test (seqL 3" in out
+    assert "msls test, seqL 3: sequence matching" in out
     with np.load(msls_root / "results" / "results.npz", allow_pickle=True) as z:
         recalls = z["recalls"].item()
     assert recalls[20] > 0.2

@@ -1,4 +1,4 @@
-"""Figures render at their fixed size, and the precision-recall numbers match hand computations."""
+"""Figures render at their fixed size; the precision-recall and top-1 metrics match hand computations."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+import metrics
 import plots
 
 N_VALUES = [1, 5, 10, 20, 100]
@@ -49,7 +50,7 @@ def test_radius_recall_figure(tmp_path, rng):
 
 def test_precision_recall_hand_example():
     # sorted by distance: correct, correct, wrong, correct, wrong (query 5 has no positive)
-    pr = plots.precision_recall(np.array([0.4, 0.1, 0.3, 0.2, 0.5]), np.array([1, 1, 0, 1, 0], bool),
+    pr = metrics.precision_recall(np.array([0.4, 0.1, 0.3, 0.2, 0.5]), np.array([1, 1, 0, 1, 0], bool),
                                 np.array([1, 1, 1, 1, 0], bool))
     assert pr["thresholds"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert pr["precision"] == pytest.approx([1, 1, 2 / 3, 3 / 4, 3 / 5])
@@ -61,7 +62,7 @@ def test_precision_recall_hand_example():
 
 def test_precision_recall_ties_and_first_wrong():
     # the two queries at 0.2 are accepted together; the curve starts at the first precision (0), not 1
-    pr = plots.precision_recall([0.1, 0.2, 0.2, np.inf], [False, True, True, True], [True, True, True, True])
+    pr = metrics.precision_recall([0.1, 0.2, 0.2, np.inf], [False, True, True, True], [True, True, True, True])
     assert pr["thresholds"] == pytest.approx([0.1, 0.2])
     assert pr["precision"] == pytest.approx([0, 2 / 3])
     assert pr["recall"] == pytest.approx([0, 0.5])
@@ -70,26 +71,26 @@ def test_precision_recall_ties_and_first_wrong():
 
 
 def test_precision_recall_no_correct_match(tmp_path):
-    pr = plots.precision_recall([0.3, 0.1, 0.2], [False, False, False], [True, True, False])
+    pr = metrics.precision_recall([0.3, 0.1, 0.2], [False, False, False], [True, True, False])
     assert pr["precision"] == [0.0, 0.0, 0.0] and pr["recall"] == [0.0, 0.0, 0.0]
     assert pr["auc"] == 0.0 and pr["recall_at_100_precision"] == 0.0
     check_png(plots.save_figure(plots.pr_figure(pr), tmp_path / "pr_none.png"), plots.SMALL)
 
 
 def test_precision_recall_correct_without_positive_is_not_counted():
-    pr = plots.precision_recall([0.1, 0.2], [True, True], [False, True])
+    pr = metrics.precision_recall([0.1, 0.2], [True, True], [False, True])
     assert pr["precision"] == pytest.approx([0.0, 0.5]) and pr["recall"] == pytest.approx([0.0, 1.0])
 
 
 def test_precision_recall_no_positive_is_nan():
-    pr = plots.precision_recall([0.1], [False], [False])
+    pr = metrics.precision_recall([0.1], [False], [False])
     assert np.isnan(pr["auc"]) and np.isnan(pr["recall_at_100_precision"]) and pr["recall"] == []
 
 
 def test_pr_figure(tmp_path, rng):
     d = rng.uniform(size=200)
     has = rng.uniform(size=200) < 0.9
-    pr = plots.precision_recall(d, (rng.uniform(size=200) > d) & has, has)
+    pr = metrics.precision_recall(d, (rng.uniform(size=200) > d) & has, has)
     check_png(plots.save_figure(plots.pr_figure(pr), tmp_path / "pr.png"), plots.SMALL)
 
 
@@ -129,40 +130,52 @@ def test_save_figure_replaces_and_creates_folder(tmp_path):
 def test_top1_outcomes():
     db = np.array([[0.0, 0], [10, 0], [20, 0]])
     q = np.array([[0.0, 0], [19, 0], [100, 0]])
-    correct, has_pos = plots.top1_outcomes(np.array([0, 1, 2]), db, q, radius=2.0)
+    correct, has_pos = metrics.top1_outcomes(np.array([0, 1, 2]), db, q, radius=2.0)
     assert correct.tolist() == [True, False, False]
     assert has_pos.tolist() == [True, True, False]
 
 
-def test_distance_matrix_section_matches_window_distances(rng):
+def test_distance_section_equals_plain_sequence_distances(rng):
+    """The section the distance-matrix figure shows: plain sequence distances of the same windows,
+    ground truth within posDistThr and the top-1 rows of the evaluated queries."""
     torch = pytest.importorskip("torch")
-    from seqMatchNet import window_distances
+    import plain
+    from test import distance_section
 
-    db = torch.nn.functional.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    q = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(1)), dim=1)
-    db_starts, q_starts = np.clip(np.arange(40) - 1, 0, 37), np.clip(np.arange(30) - 1, 0, 27)
-    block = plots.distance_matrix_section(db, q, db_starts, q_starts, 3, (5, 25), (10, 40))
-    full = window_distances(db, q, torch.as_tensor(db_starts), torch.as_tensor(q_starts), 3).numpy()
-    assert block.shape == (30, 20)
-    np.testing.assert_allclose(block, full[10:40, 5:25], rtol=1e-6, atol=1e-6)
-
-
-def test_evaluation_figures_from_a_result(tmp_path, rng):
-    torch = pytest.importorskip("torch")
     n, dim, seq_len = 60, 8, 3
     pos = np.stack([np.arange(n) * 2.0, np.zeros(n)], axis=1)
     bounds = np.tile([0, n], (n, 1))
     split = SimpleNamespace(name="val", db_positions=pos, q_positions=pos + 0.5, pos_dist_thr=3.0, num_db=n,
                             num_q=n, db_bounds=bounds, q_bounds=bounds)
-    preds = np.clip(np.arange(n)[:, None] + rng.integers(-3, 4, size=(n, 20)), 0, n - 1)
-    q_frames = np.arange(1, n - 1)
-    result = SimpleNamespace(recalls={k: 0.5 for k in N_VALUES}, radius_recalls=np.full((len(RADII), 5), 0.5),
-                             preds=preds[q_frames], dists=np.sort(rng.uniform(size=(len(q_frames), 20)), axis=1),
-                             q_frames=q_frames)
     feats = torch.nn.functional.normalize(torch.as_tensor(rng.standard_normal((n, dim)), dtype=torch.float32), dim=1)
-    figs, pr = plots.evaluation_figures(result, split, "tiny", N_VALUES, RADII, feats, feats, seq_len, section=40)
+    q_frames = np.arange(1, n - 1)
+    preds = rng.integers(0, n, size=(len(q_frames), 5))
+    result = SimpleNamespace(db_feats=feats, q_feats=feats, q_frames=q_frames, db_frames=np.arange(n), preds=preds)
+    sec = distance_section(result, split, seq_len, size=40)
+    windows = plain.plain_windows(bounds, seq_len)
+    nd, nq = sec.block.shape
+    want = plain.plain_score_matrix(feats.numpy(), feats.numpy(), windows[sec.db_offset:sec.db_offset + nd],
+                                    windows[sec.q_offset:sec.q_offset + nq])
+    np.testing.assert_allclose(sec.block, want, rtol=1e-5, atol=1e-3)      # float32 sqrt near 0
+    for j in range(nq):
+        q = sec.q_offset + j
+        for i in range(nd):
+            assert sec.gt[i, j] == (np.linalg.norm(pos[sec.db_offset + i] - pos[q] - 0.5) <= 3.0)
+        top = preds[q - 1, 0] - sec.db_offset if 1 <= q < n - 1 else -1
+        assert sec.top1_rows[j] == (top if 0 <= top < nd else -1)
+
+
+def test_evaluation_figures_draw_what_they_are_given(tmp_path, rng):
+    n = 40
+    section = plots.DistanceSection(rng.uniform(size=(n, n)), 10, 5, np.eye(n, dtype=bool),
+                                    np.arange(n) % 7 - 1, 3)
+    pr = metrics.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
+    figs = plots.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr, "tiny", section,
+                                    N_VALUES, RADII, radius_unit="frames")
     assert set(figs) == {"recall_at_n", "radius_recall", "precision_recall", "distance_matrix"}
-    assert 0.0 <= pr["auc"] <= 1.0
+    assert "frames" in figs["radius_recall"].axes[0].get_xlabel()
     sizes = {"distance_matrix": plots.SQUARE}
     for name, fig in figs.items():
         check_png(plots.save_figure(fig, tmp_path / f"{name}.png"), sizes.get(name, plots.SMALL))
+    assert set(plots.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr,
+                                        "tiny")) == {"recall_at_n", "radius_recall", "precision_recall"}

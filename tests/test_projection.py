@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import get_models
 import train
 from datasets import Split, segment_bounds
 from get_models import SeqMatchModel, SeqNetConv, WXpB, load_state
@@ -57,13 +58,13 @@ def test_encode_equals_conv1d_model():
 @pytest.mark.parametrize("method", ["seqmatch", "seqnet"])
 def test_checkpoint_round_trip_keeps_keys_and_shapes(method, tmp_path):
     torch.manual_seed(2)
-    model = SeqMatchModel(16, True, 8, sequence_method=method, w=3)
+    model = SeqMatchModel(16, True, 8, method=method, w=3)
     state = model.state_dict()
     kernel = 3 if method == "seqnet" else 1
     key = "pool.0.conv" if method == "seqnet" else "pool.1.conv"
     assert {k: tuple(v.shape) for k, v in state.items()} == {f"{key}.weight": (8, 16, kernel), f"{key}.bias": (8,)}
     torch.save({"state_dict": state}, tmp_path / "ckpt.pth.tar")
-    other = SeqMatchModel(16, True, 8, sequence_method=method, w=3)
+    other = SeqMatchModel(16, True, 8, method=method, w=3)
     load_state(other, torch.load(tmp_path / "ckpt.pth.tar", weights_only=True)["state_dict"], "test")
     x = torch.randn(4, 5, 16)
     torch.testing.assert_close(other.describe(x), model.describe(x), rtol=0, atol=0)
@@ -100,7 +101,7 @@ def test_stacked_rows_equals_plain_loop(order):
 
 def test_window_frames_keep_windows_contiguous():
     starts = np.array([7, 0, 2, 20, 21])
-    frames, local = train.window_frames(starts, 3)
+    frames, local = get_models.window_frames(starts, 3)
     np.testing.assert_array_equal(frames, [0, 1, 2, 3, 4, 7, 8, 9, 20, 21, 22, 23])
     np.testing.assert_array_equal(frames[local[:, None] + np.arange(3)], starts[:, None] + np.arange(3))
 
@@ -110,7 +111,7 @@ def test_model_cache_distances_equal_all_frame_features(method):
     """Pooling only the frames the windows cover gives the matrix of features of every frame."""
     from types import SimpleNamespace
 
-    from test import extract_features
+    from get_models import extract_features
 
     tset = _tset(seq_len=3)
     torch.manual_seed(4)

@@ -70,8 +70,8 @@ def tie_groups(dists: np.ndarray) -> list[tuple[int, int]]:
 def test_reference_case(case, tmp_path, monkeypatch):
     import main
     from datasets import sequence_windows
+    from get_models import extract_features
     from seqMatchNet import candidate_distances
-    from test import extract_features
 
     spec = CASES[case]
     monkeypatch.chdir(REFERENCE)          # read-only: every output goes to tmp_path

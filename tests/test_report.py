@@ -59,7 +59,8 @@ def test_build_summary_is_json_serialisable(tmp_path):
     assert back["precision_recall"] == {"auc": 0.42, "recall_at_100_precision": 0.3}
     assert back["options"]["resultsPath"] == "/tmp/x" and back["options"]["seed"] == 123
     assert back["data_files"][0]["sha256"] == hashlib.sha256(b"abc").hexdigest()
-    assert back["queries"] == 7 and back["dataset"] == "nordland-sw" and back["method"] == "seqMatchNet/learned"
+    assert back["queries"] == 7 and back["dataset"] == "nordland-sw"
+    assert back["method"] == "sequence matching, learned projection"
     assert back["created_utc"].endswith("+00:00") and "torch" in back["environment"]
     assert report.build_summary("test", OPTIONS, {}, {}, None, {}, [])["precision_recall"] is None
     with pytest.raises(ValueError, match="replace"):
@@ -88,7 +89,8 @@ def test_compare_runs_two_summaries(tmp_path):
     assert a == ["runA", "nordland-sw", "test", "5", "seqMatchNet/learned", "0.8123", "0.9000", "0.9500", "0.9700",
                  "0.7777", "0.1234", "3.21", "s"]
     b = lines[3].split()
-    assert b == ["runB", "oxford-v1.0", "val", "10", "None/raw", "0.5000", "0.6000", "-", "-", "-", "-", "-"]
+    assert b[:4] == ["runB", "oxford-v1.0", "val", "10"] and "single frame, raw descriptors" in lines[3]
+    assert b[-7:] == ["0.5000", "0.6000", "-", "-", "-", "-", "-"]
 
 
 def test_compare_runs_accepts_summary_file_and_newest(tmp_path):
@@ -119,3 +121,22 @@ def test_main_compare(tmp_path, capsys):
     assert "0.2500" in capsys.readouterr().out
     assert report.main_compare([str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_method_label_names_method_checkpoint_and_reranking():
+    base = {"matcher": "seqMatchNet", "pooling": False, "method": "seqmatch", "w": 5, "predictionsFile": None}
+    ckpt = {"run": "Nov27_10-00-00_l5_x", "epoch": 3, "which": "best"}
+    labels = {
+        "raw": report.method_label(base),
+        "learned": report.method_label({**base, "pooling": True}, ckpt),
+        "single": report.method_label({**base, "matcher": "None"}),
+        "seqnet": report.method_label({**base, "method": "seqnet", "w": 3}, ckpt),
+        "smooth": report.method_label({**base, "method": "smooth"}),
+        "delta": report.method_label({**base, "method": "delta", "pooling": True}, ckpt),
+        "hvpr": report.method_label({**base, "predictionsFile": "results/shortlist/results.npz"}),
+    }
+    assert len(set(labels.values())) == len(labels)                     # every result reads differently
+    assert labels["learned"] == "sequence matching, learned projection (run Nov27_10-00-00_l5_x, epoch 3, best)"
+    assert labels["seqnet"].startswith("SeqNet w=3, learned (run Nov27_10-00-00_l5_x, epoch 3")
+    assert "raw descriptors" in labels["raw"] and "single frame" in labels["single"]
+    assert labels["hvpr"].endswith("re-ranks the top 20 of results/shortlist/results.npz")
