@@ -9,7 +9,7 @@ positions CSV with a header and one line per frame in the same order:
   traversals);
 - optional ``timestamp`` (numbers or ISO 8601), checked to increase;
 - optional ``sequence_id``: a sequence is a run of consecutive rows with the
-  same id, and no sequence window (SPEC section 3) crosses two sequences.
+  same id, and no sequence window (README, "How it works") crosses two sequences.
 
 Output, in ``--structPath``: ``custom_<name>_{train,val,test}.db`` (struct
 files like the real ones), ``custom_<name>_splitInds.npz``,
@@ -49,6 +49,7 @@ METRIC_COLUMNS = (("x", "y"), ("easting", "northing"))
 LATLON_ALIASES = {"lat": "lat", "latitude": "lat", "lon": "lon", "lng": "lon", "long": "lon", "longitude": "lon"}
 OPTIONAL_COLUMNS = ("timestamp", "sequence_id")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+CELL_NAMES_MAX = 100_000            # more frame names than this are written as a char matrix, not cells
 
 
 class _Parser(argparse.ArgumentParser):
@@ -276,10 +277,10 @@ def check_traversal(pos: Positions, metres: np.ndarray, seq_len: int, label: str
     """Timestamps increase, no position glitches, every sequence has at least ``seq_len`` frames."""
     n = len(metres)
     bounds = run_bounds(np.arange(n), pos.sequence_ids)
-    starts = np.unique(bounds[:, 0])
-    for lo in starts:
-        hi = int(bounds[lo, 1])
-        if hi - lo < seq_len:
+    short = np.flatnonzero(bounds[:, 1] - bounds[:, 0] < seq_len)
+    if len(short):
+        lo, hi = int(bounds[short[0], 0]), int(bounds[short[0], 1])
+        if True:
             which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None else "the traversal")
             raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows {lo}..{hi - 1}), "
                             f"fewer than --seqL {seq_len}: remove it (from the CSV and the descriptors) or lower "
@@ -406,8 +407,11 @@ def make_struct(name: str, split: str, db_rows: np.ndarray, q_rows: np.ndarray, 
                 q_pos: np.ndarray, pos_thr: float, non_triv_sq: float) -> dict:
     """A ``dbStruct`` with the fields of the real struct files (positions as [2, N])."""
     def names(side: str, rows: np.ndarray) -> np.ndarray:
+        text = np.char.add(f"custom_{name}/{side}/", np.char.zfill(np.asarray(rows).astype(str), 6))
+        if len(rows) > CELL_NAMES_MAX:      # a char matrix: writing a million cells takes minutes
+            return text
         cell = np.empty((len(rows), 1), dtype=object)
-        cell[:, 0] = [f"custom_{name}/{side}/{r:06d}" for r in rows]
+        cell[:, 0] = text
         return cell
 
     return {"whichSet": split, "dbImageFns": names("database", db_rows), "qImageFns": names("query", q_rows),
@@ -474,13 +478,13 @@ def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
 def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], list, np.ndarray, np.ndarray, tuple]:
     """Descriptor files, position tables and positions in metres, all checked against each other:
     ``(desc_paths, tables, db_pos, q_pos, latlon origin or None)``."""
-    from datasets import load_descriptors
+    from datasets import open_descriptors
 
     desc_paths = descriptor_files(opt, struct_dir)
     for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):
         if not path.is_file():
             raise UserError(f"descriptor file {path} not found: check {flag}")
-    descs = [load_descriptors(p) for p in desc_paths]
+    descs = [open_descriptors(p) for p in desc_paths]       # checked chunk by chunk, not loaded
     if descs[0].shape[1] != descs[1].shape[1]:
         raise UserError(f"the database descriptors have {descs[0].shape[1]} dimensions but the query descriptors "
                         f"{descs[1].shape[1]}: use descriptors of the same type for both traversals")

@@ -1,8 +1,9 @@
-"""Plain, loop-based reference implementations written straight from SPEC.md.
+"""Plain, loop-based reference implementations written straight from the definitions in the
+README ("How it works").
 
 These functions are deliberately slow and simple: they exist so that tests can
 compare the project's vectorised code against something obviously correct.
-They follow the text of ``SPEC.md`` (sections 3, 5, 6 and 7) literally, with
+They follow those definitions (windows, sequence distance, evaluation, training) literally, with
 explicit Python loops, and compute in float64 where that helps accuracy.
 
 Ranking (``plain_topk``, ``plain_rerank``) orders exactly equal scores by
@@ -25,13 +26,13 @@ METHODS = ("centerOnly", "meanOfPairs")
 
 
 # --------------------------------------------------------------------------
-# SPEC section 3: sequences (windows)
+# windows
 # --------------------------------------------------------------------------
 
 def plain_window(i: int, lo: int, hi: int, seq_len: int) -> list[int]:
     """Window of length ``seq_len`` centred on frame ``i`` in segment [lo, hi).
 
-    SPEC section 3, steps 1-2, literally:
+    The README's window definition, literally:
       1. w = [max(lo, i - L//2), min(i + L - L//2, hi))
       2. missing = L - len(w); if w starts at lo, append the next ``missing``
          indices after its end; else if missing > 0 and w ends at hi-1,
@@ -95,7 +96,7 @@ def plain_valid(bounds, seq_len: int) -> np.ndarray:
 
 
 def default_bounds(num_db: int, num_q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Default segments (SPEC 3): the whole db part / the whole query part.
+    """Default segments: the whole db part / the whole query part.
 
     Each traversal is indexed from 0 in its own list, so db frames get
     [0, num_db) and query frames get [0, num_q).
@@ -113,13 +114,13 @@ def default_bounds(num_db: int, num_q: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------
-# SPEC section 5: sequence-matching distance
+# sequence-matching distance
 # --------------------------------------------------------------------------
 
 def frame_distance(a, b) -> float:
     """||a - b|| of two L2-normalised vectors, as sqrt(max(0, 2 - 2 a.b)).
 
-    The clamp at 0 avoids the NaN of the reference (SPEC section 9).
+    The clamp at 0 avoids the NaN of the reference.
     """
     a = np.asarray(a, dtype=np.float64).reshape(-1)
     b = np.asarray(b, dtype=np.float64).reshape(-1)
@@ -176,7 +177,7 @@ def plain_score_matrix(db_feats, q_feats, db_windows, q_windows,
 
 def plain_cache_matrix(db_feats, q_feats, db_windows, q_windows,
                        method: str) -> np.ndarray:
-    """Training-cache distance matrix (SPEC 7 step 1), db x query.
+    """Training-cache distance matrix (training step 1), db x query.
 
     'meanOfPairs': sequence matching over the windows; 'centerOnly': the
     distance between the windows' centre frames only (position L//2 of each
@@ -201,7 +202,7 @@ def plain_cache_matrix(db_feats, q_feats, db_windows, q_windows,
 
 
 # --------------------------------------------------------------------------
-# SPEC section 6: evaluation
+# evaluation
 # --------------------------------------------------------------------------
 
 def plain_rerank(db_feats, q_feats, db_windows, q_windows, candidates,
@@ -256,7 +257,7 @@ def plain_topk(S, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def plain_recall_at_n(preds, positives: list,
                       n_values: Sequence[int] = (1, 5, 10, 20, 100)) -> dict:
-    """SPEC 6.6: {N: share of queries with >= 1 positive among their top N}.
+    """Recall@N: {N: share of queries with >= 1 positive among their top N}.
 
     Queries with no positive are left out of the denominator; if no query has
     a positive every recall is NaN. Values are fractions in [0, 1].
@@ -309,7 +310,7 @@ def plain_positives(db_pos, q_pos, radius: float) -> list:
 def plain_first_hits(preds, db_pos, q_pos, radius: float) -> np.ndarray:
     """Per query: the rank of its first prediction within ``radius`` (<=) of it,
     ``len(preds[j])`` when none is, and -1 when no db frame at all is within
-    ``radius`` (the query has no positive; SPEC 6.5).
+    ``radius`` (the query has no positive).
 
     A quicker form of ``plain_positives`` + ``plain_recall_at_n`` for the
     sizes of real splits: one query at a time, Euclidean distances in float64.
@@ -329,7 +330,7 @@ def plain_first_hits(preds, db_pos, q_pos, radius: float) -> np.ndarray:
 
 
 def plain_recall_from_first_hits(first_hits, n_values: Sequence[int] = (1, 5, 10, 20, 100)) -> dict:
-    """SPEC 6.6 from ``plain_first_hits``: {N: share of the queries with a
+    """Recall@N from ``plain_first_hits``: {N: share of the queries with a
     positive whose first hit has rank < N}; NaN when no query has a positive."""
     first_hits = np.asarray(first_hits)
     with_pos = first_hits[first_hits >= 0]
@@ -337,14 +338,14 @@ def plain_recall_from_first_hits(first_hits, n_values: Sequence[int] = (1, 5, 10
 
 
 # --------------------------------------------------------------------------
-# SPEC section 7: training
+# training
 # --------------------------------------------------------------------------
 
 def plain_mine_query(dist_col, nontriv_pos, sampled_negs, neg_cache,
                      margin: float, n_neg: int = 10,
                      n_neg_candidates: int = 100
                      ) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """SPEC 7 step 2 for one query.
+    """Mining (training step 2) for one query.
 
     ``dist_col``: (num_db,) cached distances of this query to every db frame.
     ``nontriv_pos``: its non-trivial positives (db indices).
@@ -407,7 +408,7 @@ def _torch_seq_distance(a_seq: torch.Tensor, b_seq: torch.Tensor,
 
 def plain_triplet_loss(q_seqs, p_seqs, n_seqs, method: str,
                        margin: float) -> torch.Tensor:
-    """SPEC 7 step 3: mean over all (q, p, n) of relu(d(q,p) - d(q,n) + sqrt(m)).
+    """The loss (training step 3): mean over all (q, p, n) of relu(d(q,p) - d(q,n) + sqrt(m)).
 
     ``q_seqs``, ``p_seqs``: lists of (L, D) tensors; ``n_seqs``: per query a
     list of (L, D) negative tensors (counts may differ). Differentiable.

@@ -1,4 +1,4 @@
-"""Vectorised sequence matching against plain loops written from SPEC sections 3, 5 and 6.
+"""Vectorised sequence matching against plain loops written from the README's definitions ("How it works").
 
 Rankings are compared index for index: exactly equal scores (several frames share one shifted
 window near the ends of a traversal, or repeated descriptors) are ordered by ascending database
@@ -446,7 +446,7 @@ def test_plain_score_matrix() -> None:
         Wq = plain.plain_windows(q_b, seq_len)
         S = plain.plain_score_matrix(db, q, Wd, Wq)
         assert S.shape == (num_db, num_q)
-        # Diagonal sums over the frame-distance matrix (SPEC 5).
+        # Diagonal sums over the frame-distance matrix (the 2-D convolution view).
         for i in range(num_db):
             for j in range(num_q):
                 diag = sum(D[Wd[i][0] + k, Wq[j][0] + k]
