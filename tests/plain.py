@@ -307,9 +307,12 @@ def plain_positives(db_pos, q_pos, radius: float) -> list:
     return out
 
 
+NO_HIT = np.iinfo(np.int64).max
+
+
 def plain_first_hits(preds, db_pos, q_pos, radius: float) -> np.ndarray:
     """Per query: the rank of its first prediction within ``radius`` (<=) of it,
-    ``len(preds[j])`` when none is, and -1 when no db frame at all is within
+    ``NO_HIT`` (above every N) when none is, and -1 when no db frame at all is within
     ``radius`` (the query has no positive).
 
     A quicker form of ``plain_positives`` + ``plain_recall_at_n`` for the
@@ -325,7 +328,7 @@ def plain_first_hits(preds, db_pos, q_pos, radius: float) -> np.ndarray:
             out[j] = -1
             continue
         hits = np.flatnonzero(within[preds[j]])
-        out[j] = hits[0] if len(hits) else preds.shape[1]
+        out[j] = hits[0] if len(hits) else NO_HIT      # nothing retrieved is a hit, at any N
     return out
 
 
