@@ -535,7 +535,7 @@ def _(work, run):
     return run_cli(work, *resume_args(run), "--quiet")
 
 
-CRASH_POINTS = {"caching": ("cache_distances", 2), "mining": ("mine", 2), "batch": ("batch_loss", 11),
+CRASH_POINTS = {"caching": ("model_cache_distances", 2), "mining": ("mine", 2), "batch": ("batch_loss", 11),
                 "checkpoint write": ("save", 2)}    # epoch 1 calls each once (batch_loss 8 times, 118 queries)
 
 
@@ -656,6 +656,7 @@ def outcome(outcomes: dict, name: str):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=NEEDS_TRAIN_FIX[n], strict=False))
                                   if n in NEEDS_TRAIN_FIX else n for n in BAD_INPUTS])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_bad_input_is_refused(outcomes, name):
     (proc, needles), work = outcome(outcomes, name)
     assert_refused(proc, *needles)
@@ -663,6 +664,7 @@ def test_bad_input_is_refused(outcomes, name):
 
 
 @pytest.mark.parametrize("name", ["--debug shows the traceback"])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_debug_shows_the_traceback(outcomes, name):
     proc, _ = outcome(outcomes, name)
     assert proc.returncode == 1, name
@@ -671,6 +673,7 @@ def test_debug_shows_the_traceback(outcomes, name):
 
 
 @pytest.mark.parametrize("name", ["flags.json unknown keys"])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_unknown_keys_in_flags_json_are_ignored(outcomes, name):
     proc, work = outcome(outcomes, name)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -809,6 +812,7 @@ def test_hdf5_descriptors(tmp_path):
 # ---------------------------------------------------------------- 2. crashes (SIGKILL) and resuming
 
 @pytest.mark.parametrize("name", [f"SIGKILL during {p}" for p in CRASH_POINTS])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_killed_training_resumes(outcomes, name):
     o, _ = outcome(outcomes, name)
     assert o["killed"].returncode == -9, o["killed"].stdout + o["killed"].stderr
@@ -824,6 +828,7 @@ def test_killed_training_resumes(outcomes, name):
 
 
 @pytest.mark.parametrize("name", ["SIGKILL before the first checkpoint"])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_killed_before_the_first_checkpoint(outcomes, name):
     (killed, resumed), _ = outcome(outcomes, name)
     assert killed.returncode == -9
@@ -833,6 +838,7 @@ def test_killed_before_the_first_checkpoint(outcomes, name):
 # ---------------------------------------------------------------- 3. Ctrl-C
 
 @pytest.mark.parametrize("name", ["Ctrl-C during a batch", "Ctrl-C during a checkpoint write"])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_ctrl_c(outcomes, name):
     o, _ = outcome(outcomes, name)
     out = o["proc"].stdout + o["proc"].stderr
@@ -864,6 +870,7 @@ def test_same_second_gets_two_run_folders(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["two runs started together"])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_concurrent_training_runs(outcomes, name):
     o, _ = outcome(outcomes, name)
     assert o["codes"] == [0, 0], o["outs"]
@@ -910,6 +917,7 @@ def test_enospc_keeps_the_previous_checkpoint(tmp_path, monkeypatch, how):
 
 
 @pytest.mark.parametrize("name", ["disk full during a checkpoint write"])
+@pytest.mark.slow                   # shares the session fixture that runs every CLI scenario
 def test_enospc_during_training(outcomes, name):
     o, _ = outcome(outcomes, name)
     assert_refused(o["proc"], "checkpoint.pth.tar", "No space left on device", "free disk space")
