@@ -97,6 +97,7 @@ def train_then_test(cwd: Path, data_args: list[str], monkeypatch) -> tuple[dict,
 
 # ---------------------------------------------------------------- must-show: same as the built-in dataset
 
+@pytest.mark.slow
 def test_prepared_synthetic_data_gives_the_builtin_results(tmp_path, monkeypatch, capsys):
     from synthetic import SyntheticParams, generate
 
@@ -269,6 +270,7 @@ def test_bad_columns(tmp_path, capsys, header, needle):
 
 
 @pytest.mark.parametrize("value,needle", [("abc", "'abc', not a number"), ("nan", "finite position"),
+                                          ("inf", "finite position"), ("-inf", "finite position"),
                                           ("", "'', not a number")])
 def test_bad_position_values(tmp_path, capsys, value, needle):
     files = straight_route(tmp_path)
@@ -276,6 +278,35 @@ def test_bad_position_values(tmp_path, capsys, value, needle):
     rows[7] = (value, 0.0)
     write_csv(files["db_pos"], "x,y", rows)
     refused(capsys, args_for(files), needle, "line 9 (row 7)")
+
+
+@pytest.mark.parametrize("column,value,needle", [(0, 90.5, "lat 90.5 is outside [-90, 90] degrees"),
+                                                 (0, -91.0, "lat -91.0 is outside [-90, 90]"),
+                                                 (1, 180.25, "lon 180.25 is outside [-180, 180] degrees")])
+def test_latlon_out_of_range(tmp_path, capsys, column, value, needle):
+    files = straight_route(tmp_path)
+    rows = [[-27.0 + 1e-5 * i, 153.0] for i in range(200)]
+    rows[11][column] = value
+    write_csv(files["db_pos"], "lat,lon", rows)
+    write_csv(files["q_pos"], "lat,lon", [(-27.0 + 1e-5 * i, 153.00001) for i in range(190)])
+    refused(capsys, args_for(files), needle, "line 13 (row 11)", "db.csv")
+
+
+def test_few_queries_with_a_positive_are_warned_about(tmp_path, capsys):
+    """The query traversal runs 15 m beside the database: within the training threshold (20 m) but not the
+    evaluation threshold (10 m), so val and test have no query with a database frame within it."""
+    files = straight_route(tmp_path)
+    write_csv(files["q_pos"], "x,y", [(2.0 * i + 0.5, 15.0) for i in range(190)])
+    rc, out, err = run_prepare(capsys, *args_for(files))
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert [w.split()[5] for w in warnings] == ["val", "test"], err
+    for w in warnings:
+        assert "only 0 of" in w and "same coordinates" in w
+    # and none for a traversal within the thresholds
+    files = straight_route(tmp_path / "near")
+    rc, _, err = run_prepare(capsys, *args_for(files))
+    assert rc == 0 and "warning:" not in err
 
 
 @pytest.mark.parametrize("swap,needle", [(True, "is earlier than"), (False, "repeats")])
@@ -431,6 +462,7 @@ def readme_bash_blocks() -> tuple[Path, list[str]]:
     pytest.fail(f"no ```bash block in a '{SECTION}' section of README.md")
 
 
+@pytest.mark.slow
 def test_readme_worked_example_runs(tmp_path):
     path, blocks = readme_bash_blocks()
     shim = tmp_path / "bin"                  # `python` in the example is this interpreter

@@ -195,6 +195,22 @@ def leftovers(target: Path):
     return [p for p in target.rglob("*") if p.is_file() and ".part" in p.name]
 
 
+def fetcher_running(pid: int) -> bool:
+    """Whether a curl or wget child of process ``pid`` is running (Linux /proc; True elsewhere)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            name = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and name in ("curl", "wget"):
+            return True
+    return False
+
+
 def dest(target: Path, rel: str) -> Path:
     if rel.endswith(".npy"):
         return target / "data" / "descData" / "netvlad-pytorch" / rel
@@ -251,7 +267,15 @@ def test_missing_file_is_reported_and_leaves_nothing(tmp_path, server, files, go
     assert (target / "structFiles" / PNV[0]).read_bytes() == files["seqnet"][PNV[0]]
 
 
-def test_interrupted_download_leaves_no_partial_file(tmp_path, server, good):
+@pytest.mark.parametrize("sig,group", [
+    (signal.SIGINT, True), (signal.SIGTERM, True),
+    pytest.param(signal.SIGTERM, False, marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="download.sh runs curl/wget in the foreground, so bash defers its INT/TERM trap "
+                            "until the stalled transfer ends (up to --speed-time 60 s, times --retry 3)")])],
+    ids=["SIGINT-group", "SIGTERM-group", "SIGTERM-script"])
+def test_interrupted_download_leaves_no_partial_file(tmp_path, server, good, sig, group):
+    """Ctrl-C in a terminal (SIGINT to the process group), ``timeout``/a service manager (SIGTERM to the
+    group) or a plain ``kill PID`` (SIGTERM to the script alone): it ends within seconds, leaving nothing."""
     target = tmp_path / "t"
     env = {**os.environ, "SEQNET_BASE_URL": f"{server.url}/hang",
            "SEQMATCHNET_BASE_URL": good["seqmatchnet"], "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
@@ -262,7 +286,12 @@ def test_interrupted_download_leaves_no_partial_file(tmp_path, server, good):
         while not leftovers(target) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert leftovers(target), "the download never started"
-        os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C in a terminal
+        while not fetcher_running(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)        # the transfer itself is under way, not the fork that starts it
+        if group:
+            os.killpg(proc.pid, sig)        # the whole group: the script and its curl/wget
+        else:
+            os.kill(proc.pid, sig)          # the script alone; its curl/wget is still running
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:

@@ -14,6 +14,7 @@ def test_wandb_disabled_by_default_writes_tensorboard_only(tiny_oxford, monkeypa
     assert not (run / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline_needs_no_account(tiny_oxford, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -284,22 +284,39 @@ def test_difficulty_ordering(default_data: dict) -> None:
     assert oracle > seq + 0.1, (seq, oracle)
 
 
-def test_recall_helper_against_brute_force() -> None:
-    """The vectorised window scoring equals a plain loop over windows."""
-    rng = np.random.default_rng(0)
-    db = rng.standard_normal((9, 4))
-    q = rng.standard_normal((7, 4))
-    db /= np.linalg.norm(db, axis=1, keepdims=True)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    for seq_len in (1, 2, 3, 5):
-        w_db, w_q = _windows(9, seq_len), _windows(7, seq_len)
-        assert all(len(set(w)) == seq_len for w in w_db)
-        for i in (0, 4, 8):
-            for j in (0, 3, 6):
-                loop = np.mean([np.linalg.norm(db[a] - q[b]) for a, b in zip(w_db[i], w_q[j])])
-                frame = np.sqrt(np.clip(2 - 2 * db @ q.T, 0, None))
-                vec = sum(frame[w_db[i, k], w_q[j, k]] for k in range(seq_len)) / seq_len
-                assert np.isclose(loop, vec)
+@pytest.fixture(scope='module')
+def default_files(tmp_path_factory) -> Path:
+    """The default benchmark written where --dataset synthetic reads it."""
+    root = tmp_path_factory.mktemp('synthetic')
+    ensure_synthetic(root / 'data' / 'descData' / 'netvlad-pytorch', root / 'structFiles', SyntheticParams())
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seq_len', [1, 5])
+def test_project_evaluation_agrees_with_the_recall_oracle(default_data: dict, default_files: Path,
+                                                          seq_len: int) -> None:
+    """--mode test on the synthetic test split finds the same top-1 matches as ``_recall_at_1`` (a float64
+    oracle over the whole distance matrix), on the queries the oracle counts."""
+    from options import parse_options
+    from test import evaluate_options
+
+    args = ['--mode', 'test', '--dataset', 'synthetic', '--split', 'test', '--seqL', str(seq_len), '--nocuda',
+            '--quiet', '--dataPath', str(default_files / 'data'), '--structPath', str(default_files / 'structFiles')]
+    if seq_len == 1:
+        args += ['--matcher', 'None']
+    _, result = evaluate_options(parse_options(args))
+    db_rows, q_rows = default_data['test_inds']
+    db_pos, q_pos = default_data['db_pos'][db_rows], default_data['query_pos'][q_rows]
+    want = _recall_at_1(default_data['db'][db_rows], default_data['query'][q_rows], db_pos, q_pos, 10.0, seq_len)
+    np.testing.assert_array_equal(result.q_frames, np.arange(len(q_rows)))
+    np.testing.assert_array_equal(result.db_frames, np.arange(len(db_rows)))
+    positive = np.linalg.norm(q_pos[:, None] - db_pos[None], axis=2) <= 10.0
+    used = positive.any(axis=1)
+    used[:seq_len // 2], used[len(q_rows) - seq_len // 2:] = False, False
+    hit = positive[np.arange(len(q_rows)), result.preds[:, 0]]
+    assert abs(float(hit[used].mean()) - want) <= 1.0 / used.sum() + 1e-12   # one float32 near-tie at most
+    assert result.recalls[1] == pytest.approx(float(hit[positive.any(axis=1)].mean()))
 
 
 def test_cli_synth_options_regenerate_and_bad_values_are_refused(tmp_path, monkeypatch, capsys):
