@@ -155,7 +155,8 @@ def only_run(root: Path) -> Path:
 TRAIN = "--mode train --pooling --dataset oxford-v1.0 --outDims 8 --cacheRefreshRate 100 --figures none".split()
 
 
-@pytest.mark.parametrize("loss_m,neg_m", [("meanOfPairs", "meanOfPairs"), ("meanOfPairs", "centerOnly"),
+@pytest.mark.parametrize("loss_m,neg_m", [pytest.param("meanOfPairs", "meanOfPairs", marks=pytest.mark.slow),
+                                          ("meanOfPairs", "centerOnly"),
                                           ("centerOnly", "meanOfPairs"), ("centerOnly", "centerOnly")])
 def test_all_method_combinations_train(tiny_oxford, monkeypatch, loss_m, neg_m):
     figures = "epoch" if loss_m == neg_m == "meanOfPairs" else "none"
