@@ -132,20 +132,28 @@ cleanup() {
   rm -rf -- "$WORK_DIR"
 }
 trap cleanup EXIT
-trap 'echo "interrupted" >&2; exit 130' INT TERM
+trap 'echo "interrupted" >&2; [[ -n "$FETCH_PID" ]] && kill "$FETCH_PID" 2>/dev/null; wait 2>/dev/null; exit 130' INT TERM
 
 N_DOWNLOADED=0; N_PRESENT=0; N_FAILED=0; N_MANUAL=0
 FAILED_NAMES=()
 
 # ---------------------------------------------------------------- helpers --
 # fetch URL OUTFILE: download quietly, fail on HTTP errors, retry transient errors.
+# The transfer runs in the background and the script waits for it, so that Ctrl-C or a SIGTERM to
+# this script is handled at once (the trap stops the transfer and removes the partial file).
+FETCH_PID=""
 fetch() {
+  local rc=0
   if [[ "$FETCHER" == curl ]]; then
     curl -fsSL --retry 3 --retry-delay 2 --connect-timeout 20 \
-      --speed-limit 1024 --speed-time 60 -o "$2" "$1"
+      --speed-limit 1024 --speed-time 60 -o "$2" "$1" &
   else
-    wget -q --tries=3 --timeout=60 -O "$2" "$1"
+    wget -q --tries=3 --timeout=60 -O "$2" "$1" &
   fi
+  FETCH_PID=$!
+  wait "$FETCH_PID" || rc=$?
+  FETCH_PID=""
+  return "$rc"
 }
 
 # reachable BASE_URL: does the host of BASE_URL answer at all (any HTTP status)? Asked once per

@@ -269,9 +269,7 @@ def test_missing_file_is_reported_and_leaves_nothing(tmp_path, server, files, go
 
 @pytest.mark.parametrize("sig,group", [
     (signal.SIGINT, True), (signal.SIGTERM, True),
-    pytest.param(signal.SIGTERM, False, marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="download.sh runs curl/wget in the foreground, so bash defers its INT/TERM trap "
-                            "until the stalled transfer ends (up to --speed-time 60 s, times --retry 3)")])],
+    pytest.param(signal.SIGTERM, False, marks=pytest.mark.slow)],
     ids=["SIGINT-group", "SIGTERM-group", "SIGTERM-script"])
 def test_interrupted_download_leaves_no_partial_file(tmp_path, server, good, sig, group):
     """Ctrl-C in a terminal (SIGINT to the process group), ``timeout``/a service manager (SIGTERM to the
