@@ -317,6 +317,7 @@ sys.exit(extract.run_extract(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_file(tmp_path, capsys, ckpt):
     write_images(tmp_path / "img", 8, seed=3)
     common = ["--images", tmp_path / "img", "--netvladCkpt", ckpt, "--imageSize", SIZE_ARG, "--batchSize", "2",

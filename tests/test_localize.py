@@ -355,6 +355,7 @@ localize.run_localize(opt)
 """
 
 
+@pytest.mark.slow
 def test_stream_pipe_answers_each_frame_before_the_next_arrives(tiny_oxford):
     _, q = tiny_test_split(tiny_oxford)
     code = CHILD.format(root=str(ROOT), data=str(tiny_oxford / "data"), struct=str(tiny_oxford / "structFiles"))

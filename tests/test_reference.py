@@ -65,6 +65,7 @@ def tie_groups(dists: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+@pytest.mark.slow
 @needs_reference
 @pytest.mark.parametrize("case", sorted(CASES) or ["none"])
 def test_reference_case(case, tmp_path, monkeypatch):

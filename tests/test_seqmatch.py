@@ -269,8 +269,9 @@ CHUNKS = [(1024, None), (7, None), (5, 6), (3, 1), (4, 13), (1, 40)]
 
 @pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
 @pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
-@pytest.mark.parametrize("topk", ["torch", "reverse", "shuffle"])
-@pytest.mark.parametrize("data", ["random", "onehot"])
+@pytest.mark.parametrize("topk", ["torch", pytest.param("reverse", marks=pytest.mark.slow),
+                                  pytest.param("shuffle", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("data", [pytest.param("random", marks=pytest.mark.slow), "onehot"])
 def test_chunked_topk_orders_ties_like_plain(seq_len, method, topk, data, monkeypatch):
     """Shifted windows at the segment ends and repeated descriptors: indices equal the plain
     oracle's exactly, for every query / database chunking, k inside and at the number of windows,
