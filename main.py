@@ -7,6 +7,7 @@ imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -33,6 +34,7 @@ MODES = {
     "compare": "report:main_compare",
 }
 OWN_PARSER = {"extract", "prepare", "demo", "compare"}
+DISTRIBUTED = {"train", "test"}     # the modes that run under torchrun (README, "More than one process")
 
 
 def mode_function(mode: str):
@@ -47,8 +49,9 @@ def one_line(exc: BaseException) -> str:
 
 def run_mode(mode: str, argv: list[str]) -> int:
     """Parse the shared options, set up logging and run ``mode``; errors become exit codes."""
+    import distributed
     from options import parse_options
-    from utils import UserError, setup_logging
+    from utils import UserError, get_device, setup_logging
 
     started = time.time()
     try:
@@ -56,11 +59,19 @@ def run_mode(mode: str, argv: list[str]) -> int:
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    try:
+        distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda")
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
     setup_logging(quiet=opt.quiet, debug=opt.debug)
     log.debug("argv: %s", sys.argv)
     try:
         function = mode_function(mode)
-        function(opt, argv) if mode == "train" else function(opt)
+        # ranks other than 0 print nothing on stdout (their warnings and errors go to stderr)
+        out = sys.stdout if distributed.is_main() else open(os.devnull, "w")
+        with contextlib.redirect_stdout(out):
+            function(opt, argv) if mode == "train" else function(opt)
     except UserError as exc:
         log.debug("traceback:\n%s", traceback.format_exc())
         print(f"error: {one_line(exc)}", file=sys.stderr)
@@ -69,6 +80,11 @@ def run_mode(mode: str, argv: list[str]) -> int:
         log.debug("traceback:\n%s", traceback.format_exc())
         print(f"error: {one_line(exc)}: check that the paths given exist and are writable and that the disk has "
               "space (--debug shows where it happened)", file=sys.stderr)
+        return 1
+    except distributed.dist.DistError as exc:    # a collective inside torch (DDP's gradient sum) failed
+        log.debug("traceback:\n%s", traceback.format_exc())
+        print(f"error: rank {distributed.rank()}: a collective failed: another process of the job ended or did "
+              f"not answer ({one_line(exc)[:200]})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -82,12 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     mode = argparse.ArgumentParser(add_help=False)
     mode.add_argument("--mode", default="train")
     known, rest = mode.parse_known_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and known.mode in MODES and known.mode not in DISTRIBUTED:
+        print(f"error: --mode {known.mode} runs in one process: start it with python, not torchrun "
+              f"(torchrun serves --mode {' and '.join(sorted(DISTRIBUTED))})", file=sys.stderr)
+        return 2
     if known.mode in OWN_PARSER:
         return mode_function(known.mode)(rest)
     if known.mode not in MODES:     # the full parser names the choices
         from options import build_parser
         build_parser().parse_args(argv)
-    return run_mode(known.mode, argv)
+    try:
+        return run_mode(known.mode, argv)
+    finally:    # under torchrun: leave the process group, whatever happened
+        import distributed
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,25 @@ RESTORED_FLAGS = {
 
 def make_run_dir(opt: argparse.Namespace) -> Path:
     """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>``, created exclusively
-    (a suffix is added when another run took the name in the same second)."""
+    (a suffix is added when another run took the name in the same second). Under torchrun rank 0
+    creates it and every rank gets its path (or rank 0's error)."""
+    import distributed
+
+    made, error = None, None
+    if distributed.is_main():
+        try:
+            made = _make_run_dir(opt)
+        except UserError as exc:
+            if not distributed.active():
+                raise
+            error = str(exc)
+    made, error = distributed.broadcast_object((made, error), what="sharing the run folder")
+    if error is not None:
+        raise UserError(error)
+    return made
+
+
+def _make_run_dir(opt: argparse.Namespace) -> Path:
     runs = Path(opt.runsPath)
     try:
         runs.mkdir(parents=True, exist_ok=True)
@@ -59,19 +77,32 @@ def make_run_dir(opt: argparse.Namespace) -> Path:
     raise UserError(f"could not find a free run folder name under {runs}")
 
 
+def _main() -> bool:
+    """True except in the ranks other than 0 of a torchrun job: only rank 0 writes run files."""
+    import distributed
+
+    return distributed.is_main()
+
+
 def write_flags(opt: argparse.Namespace, ckpt_dir: Path) -> None:
-    """``flags.json``: every option of the run (what ``--resume`` restores from)."""
+    """``flags.json``: every option of the run (what ``--resume`` restores from); rank 0 only."""
+    if not _main():
+        return
     write_json_atomic(options_dict(opt), Path(ckpt_dir) / "flags.json")
 
 
 def remove_stale_temporaries(ckpt_dir: Path) -> None:
     """Temporary files left by a run killed while writing (``atomic_write`` names them ``.*.tmp``)."""
+    if not _main():
+        return
     for stale in Path(ckpt_dir).glob(".*.tmp"):
         stale.unlink(missing_ok=True)
 
 
 def copy_as_best(ckpt_dir: Path) -> None:
-    """``model_best.pth.tar`` := the checkpoint just written (atomically)."""
+    """``model_best.pth.tar`` := the checkpoint just written (atomically); rank 0 only."""
+    if not _main():
+        return
     ckpt_dir = Path(ckpt_dir)
     atomic_write(ckpt_dir / "model_best.pth.tar", lambda f: f.write((ckpt_dir / "checkpoint.pth.tar").read_bytes()))
 
@@ -197,6 +228,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def save_checkpoint_atomic(obj: dict, path: Path) -> None:
+    """``torch.save`` through ``atomic_write``; under torchrun rank 0 only."""
+    if not _main():
+        return
+
     def write(f) -> None:
         try:
             torch.save(obj, f)

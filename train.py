@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import report
 import runs
 from datasets import Split, sequence_windows
@@ -187,12 +188,16 @@ def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: n
 # ---------------------------------------------------------------- loss
 
 def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: np.ndarray, negs: np.ndarray,
-               distance: str, margin: float, device: torch.device) -> torch.Tensor:
+               distance: str, margin: float, device: torch.device, forward=None,
+               total_valid: int | None = None) -> torch.Tensor:
     """Mean triplet loss of a batch: ``q_idx`` ``[B]`` query positions, ``pos``
     ``[B]`` database positions, ``negs`` ``[B, K]`` (-1 = none).
 
     Every distinct frame of the batch is read (and, by frame models, projected)
-    once; the distances of all triplets are computed together.
+    once; the distances of all triplets are computed together. ``forward`` computes them
+    (default ``model.triplet_distances``; under torchrun the DistributedDataParallel module). With
+    ``total_valid`` the sum over the valid triplets is divided by that count instead of their own
+    (when these triplets are one rank's part of a batch of ``total_valid``).
     """
     seq = np.arange(tset.seq_len)
     num_db = tset.split.num_db
@@ -203,9 +208,13 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: 
     uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]), return_inverse=True)
     inverse = torch.as_tensor(inverse, device=device)
     frames = torch.from_numpy(_stacked_rows(tset, uniq)).to(device)
-    d_pos, d_neg = model.triplet_distances(frames, inverse[:b * L].view(b, L), inverse[b * L:2 * b * L].view(b, L),
-                                           inverse[2 * b * L:].view(b, k, L), distance)
-    return triplet_loss(d_pos, d_neg, torch.as_tensor(negs >= 0, device=device), margin)
+    d_pos, d_neg = (forward or model.triplet_distances)(frames, inverse[:b * L].view(b, L),
+                                                        inverse[b * L:2 * b * L].view(b, L),
+                                                        inverse[2 * b * L:].view(b, k, L), distance)
+    loss = triplet_loss(d_pos, d_neg, torch.as_tensor(negs >= 0, device=device), margin)
+    if total_valid is not None:     # the mean over these triplets -> their sum over the batch's count
+        loss = loss * (max(int((negs >= 0).sum()), 1) / max(int(total_valid), 1))
+    return loss
 
 
 def _stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
@@ -270,16 +279,31 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
                      timings: dict) -> MinedChunk:
     """Refresh and mine one chunk (README, "How it works", steps 1-2): the mining matrix with the
     current model, then the triplets; with ``--negCache on`` the kept queries' negatives become their
-    cache (in place)."""
+    cache (in place).
+
+    Under torchrun each rank computes the mining matrix of its consecutive share of the chunk's
+    queries and mines them; the triplets (and top-100 lists) are gathered, so every rank ends with
+    those of the whole chunk. The potential negatives are drawn for the whole chunk on every rank
+    from the shared ``rng``: the draws, and so the triplets, are those of one process.
+    """
     t0 = time.perf_counter()
-    dists = model_cache_distances(model, tset, chunk, opt, device)
-    top = topk_smallest(dists, 100)[1].cpu().numpy()
-    dists = dists.cpu().numpy()
+    part = chunk[distributed.shard(len(chunk))]
+    n_top = min(100, len(tset.db_frames))
+    if len(part):
+        dists = model_cache_distances(model, tset, part, opt, device)
+        top = topk_smallest(dists, 100)[1].cpu().numpy()
+        dists = dists.cpu().numpy()
     t1 = time.perf_counter()
     use_cache = opt.negCache == "on"
-    previous = neg_cache[chunk] if use_cache else np.full((len(chunk), N_NEG), -1, dtype=np.int64)
-    sampled = sample_negatives(tset, chunk, rng)
-    pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled, previous, opt.margin)
+    previous = neg_cache[part] if use_cache else np.full((len(part), N_NEG), -1, dtype=np.int64)
+    sampled = sample_negatives(tset, chunk, rng)[distributed.shard(len(chunk))]
+    if len(part):
+        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in part], sampled, previous, opt.margin)
+    else:           # more ranks than queries in this chunk
+        pos, negs = np.zeros(0, dtype=np.int64), np.zeros((0, N_NEG), dtype=np.int64)
+        kept, top = np.zeros(0, dtype=bool), np.zeros((0, n_top), dtype=np.int64)
+    if distributed.active():
+        pos, negs, kept, top = distributed.all_gather_arrays(pos, negs, kept, top, what="gathering the mined triplets")
     if use_cache:
         neg_cache[chunk[kept]] = negs[kept]
     timings["cache_s"] += t1 - t0
@@ -289,40 +313,99 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
 
 def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, optimizer,
                  opt: argparse.Namespace, rng: np.random.Generator, device: torch.device, step: int, label: str,
-                 writer=None) -> list[float]:
+                 writer=None, ddp=None) -> list[float]:
     """Step 3 of README "How it works": shuffled batches of the chunk's queries, one optimiser step each
     (queries without a hard negative are left out, as in the reference). Returns the batch losses;
-    ``step`` numbers the first batch for TensorBoard (empty batches count, as in the reference)."""
+    ``step`` numbers the first batch for TensorBoard (empty batches count, as in the reference).
+
+    Under torchrun (``ddp``, see ``data_parallel``) every rank draws the same shuffle and batches and
+    computes its share of each batch (``part_loss``); the batch losses are summed over the ranks."""
     model.train()
     local = rng.permutation(len(mined.queries))
-    losses = []
+    losses, steps = [], []
     bar = tqdm(range(0, len(local), opt.batchSize), desc=label, unit="batch",
-               disable=not progress_enabled(opt.quiet), leave=False)
+               disable=not progress_enabled(opt.quiet) or not distributed.is_main(), leave=False)
     for i, lo in enumerate(bar):
         sel = local[lo:lo + opt.batchSize]
         sel = sel[mined.kept[sel]]
         if len(sel) == 0:
             continue
         optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
-                          opt.loss_trip_method, opt.margin, device)
-        loss.backward()
+        if ddp is None:
+            loss = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
+                              opt.loss_trip_method, opt.margin, device)
+            loss.backward()
+            share = loss.item()
+        else:
+            loss = part_loss(model, ddp, tset, mined, sel, opt, device)
+            with distributed.collective("the gradient sum of a training batch"):
+                loss.backward()
+            share = loss.item() / distributed.world_size()
         optimizer.step()
-        losses.append(loss.item())
-        if writer is not None:
+        losses.append(share)
+        steps.append(step + i)
+        if writer is not None and ddp is None:
             writer.scalar("Train/Loss", losses[-1], step + i)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if ddp is not None and losses:
+        losses = distributed.all_reduce_sum(torch.tensor(losses, dtype=torch.float64), "summing the batch losses")
+        losses = losses.tolist()
+        for s, value in zip(steps, losses):
+            if writer is not None:
+                writer.scalar("Train/Loss", value, s)
     return losses
 
 
+def part_loss(model: SeqMatchModel, ddp, tset: TrainingSet, mined: MinedChunk, sel: np.ndarray,
+              opt: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """This rank's part of the loss of batch ``sel`` (positions in ``mined``): the sum over its
+    consecutive share of the batch's triplets divided by the number of valid triplets of the whole
+    batch, times the world size, because DistributedDataParallel averages the gradients over the
+    ranks: one step then equals one process's step on the whole batch. A rank with no share still
+    takes part in the gradient sum, with the first triplet times 0."""
+    world = distributed.world_size()
+    part = sel[distributed.shard(len(sel))]
+    weight = float(world)
+    if len(part) == 0:
+        part, weight = sel[:1], 0.0
+    total = int((mined.negatives[sel] >= 0).sum())
+    loss = batch_loss(model, tset, mined.queries[part], mined.positive[part], mined.negatives[part],
+                      opt.loss_trip_method, opt.margin, device, forward=ddp, total_valid=total)
+    return loss * weight
+
+
+class TripletDistances(torch.nn.Module):
+    """``model.triplet_distances`` as a module's forward, for DistributedDataParallel to wrap."""
+
+    def __init__(self, model: SeqMatchModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames, q_idx, p_idx, n_idx, distance):
+        return self.model.triplet_distances(frames, q_idx, p_idx, n_idx, distance)
+
+
+def data_parallel(model: SeqMatchModel, device: torch.device):
+    """Under torchrun, DistributedDataParallel around the model's triplet distances (its construction
+    gives every rank rank 0's weights; each backward averages the gradients over the ranks); else None."""
+    if not distributed.active():
+        return None
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    with distributed.collective("starting DistributedDataParallel"):
+        return torch.nn.parallel.DistributedDataParallel(TripletDistances(model), device_ids=ids)
+
+
 def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.Optimizer, neg_cache: np.ndarray,
-                opt: argparse.Namespace, epoch: int, device: torch.device, writer=None) -> EpochStats:
+                opt: argparse.Namespace, epoch: int, device: torch.device, writer=None, ddp=None) -> EpochStats:
     """One epoch: per consecutive chunk of queries, refresh the cache and mine, then step over
     shuffled batches. ``neg_cache`` ``[len(q_frames), N_NEG]`` is updated in place.
 
     The average loss is the reference's: the sum of batch losses over ``ceil(queries / batchSize)``.
     The training recall is measured on each chunk's mining matrix (the training queries, with the
     model of that chunk's refresh); the reference used the last chunk's matrix over all valid queries.
+
+    The epoch's stream ``rng`` (negative draws, shuffles) depends on ``--seed`` and the epoch only, not
+    on the rank: under torchrun (``ddp``) all ranks take the same decisions and split the work.
     """
     rng = np.random.default_rng([opt.seed, epoch])
     chunks = refresh_chunks(tset.queries, opt.cacheRefreshRate)
@@ -333,7 +416,7 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
         mined = refresh_and_mine(model, tset, chunk, neg_cache, opt, rng, device, stats.timings)
         t0 = time.perf_counter()
         losses += step_batches(model, tset, mined, optimizer, opt, rng, device, step,
-                               f"epoch {epoch} chunk {c + 1}/{len(chunks)}", writer)
+                               f"epoch {epoch} chunk {c + 1}/{len(chunks)}", writer, ddp)
         step += math.ceil(len(chunk) / opt.batchSize)
         stats.timings["batches_s"] += time.perf_counter() - t0
         stats.skipped += int((~mined.kept).sum())
@@ -446,7 +529,7 @@ def validate(opt: argparse.Namespace, epoch: int, model: SeqMatchModel, val_spli
     for n, r in result.recalls.items():
         writer.scalar(f"Val/Recall@{n}", r, epoch)
         state.history["val_recalls"].setdefault(n, []).append(r)
-    if opt.figures == "epoch":
+    if opt.figures == "epoch" and distributed.is_main():
         write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
     if result.recalls[5] > state.best_score:
         state.best_score, state.not_improved = result.recalls[5], 0
@@ -466,10 +549,11 @@ def draw_training_curves(history: dict, run_dir: Path, writer, epoch: int) -> No
 
 def final_precision_recall(opt: argparse.Namespace, state: TrainState, val_split: Split, run_dir: Path,
                            writer) -> dict | None:
-    """Precision-recall of the last validation (and, with ``--figures end``, its figures)."""
+    """Precision-recall of the last validation (and, with ``--figures end``, its figures); under
+    torchrun on rank 0 only (None elsewhere)."""
     from test import top1_precision_recall, write_figures
 
-    if state.last_val is None:
+    if state.last_val is None or not distributed.is_main():
         return None
     epoch, result = state.last_val
     if opt.figures == "end":
@@ -489,7 +573,8 @@ def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchM
         state = TrainState.from_checkpoint(ckpt, str(ckpt_file), model, optimizer, scheduler, len(tset.q_frames))
         model.to(device)
     ckpt_dir = run_dir / opt.savePath
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     add_log_file(run_dir / "train.log")
     runs.write_flags(argparse.Namespace(**{**vars(opt), "outDims": model.out_dims}), ckpt_dir)
     log.info("run folder: %s\ntraining set: %s", run_dir, tset.summary())
@@ -501,26 +586,34 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     early; returns the run folder. ``argv`` only serves the resume hint printed on Ctrl-C."""
     if not (opt.pooling or opt.method == "seqnet"):
         raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
+    if distributed.active() and opt.nGPU > 1:
+        raise UserError("--nGPU (DataParallel) does not combine with torchrun: start one process per GPU "
+                        "(torchrun --nproc_per_node N) and leave --nGPU at 1")
     device = get_device(opt.nocuda, opt.device)
     check_wandb(opt.wandb)
     resumed = None
     if opt.resume:
         opt, *resumed = runs.open_run(opt)
         runs.remove_stale_temporaries(resumed[0] / opt.savePath)
-    make_deterministic(opt.seed)
-    prepare_dataset(opt)
+    make_deterministic(opt.seed, distributed.rank())
+    if distributed.is_main():       # may write the synthetic benchmark: once, before the others read it
+        prepare_dataset(opt)
+    distributed.barrier("waiting for rank 0 to prepare the dataset")
+    if not distributed.is_main():
+        prepare_dataset(opt)
     train_split, val_split = get_split(opt, "train"), get_split(opt, "val")
     tset = TrainingSet.build(train_split, opt.seqL)
     model = get_model(opt, train_split.dim).to(device)
     optimizer, scheduler = make_optimizer(opt, model)
     state, run_dir = open_run_folder(opt, tset, model, optimizer, scheduler, resumed, device)
     parallelize(model, opt.nGPU, device)
+    ddp = data_parallel(model, device)
     ckpt_dir = run_dir / opt.savePath
     writer = MetricsWriter(run_dir, opt)
     try:
         for epoch in range(state.epoch + 1, opt.nEpochs + 1):
             t0 = time.perf_counter()
-            stats = train_epoch(model, tset, optimizer, state.neg_cache, opt, epoch, device, writer)
+            stats = train_epoch(model, tset, optimizer, state.neg_cache, opt, epoch, device, writer, ddp)
             if scheduler is not None:
                 scheduler.step()
             log_epoch(epoch, stats, writer)
@@ -528,7 +621,7 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
             if epoch % opt.evalEvery == 0:
                 is_best = validate(opt, epoch, model, val_split, device, state, run_dir, writer)
             state.record_epoch(epoch, stats, time.perf_counter() - t0)
-            if opt.figures == "epoch":
+            if opt.figures == "epoch" and distributed.is_main():
                 draw_training_curves(state.history, run_dir, writer, epoch)
             checkpoint = state.to_checkpoint(model, optimizer, scheduler)
             runs.save_checkpoint_atomic(checkpoint, ckpt_dir / "checkpoint.pth.tar")
@@ -539,7 +632,8 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
                 break
         pr = final_precision_recall(opt, state, val_split, run_dir, writer)
     except KeyboardInterrupt:
-        runs.log_interrupted(ckpt_dir, state.epoch + 1, runs.resume_command(opt, argv, run_dir))
+        if distributed.is_main():
+            runs.log_interrupted(ckpt_dir, state.epoch + 1, runs.resume_command(opt, argv, run_dir))
         raise
     finally:
         writer.close()
@@ -548,5 +642,6 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
                                    train_split.files + val_split.files,
                                    extra={"best_recall@5": state.best_score, "epochs": state.epoch,
                                           "run_dir": str(run_dir), "training_set": tset.summary()})
-    write_json_atomic(summary, run_dir / "summary.json")
+    if distributed.is_main():
+        write_json_atomic(summary, run_dir / "summary.json")
     return run_dir

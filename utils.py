@@ -22,8 +22,11 @@ class UserError(Exception):
 
 # ---------------------------------------------------------------- seeding and devices
 
-def make_deterministic(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
+def make_deterministic(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) with ``seed``; a process of rank > 0 under
+    torchrun with a seed derived from ``(seed, rank)``, so each rank has its own streams."""
+    if rank:
+        seed = int(np.random.SeedSequence([seed % 2**32, rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -113,9 +116,15 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
         root.removeHandler(h)
         h.close()
     root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s"))
+    rank = _rank()
+    if rank:    # under torchrun, ranks other than 0 show only warnings and errors, on stderr, marked
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.DEBUG if debug else logging.WARNING)
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    else:
+        console = logging.StreamHandler(sys.stdout)
+        console.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+        console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
     if log_file is not None:
         add_log_file(log_file)
@@ -123,7 +132,17 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    import distributed
+
+    return distributed.rank()
+
+
 def add_log_file(log_file: Path) -> None:
+    """Log to ``log_file`` too (rank 0 only under torchrun: one log per run)."""
+    if _rank():
+        return
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
@@ -141,29 +160,38 @@ def progress_enabled(quiet: bool = False) -> bool:
 
 class MetricsWriter:
     """Scalars (and figures) to TensorBoard event files in the run folder (written with tensorboardX;
-    view them with ``tensorboard --logdir``), and to wandb with --wandb offline|online."""
+    view them with ``tensorboard --logdir``), and to wandb with --wandb offline|online. Under torchrun
+    only rank 0 writes; the writers of the other ranks do nothing."""
 
     def __init__(self, run_dir: Path, opt) -> None:
+        self.tb = self.wandb_run = None
+        if _rank():
+            return
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(run_dir))
-        self.wandb_run = None
         mode = getattr(opt, "wandb", "disabled")
         if mode != "disabled":
             self.wandb_run = start_wandb(mode, run_dir, opt)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.tb is None:
+            return
         self.tb.add_scalar(tag, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log({tag: value}, step=step)
 
     def figure(self, tag: str, fig, step: int) -> None:
+        if self.tb is None:
+            return
         self.tb.add_figure(tag, fig, step, close=False)
         if self.wandb_run is not None:
             import wandb
             self.wandb_run.log({tag: wandb.Image(fig)}, step=step)
 
     def close(self) -> None:
+        if self.tb is None:
+            return
         self.tb.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

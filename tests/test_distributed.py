@@ -1,0 +1,257 @@
+"""Several processes under torchrun (README, "More than one process or machine"): one process's
+results with 2 ranks (gloo on the CPU), one run folder, and a job that ends when one rank fails.
+
+The end-to-end tests start ``python -m torch.distributed.run --standalone`` (127.0.0.1, a free port)
+in a session of its own and kill that session's processes when they end or time out."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+MAIN = ROOT / "main.py"
+TEST_ARGS = "--mode test --dataset oxford-v1.0 --seqL 3 --figures none".split()
+TRAIN_ARGS = ("--mode train --pooling --dataset oxford-v1.0 --outDims 8 --cacheRefreshRate 70 --figures none "
+              "--seqL 3 --optim SGD --lrStep 1 --batchSize 6").split()
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, script: Path = MAIN, timeout: float = 300,
+             env: dict | None = None) -> tuple[int, str, str, float]:
+    """Run ``script args`` under torchrun with ``nproc`` ranks: ``(exit code, stdout, stderr, seconds)``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *args, "--nocuda", "--threads", "0"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQMATCHNET_DIST_TIMEOUT": "60", **(env or {})}
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not end within {timeout} s:\n{err[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)     # any rank left behind
+        except ProcessLookupError:
+            pass
+    return proc.returncode, out, err, time.monotonic() - started
+
+
+def one_process(args: list[str], cwd: Path, monkeypatch) -> int:
+    import main
+
+    monkeypatch.chdir(cwd)
+    return main.main(args + ["--nocuda", "--threads", "0", "--quiet"])
+
+
+def runs_under(root: Path) -> list[Path]:
+    return sorted((root / "data" / "runs").iterdir())
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+
+
+# ---------------------------------------------------------------- a world of one (no torchrun)
+
+def test_world_of_one_helpers_are_identities():
+    import distributed
+
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.is_main()
+    assert distributed.shard(7) == slice(0, 7)
+    a, b = np.arange(6).reshape(3, 2), np.array([True, False, True])
+    got = distributed.all_gather_arrays(a, b)
+    assert got[0] is a and got[1] is b
+    assert distributed.broadcast_object({"x": 1}) == {"x": 1}
+    v, i = torch.rand(4, 3), torch.arange(12).view(4, 3)
+    assert distributed.all_gather_topk(v, i, 3, 12) == (v, i)
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def test_shard_bounds_cover_everything_and_keep_window_starts_together():
+    from distributed import shard_bounds
+
+    assert shard_bounds(10, 3) == [0, 3, 6, 10]
+    assert shard_bounds(1, 2) == [0, 0, 1]
+    starts = np.array([0, 0, 0, 1, 2, 3, 4, 5, 5, 5])      # shifted windows at both ends share a start
+    for world in (2, 3, 4, 5):
+        b = shard_bounds(len(starts), world, keep_together=starts)
+        assert b[0] == 0 and b[-1] == len(starts) and all(x <= y for x, y in zip(b, b[1:]))
+        assert all(c in (0, len(starts)) or starts[c] != starts[c - 1] for c in b)
+    assert shard_bounds(10, 2, keep_together=np.r_[np.zeros(6), np.arange(4) + 1]) == [0, 6, 10]
+
+
+def test_timeout_comes_from_the_environment(monkeypatch):
+    from distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, timeout_s
+    from utils import UserError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_s() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout_s() == 12.5
+    for bad in ("0", "-3", "soon"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(UserError, match=TIMEOUT_ENV):
+            timeout_s()
+
+
+def test_single_process_modes_refuse_torchrun(monkeypatch, capsys):
+    import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main.main(["--mode", "localize"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+
+
+def _merge_worker(rank: int, store: str, values: torch.Tensor, ks: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    import distributed
+    from seqMatchNet import topk_by_value_then_index
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        n_db, merged = values.shape[1], []
+        share = distributed.shard(n_db)
+        part = values[:, share]
+        for k in ks:
+            v, i = topk_by_value_then_index(part, min(k, part.shape[1]))
+            merged.append(distributed.all_gather_topk(v, i + share.start, min(k, n_db), n_db))
+        if rank == 0:
+            torch.save(merged, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_merged_top_k_equals_one_process_with_ties_across_ranks(tmp_path):
+    """Two gloo processes, each with half of the columns: the merged lists equal one process's,
+    tie order included (many exactly equal values, some rows tied across the k-th place; k larger
+    than one rank's share)."""
+    import torch.multiprocessing as mp
+
+    from seqMatchNet import topk_by_value_then_index
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 4, (6, 11), generator=gen).float()
+    values[0] = 1.0                                   # one row entirely tied
+    ks = [1, 3, 8, 11]
+    out = tmp_path / "merged.pt"
+    mp.spawn(_merge_worker, args=(str(tmp_path / "store"), values, ks, str(out)), nprocs=2, join=True)
+    for k, (best, ids) in zip(ks, torch.load(out, weights_only=True)):
+        want_v, want_i = topk_by_value_then_index(values, k)
+        assert torch.equal(best, want_v) and torch.equal(ids, want_i), k
+
+
+# ---------------------------------------------------------------- torchrun, end to end
+
+@pytest.mark.slow
+def test_test_mode_with_two_ranks_equals_one_process(reference_copy, tmp_path, monkeypatch):
+    """The reference fixture's Nordland test split with the reference-trained checkpoint (every
+    rank reads it): predictions, distances and recalls identical, written once by rank 0."""
+    args = ("--mode test --dataset nordland-sw --seqL 5 --pooling --split test --resume "
+            "data/runs/ref_oxford_l5_1epoch --figures none").split()
+    assert one_process(args + ["--resultsPath", str(tmp_path / "one")], reference_copy, monkeypatch) == 0
+    rc, out, err, _ = torchrun(args + ["--resultsPath", str(tmp_path / "two")], reference_copy)
+    assert rc == 0, err[-3000:]
+    assert out.count("R@100") == 1                      # only rank 0 prints the recalls
+    one = np.load(tmp_path / "one" / "results.npz", allow_pickle=True)
+    two = np.load(tmp_path / "two" / "results.npz", allow_pickle=True)
+    assert set(one.files) == set(two.files)
+    for name in one.files:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["recalls"] == s2["recalls"]
+
+
+@pytest.mark.slow
+def test_training_with_two_ranks_equals_one_process_and_resumes_exactly(tiny_oxford, tmp_path, monkeypatch):
+    """One epoch with 2 ranks ends with one process's weights (same triplets, same steps); a run
+    resumed under torchrun ends exactly where a straight torchrun run does; one run folder each."""
+    two, straight = tmp_path / "two", tmp_path / "straight"
+    shutil.copytree(tiny_oxford, two)
+    shutil.copytree(tiny_oxford, straight)
+    assert one_process(TRAIN_ARGS + ["--nEpochs", "1"], tiny_oxford, monkeypatch) == 0
+    want = checkpoint(runs_under(tiny_oxford)[0])
+
+    rc, out, err, _ = torchrun(TRAIN_ARGS + ["--nEpochs", "1"], two)
+    assert rc == 0, err[-3000:]
+    [run] = runs_under(two)
+    got = checkpoint(run)
+    for key, w in want["state_dict"].items():
+        rel = ((got["state_dict"][key] - w).abs().max() / w.abs().max()).item()
+        assert rel < 1e-4, (key, rel)
+    assert torch.equal(got["neg_cache"], want["neg_cache"])          # the same triplets were mined
+    assert got["recalls"] == want["recalls"]
+    np.testing.assert_allclose(got["history"]["loss"], want["history"]["loss"], rtol=1e-5)
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    assert (run / "train.log").read_text().count("epoch 1: average loss") == 1
+
+    rc, _, err, _ = torchrun(TRAIN_ARGS + ["--nEpochs", "2", "--resume", str(run)], two)
+    assert rc == 0, err[-3000:]
+    rc, _, err, _ = torchrun(TRAIN_ARGS + ["--nEpochs", "2"], straight)
+    assert rc == 0, err[-3000:]
+    assert len(runs_under(two)) == len(runs_under(straight)) == 1
+    resumed, direct = checkpoint(run), checkpoint(runs_under(straight)[0])
+    assert resumed["epoch"] == direct["epoch"] == 2
+    for key in direct["state_dict"]:
+        torch.testing.assert_close(resumed["state_dict"][key], direct["state_dict"][key], rtol=0, atol=0)
+    assert torch.equal(resumed["neg_cache"], direct["neg_cache"])
+    assert resumed["recalls"] == direct["recalls"]
+
+
+FAULTY = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import test
+from utils import UserError
+
+def bad_input(*args, **kwargs):
+    raise UserError("descriptor file damaged on this machine")
+
+def hang(*args, **kwargs):
+    time.sleep(600)
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if os.environ["RANK"] == "1":
+    test.chunked_topk = {{"bad_input": bad_input, "hang": hang, "killed": killed}}[{fault!r}]
+import main
+sys.exit(main.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["bad_input", "hang", "killed"])
+def test_a_failing_rank_ends_the_job_with_a_message(tiny_oxford, tmp_path, fault):
+    """Rank 1 fails while rank 0 waits for it in a collective: the job ends, non-zero, with one
+    clear line, within the collective timeout (5 s here) and the start-up time."""
+    script = tmp_path / "faulty_main.py"
+    script.write_text(textwrap.dedent(FAULTY.format(root=str(ROOT), fault=fault)))
+    rc, out, err, seconds = torchrun(TEST_ARGS + ["--resultsPath", str(tmp_path / "res")], tiny_oxford,
+                                     script=script, timeout=180, env={"SEQMATCHNET_DIST_TIMEOUT": "5"})
+    assert rc != 0
+    if fault == "bad_input":
+        assert "error: descriptor file damaged on this machine" in err
+    if fault == "hang":
+        assert "error: rank 0 of 2: gathering the ranked lists failed" in err
+        assert "did not answer within 5 s (SEQMATCHNET_DIST_TIMEOUT)" in err
+    assert not (tmp_path / "res" / "results.npz").exists()
+    assert seconds < 150
