@@ -133,10 +133,9 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
 
 
 def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise)."""
-    import distributed
-
-    return distributed.rank()
+    """This process's rank in an initialised process group (``distributed.py``), 0 otherwise."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def add_log_file(log_file: Path) -> None:
