@@ -59,16 +59,30 @@ def rank(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q
     Returns ``(indices into db_starts [Nq, k], distances [Nq, k])``. The
     database is split into chunks too when one query chunk's block of
     distances would exceed ``DENSE_LIMIT_BYTES`` (or with ``db_chunk``).
+
+    Under torchrun each rank scores a consecutive share of the database windows (a share never
+    splits the frames of one window start, so tied windows are scored together) and the ranks'
+    top-k lists are merged by (distance, database index): the result is that of one process.
     """
+    import distributed
+
     device = db_feats.device
+    n_db, n_q = len(db_starts), len(q_starts)
+    share = distributed.shard(n_db, keep_together=db_starts)
+    db_starts = db_starts[share]
     if db_chunk <= 0:
         block = len(db_starts) * min(query_chunk, len(q_starts)) * 4 * 3  # distances + diagonal sums + frames
         db_chunk = None if block <= DENSE_LIMIT_BYTES else max(DENSE_LIMIT_BYTES // (12 * query_chunk), 1024)
-    with tqdm(total=len(q_starts), desc="sequence matching", unit="query", disable=not progress_enabled(quiet),
-              leave=False) as bar:
-        dists, idx = chunked_topk(db_feats, q_feats, torch.as_tensor(db_starts, device=device),
-                                  torch.as_tensor(q_starts, device=device), seq_len, k,
-                                  query_chunk=query_chunk, db_chunk=db_chunk, progress=bar.update)
+    dists = torch.empty((n_q, 0), dtype=db_feats.dtype, device=device)
+    idx = torch.empty((n_q, 0), dtype=torch.long, device=device)
+    with tqdm(total=len(q_starts), desc="sequence matching", unit="query",
+              disable=not progress_enabled(quiet) or not distributed.is_main(), leave=False) as bar:
+        if len(db_starts):
+            dists, idx = chunked_topk(db_feats, q_feats, torch.as_tensor(db_starts, device=device),
+                                      torch.as_tensor(q_starts, device=device), seq_len, k,
+                                      query_chunk=query_chunk, db_chunk=db_chunk, progress=bar.update)
+    if distributed.active():
+        dists, idx = distributed.all_gather_topk(dists, idx + share.start, min(k, n_db), n_db)
     return idx.cpu().numpy(), dists.cpu().numpy()
 
 
@@ -364,7 +378,8 @@ def run_test(opt: argparse.Namespace) -> dict | None:
     loaded, result = evaluate_options(opt)
     opt, split = loaded.opt, loaded.split
     print(format_recalls(result, f"{opt.dataset} {opt.split}, seqL {opt.seqL}: {loaded.label}", split.position_unit))
-    if not opt.resultsPath:
+    import distributed
+    if not opt.resultsPath or not distributed.is_main():     # under torchrun rank 0 writes the results
         return None
     return write_test_outputs(loaded, result, Path(opt.resultsPath))
 
