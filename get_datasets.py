@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import GET_DATA_HINT, Split, load_descriptors, load_split_indices, load_struct, segment_bounds
+from datasets import (
+    GET_DATA_HINT,
+    DescriptorSource,
+    Split,
+    load_split_indices,
+    load_struct,
+    open_descriptors,
+    segment_bounds,
+)
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -151,9 +159,11 @@ def prepare_dataset(opt: argparse.Namespace) -> None:
 HONEST_VAL_FRACTION = 0.15
 
 
-def get_split(opt: argparse.Namespace, split: str) -> Split:
+def get_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
     """Load one split (train/val/test) of ``--dataset``: descriptors, positions, thresholds, bounds.
 
+    With ``lazy`` the descriptors stay in their files (``datasets.DescriptorSource``, checked one
+    chunk at a time) and are read as they are needed; otherwise they are loaded into memory.
     With ``--oxfordHonestVal`` on Oxford, train and val come from the training
     route (see ``honest_validation``) instead of validating on the test split.
     """
@@ -162,7 +172,7 @@ def get_split(opt: argparse.Namespace, split: str) -> Split:
             raise UserError("--oxfordHonestVal is for the Oxford datasets; the others have their own val split")
         train_part, val_part = honest_validation(load_split(opt, "train"), load_split(opt, "test").pos_dist_thr)
         return train_part if split == "train" else val_part
-    return load_split(opt, split)
+    return load_split(opt, split, lazy)
 
 
 def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST_VAL_FRACTION) -> tuple[Split, Split]:
@@ -197,14 +207,14 @@ def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST
 
 def subset_split(split: Split, db_rows: np.ndarray, q_rows: np.ndarray, name: str, pos_dist_thr: float) -> Split:
     """Some frames of a split as a split of their own (each side one contiguous segment)."""
-    return Split(name=name, db_desc=split.db_desc[db_rows], q_desc=split.q_desc[q_rows],
+    return Split(name=name, db_desc=rows_of_desc(split.db_desc, db_rows), q_desc=rows_of_desc(split.q_desc, q_rows),
                  db_positions=split.db_positions[db_rows], q_positions=split.q_positions[q_rows],
                  pos_dist_thr=pos_dist_thr, non_triv_pos_dist_sq_thr=split.non_triv_pos_dist_sq_thr,
                  db_bounds=segment_bounds(len(db_rows)), q_bounds=segment_bounds(len(q_rows)), files=split.files,
                  position_unit=split.position_unit)
 
 
-def load_split(opt: argparse.Namespace, split: str) -> Split:
+def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
     spec = get_spec(opt)
     struct_dir = Path(opt.structPath)
     struct_path = struct_dir / spec.struct_files[split]
@@ -235,8 +245,10 @@ def load_split(opt: argparse.Namespace, split: str) -> Split:
         raise UserError(f"split {split} of {spec.name} is empty ({len(db_rows)} database, {len(q_rows)} query "
                         f"frames in {struct_path} and the {rows_from}): download the files again "
                         f"(`bash download.sh`) or choose another --split")
-    db_desc = load_descriptors(db_path, db_rows)
-    q_desc = load_descriptors(q_path, q_rows)
+    db_desc = open_descriptors(db_path, db_rows)
+    q_desc = open_descriptors(q_path, q_rows)
+    if not lazy:
+        db_desc, q_desc = db_desc.read(0, len(db_desc)), q_desc.read(0, len(q_desc))
     if db_desc.shape[1] != q_desc.shape[1]:
         raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} ({q_desc.shape[1]} "
                         "dims) differ in dimensions: both must come from the same descriptor (--descType)")
@@ -272,10 +284,16 @@ def drop_short_sequences(split: Split, seq_len: int) -> Split:
                 split.name, dropped_db, dropped_q, seq_len)
     if len(db_keep) == 0 or len(q_keep) == 0:
         raise UserError(f"split {split.name}: every sequence is shorter than --seqL {seq_len}: use a smaller --seqL")
-    return Split(name=split.name, db_desc=split.db_desc[db_keep], q_desc=split.q_desc[q_keep],
+    return Split(name=split.name, db_desc=rows_of_desc(split.db_desc, db_keep),
+                 q_desc=rows_of_desc(split.q_desc, q_keep),
                  db_positions=split.db_positions[db_keep], q_positions=split.q_positions[q_keep],
                  pos_dist_thr=split.pos_dist_thr, non_triv_pos_dist_sq_thr=split.non_triv_pos_dist_sq_thr,
                  db_bounds=db_bounds, q_bounds=q_bounds, files=split.files, position_unit=split.position_unit)
+
+
+def rows_of_desc(desc, rows: np.ndarray):
+    """``desc[rows]``; a lazy source stays lazy (a source over those rows)."""
+    return desc.subset(rows) if isinstance(desc, DescriptorSource) else desc[rows]
 
 
 def _read_bounds(path: Path, count: int) -> np.ndarray:

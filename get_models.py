@@ -187,16 +187,17 @@ class SeqMatchModel(nn.Module):
     @torch.no_grad()
     def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device,
                       batch_size: int, name: str = "frames", quiet: bool = False,
-                      all_frames: bool = False) -> WindowEmbedding:
-        """The windows starting at ``starts`` of the traversal ``desc`` ``[N, C]``, in eval mode.
-        Frame models project the frames the windows cover (every frame with ``all_frames``)."""
+                      all_frames: bool = False, dtype: torch.dtype | None = None) -> WindowEmbedding:
+        """The windows starting at ``starts`` of the traversal ``desc`` ``[N, C]`` (an array or a
+        ``datasets.DescriptorSource``), in eval mode. Frame models project the frames the windows
+        cover (every frame with ``all_frames``), kept in ``dtype`` (default: the model's)."""
         if self.describes_windows:
             return WindowEmbedding(describe_windows(self, desc, starts, seq_len, device, batch_size), None)
         if all_frames:
             frames, local = np.arange(len(desc)), np.asarray(starts)
         else:
             frames, local = window_frames(starts, seq_len)
-        feats = extract_features(self, rows_of(desc, frames), device, batch_size, name, quiet)
+        feats = extract_features(self, rows_of(desc, frames), device, batch_size, name, quiet, dtype)
         return WindowEmbedding(feats, torch.as_tensor(local, device=feats.device))
 
     def window_distance_matrix(self, db: WindowEmbedding, q: WindowEmbedding, seq_len: int,
@@ -227,8 +228,10 @@ class SeqMatchModel(nn.Module):
 
 @torch.no_grad()
 def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
-                     desc_name: str = "frames", quiet: bool = False) -> torch.Tensor:
-    """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on ``device``.
+                     desc_name: str = "frames", quiet: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on ``device``,
+    stored in ``dtype`` (default: the model's; float16 halves the memory, values rounded once).
+    ``desc`` is an array or anything sliced like one (``datasets.DescriptorSource`` reads each block).
 
     Frames go through in blocks of ``batch_size`` rows, or of ``FEATURE_BLOCK_BYTES`` of input and
     output when that is more (a projection is one matrix product per block; small blocks cost several
@@ -241,9 +244,19 @@ def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.devic
     for lo in bar:
         feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device))
         if out is None:
-            out = torch.empty((len(desc), feats.shape[1]), dtype=feats.dtype, device=feats.device)
+            out = torch.empty((len(desc), feats.shape[1]), dtype=dtype or feats.dtype, device=feats.device)
         out[lo:lo + len(feats)] = feats
-    return out if out is not None else torch.empty((0, model.out_dims), device=device)
+    return out if out is not None else torch.empty((0, model.out_dims), dtype=dtype, device=device)
+
+
+def window_means(feats: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """One descriptor per window: the L2-normalised mean of its frames' features, summed in window
+    order in float32: ``feats [F, D]``, ``starts [N]`` -> ``[N, D]`` float32."""
+    starts = torch.as_tensor(starts, device=feats.device)
+    acc = feats[starts].float()
+    for k in range(1, seq_len):
+        acc += feats[starts + k].float()
+    return nn.functional.normalize(acc, dim=-1)
 
 
 @torch.no_grad()

@@ -119,7 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queryChunk", type=int, default=1024, help="query windows scored at once (bounds memory)")
     g.add_argument("--dbChunk", type=int, default=0,
                    help="database windows scored at once (0: all, or automatic when the matrix would not fit)")
+    add_large_map_options(p)
     return p
+
+
+def add_large_map_options(parser: argparse.ArgumentParser) -> None:
+    """Evaluation over maps larger than memory (README, "Large maps")."""
+    g = parser.add_argument_group("large maps")
+    g.add_argument("--mapChunk", type=int, default=32768,
+                   help="database frames read and projected at once: a larger database is streamed from its "
+                        "file in chunks of this many frames, so memory depends on this, not on the map")
+    g.add_argument("--featDtype", type=str, default="float32", choices=["float32", "float16"],
+                   help="storage of projected frame features (distances always accumulate in float32)")
+    g.add_argument("--shortlist", type=int, default=0, metavar="K",
+                   help="sequence-match only the K database windows nearest to each query window in a faiss index "
+                        "over one descriptor per window (0: off, match every window exactly)")
+    g.add_argument("--nprobe", type=int, default=16,
+                   help="inverted lists searched per query when the --shortlist index is an IVF index")
 
 
 def add_synthetic_options(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +213,13 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     for name in ("cacheRefreshRate", "patience", "start_epoch", "threads", "dbChunk"):
         if getattr(opt, name) < 0:
             raise UserError(f"--{name.replace('_', '-') if name == 'start_epoch' else name} must not be negative")
+    for name in ("mapChunk", "nprobe"):
+        if getattr(opt, name, 1) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(opt, name)}")
+    if getattr(opt, "shortlist", 0) < 0:
+        raise UserError(f"--shortlist must not be negative (0 turns it off), got {opt.shortlist}")
+    if getattr(opt, "shortlist", 0) and opt.predictionsFile:
+        raise UserError("--shortlist and --predictionsFile both choose the candidates to re-rank: give one of them")
     if opt.lr <= 0 or opt.margin < 0:
         raise UserError("--lr must be positive and --margin not negative")
     if opt.mode == "train" and opt.extractOnly:

@@ -1,0 +1,133 @@
+"""A faiss index over one descriptor per database window, to shortlist the windows that exact
+sequence matching then re-ranks (``--shortlist K``; README, "Large maps").
+
+The index type follows the map's size: an exact flat index for up to ``FLAT_MAX`` windows, an
+inverted-file (IVF) index above that (``--nprobe`` lists searched per query), with its vectors
+compressed (8-bit scalar quantisation, or product quantisation) when full float32 vectors would
+take more than ``INDEX_BYTES``. GPU faiss is used when the features are on CUDA and it is installed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+FLAT_MAX = 200_000              # windows searched exactly (flat index) at most
+INDEX_BYTES = 512 * 1024**2     # memory the index's vectors may take before they are compressed
+PQ_MAX_BYTES = 64               # bytes per window of a product-quantised code (search cost grows with it)
+TRAIN_PER_LIST = 32             # training vectors per inverted list
+MIN_TRAIN = 10_000              # and at least this many (product quantisation trains 256 centroids)
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """Which index a map gets: ``kind`` is flat, ivf-flat, ivf-sq8 or ivf-pq; ``nlist`` inverted
+    lists (IVF), ``pq_bytes`` bytes per code (ivf-pq)."""
+
+    kind: str
+    nlist: int = 0
+    pq_bytes: int = 0
+
+    @property
+    def needs_training(self) -> bool:
+        return self.kind != "flat"
+
+    def training_size(self, n: int) -> int:
+        return min(n, max(TRAIN_PER_LIST * self.nlist, MIN_TRAIN)) if self.needs_training else 0
+
+    def describe(self) -> str:
+        if self.kind == "flat":
+            return "flat (exact)"
+        extra = f", {self.pq_bytes} bytes per window" if self.kind == "ivf-pq" else ""
+        return f"{self.kind} ({self.nlist} lists{extra})"
+
+
+def choose_index(n: int, dim: int, memory_bytes: int = INDEX_BYTES, flat_max: int = FLAT_MAX) -> IndexChoice:
+    """The index for ``n`` window descriptors of ``dim`` float32 values (see the module docstring)."""
+    if n < 1 or dim < 1:
+        raise ValueError(f"need at least one window and one dimension, got {n} x {dim}")
+    full = n * dim * 4
+    if n <= flat_max and full <= memory_bytes:
+        return IndexChoice("flat")
+    nlist = max(1, min(int(math.sqrt(n)), n // 39))
+    if full <= memory_bytes:
+        return IndexChoice("ivf-flat", nlist)
+    if n * dim <= memory_bytes:
+        return IndexChoice("ivf-sq8", nlist)
+    limit = min(memory_bytes // n, PQ_MAX_BYTES, dim)
+    m = max((d for d in range(1, limit + 1) if dim % d == 0), default=0)
+    if m == 0:
+        raise UserError(f"a shortlist index of {n} windows does not fit in {memory_bytes / 1024**2:.0f} MiB even "
+                        "with 1-byte codes: use --shortlist 0 (exact matching streams the map)")
+    return IndexChoice("ivf-pq", nlist, m)
+
+
+class WindowIndex:
+    """A faiss index of window descriptors with explicit ids (their window numbers)."""
+
+    def __init__(self, choice: IndexChoice, dim: int, device: torch.device | None = None) -> None:
+        import faiss
+
+        self.choice, self.dim = choice, dim
+        if choice.kind == "flat":
+            index = faiss.IndexIDMap(faiss.IndexFlatL2(dim))
+        else:
+            self._quantizer = faiss.IndexFlatL2(dim)       # kept alive with the index
+            if choice.kind == "ivf-flat":
+                index = faiss.IndexIVFFlat(self._quantizer, dim, choice.nlist, faiss.METRIC_L2)
+            elif choice.kind == "ivf-sq8":
+                index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, choice.nlist,
+                                                      faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
+            else:
+                index = faiss.IndexIVFPQ(self._quantizer, dim, choice.nlist, choice.pq_bytes, 8)
+                index.use_precomputed_table = -1          # its table is nlist x code size x 256 floats
+        self.index = index
+        self.use_gpu = device is not None and device.type == "cuda" and hasattr(faiss, "StandardGpuResources")
+        self.count = 0
+
+    def train(self, vectors: np.ndarray) -> None:
+        if self.choice.needs_training:
+            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                np.ascontiguousarray(ids, dtype=np.int64))
+        self.count += len(ids)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        """Ids of the ``k`` nearest windows per query ``[Nq, k]`` (``k`` at most the windows indexed);
+        rows that an IVF search left short are searched again with more lists."""
+        import faiss
+
+        k = min(k, self.count)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        index = self.index
+        if self.use_gpu:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        out = np.empty((len(queries), k), dtype=np.int64)
+        rows, probe = np.arange(len(queries)), min(nprobe, self.choice.nlist or 1)
+        while len(rows):
+            if self.choice.needs_training:
+                (faiss.GpuParameterSpace() if self.use_gpu else faiss.ParameterSpace()).set_index_parameter(
+                    index, "nprobe", probe)
+            _, ids = index.search(queries[rows], k)
+            full = (ids >= 0).all(axis=1) | (probe >= (self.choice.nlist or 1))
+            out[rows[full]] = ids[full]
+            rows, probe = rows[~full], probe * 2
+        if (out < 0).any():          # cannot happen with every list searched; refuse rather than guess
+            raise RuntimeError("the shortlist index returned fewer candidates than windows indexed")
+        return out
+
+
+def shortlist_recall(exact_top1: np.ndarray, candidates: np.ndarray) -> float:
+    """Fraction of queries whose exact top-1 window is among their candidates: ``[S]``, ``[S, K]``."""
+    if len(exact_top1) == 0:
+        return float("nan")
+    return float((candidates == np.asarray(exact_top1)[:, None]).any(axis=1).mean())
