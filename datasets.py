@@ -224,7 +224,8 @@ class DescriptorSource:
         """File rows in any order: the distinct ones are read ascending, then put in order."""
         if len(file_rows) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        uniq, inverse = np.unique(file_rows, return_inverse=True)
+        ascending = len(file_rows) == 1 or bool(np.all(np.diff(file_rows) > 0))
+        uniq, inverse = (file_rows, None) if ascending else np.unique(file_rows, return_inverse=True)
         try:
             if self._hdf5:
                 got = self._data[uniq]
@@ -234,7 +235,8 @@ class DescriptorSource:
                 del mapped
         except (ValueError, OSError) as exc:
             raise UserError(f"descriptor file {self.path} could not be read ({exc}): download it again") from exc
-        return np.asarray(got, dtype=np.float32)[inverse]
+        got = np.asarray(got, dtype=np.float32)
+        return got if inverse is None else got[inverse]
 
     def _mapped(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.file_dtype, mode="r", offset=self._offset,

@@ -184,6 +184,9 @@ def read_positions(path: Path, label: str) -> Positions:
     if not path.is_file():
         raise UserError(f"{label} positions file {path} not found: check --{'db' if label == 'database' else 'q'}"
                         "_positions")
+    fast = _read_positions_fast(path)
+    if fast is not None:
+        return fast
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
@@ -224,13 +227,54 @@ def read_positions(path: Path, label: str) -> Positions:
             if not seq_ids[k]:
                 raise UserError(f"positions file {path}, line {line} (row {k}): empty sequence_id")
     lines = np.array([line for line, _ in body])
-    if latlon:
+    return _checked(Positions(path, values, latlon, stamps, seq_ids, lines))
+
+
+def _checked(pos: Positions) -> Positions:
+    """``pos`` after the lat/lon range check."""
+    if pos.latlon:
         for j, (name, limit) in enumerate((("lat", 90.0), ("lon", 180.0))):
-            bad = np.flatnonzero(np.abs(values[:, j]) > limit)
+            bad = np.flatnonzero(np.abs(pos.values[:, j]) > limit)
             if len(bad):
-                raise UserError(f"positions file {path}, line {lines[bad[0]]} (row {bad[0]}): {name} "
-                                f"{values[bad[0], j]} is outside [-{limit:g}, {limit:g}] degrees")
-    return Positions(path, values, latlon, stamps, seq_ids, lines)
+                raise UserError(f"positions file {pos.path}, line {pos.lines[bad[0]]} (row {bad[0]}): {name} "
+                                f"{pos.values[bad[0], j]} is outside [-{limit:g}, {limit:g}] degrees")
+    return pos
+
+
+def _read_positions_fast(path: Path) -> Positions | None:
+    """``read_positions`` without a Python loop over the rows, for plain files (no quotes, numeric
+    timestamps); None for anything else, so that the row-by-row reader handles it and names the line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if '"' in text or "\r" in text:
+        return None
+    lines = np.array(text.split("\n"))
+    keep = np.flatnonzero(np.char.str_len(np.char.strip(np.char.replace(lines, ",", ""))) > 0)
+    if len(keep) < 2:
+        return None
+    header = next(csv.reader([str(lines[keep[0]])]))
+    try:
+        (ia, ib), latlon, optional = _columns(header, path)
+        table = np.loadtxt(lines[keep[1:]].tolist(), delimiter=",", dtype=str, comments=None, ndmin=2)
+        if table.shape != (len(keep) - 1, len(header)):
+            return None
+        values = np.char.strip(table[:, [ia, ib]]).astype(np.float64)
+        stamps = None
+        if "timestamp" in optional:
+            stamps = np.char.strip(table[:, optional["timestamp"]]).astype(np.float64)
+    except (UserError, ValueError):
+        return None
+    if not np.isfinite(values).all():
+        return None
+    seq_ids = None
+    if "sequence_id" in optional:
+        seq_ids = np.char.strip(table[:, optional["sequence_id"]])
+        if (np.char.str_len(seq_ids) == 0).any():
+            return None
+        seq_ids = seq_ids.astype(object)
+    return _checked(Positions(path, values, latlon, stamps, seq_ids, keep[1:] + 1))
 
 
 def latlon_to_local(latlon: np.ndarray, origin: tuple[float, float]) -> np.ndarray:
@@ -280,11 +324,10 @@ def check_traversal(pos: Positions, metres: np.ndarray, seq_len: int, label: str
     short = np.flatnonzero(bounds[:, 1] - bounds[:, 0] < seq_len)
     if len(short):
         lo, hi = int(bounds[short[0], 0]), int(bounds[short[0], 1])
-        if True:
-            which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None else "the traversal")
-            raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows {lo}..{hi - 1}), "
-                            f"fewer than --seqL {seq_len}: remove it (from the CSV and the descriptors) or lower "
-                            "--seqL")
+        which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None else "the traversal")
+        raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows {lo}..{hi - 1}), "
+                        f"fewer than --seqL {seq_len}: remove it (from the CSV and the descriptors) or lower "
+                        "--seqL")
     same_run = bounds[1:, 0] == bounds[:-1, 0]           # row i and i+1 belong to one sequence
     if pos.timestamps is not None:
         dt = np.diff(pos.timestamps)

@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seqL", type=int, default=5)
     p.add_argument("--featDtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--shortlist", type=int, default=100, help="K of the shortlist run (0: exact run only)")
+    p.add_argument("--shortlistOnly", action="store_true", help="skip the exact run (no speed-up, no R@1 loss)")
     p.add_argument("--checkQueries", type=int, default=50, help="queries checked against plain dense matching")
     p.add_argument("--workdir", default="/tmp/largemap")
     p.add_argument("--keep", action="store_true", help="keep the generated files (default: delete them at the end)")
@@ -201,7 +202,7 @@ def main() -> int:
         make_route(opt, work)
         print(f"generated in {time.perf_counter() - t:.0f} s; prepare (--mode prepare) ...", flush=True)
         print(f"prepared in {prepare(opt, work):.0f} s", flush=True)
-        runs = {"exact": run_test(opt, work, "exact", [])}
+        runs = {} if opt.shortlistOnly else {"exact": run_test(opt, work, "exact", [])}
         if opt.shortlist:
             runs["shortlist"] = run_test(opt, work, "shortlist", ["--shortlist", str(opt.shortlist)])
         sample = np.sort(np.random.default_rng(5).choice(opt.queries, min(opt.checkQueries, opt.queries),
@@ -240,9 +241,9 @@ def report(opt: argparse.Namespace, runs: dict, sample: np.ndarray, want: np.nda
         print(f"GOAL {'MET' if met else 'MISSED'}: {name} peak resident memory {peak:.2f} GB < {goal_gb:g} GB")
     exact_same = rows[0][5]
     ok &= exact_same == len(sample)
-    print(f"GOAL {'MET' if exact_same == len(sample) else 'MISSED'}: exact top-1 equals plain dense matching "
+    print(f"GOAL {'MET' if exact_same == len(sample) else 'MISSED'}: {rows[0][0]} top-1 equals plain dense matching "
           f"for {exact_same}/{len(sample)} sampled queries")
-    if "shortlist" in runs:
+    if "shortlist" in runs and "exact" in runs:
         speedup = runs["exact"]["matching"] / runs["shortlist"]["matching"]
         loss = runs["exact"]["r1"] - runs["shortlist"]["r1"]
         met = speedup >= 20 and loss <= 0.01
