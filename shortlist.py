@@ -24,6 +24,7 @@ INDEX_BYTES = 512 * 1024**2     # memory the index's vectors may take before the
 PQ_MAX_BYTES = 64               # bytes per window of a product-quantised code (search cost grows with it)
 TRAIN_PER_LIST = 32             # training vectors per inverted list
 MIN_TRAIN = 10_000              # and at least this many (product quantisation trains 256 centroids)
+ADD_BATCH = 2048                # vectors encoded at once (bounds faiss's encoding tables)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,12 @@ class WindowIndex:
             self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                np.ascontiguousarray(ids, dtype=np.int64))
+        """Add in batches of ``ADD_BATCH``: product-quantised encoding holds a table of
+        batch x code bytes x 256 floats (2 GB for 32768 vectors of 64-byte codes)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        for lo in range(0, len(ids), ADD_BATCH):
+            self.index.add_with_ids(vectors[lo:lo + ADD_BATCH], ids[lo:lo + ADD_BATCH])
         self.count += len(ids)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
