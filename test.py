@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import Split, sequence_windows
-from get_models import SeqMatchModel, WindowEmbedding, extract_features
+from get_models import SeqMatchModel, WindowEmbedding, extract_features, window_frames, window_means
 from metrics import N_VALUES, RADII, precision_recall, radius_table, recall_table, top1_outcomes
 from seqMatchNet import candidate_distances, chunked_topk, window_distances
 from utils import UserError, atomic_write, ensure_output_dir, get_device, progress_enabled, write_json_atomic
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 TOP_K = 100
 RERANK_CANDIDATES = 20
 DENSE_LIMIT_BYTES = 2 * 1024**3   # above this a query chunk's distance block is also split over the database
+KEEP_FEATS_BYTES = 256 * 1024**2  # a streamed database's features are kept (for figures) up to this size
+SHORTLIST_CHECK_QUERIES = 50      # queries matched exactly to measure the recall of --shortlist
 
 
 @dataclass
@@ -41,6 +43,7 @@ class EvalResult:
     radius_counts: np.ndarray = field(default_factory=lambda: np.zeros(len(RADII), dtype=np.int64))  # per radius row
     db_feats: torch.Tensor | None = None   # pooled frame features (sequence matching), for figures
     q_feats: torch.Tensor | None = None
+    shortlist: dict | None = None          # --shortlist: candidates, index, nprobe, recall on a sample
 
 
 def select_frames(bounds: np.ndarray, filter_len: int | None) -> np.ndarray:
@@ -148,19 +151,23 @@ def load_predictions(path: Path) -> np.ndarray:
             preds = np.asarray(z["preds"])
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"--predictionsFile {path} is not a readable .npz ({exc})") from exc
-    if preds.ndim != 2 or preds.shape[1] < RERANK_CANDIDATES or not np.issubdtype(preds.dtype, np.integer):
+    if preds.ndim != 2 or not np.issubdtype(preds.dtype, np.integer):
         raise UserError(f"--predictionsFile {path}: preds has shape {preds.shape} ({preds.dtype}), expected "
                         f"integers of shape (queries, >= {RERANK_CANDIDATES})")
-    return preds[:, :RERANK_CANDIDATES].astype(np.int64)
+    return preds.astype(np.int64)
 
 
 def check_predictions(preds: np.ndarray, num_q: int, num_db: int, source: str) -> None:
     """``preds`` must have one row per evaluated query and index the evaluated database frames
     (the same split, ``--seqL`` and ``--seqL_filterData`` as the run that wrote them)."""
-    if preds.shape[0] != num_q or (preds.size and (preds.min() < 0 or preds.max() >= num_db)):
-        raise UserError(f"{source}: preds has {preds.shape[0]} rows of indices up to {preds.max(initial=-1)}, but "
-                        f"this evaluation has {num_q} queries and {num_db} database frames: use a file written for "
-                        "the same --dataset, --split and --seqL_filterData")
+    if preds.shape[0] != num_q or preds.shape[1] < RERANK_CANDIDATES:
+        raise UserError(f"{source}: preds has shape {preds.shape}, expected ({num_q}, >= {RERANK_CANDIDATES}) "
+                        "for this evaluation: use a file written for the same --dataset, --split and "
+                        "--seqL_filterData")
+    if preds.min() < 0 or preds.max() >= num_db:
+        raise UserError(f"{source}: preds must be indices of the evaluated database frames, in [0, {num_db}), "
+                        f"found {preds.min()}..{preds.max()}: use a file written for the same --dataset, --split "
+                        "and --seqL_filterData")
 
 
 def evaluation_filter(opt: argparse.Namespace, split_name: str) -> int | None:
@@ -183,43 +190,239 @@ def evaluate(opt: argparse.Namespace, split: Split, model: SeqMatchModel, device
         raise UserError(f"no frames of split {split.name} have a full window of {filter_len} frames: "
                         "use a smaller --seqL_filterData")
     if predictions is not None:
-        check_predictions(predictions, len(q_sel), len(db_sel), "--predictionsFile")
+        check_predictions(predictions, len(q_sel), len(db_sel), f"--predictionsFile {opt.predictionsFile}")
+        predictions = predictions[:, :RERANK_CANDIDATES]
         if model.compares_descriptors:
             raise UserError("--predictionsFile re-ranks by sequence matching: use it with --method seqmatch")
 
     t0 = time.perf_counter()
     db_starts = sequence_windows(split.db_bounds, seq_len)[0][db_sel]
     q_starts = sequence_windows(split.q_bounds, seq_len)[0][q_sel]
-    db = model.embed_windows(split.db_desc, db_starts, seq_len, device, opt.cacheBatchSize, "database", quiet,
-                             all_frames=True)
+    settings = LargeMapSettings.of(opt)
     q = model.embed_windows(split.q_desc, q_starts, seq_len, device, opt.cacheBatchSize, "queries", quiet,
-                            all_frames=True)
-    t1 = time.perf_counter()
-    idx, dists = search(model, db, q, seq_len, opt, predictions, quiet)
-    t2 = time.perf_counter()
+                            all_frames=True, dtype=settings.feat_dtype)
+    if not model.compares_descriptors and (split.num_db > settings.map_chunk or settings.shortlist):
+        found = search_streamed(opt, split.db_desc, model, device, db_starts, q, predictions, quiet)
+        idx, dists, db_feats, timings = found.preds, found.dists, found.db_feats, found.timings
+        t2 = time.perf_counter()
+    else:
+        db = model.embed_windows(split.db_desc, db_starts, seq_len, device, opt.cacheBatchSize, "database", quiet,
+                                 all_frames=True, dtype=settings.feat_dtype)
+        t1 = time.perf_counter()
+        idx, dists = search(model, db, q, seq_len, opt, predictions, quiet)
+        t2 = time.perf_counter()
+        found, db_feats = None, db.feats if db.starts is not None else None
+        timings = {"features_s": t1 - t0, "matching_s": t2 - t1}
 
     db_pos, q_pos = split.db_positions[db_sel], split.q_positions[q_sel]
     recalls, n_pos = recall_table(idx, db_pos, q_pos, split.pos_dist_thr)
     radius_recalls, radius_counts = radius_table(idx, db_pos, q_pos)
     t3 = time.perf_counter()
-    frame_feats = db.starts is not None
+    frame_feats = q.starts is not None
     return EvalResult(recalls=recalls, radius_recalls=radius_recalls, preds=idx, dists=dists,
                       db_frames=db_sel, q_frames=q_sel, queries_with_positives=n_pos, radius_counts=radius_counts,
-                      timings={"features_s": t1 - t0, "matching_s": t2 - t1, "metrics_s": t3 - t2},
-                      db_feats=db.feats if frame_feats else None, q_feats=q.feats if frame_feats else None)
+                      timings={**timings, "metrics_s": t3 - t2},
+                      db_feats=db_feats if frame_feats else None, q_feats=q.feats if frame_feats else None,
+                      shortlist=found.shortlist if found is not None else None)
 
 
 def search(model: SeqMatchModel, db: WindowEmbedding, q: WindowEmbedding, seq_len: int, opt: argparse.Namespace,
            predictions: np.ndarray | None = None, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-``TOP_K`` database windows per query window, ``(indices [Nq, k], distances [Nq, k])``:
     nearest descriptors (window models, single frames), re-ranking of ``predictions``, or
-    sequence matching of every database window."""
+    sequence matching of every database window (features kept in float16 are matched in float32)."""
     if model.compares_descriptors:
         return faiss_search(db.rows(), q.rows(), TOP_K)
     if predictions is not None:
-        return rerank(db.feats, q.feats, db.starts, q.starts, predictions, seq_len)
-    return rank(db.feats, q.feats, db.starts, q.starts, seq_len, query_chunk=opt.queryChunk,
+        return rerank(db.feats.float(), q.feats.float(), db.starts, q.starts, predictions, seq_len)
+    return rank(db.feats.float(), q.feats.float(), db.starts, q.starts, seq_len, query_chunk=opt.queryChunk,
                 db_chunk=opt.dbChunk, quiet=quiet)
+
+
+# ---------------------------------------------------------------- large maps (README, "Large maps")
+
+@dataclass(frozen=True)
+class LargeMapSettings:
+    """The "large maps" options (defaults for options restored from runs that predate them)."""
+
+    map_chunk: int = 32768
+    feat_dtype: torch.dtype = torch.float32
+    shortlist: int = 0
+    nprobe: int = 16
+
+    @classmethod
+    def of(cls, opt: argparse.Namespace) -> LargeMapSettings:
+        dtype = torch.float16 if getattr(opt, "featDtype", "float32") == "float16" else torch.float32
+        return cls(getattr(opt, "mapChunk", cls.map_chunk), dtype, getattr(opt, "shortlist", 0) or 0,
+                   getattr(opt, "nprobe", cls.nprobe))
+
+
+@dataclass
+class StreamedSearch:
+    preds: np.ndarray                   # [Nq, k] indices into the database windows
+    dists: np.ndarray                   # [Nq, k]
+    timings: dict
+    db_feats: torch.Tensor | None = None
+    shortlist: dict | None = None
+
+
+def database_chunks(model: SeqMatchModel, desc, seq_len: int, device: torch.device, batch_size: int,
+                    chunk: int, dtype: torch.dtype, clock: dict, keep: torch.Tensor | None = None,
+                    quiet: bool = False):
+    """The database's projected frames, ``chunk`` frames at a time: yields ``(first frame, end of the
+    chunk's own frames, float32 features [own + L - 1 frames, D])``. The ``L - 1`` frames after a chunk
+    come with it, so every window starting in the chunk is complete. Features are stored in ``dtype``
+    (and copied into ``keep`` when given); reading and projecting time is added to ``clock``."""
+    n = len(desc)
+    for lo in tqdm(range(0, n, chunk), desc="database chunks", unit="chunk", disable=not progress_enabled(quiet),
+                   leave=False):
+        t = time.perf_counter()
+        own_hi, hi = min(lo + chunk, n), min(lo + chunk + seq_len - 1, n)
+        feats = extract_features(model, desc[lo:hi], device, batch_size, "database", True, dtype)
+        if keep is not None:
+            keep[lo:own_hi] = feats[:own_hi - lo]
+        feats = feats.float()
+        clock["features_s"] = clock.get("features_s", 0.0) + time.perf_counter() - t
+        yield lo, own_hi, feats
+
+
+def rank_streamed(chunks, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray, seq_len: int,
+                  k: int = TOP_K, query_chunk: int = 1024, db_chunk: int = 0,
+                  on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
+    """``rank`` over a database that arrives in chunks of frames (``database_chunks``): each window is
+    scored in the chunk that holds its first frame, and the chunks' top-k lists are merged by
+    (distance, window index), so the result equals ``rank`` on the whole database, tie order included.
+    ``on_chunk(windows, their starts in the chunk, chunk features)`` sees every chunk (index building).
+    Returns ``(indices into db_starts [Nq, k], distances [Nq, k])``."""
+    from seqMatchNet import topk_by_value_then_index
+
+    order = np.argsort(db_starts, kind="stable")
+    sorted_starts = db_starts[order]
+    device = q_feats.device
+    q_t = torch.as_tensor(q_starts, device=device)
+    best_d = torch.empty((len(q_starts), 0), dtype=torch.float32, device=device)
+    best_i = torch.empty((len(q_starts), 0), dtype=torch.long, device=device)
+    for lo, own_hi, feats in chunks:
+        a, b = np.searchsorted(sorted_starts, [lo, own_hi])
+        windows = np.sort(order[a:b])                  # ascending index: ties stay in index order
+        if len(windows) == 0:
+            continue
+        local = db_starts[windows] - lo
+        if on_chunk is not None:
+            on_chunk(windows, local, feats)
+        if len(q_starts) == 0:
+            continue
+        step = db_chunk or None
+        if step is None and len(windows) * min(query_chunk, len(q_starts)) * 12 > DENSE_LIMIT_BYTES:
+            step = max(DENSE_LIMIT_BYTES // (12 * query_chunk), 1024)
+        d, li = chunked_topk(feats, q_feats, torch.as_tensor(local, device=device), q_t, seq_len, k,
+                             query_chunk=query_chunk, db_chunk=step)
+        ids = torch.as_tensor(windows, device=device)[li]
+        merged_i = torch.cat([best_i, ids], dim=1)
+        best_d, pos = topk_by_value_then_index(torch.cat([best_d, d.float()], dim=1), k, ids=merged_i)
+        best_i = torch.gather(merged_i, 1, pos)
+    return best_i.cpu().numpy(), best_d.cpu().numpy()
+
+
+def rerank_from_source(model: SeqMatchModel, desc, db_starts: np.ndarray, q_feats: torch.Tensor,
+                       q_starts: np.ndarray, candidates: np.ndarray, seq_len: int, device: torch.device,
+                       batch_size: int, dtype: torch.dtype, frames_per_step: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rerank`` that reads and projects only the candidates' frames, a few queries at a time (at most
+    about ``frames_per_step`` frames), instead of holding the whole database's features."""
+    n_q, width = candidates.shape
+    step = max(1, frames_per_step // max(width * seq_len, 1))
+    out_i = np.empty((n_q, width), dtype=np.int64)
+    out_d = np.empty((n_q, width), dtype=np.float32)
+    for lo in range(0, n_q, step):
+        cand = np.asarray(candidates[lo:lo + step])
+        windows, local_cand = np.unique(cand, return_inverse=True)     # ascending: ties keep index order
+        frames, local_starts = window_frames(db_starts[windows], seq_len)
+        feats = extract_features(model, desc[frames], device, batch_size, "candidates", True, dtype).float()
+        order, d = rerank(feats, q_feats, local_starts, q_starts[lo:lo + step], local_cand.reshape(cand.shape),
+                          seq_len)
+        out_i[lo:lo + len(cand)], out_d[lo:lo + len(cand)] = windows[order], d
+    return out_i, out_d
+
+
+def search_streamed(opt: argparse.Namespace, desc, model: SeqMatchModel, device: torch.device,
+                    db_starts: np.ndarray, q: WindowEmbedding, predictions: np.ndarray | None = None,
+                    quiet: bool = False) -> StreamedSearch:
+    """``search`` for frame models over a database read from ``desc`` chunk by chunk (``--mapChunk``
+    frames): exact sequence matching of every window, re-ranking of ``predictions``, or with
+    ``--shortlist K`` re-ranking of the K windows a faiss index of window descriptors returns."""
+    s = LargeMapSettings.of(opt)
+    seq_len, clock = opt.seqL, {"features_s": 0.0}
+    q_feats, q_starts = q.feats.float(), q.starts.cpu().numpy()
+    t0 = time.perf_counter()
+    if predictions is not None:
+        idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts, predictions, seq_len, device,
+                                        opt.cacheBatchSize, s.feat_dtype, s.map_chunk)
+        return StreamedSearch(idx, dists, {"matching_s": time.perf_counter() - t0})
+    item = torch.empty((), dtype=s.feat_dtype).element_size()
+    keep = None
+    if len(desc) * model.out_dims * item <= KEEP_FEATS_BYTES:
+        keep = torch.empty((len(desc), model.out_dims), dtype=s.feat_dtype, device=device)
+    else:
+        log.info("database of %d frames: its features are not kept, so no distance-matrix figure", len(desc))
+    chunks = database_chunks(model, desc, seq_len, device, opt.cacheBatchSize, s.map_chunk, s.feat_dtype, clock,
+                             keep, quiet)
+    if not s.shortlist:
+        idx, dists = rank_streamed(chunks, q_feats, db_starts, q_starts, seq_len, TOP_K, opt.queryChunk,
+                                   opt.dbChunk)
+        clock["matching_s"] = time.perf_counter() - t0 - clock["features_s"]
+        return StreamedSearch(idx, dists, clock, keep)
+    return shortlist_search(opt, desc, model, device, db_starts, q, chunks, clock, keep)
+
+
+def shortlist_search(opt: argparse.Namespace, desc, model: SeqMatchModel, device: torch.device,
+                     db_starts: np.ndarray, q: WindowEmbedding, chunks, clock: dict,
+                     keep: torch.Tensor | None) -> StreamedSearch:
+    """``--shortlist K``: index one descriptor per database window (``window_means``) while the chunks
+    stream by, matching a sample of queries exactly on the way (the shortlist's recall); then each
+    query's K nearest windows in the index are re-ranked by exact sequence matching."""
+    from shortlist import WindowIndex, choose_index, shortlist_recall
+
+    s = LargeMapSettings.of(opt)
+    seq_len, q_feats, q_starts = opt.seqL, q.feats.float(), q.starts.cpu().numpy()
+    rng = np.random.default_rng(opt.seed)
+    t0 = time.perf_counter()
+    choice = choose_index(len(db_starts), model.out_dims)
+    index = WindowIndex(choice, model.out_dims, device)
+    if choice.needs_training:
+        sample = np.sort(rng.choice(len(db_starts), choice.training_size(len(db_starts)), replace=False))
+        step = max(1, s.map_chunk // seq_len)            # about --mapChunk frames read at once
+        means = []
+        for lo in range(0, len(sample), step):
+            frames, local = window_frames(db_starts[sample[lo:lo + step]], seq_len)
+            feats = extract_features(model, desc[frames], device, opt.cacheBatchSize, "index sample", True,
+                                     s.feat_dtype)
+            means.append(window_means(feats, torch.as_tensor(local, device=device), seq_len).cpu().numpy())
+        index.train(np.concatenate(means))
+    clock["index_build_s"] = time.perf_counter() - t0
+
+    def add(windows: np.ndarray, local: np.ndarray, feats: torch.Tensor) -> None:
+        t = time.perf_counter()
+        index.add(window_means(feats, torch.as_tensor(local, device=feats.device), seq_len).cpu().numpy(), windows)
+        clock["index_build_s"] += time.perf_counter() - t
+
+    check = np.sort(rng.choice(len(q_starts), min(len(q_starts), SHORTLIST_CHECK_QUERIES), replace=False))
+    t1, trained = time.perf_counter(), clock["index_build_s"]
+    exact, _ = rank_streamed(chunks, q_feats, db_starts, q_starts[check], seq_len, 1, opt.queryChunk, opt.dbChunk,
+                             on_chunk=add)
+    adding = clock["index_build_s"] - trained
+    clock["shortlist_check_s"] = time.perf_counter() - t1 - clock["features_s"] - adding
+    t2 = time.perf_counter()
+    candidates = index.search(window_means(q.feats, q.starts, seq_len).cpu().numpy(), s.shortlist, s.nprobe)
+    clock["shortlist_search_s"] = time.perf_counter() - t2
+    idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts, candidates, seq_len, device,
+                                    opt.cacheBatchSize, s.feat_dtype, s.map_chunk)
+    clock["matching_s"] = time.perf_counter() - t2
+    recall = shortlist_recall(exact[:, 0], candidates[check])
+    info = {"candidates": int(candidates.shape[1]), "index": choice.describe(), "nprobe": s.nprobe,
+            "recall": recall, "sampled_queries": int(len(check))}
+    log.info("shortlist: the exact top-1 is among the %d candidates for %.4f of %d sampled queries (%s index)",
+             info["candidates"], recall, len(check), info["index"])
+    return StreamedSearch(idx[:, :TOP_K], dists[:, :TOP_K], clock, keep, info)
 
 
 def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path, label: str, prefix: str = "",
@@ -260,7 +463,7 @@ def distance_section(result: EvalResult, split: Split, seq_len: int, size: int =
     q_starts, _ = sequence_windows(split.q_bounds, seq_len)
     device = result.db_feats.device
     with torch.no_grad():
-        block = window_distances(result.db_feats, result.q_feats,
+        block = window_distances(result.db_feats.float(), result.q_feats.float(),
                                  torch.as_tensor(db_starts[db_lo:db_hi], device=device),
                                  torch.as_tensor(q_starts[q_lo:q_hi], device=device), seq_len).float().cpu().numpy()
     gt = np.linalg.norm(split.db_positions[db_lo:db_hi, None, :] - split.q_positions[None, q_lo:q_hi, :],
@@ -291,6 +494,11 @@ def format_recalls(result: EvalResult, title: str = "", unit: str = "m") -> str:
         lines.append(f"{f'radius {r} {unit}':>14}" + "".join(f"{v:>8.4f}" for v in row) + f"{n:>9}")
     lines.append(f"({len(result.q_frames)} queries, {len(result.db_frames)} database frames; each row counts the "
                  f"queries with a positive within its radius; R@N counts only the {result.preds.shape[1]} retrieved)")
+    if result.shortlist:
+        s = result.shortlist
+        lines.append(f"shortlist: {s['candidates']} candidates per query from a {s['index']} index (nprobe "
+                     f"{s['nprobe']}); the exact top-1 is among them for {s['recall']:.4f} of {s['sampled_queries']} "
+                     "sampled queries")
     return "\n".join(lines)
 
 
@@ -313,8 +521,8 @@ def tsne_embeddings(db_feats: torch.Tensor, q_feats: torch.Tensor, num: int, see
     """2-D t-SNE of the first ``num`` database and query frame descriptors."""
     from sklearn.manifold import TSNE
 
-    db = db_feats[:num].cpu().numpy()
-    q = q_feats[:num].cpu().numpy()
+    db = db_feats[:num].float().cpu().numpy()
+    q = q_feats[:num].float().cpu().numpy()
     both = np.concatenate([db, q])
     emb = TSNE(n_components=2, init="pca", random_state=seed,
                perplexity=min(30, max(len(both) - 1, 1) / 3)).fit_transform(both)
@@ -349,7 +557,7 @@ def load_for_test(opt: argparse.Namespace) -> Loaded:
         opt, run_dir, ckpt_path, ckpt = runs.open_run(opt)
         info = {"path": str(ckpt_path), "run": run_dir.name, "epoch": int(ckpt["epoch"]), "which": opt.ckpt}
     prepare_dataset(opt)
-    split = get_split(opt, opt.split)
+    split = get_split(opt, opt.split, lazy=True)      # descriptors are read from their files as needed
     model = get_model(opt, split.dim)
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], info["path"])
@@ -408,7 +616,9 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
                                           "queries_with_positives": result.queries_with_positives,
                                           "radius_queries": dict(zip(RADII, result.radius_counts.tolist())),
                                           "position_unit": split.position_unit,
-                                          "method_label": loaded.label, "checkpoint": loaded.checkpoint})
+                                          "method_label": loaded.label, "checkpoint": loaded.checkpoint,
+                                          "feat_dtype": getattr(opt, "featDtype", "float32"),
+                                          "shortlist": result.shortlist})
     write_json_atomic(summary, results_dir / "summary.json")
     log.info("results, figures and summary.json written to %s", path.parent)
     return summary
