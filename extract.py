@@ -553,15 +553,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_extract(argv: list[str]) -> int:
     """``--mode extract`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
-    from utils import get_device, progress_enabled, setup_logging
+    from utils import get_device, parse_own_options, progress_enabled, setup_logging
 
-    try:
-        opt = parse_args(list(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:          # --help
-        return int(exc.code or 0)
+    opt, code = parse_own_options(parse_args, argv)
+    if opt is None:
+        return code
     if not logging.getLogger().handlers:
         setup_logging(quiet=opt.quiet)
     try:

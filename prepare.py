@@ -670,13 +670,11 @@ def warnings_for(result: dict) -> list[str]:
 
 def run_prepare(argv: list[str]) -> int:
     """``--mode prepare`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
-    try:
-        opt = parse_args(list(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:          # --help
-        return int(exc.code or 0)
+    from utils import parse_own_options
+
+    opt, code = parse_own_options(parse_args, argv)
+    if opt is None:
+        return code
     try:
         result = prepare(opt)
     except UserError as exc:

@@ -150,6 +150,18 @@ def add_log_file(log_file: Path) -> None:
     logging.getLogger().addHandler(handler)
 
 
+def parse_own_options(parse, argv: list[str]):
+    """For a mode with its own parser (extract, prepare): ``(options, None)``, or ``(None, exit code)``
+    after a one-line ``error:`` for bad options (2) or after ``--help`` (0)."""
+    try:
+        return parse(list(argv)), None
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
+    except SystemExit as exc:          # --help
+        return None, int(exc.code or 0)
+
+
 def progress_enabled(quiet: bool = False) -> bool:
     """tqdm bars only on a terminal and without --quiet."""
     return not quiet and sys.stderr.isatty()

@@ -211,23 +211,32 @@ def test_single_frame_and_short_sequences_train(tiny_oxford, monkeypatch, extra)
     assert (ckpt["state_dict"][weight] - initial[weight]).abs().max() > 1e-6
 
 
-def test_resume_continues_exactly(tiny_oxford, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optim", ["SGD", "ADAM"])
+def test_resume_continues_exactly(tiny_oxford, tmp_path, monkeypatch, optim):
+    """2 epochs + resume 1 == 3 straight: weights bit for bit, recalls, negative cache (and Adam's moments)."""
     import shutil
     other = tmp_path / "other"
     shutil.copytree(tiny_oxford, other)
-    base = TRAIN + ["--seqL", "3", "--optim", "SGD", "--lrStep", "1"]
+    extra = ["--lrStep", "1"] if optim == "SGD" else ["--lr", "0.01"]
+    base = TRAIN + ["--seqL", "3", "--optim", optim, *extra]
     assert run_main(base + ["--nEpochs", "3"], tiny_oxford, monkeypatch) == 0
     straight = torch.load(only_run(tiny_oxford) / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
 
     assert run_main(base + ["--nEpochs", "2"], other, monkeypatch) == 0
     run = only_run(other)
+    first = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
     assert run_main(base + ["--nEpochs", "3", "--resume", str(run)], other, monkeypatch) == 0
     resumed = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)
+    assert json.loads((run / "checkpoints" / "flags.json").read_text())["optim"] == optim
+    if optim == "ADAM":
+        assert all("exp_avg" in s for s in first["optimizer"]["state"].values())     # Adam's moments are saved
+    assert not torch.equal(first["state_dict"]["pool.1.conv.weight"], resumed["state_dict"]["pool.1.conv.weight"])
     assert resumed["epoch"] == straight["epoch"] == 3
     for key in straight["state_dict"]:
         torch.testing.assert_close(resumed["state_dict"][key], straight["state_dict"][key], rtol=0, atol=0)
     assert resumed["recalls"] == straight["recalls"]
     assert torch.equal(resumed["neg_cache"], straight["neg_cache"])
+    assert all(np.isfinite(straight["history"]["loss"]))
 
 
 @pytest.mark.slow
