@@ -85,6 +85,7 @@ def test_scoring_blocks_grow_with_the_chunks_not_with_the_queries(monkeypatch):
     assert all(a <= 60 for a, _ in spy.windows)
 
 
+@pytest.mark.slow
 def test_chunk_options_reach_scoring_and_do_not_change_predictions(tiny_oxford, monkeypatch, tmp_path):
     args = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", "5", "--figures", "none"]
     assert run_main(args + ["--resultsPath", str(tmp_path / "whole")], tiny_oxford, monkeypatch) == 0
@@ -138,6 +139,7 @@ def test_demo_table_orders_trained_over_raw_sequences_over_single_frames(tmp_pat
 
 # ---------------------------------------------------------------- --dataset oxford-pnv
 
+@pytest.mark.slow
 @needs_reference
 def test_oxford_pnv_loads_its_own_files_and_threshold(reference_copy, monkeypatch, tmp_path):
     from datasets import load_split_indices, load_struct
@@ -175,6 +177,7 @@ def test_oxford_pnv_loads_its_own_files_and_threshold(reference_copy, monkeypatc
 
 # ---------------------------------------------------------------- "S1 + SeqMatch"
 
+@pytest.mark.slow
 def test_single_frame_projection_is_used_for_sequence_matching(tiny_oxford, monkeypatch, tmp_path):
     assert run_main(TRAIN + ["--seqL", "1", "--nEpochs", "1", "--expName", "s1"], tiny_oxford, monkeypatch) == 0
     run = only_run(tiny_oxford)
@@ -231,6 +234,7 @@ class ControlledValidation:
         monkeypatch.setattr(project_test, "evaluate", evaluate)
 
 
+@pytest.mark.slow
 def test_model_best_is_the_best_validation_recall_at_5_and_ckpt_best_loads_it(tiny_oxford, monkeypatch, tmp_path):
     val = ControlledValidation(monkeypatch, r5={1: 0.3, 2: 0.5, 3: 0.4, 4: 0.45}, r1={3: 0.9})
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "4"], tiny_oxford, monkeypatch) == 0
@@ -255,6 +259,7 @@ def test_model_best_is_the_best_validation_recall_at_5_and_ckpt_best_loads_it(ti
         assert recalls == pytest.approx(real[epoch], abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patience", [1, 2])
 def test_patience_stops_when_validation_does_not_improve(tiny_oxford, monkeypatch, patience):
     """The reference's rule: stop once the validations without improvement exceed patience / evalEvery."""
@@ -267,6 +272,7 @@ def test_patience_stops_when_validation_does_not_improve(tiny_oxford, monkeypatc
     assert "stopping early" in (only_run(tiny_oxford) / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_patience_does_not_stop_while_validation_improves(tiny_oxford, monkeypatch):
     ControlledValidation(monkeypatch, r5=lambda epoch: 0.1 * epoch)
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "4", "--patience", "1"], tiny_oxford, monkeypatch) == 0
@@ -274,6 +280,7 @@ def test_patience_does_not_stop_while_validation_improves(tiny_oxford, monkeypat
     assert ckpt["epoch"] == 4
 
 
+@pytest.mark.slow
 def test_eval_every_validates_only_on_its_epochs(tiny_oxford, monkeypatch):
     val = ControlledValidation(monkeypatch, r5=lambda epoch: 0.1 * epoch)
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "5", "--evalEvery", "2"], tiny_oxford, monkeypatch) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_train import run_main
 
 TEST = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test"]
@@ -23,6 +24,7 @@ def test_extract_only_writes_sequence_descriptors_and_ground_truth(tiny_oxford, 
         np.testing.assert_array_equal(gt[i], np.flatnonzero(np.abs(pos - pos[i]) <= 10.0))
 
 
+@pytest.mark.slow
 def test_tsne_embeddings_and_summary(tiny_oxford, monkeypatch, tmp_path):
     out = tmp_path / "res"
     args = TEST + ["--seqL", "3", "--numSamples2Project", "50", "--resultsPath", str(out), "--figures", "none"]
@@ -96,6 +98,7 @@ def test_device_selection():
             get_device(False, "cuda")
 
 
+@pytest.mark.slow
 def test_resume_needs_no_repeated_model_flags(tiny_oxford, monkeypatch, tmp_path, capsys):
     """flags.json knows the method: --mode test --resume RUN works for SeqMatchNet and SeqNet runs
     without --pooling or --method, and a conflicting flag is named (never 'edit flags.json')."""

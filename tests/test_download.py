@@ -226,6 +226,7 @@ def test_syntax_and_help():
     assert r.returncode == 2
 
 
+@pytest.mark.slow
 def test_all_files_land_where_loaders_look_and_rerun_fetches_nothing(tmp_path, server, files, good):
     target = tmp_path / "data_root"
     urls = dict(seqnet=good["seqnet"], seqmatchnet=good["seqmatchnet"], desc=good["desc"])

@@ -264,6 +264,7 @@ def test_model_forward_with_wpca_against_loop(model):
 
 # ---------------------------------------------------------------- runs: output, resume, bad images
 
+@pytest.mark.slow
 def test_npy_and_h5_outputs_one_row_per_image_in_order(tmp_path, capsys, ckpt, model):
     paths = write_images(tmp_path / "img", 3)
     rc, out, _ = run_cli(capsys, "--images", tmp_path / "img", "--netvladCkpt", ckpt, "--out", tmp_path / "d.npy",
@@ -356,6 +357,7 @@ def test_progress_of_another_run_is_not_reused(tmp_path, ckpt, model):
     assert result.resumed_from == 0 and np.all(np.linalg.norm(np.load(out), axis=1) > 0.99)
 
 
+@pytest.mark.slow
 def test_truncated_image_stops_naming_it(tmp_path, capsys, ckpt):
     paths = write_images(tmp_path / "img", 5)
     data = paths[3].read_bytes()

@@ -161,6 +161,7 @@ def test_rank_streamed_orders_ties_like_the_plain_oracle(seq_len):
         np.testing.assert_allclose(dists, want_d, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_float16_features_change_recall_little(tmp_path):
     """--featDtype float16 on the synthetic benchmark: Recall@N within 0.005 of float32."""
     from options import parse_options

@@ -26,6 +26,7 @@ def test_wandb_offline_needs_no_account(tiny_oxford, monkeypatch):
     assert list(offline[0].glob("*.wandb"))                  # the run was finished and flushed
 
 
+@pytest.mark.slow
 def test_wandb_online_without_account_fails_at_once(tiny_oxford, monkeypatch, tmp_path, capsys):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -80,6 +80,7 @@ def run(args, cwd, monkeypatch, tmp_path=None):
     return main.main(args + ["--nocuda", "--threads", "0", "--quiet"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["single", "smooth", "delta"])
 def test_untrained_methods_evaluate(tiny_oxford, monkeypatch, tmp_path, method):
     seq_len = "1" if method == "single" else "4"
@@ -118,6 +119,7 @@ def check_single_against_plain_search(root, res):
                 assert preds[j, r] == order[r], (j, r)
 
 
+@pytest.mark.slow
 def test_seqnet_checkpoint_reloads_and_reproduces_recalls(tiny_oxford, monkeypatch, tmp_path):
     train = "--mode train --dataset oxford-v1.0 --seqL 4 --w 3 --method seqnet --outDims 8 --nEpochs 1".split()
     assert run(train, tiny_oxford, monkeypatch) == 0
@@ -131,6 +133,7 @@ def test_seqnet_checkpoint_reloads_and_reproduces_recalls(tiny_oxford, monkeypat
     assert recalls == ckpt["recalls"]        # exactly the validation recalls saved at training time
 
 
+@pytest.mark.slow
 def test_hierarchical_rerank_of_seqnet_shortlist(tiny_oxford, monkeypatch, tmp_path):
     """HVPR: a sequence descriptor shortlists, sequence matching re-ranks the first 20."""
     short = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", "4", "--method", "delta",

@@ -139,6 +139,7 @@ def test_train_and_test_run(msls_root, monkeypatch, capsys):
 
 @pytest.mark.skipif(shutil.which("bash") is None or (shutil.which("curl") is None and shutil.which("wget") is None),
                     reason="download.sh needs bash and curl or wget")
+@pytest.mark.slow
 def test_download_script_fetches_the_msls_files_where_the_loader_finds_them(msls_root, tmp_path):
     """``download.sh --what msls`` against a local HTTP server holding the real MSLS files: every struct and
     bounds file arrives byte for byte, and --dataset msls then reads the downloaded files."""

@@ -94,6 +94,7 @@ def test_pr_figure(tmp_path, rng):
     check_png(plots.save_figure(plots.pr_figure(pr), tmp_path / "pr.png"), plots.SMALL)
 
 
+@pytest.mark.slow
 def test_distance_matrix_figure(tmp_path, rng):
     nd, nq = 120, 100
     i, j = np.arange(nd)[:, None], np.arange(nq)[None, :]
@@ -165,6 +166,7 @@ def test_distance_section_equals_plain_sequence_distances(rng):
         assert sec.top1_rows[j] == (top if 0 <= top < nd else -1)
 
 
+@pytest.mark.slow
 def test_evaluation_figures_draw_what_they_are_given(tmp_path, rng):
     n = 40
     section = plots.DistanceSection(rng.uniform(size=(n, n)), 10, 5, np.eye(n, dtype=bool),

@@ -268,7 +268,7 @@ CHUNKS = [(1024, None), (7, None), (5, 6), (3, 1), (4, 13), (1, 40)]
 
 
 @pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
-@pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
+@pytest.mark.parametrize("method", ["meanOfPairs", pytest.param("centerOnly", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("topk", ["torch", pytest.param("reverse", marks=pytest.mark.slow),
                                   pytest.param("shuffle", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("data", [pytest.param("random", marks=pytest.mark.slow), "onehot"])

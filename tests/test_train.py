@@ -211,6 +211,7 @@ def test_single_frame_and_short_sequences_train(tiny_oxford, monkeypatch, extra)
     assert (ckpt["state_dict"][weight] - initial[weight]).abs().max() > 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["SGD", "ADAM"])
 def test_resume_continues_exactly(tiny_oxford, tmp_path, monkeypatch, optim):
     """2 epochs + resume 1 == 3 straight: weights bit for bit, recalls, negative cache (and Adam's moments)."""
