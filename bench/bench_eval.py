@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from common import (
     CPU_NOTE,
+    route_split,
     add_size_options,
     apply_threads,
     goal,
@@ -64,19 +65,6 @@ def baseline(db_window_frames: torch.Tensor, q_feats: torch.Tensor, q_starts: np
     return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
 
 
-def make_split(db: torch.Tensor, q: torch.Tensor):
-    """An in-memory Split: two contiguous traversals 2 m apart per frame, positives within 10 m."""
-    from datasets import Split, segment_bounds
-
-    n_db, n_q = len(db), len(q)
-    n_place = max(n_db, n_q)                     # as in common.route_features
-    db_pos = np.stack([(np.arange(n_db) * n_place // n_db) * 2.0, np.zeros(n_db)], axis=1)
-    q_pos = np.stack([(np.arange(n_q) * n_place // n_q) * 2.0, np.zeros(n_q)], axis=1)
-    return Split(name="bench", db_desc=db.numpy(), q_desc=q.numpy(), db_positions=db_pos, q_positions=q_pos,
-                 pos_dist_thr=10.0, non_triv_pos_dist_sq_thr=25.0, db_bounds=segment_bounds(n_db),
-                 q_bounds=segment_bounds(n_q))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_options(p, "small sizes (1000 x 1000, D 1024) for a smoke run", db=3000, queries=3000, dim=4096)
@@ -105,7 +93,7 @@ def main(argv=None) -> int:
     subset = np.unique(np.r_[0, args.queries - 1, rng.choice(args.queries, max(args.subset - 2, 0), replace=False)])
     subset = subset[:max(args.subset, 1)]
 
-    split = make_split(db, q)
+    split = route_split(db, q, "bench")
     model = SeqMatchModel(args.dim, pooling=False, out_dims=args.dim)
     opt = parse_options(["--mode", "test", "--seqL", str(L), "--nocuda", "--quiet"])
     cpu = torch.device("cpu")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import CPU_NOTE, goal, machine_line, median, table  # noqa: E402
+from common import CPU_NOTE, goal, machine_line, median, route_split, table  # noqa: E402
 
 BATCH_GOAL = 1.3
 REFRESH_GOAL = 1.5
@@ -63,19 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.db, args.queries = 3000, 3000
     args.outDims = args.outDims or args.dim
     return args
-
-
-def make_split(db: torch.Tensor, q: torch.Tensor):
-    """An in-memory training Split: frames 2 m apart, posDistThr 10 m, non-trivial positives within 5 m."""
-    from datasets import Split, segment_bounds
-
-    n_db, n_q = len(db), len(q)
-    n_place = max(n_db, n_q)                     # as in common.route_features
-    db_pos = np.stack([(np.arange(n_db) * n_place // n_db) * 2.0, np.zeros(n_db)], axis=1)
-    q_pos = np.stack([(np.arange(n_q) * n_place // n_q) * 2.0, np.zeros(n_q)], axis=1)
-    return Split(name="train", db_desc=db.numpy(), q_desc=q.numpy(), db_positions=db_pos, q_positions=q_pos,
-                 pos_dist_thr=10.0, non_triv_pos_dist_sq_thr=25.0, db_bounds=segment_bounds(n_db),
-                 q_bounds=segment_bounds(n_q))
 
 
 def refresh_chunk(train, tset, rate: int, seed: int) -> np.ndarray:
@@ -112,7 +99,7 @@ def main(argv=None) -> int:
     print(CPU_NOTE)
     t0 = time.perf_counter()
     db, q = common.route_features(args.db, args.queries, args.dim, seed=args.seed)
-    split = make_split(db, q)
+    split = route_split(db, q, "train")
     tset = train.TrainingSet.build(split, args.seqL)
     opt = parse_options(["--mode", "train", "--pooling", "--seqL", str(args.seqL), "--outDims", str(args.outDims),
                          "--batchSize", str(args.batchSize), "--cacheRefreshRate", str(args.cacheRefreshRate),

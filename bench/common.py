@@ -227,3 +227,19 @@ def apply_threads(n: int) -> None:
 def machine_line() -> str:
     return (f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {np.__version__}, "
             f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+
+
+def route_split(db: torch.Tensor, q: torch.Tensor, name: str = "bench"):
+    """An in-memory ``datasets.Split`` of two contiguous traversals of ``route_features``: frames 2 m
+    apart, positives within 10 m, non-trivial positives within 5 m."""
+    import numpy as np
+
+    from datasets import Split, segment_bounds
+
+    n_db, n_q = len(db), len(q)
+    n_place = max(n_db, n_q)                     # as in route_features
+    db_pos = np.stack([(np.arange(n_db) * n_place // n_db) * 2.0, np.zeros(n_db)], axis=1)
+    q_pos = np.stack([(np.arange(n_q) * n_place // n_q) * 2.0, np.zeros(n_q)], axis=1)
+    return Split(name=name, db_desc=db.numpy(), q_desc=q.numpy(), db_positions=db_pos, q_positions=q_pos,
+                 pos_dist_thr=10.0, non_triv_pos_dist_sq_thr=25.0, db_bounds=segment_bounds(n_db),
+                 q_bounds=segment_bounds(n_q))

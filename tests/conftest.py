@@ -112,3 +112,19 @@ def reference_copy(tmp_path: Path) -> Path:
     for p in dst.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
     return dst
+
+
+@pytest.fixture
+def refreshes(monkeypatch) -> list:
+    """Records every mining-matrix refresh of training: ``(the chunk's queries, all training queries)``."""
+    import train
+
+    seen = []
+    real = train.model_cache_distances
+
+    def spy(model, tset, queries, opt, device):
+        seen.append((np.asarray(queries).copy(), tset.queries.copy()))
+        return real(model, tset, queries, opt, device)
+
+    monkeypatch.setattr(train, "model_cache_distances", spy)
+    return seen

@@ -325,17 +325,8 @@ def test_figures_end_draws_once_after_the_last_epoch(tiny_oxford, monkeypatch, f
                                                                                          run.glob("*.png")}
 
 
-def test_cache_refresh_rate_0_refreshes_once_per_epoch(tiny_oxford, monkeypatch):
-    import train as train_mod
-
-    seen = []
-    real = train_mod.model_cache_distances
-
-    def spy(model, tset, queries, opt, device):
-        seen.append((np.asarray(queries).copy(), tset.queries.copy()))
-        return real(model, tset, queries, opt, device)
-
-    monkeypatch.setattr(train_mod, "model_cache_distances", spy)
+def test_cache_refresh_rate_0_refreshes_once_per_epoch(tiny_oxford, monkeypatch, refreshes):
+    seen = refreshes
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "2", "--cacheRefreshRate", "0"], tiny_oxford,
                     monkeypatch) == 0
     assert len(seen) == 2

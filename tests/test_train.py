@@ -282,19 +282,10 @@ def test_oxford_honest_validation_is_disjoint_from_training(monkeypatch):
 
 # ---------------------------------------------------------------- refresh chunks, negative cache, few negatives
 
-def test_refresh_chunks_are_consecutive_array_split_pieces(tiny_oxford, monkeypatch):
+def test_refresh_chunks_are_consecutive_array_split_pieces(tiny_oxford, monkeypatch, refreshes):
     """Each cache refresh scores one consecutive piece of the route's training queries (the
     reference's np.array_split), and every training query appears in exactly one chunk."""
-    import train as train_mod
-
-    seen = []
-    real = train_mod.model_cache_distances
-
-    def spy(model, tset, queries, opt, device):
-        seen.append((np.asarray(queries).copy(), tset.queries.copy()))
-        return real(model, tset, queries, opt, device)
-
-    monkeypatch.setattr(train_mod, "model_cache_distances", spy)
+    seen = refreshes
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "1", "--cacheRefreshRate", "70"], tiny_oxford,
                     monkeypatch) == 0
     queries = seen[0][1]
