@@ -12,6 +12,7 @@ from datasets import (
     GET_DATA_HINT,
     DescriptorSource,
     Split,
+    load_descriptors,
     load_split_indices,
     load_struct,
     open_descriptors,
@@ -245,10 +246,8 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
         raise UserError(f"split {split} of {spec.name} is empty ({len(db_rows)} database, {len(q_rows)} query "
                         f"frames in {struct_path} and the {rows_from}): download the files again "
                         f"(`bash download.sh`) or choose another --split")
-    db_desc = open_descriptors(db_path, db_rows)
-    q_desc = open_descriptors(q_path, q_rows)
-    if not lazy:
-        db_desc, q_desc = db_desc.read(0, len(db_desc)), q_desc.read(0, len(q_desc))
+    read = open_descriptors if lazy else load_descriptors
+    db_desc, q_desc = read(db_path, db_rows), read(q_path, q_rows)
     if db_desc.shape[1] != q_desc.shape[1]:
         raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} ({q_desc.shape[1]} "
                         "dims) differ in dimensions: both must come from the same descriptor (--descType)")

@@ -54,6 +54,17 @@ def select_frames(bounds: np.ndarray, filter_len: int | None) -> np.ndarray:
     return np.flatnonzero(valid)
 
 
+def database_chunk(n_db: int, n_q: int, query_chunk: int, db_chunk: int = 0) -> int | None:
+    """Database windows scored at once for ``chunked_topk``: ``db_chunk`` when given (> 0), else all
+    (None) unless one query chunk's block of distances (+ diagonal sums + frame distances, float32)
+    would exceed ``DENSE_LIMIT_BYTES``."""
+    if db_chunk > 0:
+        return db_chunk
+    if n_db * min(query_chunk, n_q) * 4 * 3 <= DENSE_LIMIT_BYTES:
+        return None
+    return max(DENSE_LIMIT_BYTES // (12 * query_chunk), 1024)
+
+
 def rank(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray,
          seq_len: int, k: int = TOP_K, query_chunk: int = 1024, db_chunk: int = 0,
          quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -73,9 +84,7 @@ def rank(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q
     n_db, n_q = len(db_starts), len(q_starts)
     share = distributed.shard(n_db, keep_together=db_starts)
     db_starts = db_starts[share]
-    if db_chunk <= 0:
-        block = len(db_starts) * min(query_chunk, len(q_starts)) * 4 * 3  # distances + diagonal sums + frames
-        db_chunk = None if block <= DENSE_LIMIT_BYTES else max(DENSE_LIMIT_BYTES // (12 * query_chunk), 1024)
+    db_chunk = database_chunk(len(db_starts), len(q_starts), query_chunk, db_chunk)
     dists = torch.empty((n_q, 0), dtype=db_feats.dtype, device=device)
     idx = torch.empty((n_q, 0), dtype=torch.long, device=device)
     with tqdm(total=len(q_starts), desc="sequence matching", unit="query",
@@ -312,11 +321,9 @@ def rank_streamed(chunks, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts
             on_chunk(windows, local, feats)
         if len(q_starts) == 0:
             continue
-        step = db_chunk or None
-        if step is None and len(windows) * min(query_chunk, len(q_starts)) * 12 > DENSE_LIMIT_BYTES:
-            step = max(DENSE_LIMIT_BYTES // (12 * query_chunk), 1024)
         d, li = chunked_topk(feats, q_feats, torch.as_tensor(local, device=device), q_t, seq_len, k,
-                             query_chunk=query_chunk, db_chunk=step)
+                             query_chunk=query_chunk,
+                             db_chunk=database_chunk(len(windows), len(q_starts), query_chunk, db_chunk))
         ids = torch.as_tensor(windows, device=device)[li]
         merged_i = torch.cat([best_i, ids], dim=1)
         best_d, pos = topk_by_value_then_index(torch.cat([best_d, d.float()], dim=1), k, ids=merged_i)
