@@ -80,8 +80,10 @@ class DescriptorSource:
     give float32 rows, and indexing (``src[a:b]``, ``src[int array]``) works as on an array, so
     code written for an in-memory ``[N, D]`` array reads chunks of the file instead.
 
-    ``.npy`` rows are read with plain file reads into a fresh buffer (C order) or through a
-    map that is released after each call; resident memory is what a call returns, never the file.
+    ``.npy`` rows are read with plain file reads into a fresh buffer (C order: one read per run of
+    consecutive rows) or through a map that is released after each call (Fortran order); resident
+    memory is what a call returns, never the file. (Scattered rows are not read through a map: the
+    kernel maps the cached pages around each one it faults in, up to 16 times the rows asked for.)
     ``rows`` selects (and orders) rows of the file.
     """
 
@@ -229,14 +231,30 @@ class DescriptorSource:
         try:
             if self._hdf5:
                 got = self._data[uniq]
-            else:
+            elif self._fortran:
                 mapped = self._mapped()          # released when this call returns
                 got = mapped[uniq]
                 del mapped
+            else:
+                got = self._read_runs(uniq)
         except (ValueError, OSError) as exc:
             raise UserError(f"descriptor file {self.path} could not be read ({exc}): download it again") from exc
         got = np.asarray(got, dtype=np.float32)
         return got if inverse is None else got[inverse]
+
+    def _read_runs(self, rows: np.ndarray) -> np.ndarray:
+        """Ascending distinct file rows of a C-order ``.npy``: one plain read per run of consecutive rows."""
+        out = np.empty((len(rows), self.dim), dtype=self.file_dtype)
+        view, size = memoryview(out).cast("B"), self.row_bytes
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        firsts, ends = np.r_[0, breaks], np.r_[breaks, len(rows)]
+        with open(self.path, "rb", buffering=0) as f:
+            for a, b, row in zip(firsts.tolist(), ends.tolist(), rows[firsts].tolist()):
+                f.seek(self._offset + row * size)
+                got = f.readinto(view[a * size:b * size])
+                if got != (b - a) * size:
+                    raise ValueError(f"{got} of {(b - a) * size} bytes at row {row}")
+        return out
 
     def _mapped(self) -> np.ndarray:
         return np.memmap(self.path, dtype=self.file_dtype, mode="r", offset=self._offset,

@@ -155,15 +155,20 @@ class SeqMatchModel(nn.Module):
             raise UserError(f"descriptors have {x.shape[-1]} dimensions but the model expects "
                             f"{self.encoder_dim}: use the descriptors the model was trained on")
 
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frame descriptors ``[N, C]`` -> projected, L2-normalised ``[N, outDims]``."""
+    def encode(self, frames: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """Frame descriptors ``[N, C]`` -> projected, L2-normalised ``[N, outDims]``.
+
+        Without gradients the normalisation divides in place (the same values as
+        ``nn.functional.normalize``, without another ``[N, outDims]`` buffer); raw descriptors (no
+        projection) are then normalised in ``frames`` itself, and only when ``overwrite`` allows it."""
         self._check_dims(frames)
         if self.method == "seqnet":
             raise ValueError("a SeqNet model describes windows, not frames: use describe()")
-        pool = self.pool
-        if isinstance(pool, nn.Sequential):
-            pool = pool[1:]     # its first layer max-pools a 1x1 map: the identity, skipped
-        return pool(frames[:, :, None, None]).reshape(frames.shape[0], -1)
+        # the first layer max-pools a 1x1 map (the identity) and the last is the L2Norm: both skipped
+        x = self.pool[1:-1](frames[:, :, None, None]).reshape(frames.shape[0], -1)
+        if x.requires_grad or (not overwrite and x.data_ptr() == frames.data_ptr()):
+            return nn.functional.normalize(x, p=2, dim=-1)
+        return x.div_(x.norm(2, -1, keepdim=True).clamp_min_(1e-12))
 
     def describe(self, windows: torch.Tensor) -> torch.Tensor:
         """One L2-normalised descriptor per window: ``[N, L, C] -> [N, outDims]``."""
@@ -228,21 +233,28 @@ class SeqMatchModel(nn.Module):
 
 @torch.no_grad()
 def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
-                     desc_name: str = "frames", quiet: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+                     desc_name: str = "frames", quiet: bool = False, dtype: torch.dtype | None = None,
+                     overwrite: bool = False) -> torch.Tensor:
     """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on ``device``,
     stored in ``dtype`` (default: the model's; float16 halves the memory, values rounded once).
     ``desc`` is an array or anything sliced like one (``datasets.DescriptorSource`` reads each block).
 
     Frames go through in blocks of ``batch_size`` rows, or of ``FEATURE_BLOCK_BYTES`` of input and
     output when that is more (a projection is one matrix product per block; small blocks cost several
-    times more per frame on the CPU), straight into one preallocated result."""
+    times more per frame on the CPU), straight into one preallocated result (one block is the result).
+    ``overwrite``: ``desc`` may be overwritten (normalised in place); always so for a
+    ``DescriptorSource``, whose reads are fresh buffers, never for an array unless asked."""
     model.eval()
     rows = max(batch_size, FEATURE_BLOCK_BYTES // (4 * (desc.shape[1] + model.out_dims)), 1)
+    overwrite = overwrite or not isinstance(desc, np.ndarray)      # a source's reads are fresh buffers
+    blocks = range(0, len(desc), rows)
+    if len(blocks) == 1:                       # one block: its features are the result, not copied
+        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[0:rows])).to(device), overwrite)
+        return feats if dtype is None else feats.to(dtype)
     out = None
-    bar = tqdm(range(0, len(desc), rows), desc=f"features ({desc_name})", unit="block",
-               disable=not progress_enabled(quiet), leave=False)
-    for lo in bar:
-        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device))
+    for lo in tqdm(blocks, desc=f"features ({desc_name})", unit="block", disable=not progress_enabled(quiet),
+                   leave=False):
+        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device), overwrite)
         if out is None:
             out = torch.empty((len(desc), feats.shape[1]), dtype=dtype or feats.dtype, device=feats.device)
         out[lo:lo + len(feats)] = feats
@@ -251,12 +263,22 @@ def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.devic
 
 def window_means(feats: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
     """One descriptor per window: the L2-normalised mean of its frames' features, summed in window
-    order in float32: ``feats [F, D]``, ``starts [N]`` -> ``[N, D]`` float32."""
+    order in float32: ``feats [F, D]``, ``starts [N]`` -> ``[N, D]`` float32. When the windows cover
+    most frames (a streamed chunk), the sums of the windows starting at every frame are made from
+    ``L`` shifted slices (no copies of the frames) and the starts picked from them."""
     starts = torch.as_tensor(starts, device=feats.device)
-    acc = feats[starts].float()
+    if len(starts) == 0:
+        return torch.empty((0, feats.shape[1]), dtype=torch.float32, device=feats.device)
+    if 2 * len(starts) < len(feats):
+        acc = feats[starts].float()
+        for k in range(1, seq_len):
+            acc += feats[starts + k]
+        return nn.functional.normalize(acc, dim=-1)
+    first, n = int(starts.min()), int(starts.max()) + 1
+    acc = feats[first:n].to(torch.float32, copy=True)        # never a view of feats
     for k in range(1, seq_len):
-        acc += feats[starts + k].float()
-    return nn.functional.normalize(acc, dim=-1)
+        acc += feats[first + k:n + k]
+    return nn.functional.normalize(acc[starts - first], dim=-1)
 
 
 @torch.no_grad()

@@ -222,25 +222,31 @@ def _start_groups(db_starts: torch.Tensor, db_chunk: int):
 
 def candidate_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: torch.Tensor,
                         q_starts: torch.Tensor, candidates: torch.Tensor, seq_len: int,
-                        method: str = "meanOfPairs", query_chunk: int = 256) -> torch.Tensor:
+                        method: str = "meanOfPairs", query_group: int = 8) -> torch.Tensor:
     """Sequence distances of each query window to its own candidate database windows.
 
-    ``candidates`` ``[Nq_w, C]`` indexes ``db_starts``; returns ``[Nq_w, C]``.
+    ``candidates`` ``[Nq_w, C]`` indexes ``db_starts``; returns ``[Nq_w, C]``. A few queries at a
+    time (``query_group``), the distinct frames of their windows and of their candidates' windows
+    are compared in one matrix product (``frame_distances``), and each window pair's frame
+    distances are picked from it and summed in window order, as ``diagonal_sums`` does. Candidates
+    shared by neighbouring queries (and frames shared by overlapping windows) are compared once;
+    gathering every pair's frames instead moves ``Nq_w x C x L x D`` values and is several times slower.
     """
     _check_method(method)
     offsets = torch.arange(seq_len, device=db_feats.device)
     if method == "centerOnly":
         offsets = offsets[seq_len // 2:seq_len // 2 + 1]
     out = torch.empty(candidates.shape, dtype=db_feats.dtype, device=db_feats.device)
-    for lo in range(0, len(q_starts), query_chunk):
-        hi = min(lo + query_chunk, len(q_starts))
-        q_frames = q_feats[q_starts[lo:hi, None] + offsets]                       # [c, L', D]
-        db_frames = db_feats[db_starts[candidates[lo:hi]][..., None] + offsets]   # [c, C, L', D]
-        dots = torch.einsum("cld,cnld->cnl", q_frames, db_frames)
-        frame_d = torch.sqrt(torch.clamp(2.0 - 2.0 * dots, min=0.0))
-        acc = frame_d[..., 0].clone()
+    for lo in range(0, len(q_starts), query_group):
+        hi = min(lo + query_group, len(q_starts))
+        q_frames, q_pos = torch.unique(q_starts[lo:hi, None] + offsets, return_inverse=True)          # [g, L']
+        db_frames, db_pos = torch.unique(db_starts[candidates[lo:hi]][..., None] + offsets,
+                                         return_inverse=True)                                        # [g, C, L']
+        frame_d = frame_distances(q_feats[q_frames], db_feats[db_frames])
+        pairs = frame_d[q_pos[:, None, :].expand_as(db_pos), db_pos]                                 # [g, C, L']
+        acc = pairs[..., 0].clone()
         for j in range(1, len(offsets)):      # summed in window order, as diagonal_sums does
-            acc += frame_d[..., j]
+            acc += pairs[..., j]
         out[lo:hi] = acc.div_(len(offsets))
     return out
 

@@ -335,19 +335,32 @@ def rerank_from_source(model: SeqMatchModel, desc, db_starts: np.ndarray, q_feat
                        q_starts: np.ndarray, candidates: np.ndarray, seq_len: int, device: torch.device,
                        batch_size: int, dtype: torch.dtype, frames_per_step: int) -> tuple[np.ndarray, np.ndarray]:
     """``rerank`` that reads and projects only the candidates' frames, a few queries at a time (at most
-    about ``frames_per_step`` frames), instead of holding the whole database's features."""
+    about ``frames_per_step`` frames), instead of holding the whole database's features. The next
+    step's frames are read (a thread) while this step's are projected and compared."""
+    from concurrent.futures import ThreadPoolExecutor
+
     n_q, width = candidates.shape
     step = max(1, frames_per_step // max(width * seq_len, 1))
     out_i = np.empty((n_q, width), dtype=np.int64)
     out_d = np.empty((n_q, width), dtype=np.float32)
-    for lo in range(0, n_q, step):
+
+    def read(lo: int):
         cand = np.asarray(candidates[lo:lo + step])
         windows, local_cand = np.unique(cand, return_inverse=True)     # ascending: ties keep index order
         frames, local_starts = window_frames(db_starts[windows], seq_len)
-        feats = extract_features(model, desc[frames], device, batch_size, "candidates", True, dtype).float()
-        order, d = rerank(feats, q_feats, local_starts, q_starts[lo:lo + step], local_cand.reshape(cand.shape),
-                          seq_len)
-        out_i[lo:lo + len(cand)], out_d[lo:lo + len(cand)] = windows[order], d
+        return windows, local_cand.reshape(cand.shape), local_starts, desc[frames]
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, 0)
+        for lo in range(0, n_q, step):
+            windows, local_cand, local_starts, frames = pending.result()
+            if lo + step < n_q:
+                pending = reader.submit(read, lo + step)
+            feats = extract_features(model, frames, device, batch_size, "candidates", True, dtype, overwrite=True)
+            feats = feats.float()
+            del frames
+            order, d = rerank(feats, q_feats, local_starts, q_starts[lo:lo + step], local_cand, seq_len)
+            out_i[lo:lo + len(order)], out_d[lo:lo + len(order)] = windows[order], d
     return out_i, out_d
 
 
@@ -402,7 +415,7 @@ def shortlist_search(opt: argparse.Namespace, desc, model: SeqMatchModel, device
         for lo in range(0, len(sample), step):
             frames, local = window_frames(db_starts[sample[lo:lo + step]], seq_len)
             feats = extract_features(model, desc[frames], device, opt.cacheBatchSize, "index sample", True,
-                                     s.feat_dtype)
+                                     s.feat_dtype, overwrite=True)
             means.append(window_means(feats, torch.as_tensor(local, device=device), seq_len).cpu().numpy())
         index.train(np.concatenate(means))
     clock["index_build_s"] = time.perf_counter() - t0

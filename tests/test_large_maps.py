@@ -229,9 +229,11 @@ def test_index_choice_by_size():
     assert choose_index(1_000_000, 100).kind == "ivf-flat"             # 400 MB of vectors fit
     assert choose_index(1_000_000, 256).kind == "ivf-sq8"              # 1 GB would not; 256 MB of codes do
     pq = choose_index(1_000_000, 1024)
-    assert pq.kind == "ivf-pq" and pq.pq_bytes == 64 and 1024 % pq.pq_bytes == 0 and pq.nlist == 1000
+    assert pq.kind == "ivf-pq" and pq.pq_m == 128 and pq.pq_bytes == 64 and pq.nlist == 1000   # 4-bit codes
     assert choose_index(10_000_000, 4096).pq_bytes == 32                # at most INDEX_BYTES of codes
     assert choose_index(10_000_000, 4096).pq_bytes * 10_000_000 <= INDEX_BYTES
+    odd = choose_index(10_000_000, 63)                                  # sub-quantisers divide the dimensions
+    assert odd.pq_m == 63 and odd.pq_bytes == 32 and odd.pq_bytes * 10_000_000 <= INDEX_BYTES
     with pytest.raises(UserError, match="--shortlist 0"):
         choose_index(10**10, 64)
 
@@ -261,11 +263,16 @@ def test_window_means_and_shortlist_recall_match_plain_loops():
     from shortlist import shortlist_recall
 
     feats = torch.from_numpy(unit_rows(np.random.default_rng(4), 40, 6))
-    starts = np.array([0, 3, 3, 35])
-    got = window_means(feats, torch.as_tensor(starts), 5).numpy()
-    for row, s in zip(got, starts):
-        mean = sum(feats[s + k].numpy() for k in range(5)) / 5
-        np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=1e-6)
+    dense = np.r_[2, 2, np.arange(2, 34), 34, 34]              # windows at most frames (a streamed chunk)
+    for starts in (np.array([0, 3, 3, 35]), dense):            # gathered, then summed from shifted slices
+        for x in (feats, feats.half()):
+            got = window_means(x, torch.as_tensor(starts), 5).numpy()
+            assert got.shape == (len(starts), 6) and got.dtype == np.float32
+            rows = x.float().numpy()
+            for row, s in zip(got, starts):
+                mean = sum(rows[s + k] for k in range(5)) / 5
+                np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=1e-6)
+    assert window_means(feats, torch.empty(0, dtype=torch.long), 5).shape == (0, 6)
     cand = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     top1 = np.array([3, 1, 7])
     assert shortlist_recall(top1, cand) == pytest.approx(sum(t in c for t, c in zip(top1, cand.tolist())) / 3)

@@ -55,6 +55,52 @@ def test_encode_equals_conv1d_model():
     torch.testing.assert_close(model.encode(frames), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", [False, True])
+def test_encode_in_place_equals_normalize_and_spares_the_input(pooling):
+    """Without gradients the normalisation divides in place: the values of ``nn.functional.normalize``
+    bit for bit; raw frames are overwritten only with ``overwrite``; with gradients nothing is in place."""
+    torch.manual_seed(3)
+    model = SeqMatchModel(32, pooling, 24).eval()
+    frames = torch.randn(50, 32) * 3
+    keep = frames.clone()
+    x = model.pool[1](frames[:, :, None, None]).reshape(50, -1) if pooling else frames
+    want = nn.functional.normalize(x.detach(), dim=-1)
+    with torch.no_grad():
+        assert torch.equal(model.encode(frames), want) and torch.equal(frames, keep)
+        assert torch.equal(model.encode(frames.clone(), overwrite=True), want)
+        y = frames.clone()
+        out = model.encode(y, overwrite=True)
+        assert torch.equal(y, want if not pooling else keep) and torch.equal(out, want)
+    if pooling:
+        out = model.encode(frames)                        # gradients: out of place, differentiable
+        out.sum().backward()
+        assert model.pool[1].conv.weight.grad is not None and torch.equal(out.detach(), want)
+
+
+@pytest.mark.parametrize("pooling", [False, True])
+def test_extract_features_one_block_equals_blocks_and_spares_arrays(pooling, monkeypatch):
+    from get_models import extract_features
+
+    torch.manual_seed(4)
+    model = SeqMatchModel(16, pooling, 8)
+    desc = np.random.default_rng(4).standard_normal((300, 16)).astype(np.float32)
+    keep = desc.copy()
+    cpu = torch.device("cpu")
+    with monkeypatch.context() as m:
+        m.setattr(get_models, "FEATURE_BLOCK_BYTES", 1)              # blocks of batch_size = 7 rows
+        blocks = extract_features(model, desc, cpu, 7, quiet=True)
+    np.testing.assert_array_equal(desc, keep)
+    model.eval()
+    with torch.no_grad():
+        want = model.encode(torch.from_numpy(keep.copy()))
+    one = extract_features(model, desc, cpu, 10_000, quiet=True)
+    np.testing.assert_array_equal(desc, keep)                    # an array is never overwritten unless asked
+    torch.testing.assert_close(one, want, rtol=0, atol=0)
+    torch.testing.assert_close(blocks, want, rtol=1e-6, atol=1e-7)
+    half = extract_features(model, desc, cpu, 10_000, quiet=True, dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, want.half())
+
+
 @pytest.mark.parametrize("method", ["seqmatch", "seqnet"])
 def test_checkpoint_round_trip_keeps_keys_and_shapes(method, tmp_path):
     torch.manual_seed(2)

@@ -156,6 +156,27 @@ def test_rerank_candidates_equals_plain(seq_len, data):
 
 
 @pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
+@pytest.mark.parametrize("query_group", [1, 3, 8, 64])
+def test_candidate_distances_equal_plain_loop(method, query_group):
+    """Grouped queries, candidates shared between queries, repeated within a row, windows sharing
+    frames: each distance is the plain definition's, whatever the group size."""
+    rng = np.random.default_rng(11 + query_group)
+    seq_len = 5
+    db, q = unit_rows(rng, 50, 6), unit_rows(rng, 23, 6)
+    db_s, _ = sequence_windows(msls_like_bounds([20, 17, 13]), seq_len)
+    q_s, _ = sequence_windows(segment_bounds(23), seq_len)
+    cand = rng.integers(0, len(db_s), (len(q_s), 12))
+    cand[:, 5] = cand[:, 0]                                    # a repeat within each row
+    cand[1:, 6] = cand[:-1, 1]                                 # and candidates shared with the previous query
+    got = candidate_distances(torch.from_numpy(db), torch.from_numpy(q), torch.as_tensor(db_s), torch.as_tensor(q_s),
+                              torch.as_tensor(cand), seq_len, method, query_group=query_group).numpy()
+    offsets = np.arange(seq_len)
+    want = np.array([[plain.plain_seq_distance(db[db_s[c] + offsets], q[q_s[i] + offsets], method) for c in row]
+                     for i, row in enumerate(cand)])
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize("method", ["meanOfPairs", "centerOnly"])
 def test_candidate_distances_match_window_distances(method):
     rng = np.random.default_rng(3)
     db, q = torch.from_numpy(unit_rows(rng, 30, 6)), torch.from_numpy(unit_rows(rng, 20, 6))
