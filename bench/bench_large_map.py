@@ -246,11 +246,15 @@ def report(opt: argparse.Namespace, runs: dict, sample: np.ndarray, want: np.nda
     if "shortlist" in runs and "exact" in runs:
         speedup = runs["exact"]["matching"] / runs["shortlist"]["matching"]
         loss = runs["exact"]["r1"] - runs["shortlist"]["r1"]
-        met = speedup >= 20 and loss <= 0.01
-        ok &= met
-        print(f"GOAL {'MET' if met else 'MISSED'}: --shortlist {opt.shortlist} matches {speedup:.1f}x faster than "
-              f"exact (goal >= 20x; index build and the recall check not counted), Recall@1 loss {loss:.4f} "
-              "(goal <= 0.01)")
+        if opt.featDtype == "float32":
+            met = speedup >= 20 and loss <= 0.01
+            ok &= met
+            print(f"GOAL {'MET' if met else 'MISSED'}: --shortlist {opt.shortlist} matches {speedup:.1f}x faster "
+                  f"than exact (goal >= 20x; index build and the recall check not counted), Recall@1 loss "
+                  f"{loss:.4f} (goal <= 0.01)")
+        else:       # the float16 run's goal is its memory; the speed-up goal is set for float32 descriptors
+            print(f"--shortlist {opt.shortlist} matches {speedup:.1f}x faster than exact (index build and the recall "
+                  f"check not counted), Recall@1 loss {loss:.4f}")
     return 0 if ok else 1
 
 
