@@ -5,6 +5,9 @@ Every bad input must end in a non-zero exit and one ``error: ...`` line that nam
 option and says what to do, never a traceback (``--debug`` shows it). Each such case runs the CLI
 as a subprocess in its own copy of a tiny dataset in the Oxford layout (and of a one-epoch run).
 
+The CLI runs in processes forked from a warm Python that imported torch once
+(``tests/warm_python.py``): each case is still a process of its own, with its exit code and output.
+
 Crashes are injected deterministically: a small driver script wraps one of the project's functions
 so that its n-th call kills the process (SIGKILL), raises KeyboardInterrupt or hits a full disk,
 then runs ``main.main(argv)``. Every training run goes through that driver (with no fault when none
@@ -35,6 +38,7 @@ import pytest
 import torch
 
 from conftest import OX_PREFIX, REFERENCE, make_tiny_oxford, write_struct
+from warm_python import WarmPython
 
 pytestmark = pytest.mark.faults
 
@@ -90,9 +94,17 @@ def fault_summary(request):
 
 # ---------------------------------------------------------------- running the CLI
 
+WARM = WarmPython()          # each CLI case is a process forked from a Python that imported torch once
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_python():
+    yield WARM
+    WARM.close()
+
+
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return WARM.run(ROOT / "main.py", args, cwd)
 
 
 DRIVER = textwrap.dedent('''
@@ -161,8 +173,7 @@ def run_driver(cwd: Path, action: str, target: str, nth: int, *args: str) -> sub
     driver = cwd / "fault_driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "SEQMATCHNET_ROOT": str(ROOT)}
-    return subprocess.run([sys.executable, str(driver), action, target, str(nth), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=env)
+    return WARM.run(driver, [action, target, str(nth), *args], cwd, env)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
