@@ -136,6 +136,12 @@ def add_large_map_options(parser: argparse.ArgumentParser) -> None:
                         "over one descriptor per window (0: off, match every window exactly)")
     g.add_argument("--nprobe", type=int, default=16,
                    help="inverted lists searched per query when the --shortlist index is an IVF index")
+    g.add_argument("--shortlistIndex", type=str, default=None, metavar="FILE",
+                   help="keep the --shortlist index in FILE: read when it holds one built for this map, model and "
+                        "settings (refused otherwise), built and written there when missing")
+    g.add_argument("--shortlistCheck", type=int, default=50, metavar="N",
+                   help="queries matched exactly to measure the --shortlist recall (0: not measured; with an index "
+                        "read from --shortlistIndex the database is then not streamed at all)")
 
 
 def add_synthetic_options(parser: argparse.ArgumentParser) -> None:
@@ -218,6 +224,10 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{name} must be at least 1, got {getattr(opt, name)}")
     if getattr(opt, "shortlist", 0) < 0:
         raise UserError(f"--shortlist must not be negative (0 turns it off), got {opt.shortlist}")
+    if getattr(opt, "shortlistCheck", 0) < 0:
+        raise UserError(f"--shortlistCheck must not be negative (0: no check), got {opt.shortlistCheck}")
+    if getattr(opt, "shortlistIndex", None) and not getattr(opt, "shortlist", 0):
+        raise UserError("--shortlistIndex keeps the --shortlist index: give --shortlist K too")
     if getattr(opt, "shortlist", 0) and opt.predictionsFile:
         raise UserError("--shortlist and --predictionsFile both choose the candidates to re-rank: give one of them")
     if opt.lr <= 0 or opt.margin < 0:

@@ -12,14 +12,17 @@ and it is installed, for the flat, IVF-flat and scalar-quantised indexes (it has
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +86,28 @@ def choose_index(n: int, dim: int, memory_bytes: int = INDEX_BYTES, flat_max: in
 class WindowIndex:
     """A faiss index of window descriptors with explicit ids (their window numbers)."""
 
-    def __init__(self, choice: IndexChoice, dim: int, device: torch.device | None = None) -> None:
+    def __init__(self, choice: IndexChoice, dim: int, device: torch.device | None = None, index=None) -> None:
+        """A new, empty index of ``choice``'s kind, or ``index`` (a faiss index read by ``load_index``)."""
         import faiss
 
         self.choice, self.dim = choice, dim
-        if choice.kind == "flat":
-            index = faiss.IndexIDMap(faiss.IndexFlatL2(dim))
-        else:
-            self._quantizer = faiss.IndexFlatL2(dim)       # kept alive with the index
-            if choice.kind == "ivf-flat":
-                index = faiss.IndexIVFFlat(self._quantizer, dim, choice.nlist, faiss.METRIC_L2)
-            elif choice.kind == "ivf-sq8":
-                index = faiss.IndexIVFScalarQuantizer(self._quantizer, dim, choice.nlist,
-                                                      faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_L2)
-            else:
-                index = faiss.IndexIVFPQFastScan(self._quantizer, dim, choice.nlist, choice.pq_m, 4)
-        self.index = index
+        self.index = index if index is not None else self._new_index(choice, dim)
         self.use_gpu = (device is not None and device.type == "cuda" and hasattr(faiss, "StandardGpuResources")
                         and choice.kind != "ivf-pq")
-        self.count = 0
+        self.count = int(self.index.ntotal)
+
+    def _new_index(self, choice: IndexChoice, dim: int):
+        import faiss
+
+        if choice.kind == "flat":
+            return faiss.IndexIDMap(faiss.IndexFlatL2(dim))
+        self._quantizer = faiss.IndexFlatL2(dim)       # kept alive with the index
+        if choice.kind == "ivf-flat":
+            return faiss.IndexIVFFlat(self._quantizer, dim, choice.nlist, faiss.METRIC_L2)
+        if choice.kind == "ivf-sq8":
+            return faiss.IndexIVFScalarQuantizer(self._quantizer, dim, choice.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                 faiss.METRIC_L2)
+        return faiss.IndexIVFPQFastScan(self._quantizer, dim, choice.nlist, choice.pq_m, 4)
 
     def train(self, vectors: np.ndarray) -> None:
         if self.choice.needs_training:
@@ -146,3 +152,68 @@ def shortlist_recall(exact_top1: np.ndarray, candidates: np.ndarray) -> float:
     if len(exact_top1) == 0:
         return float("nan")
     return float((candidates == np.asarray(exact_top1)[:, None]).any(axis=1).mean())
+
+
+# ---------------------------------------------------------------- keeping an index between runs
+
+INDEX_MAGIC = b"SEQMATCHNET-SHORTLIST-INDEX 1\n"
+
+
+def _sha1(*arrays) -> str:
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def index_fingerprint(desc, db_starts: np.ndarray, model, seq_len: int, feat_dtype: torch.dtype,
+                      choice: IndexChoice) -> dict:
+    """What an index's window descriptors depend on: the database descriptors (file, size and
+    modification time, rows used; or the values of an in-memory array), the windows, the model's
+    weights, ``--seqL``, ``--featDtype`` and the index type."""
+    path = getattr(desc, "path", None)
+    if path is not None:
+        stat = Path(path).stat()
+        rows = getattr(desc, "rows", None)
+        source = {"file": str(Path(path).resolve()), "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns,
+                  "rows": None if rows is None else _sha1(np.asarray(rows, dtype=np.int64))}
+    else:
+        source = {"values": _sha1(np.asarray(desc, dtype=np.float32))}
+    state = model.state_dict()
+    weights = _sha1(*(state[k].detach().cpu().numpy() for k in sorted(state)))
+    return {"descriptors": source, "windows": _sha1(np.asarray(db_starts, dtype=np.int64)),
+            "model": {"method": model.method, "out_dims": model.out_dims, "weights": weights},
+            "seqL": seq_len, "featDtype": str(feat_dtype).replace("torch.", ""), "index": choice.describe()}
+
+
+def save_index(index: WindowIndex, path: Path, fingerprint: dict) -> None:
+    """Write the index and its fingerprint to one file, atomically (``load_index`` reads it)."""
+    import faiss
+
+    data = faiss.serialize_index(index.index)
+    header = json.dumps(fingerprint, sort_keys=True).encode() + b"\n"
+    atomic_write(path, lambda f: (f.write(INDEX_MAGIC), f.write(header), f.write(data.tobytes())))
+    log.info("shortlist index written to %s", path)
+
+
+def load_index(path: Path, fingerprint: dict, choice: IndexChoice, device: torch.device | None = None) -> WindowIndex:
+    """The index ``save_index`` wrote, refused (``UserError``) unless it was built for this map,
+    model and settings (``fingerprint``)."""
+    import faiss
+
+    hint = f"delete {path} to build it again (or give another --shortlistIndex)"
+    try:
+        with open(path, "rb") as f:
+            magic, header = f.readline(), f.readline()
+            if magic != INDEX_MAGIC:
+                raise ValueError("not a shortlist index file")
+            saved = json.loads(header)
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+        index = faiss.deserialize_index(data)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"--shortlistIndex {path} could not be read ({str(exc).splitlines()[0]}): {hint}") from exc
+    if saved != fingerprint:
+        differs = ", ".join(k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k))
+        raise UserError(f"--shortlistIndex {path} was built for another map, model or settings (differs in: "
+                        f"{differs}): {hint}")
+    return WindowIndex(choice, index.d, device, index=index)

@@ -394,54 +394,76 @@ def search_streamed(opt: argparse.Namespace, desc, model: SeqMatchModel, device:
     return shortlist_search(opt, desc, model, device, db_starts, q, chunks, clock, keep)
 
 
+def new_window_index(opt: argparse.Namespace, desc, model: SeqMatchModel, device: torch.device,
+                     db_starts: np.ndarray, choice, rng: np.random.Generator):
+    """An empty ``shortlist.WindowIndex`` of ``choice``'s kind, trained (IVF) on the window means of a
+    random sample of the database's windows, read about ``--mapChunk`` frames at a time."""
+    from shortlist import WindowIndex
+
+    s = LargeMapSettings.of(opt)
+    index = WindowIndex(choice, model.out_dims, device)
+    if choice.needs_training:
+        sample = np.sort(rng.choice(len(db_starts), choice.training_size(len(db_starts)), replace=False))
+        step = max(1, s.map_chunk // opt.seqL)
+        means = []
+        for lo in range(0, len(sample), step):
+            frames, local = window_frames(db_starts[sample[lo:lo + step]], opt.seqL)
+            feats = extract_features(model, desc[frames], device, opt.cacheBatchSize, "index sample", True,
+                                     s.feat_dtype, overwrite=True)
+            means.append(window_means(feats, torch.as_tensor(local, device=device), opt.seqL).cpu().numpy())
+        index.train(np.concatenate(means))
+    return index
+
+
 def shortlist_search(opt: argparse.Namespace, desc, model: SeqMatchModel, device: torch.device,
                      db_starts: np.ndarray, q: WindowEmbedding, chunks, clock: dict,
                      keep: torch.Tensor | None) -> StreamedSearch:
     """``--shortlist K``: index one descriptor per database window (``window_means``) while the chunks
-    stream by, matching a sample of queries exactly on the way (the shortlist's recall); then each
-    query's K nearest windows in the index are re-ranked by exact sequence matching."""
-    from shortlist import WindowIndex, choose_index, shortlist_recall
+    stream by, matching a sample of ``--shortlistCheck`` queries exactly on the way (the shortlist's
+    recall); then each query's K nearest windows in the index are re-ranked by exact sequence matching.
+    With ``--shortlistIndex`` the index is read from that file when it holds one built for this map,
+    model and settings (written there otherwise): the database then streams by only for the check."""
+    from shortlist import choose_index, index_fingerprint, load_index, save_index, shortlist_recall
 
     s = LargeMapSettings.of(opt)
     seq_len, q_feats, q_starts = opt.seqL, q.feats.float(), q.starts.cpu().numpy()
     rng = np.random.default_rng(opt.seed)
     t0 = time.perf_counter()
     choice = choose_index(len(db_starts), model.out_dims)
-    index = WindowIndex(choice, model.out_dims, device)
-    if choice.needs_training:
-        sample = np.sort(rng.choice(len(db_starts), choice.training_size(len(db_starts)), replace=False))
-        step = max(1, s.map_chunk // seq_len)            # about --mapChunk frames read at once
-        means = []
-        for lo in range(0, len(sample), step):
-            frames, local = window_frames(db_starts[sample[lo:lo + step]], seq_len)
-            feats = extract_features(model, desc[frames], device, opt.cacheBatchSize, "index sample", True,
-                                     s.feat_dtype, overwrite=True)
-            means.append(window_means(feats, torch.as_tensor(local, device=device), seq_len).cpu().numpy())
-        index.train(np.concatenate(means))
-    clock["index_build_s"] = time.perf_counter() - t0
+    path = Path(opt.shortlistIndex) if getattr(opt, "shortlistIndex", None) else None
+    fingerprint = index_fingerprint(desc, db_starts, model, seq_len, s.feat_dtype, choice) if path else None
+    loaded = path is not None and path.exists()
+    index = (load_index(path, fingerprint, choice, device) if loaded
+             else new_window_index(opt, desc, model, device, db_starts, choice, rng))
+    clock["index_load_s" if loaded else "index_build_s"] = time.perf_counter() - t0
 
     def add(windows: np.ndarray, local: np.ndarray, feats: torch.Tensor) -> None:
         t = time.perf_counter()
         index.add(window_means(feats, torch.as_tensor(local, device=feats.device), seq_len).cpu().numpy(), windows)
         clock["index_build_s"] += time.perf_counter() - t
 
-    check = np.sort(rng.choice(len(q_starts), min(len(q_starts), SHORTLIST_CHECK_QUERIES), replace=False))
-    t1, trained = time.perf_counter(), clock["index_build_s"]
-    exact, _ = rank_streamed(chunks, q_feats, db_starts, q_starts[check], seq_len, 1, opt.queryChunk, opt.dbChunk,
-                             on_chunk=add)
-    adding = clock["index_build_s"] - trained
-    clock["shortlist_check_s"] = time.perf_counter() - t1 - clock["features_s"] - adding
+    n_check = min(len(q_starts), getattr(opt, "shortlistCheck", SHORTLIST_CHECK_QUERIES))
+    check = np.sort(rng.choice(len(q_starts), n_check, replace=False))
+    if loaded and n_check == 0:
+        keep = None                        # nothing streams by: no database features for the figures
+    else:
+        t1, before = time.perf_counter(), clock.get("index_build_s", 0.0)
+        exact, _ = rank_streamed(chunks, q_feats, db_starts, q_starts[check], seq_len, 1, opt.queryChunk,
+                                 opt.dbChunk, on_chunk=None if loaded else add)
+        spent = clock.get("index_build_s", 0.0) - before
+        clock["shortlist_check_s"] = time.perf_counter() - t1 - clock["features_s"] - spent
+    if path is not None and not loaded:
+        save_index(index, path, fingerprint)
     t2 = time.perf_counter()
     candidates = index.search(window_means(q.feats, q.starts, seq_len).cpu().numpy(), s.shortlist, s.nprobe)
     clock["shortlist_search_s"] = time.perf_counter() - t2
     idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts, candidates, seq_len, device,
                                     opt.cacheBatchSize, s.feat_dtype, s.map_chunk)
     clock["matching_s"] = time.perf_counter() - t2
-    recall = shortlist_recall(exact[:, 0], candidates[check])
+    recall = shortlist_recall(exact[:, 0], candidates[check]) if n_check else float("nan")
     info = {"candidates": int(candidates.shape[1]), "index": choice.describe(), "nprobe": s.nprobe,
-            "recall": recall, "sampled_queries": int(len(check))}
-    log.info("shortlist: the exact top-1 is among the %d candidates for %.4f of %d sampled queries (%s index)",
-             info["candidates"], recall, len(check), info["index"])
+            "recall": recall, "sampled_queries": int(n_check), "index_file": str(path) if path else None,
+            "index_loaded": loaded}
     return StreamedSearch(idx[:, :TOP_K], dists[:, :TOP_K], clock, keep, info)
 
 
@@ -516,9 +538,11 @@ def format_recalls(result: EvalResult, title: str = "", unit: str = "m") -> str:
                  f"queries with a positive within its radius; R@N counts only the {result.preds.shape[1]} retrieved)")
     if result.shortlist:
         s = result.shortlist
+        recall = (f"the exact top-1 is among them for {s['recall']:.4f} of {s['sampled_queries']} sampled queries"
+                  if s["sampled_queries"] else "its recall was not measured (--shortlistCheck 0)")
+        source = f", read from {s['index_file']}" if s.get("index_loaded") else ""
         lines.append(f"shortlist: {s['candidates']} candidates per query from a {s['index']} index (nprobe "
-                     f"{s['nprobe']}); the exact top-1 is among them for {s['recall']:.4f} of {s['sampled_queries']} "
-                     "sampled queries")
+                     f"{s['nprobe']}{source}); {recall}")
     return "\n".join(lines)
 
 

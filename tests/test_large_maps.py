@@ -221,6 +221,45 @@ def test_shortlist_with_few_candidates_re_ranks_them(tiny):
     assert 0.0 <= got.shortlist["recall"] <= 1.0 and got.shortlist["sampled_queries"] == 50
 
 
+def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_path, monkeypatch):
+    """--shortlistIndex: the first run writes the index, the next reads it and gives the same
+    predictions; with --shortlistCheck 0 the database is then not streamed at all; an index built
+    for another model, or a damaged file, is refused with one line that says what to do."""
+    import copy
+
+    import test as test_module
+
+    path = tmp_path / "map.index"
+    args = ("--shortlist", "10", "--shortlistIndex", str(path), "--pooling", "--outDims", "8")
+    built, model, _ = evaluate_with(oxford_args(tiny, 3, *args), True)
+    assert path.is_file() and built.shortlist["index_loaded"] is False and "index_build_s" in built.timings
+    again, _, _ = evaluate_with(oxford_args(tiny, 3, *args), True, model)
+    assert again.shortlist["index_loaded"] is True and "index_load_s" in again.timings
+    np.testing.assert_array_equal(again.preds, built.preds)
+    assert again.shortlist["recall"] == built.shortlist["recall"]
+
+    def no_stream(*a, **k):
+        raise AssertionError("the database was streamed")
+
+    monkeypatch.setattr(test_module, "rank_streamed", no_stream)
+    quick, _, _ = evaluate_with(oxford_args(tiny, 3, *args, "--shortlistCheck", "0"), True, model)
+    np.testing.assert_array_equal(quick.preds, built.preds)
+    assert quick.shortlist["sampled_queries"] == 0 and np.isnan(quick.shortlist["recall"])
+    assert "not measured" in test_module.format_recalls(quick)
+    monkeypatch.undo()
+
+    with pytest.raises(UserError, match=r"another map, model or settings \(differs in: model\).*delete"):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            next(other.parameters()).add_(0.01)                      # another projection
+        evaluate_with(oxford_args(tiny, 3, *args), True, other)
+    with pytest.raises(UserError, match=r"differs in: seqL, windows"):
+        evaluate_with(oxford_args(tiny, 4, *args), True, model)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="could not be read.*delete"):
+        evaluate_with(oxford_args(tiny, 3, *args), True, model)
+
+
 def test_index_choice_by_size():
     from shortlist import FLAT_MAX, INDEX_BYTES, choose_index
 
@@ -280,7 +319,9 @@ def test_window_means_and_shortlist_recall_match_plain_loops():
 
 @pytest.mark.parametrize("args, message", [
     (["--shortlist", "-1"], "--shortlist"), (["--mapChunk", "0"], "--mapChunk"), (["--nprobe", "0"], "--nprobe"),
-    (["--shortlist", "5", "--predictionsFile", "p.npz"], "--predictionsFile")])
+    (["--shortlist", "5", "--predictionsFile", "p.npz"], "--predictionsFile"),
+    (["--shortlistIndex", "x.index"], "--shortlist K"),
+    (["--shortlist", "5", "--shortlistCheck", "-1"], "--shortlistCheck")])
 def test_bad_large_map_options_are_refused(args, message):
     from options import parse_options
 
