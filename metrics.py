@@ -11,23 +11,32 @@ RADII = (1, 5, 10, 20, 40, 100, 200)
 _NO_HIT = np.iinfo(np.int64).max
 
 
-def has_positive(db_positions: np.ndarray, q_positions: np.ndarray, radius: float) -> np.ndarray:
-    """``[Nq]`` bool: the query has a database frame within ``radius`` (<=)."""
+def nearest_db_distance(db_positions: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
+    """``[Nq]``: each query's distance to its nearest database frame (one tree over the database)."""
     from sklearn.neighbors import NearestNeighbors
 
     nearest, _ = NearestNeighbors(n_neighbors=1).fit(db_positions).kneighbors(q_positions)
-    return nearest[:, 0] <= radius
+    return nearest[:, 0]
+
+
+def has_positive(db_positions: np.ndarray, q_positions: np.ndarray, radius: float,
+                 nearest: np.ndarray | None = None) -> np.ndarray:
+    """``[Nq]`` bool: the query has a database frame within ``radius`` (<=); ``nearest``
+    (``nearest_db_distance``) spares building the tree again."""
+    if nearest is None:
+        nearest = nearest_db_distance(db_positions, q_positions)
+    return nearest <= radius
 
 
 def recall_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.ndarray, radius: float,
-                 n_values=N_VALUES) -> tuple[dict, int]:
+                 n_values=N_VALUES, nearest: np.ndarray | None = None) -> tuple[dict, int]:
     """Recall@N with positives within ``radius`` (<=); queries without any positive are left out.
 
     ``preds`` ``[Nq, k]`` indexes ``db_positions``. Only what was retrieved counts: for
     ``N > k`` a query is a hit only when one of its ``k`` predictions is (the reference's
     ``pred[:N]``). Returns ``({N: recall}, queries with a positive)``.
     """
-    has_pos = has_positive(db_positions, q_positions, radius)
+    has_pos = has_positive(db_positions, q_positions, radius, nearest)
     hit = np.linalg.norm(q_positions[:, None, :] - db_positions[preds], axis=-1) <= radius
     first_hit = np.where(hit.any(axis=1), hit.argmax(axis=1), _NO_HIT)[has_pos]
     n = int(has_pos.sum())
@@ -35,10 +44,12 @@ def recall_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.nd
 
 
 def radius_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.ndarray, radii=RADII,
-                 n_values=N_VALUES) -> tuple[np.ndarray, np.ndarray]:
+                 n_values=N_VALUES, nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Recall@N at each localisation radius: ``([len(radii), len(n_values)], queries with a positive
     [len(radii)])``; each row has its own denominator (queries with a positive within that radius)."""
-    rows = [recall_table(preds, db_positions, q_positions, r, n_values) for r in radii]
+    if nearest is None:
+        nearest = nearest_db_distance(db_positions, q_positions)
+    rows = [recall_table(preds, db_positions, q_positions, r, n_values, nearest) for r in radii]
     return np.array([list(t.values()) for t, _ in rows]), np.array([n for _, n in rows])
 
 

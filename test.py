@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from datasets import Split, sequence_windows
 from get_models import SeqMatchModel, WindowEmbedding, extract_features, window_frames, window_means
-from metrics import N_VALUES, RADII, precision_recall, radius_table, recall_table, top1_outcomes
+from metrics import N_VALUES, RADII, nearest_db_distance, precision_recall, radius_table, recall_table, top1_outcomes
 from seqMatchNet import candidate_distances, chunked_topk, window_distances
 from utils import UserError, atomic_write, ensure_output_dir, get_device, progress_enabled, write_json_atomic
 
@@ -224,8 +224,9 @@ def evaluate(opt: argparse.Namespace, split: Split, model: SeqMatchModel, device
         timings = {"features_s": t1 - t0, "matching_s": t2 - t1}
 
     db_pos, q_pos = split.db_positions[db_sel], split.q_positions[q_sel]
-    recalls, n_pos = recall_table(idx, db_pos, q_pos, split.pos_dist_thr)
-    radius_recalls, radius_counts = radius_table(idx, db_pos, q_pos)
+    nearest = nearest_db_distance(db_pos, q_pos)
+    recalls, n_pos = recall_table(idx, db_pos, q_pos, split.pos_dist_thr, nearest=nearest)
+    radius_recalls, radius_counts = radius_table(idx, db_pos, q_pos, nearest=nearest)
     t3 = time.perf_counter()
     frame_feats = q.starts is not None
     return EvalResult(recalls=recalls, radius_recalls=radius_recalls, preds=idx, dists=dists,

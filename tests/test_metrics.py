@@ -45,3 +45,20 @@ def test_radius_table_rows_have_their_own_denominators():
         np.testing.assert_allclose(table[i], list(plain.plain_recall_at_n(preds, positives).values()))
     assert counts[0] < counts[-1]                                # small radii leave queries out
     assert counts[0] == 0 and np.isnan(table[0]).all()           # no positive within 1 m: no recall at all
+
+
+def test_one_nearest_distance_serves_every_radius():
+    """``nearest_db_distance`` equals a plain loop's minimum; passing it gives the same tables as
+    building the tree per call."""
+    from metrics import nearest_db_distance
+
+    rng = np.random.default_rng(2)
+    db_pos = rng.uniform(0, 200, (150, 2))
+    q_pos = rng.uniform(0, 200, (40, 2))
+    nearest = nearest_db_distance(db_pos, q_pos)
+    want = [min(float(np.hypot(*(q - d))) for d in db_pos) for q in q_pos]
+    np.testing.assert_allclose(nearest, want, rtol=1e-12)
+    preds = np.stack([rng.permutation(150)[:20] for _ in range(40)])
+    assert recall_table(preds, db_pos, q_pos, 10.0, nearest=nearest) == recall_table(preds, db_pos, q_pos, 10.0)
+    for a, b in zip(radius_table(preds, db_pos, q_pos, nearest=nearest), radius_table(preds, db_pos, q_pos)):
+        np.testing.assert_array_equal(a, b)
