@@ -14,11 +14,11 @@ install:
 demo: install
 	$(PYTHON) main.py --mode demo
 
-# everything (the reference-fidelity, fault and torchrun tests included); about 8 minutes on 2 cores
+# everything (the reference-fidelity, fault and torchrun tests included); about 6 minutes on 2 cores
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# the edit-test loop: everything not marked slow, in under a minute
+# the edit-test loop: everything not marked slow, about a minute
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
