@@ -70,10 +70,30 @@ def test_source_reads_like_the_array(tmp_path, kind):
         pick = np.array([[4, 1], [4, len(ref) - 1]])
         np.testing.assert_array_equal(src[pick], ref[pick])
         np.testing.assert_array_equal(src.take([9, 2, 9]), ref[[9, 2, 9]])
+        windows = np.unique(np.random.default_rng(1).integers(0, len(ref) - 5, 40)[:, None] + np.arange(5))
+        np.testing.assert_array_equal(src.take(windows), ref[windows])      # runs of consecutive rows
+        np.testing.assert_array_equal(src.take(windows[::-1]), ref[windows[::-1]])
         np.testing.assert_array_equal(src[3:40:3], ref[3:40:3])
         np.testing.assert_array_equal(src.subset(np.arange(10, 20))[:], ref[10:20])
         np.testing.assert_array_equal(np.asarray(src), ref)
     np.testing.assert_array_equal(load_descriptors(path, rows), want[rows])
+
+
+def test_scattered_rows_of_a_c_order_file_are_read_without_a_map(tmp_path, monkeypatch):
+    """A map of the file would count the cached pages around every row read as resident memory (the
+    kernel's fault-around: 16 pages a row), so C-order rows are read with plain reads."""
+    from datasets import DescriptorSource
+
+    x = np.random.default_rng(2).standard_normal((500, 8)).astype(np.float32)
+    src = open_descriptors(write(tmp_path / "d.npy", x), None)
+
+    def no_map(self):
+        raise AssertionError("mapped the file")
+
+    monkeypatch.setattr(DescriptorSource, "_mapped", no_map)
+    rows = np.r_[3, 10:15, 200, 499]
+    np.testing.assert_array_equal(src.take(rows), x[rows])
+    np.testing.assert_array_equal(src[17:40], x[17:40])
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".h5"])
