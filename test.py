@@ -429,6 +429,8 @@ def shortlist_search(opt: argparse.Namespace, desc, model: SeqMatchModel, device
     s = LargeMapSettings.of(opt)
     seq_len, q_feats, q_starts = opt.seqL, q.feats.float(), q.starts.cpu().numpy()
     rng = np.random.default_rng(opt.seed)
+    n_check = min(len(q_starts), getattr(opt, "shortlistCheck", SHORTLIST_CHECK_QUERIES))
+    check = np.sort(rng.choice(len(q_starts), n_check, replace=False))      # the same whether built or read
     t0 = time.perf_counter()
     choice = choose_index(len(db_starts), model.out_dims)
     path = Path(opt.shortlistIndex) if getattr(opt, "shortlistIndex", None) else None
@@ -443,8 +445,6 @@ def shortlist_search(opt: argparse.Namespace, desc, model: SeqMatchModel, device
         index.add(window_means(feats, torch.as_tensor(local, device=feats.device), seq_len).cpu().numpy(), windows)
         clock["index_build_s"] += time.perf_counter() - t
 
-    n_check = min(len(q_starts), getattr(opt, "shortlistCheck", SHORTLIST_CHECK_QUERIES))
-    check = np.sort(rng.choice(len(q_starts), n_check, replace=False))
     if loaded and n_check == 0:
         keep = None                        # nothing streams by: no database features for the figures
     else:

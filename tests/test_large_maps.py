@@ -241,14 +241,27 @@ def test_shortlist_with_few_candidates_re_ranks_them(tiny):
     assert 0.0 <= got.shortlist["recall"] <= 1.0 and got.shortlist["sampled_queries"] == 50
 
 
-def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_path, monkeypatch, kind):
     """--shortlistIndex: the first run writes the index, the next reads it and gives the same
-    predictions; with --shortlistCheck 0 the database is then not streamed at all; an index built
-    for another model, or a damaged file, is refused with one line that says what to do."""
+    predictions and the same recall check (the same sampled queries); with --shortlistCheck 0 the
+    database is then not streamed at all; an index built for another model, or a damaged file, is
+    refused with one line that says what to do."""
     import copy
 
+    import shortlist
     import test as test_module
 
+    if kind != "flat":                   # an IVF index (trained on a sample) on this small map too
+        monkeypatch.setattr(shortlist, "choose_index", lambda n, dim: shortlist.IndexChoice(kind, 4))
+    checked = []                         # the query windows each run matches exactly (the recall check)
+    real_rank_streamed = test_module.rank_streamed
+
+    def spy(chunks, q_feats, db_starts, q_starts, *a, **k):
+        checked.append(np.asarray(q_starts).copy())
+        return real_rank_streamed(chunks, q_feats, db_starts, q_starts, *a, **k)
+
+    monkeypatch.setattr(test_module, "rank_streamed", spy)
     path = tmp_path / "map.index"
     args = ("--shortlist", "10", "--shortlistIndex", str(path), "--pooling", "--outDims", "8")
     built, model, _ = evaluate_with(oxford_args(tiny, 3, *args), True)
@@ -257,16 +270,18 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
     assert again.shortlist["index_loaded"] is True and "index_load_s" in again.timings
     np.testing.assert_array_equal(again.preds, built.preds)
     assert again.shortlist["recall"] == built.shortlist["recall"]
+    assert len(checked) == 2 and len(checked[0]) == 50 and np.array_equal(checked[0], checked[1])
+    assert kind in built.shortlist["index"] and kind in again.shortlist["index"]
 
     def no_stream(*a, **k):
         raise AssertionError("the database was streamed")
 
-    monkeypatch.setattr(test_module, "rank_streamed", no_stream)
-    quick, _, _ = evaluate_with(oxford_args(tiny, 3, *args, "--shortlistCheck", "0"), True, model)
+    with monkeypatch.context() as m:
+        m.setattr(test_module, "rank_streamed", no_stream)
+        quick, _, _ = evaluate_with(oxford_args(tiny, 3, *args, "--shortlistCheck", "0"), True, model)
     np.testing.assert_array_equal(quick.preds, built.preds)
     assert quick.shortlist["sampled_queries"] == 0 and np.isnan(quick.shortlist["recall"])
     assert "not measured" in test_module.format_recalls(quick)
-    monkeypatch.undo()
 
     with pytest.raises(UserError, match=r"another map, model or settings \(differs in: model\).*delete"):
         other = copy.deepcopy(model)
