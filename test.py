@@ -203,6 +203,9 @@ def evaluate(opt: argparse.Namespace, split: Split, model: SeqMatchModel, device
         predictions = predictions[:, :RERANK_CANDIDATES]
         if model.compares_descriptors:
             raise UserError("--predictionsFile re-ranks by sequence matching: use it with --method seqmatch")
+    if getattr(opt, "shortlist", 0) and model.compares_descriptors:
+        raise UserError("--shortlist re-ranks by sequence matching: use it with --method seqmatch (this model's "
+                        "window or frame descriptors are searched with a faiss index already)")
 
     t0 = time.perf_counter()
     db_starts = sequence_windows(split.db_bounds, seq_len)[0][db_sel]

@@ -241,6 +241,13 @@ def test_shortlist_with_few_candidates_re_ranks_them(tiny):
     assert 0.0 <= got.shortlist["recall"] <= 1.0 and got.shortlist["sampled_queries"] == 50
 
 
+@pytest.mark.parametrize("method, seq_len", [("smooth", 3), ("single", 1)])
+def test_shortlist_with_a_descriptor_model_is_refused(tiny, method, seq_len):
+    """Window and single-frame models are searched by their descriptors: --shortlist would be ignored."""
+    with pytest.raises(UserError, match="--shortlist re-ranks by sequence matching"):
+        evaluate_with(oxford_args(tiny, seq_len, "--shortlist", "10", "--method", method), True)
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
 def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_path, monkeypatch, kind):
     """--shortlistIndex: the first run writes the index, the next reads it and gives the same
