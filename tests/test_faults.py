@@ -491,6 +491,21 @@ def _(work, run):
     return [*TEST_ARGS, "--predictionsFile", "preds.npz"], ["--predictionsFile", "preds.npz", "(70, >= 20)"]
 
 
+@bad_input("--shortlistIndex that is not an index")
+def _(work, run):
+    (work / "map.index").write_bytes(np.random.default_rng(2).bytes(3000))
+    return [*TEST_ARGS, "--shortlist", "10", "--shortlistIndex", "map.index"], ["--shortlistIndex", "map.index",
+                                                                                "delete"]
+
+
+@bad_input("--shortlistIndex of another model")
+def _(work, run):
+    keep = ["--shortlist", "10", "--shortlistIndex", "map.index"]
+    built = run_cli(work, *TEST_ARGS, *keep)                      # built for the raw descriptors
+    assert built.returncode == 0 and (work / "map.index").exists(), built.stderr[-2000:]
+    return [*resume_args(run), *keep], ["--shortlistIndex", "map.index", "differs in: model", "delete"]
+
+
 @bad_input("--predictionsFile with out-of-range indices")
 def _(work, run):
     preds = np.tile(np.arange(20), (len(TEST_ROWS), 1))
