@@ -168,7 +168,7 @@ class SeqMatchModel(nn.Module):
         x = self.pool[1:-1](frames[:, :, None, None]).reshape(frames.shape[0], -1)
         if x.requires_grad or (not overwrite and x.data_ptr() == frames.data_ptr()):
             return nn.functional.normalize(x, p=2, dim=-1)
-        return x.div_(x.norm(2, -1, keepdim=True).clamp_min_(1e-12))
+        return normalise_(x)
 
     def describe(self, windows: torch.Tensor) -> torch.Tensor:
         """One L2-normalised descriptor per window: ``[N, L, C] -> [N, outDims]``."""
@@ -231,6 +231,11 @@ class SeqMatchModel(nn.Module):
         return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
 
 
+def normalise_(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the rows of ``x`` in place: the values of ``nn.functional.normalize(x, dim=-1)``."""
+    return x.div_(x.norm(2, -1, keepdim=True).clamp_min_(1e-12))
+
+
 @torch.no_grad()
 def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
                      desc_name: str = "frames", quiet: bool = False, dtype: torch.dtype | None = None,
@@ -273,12 +278,15 @@ def window_means(feats: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tor
         acc = feats[starts].float()
         for k in range(1, seq_len):
             acc += feats[starts + k]
-        return nn.functional.normalize(acc, dim=-1)
+        return normalise_(acc)
     first, n = int(starts.min()), int(starts.max()) + 1
     acc = feats[first:n].to(torch.float32, copy=True)        # never a view of feats
     for k in range(1, seq_len):
         acc += feats[first + k:n + k]
-    return nn.functional.normalize(acc[starts - first], dim=-1)
+    normalise_(acc)
+    if len(starts) == n - first and bool((starts == torch.arange(first, n, device=starts.device)).all()):
+        return acc                                             # every start once, in order: no gather
+    return acc[starts - first]
 
 
 @torch.no_grad()

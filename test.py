@@ -409,13 +409,14 @@ def new_window_index(opt: argparse.Namespace, desc, model: SeqMatchModel, device
     if choice.needs_training:
         sample = np.sort(rng.choice(len(db_starts), choice.training_size(len(db_starts)), replace=False))
         step = max(1, s.map_chunk // opt.seqL)
-        means = []
+        means = np.empty((len(sample), model.out_dims), dtype=np.float32)      # filled in place: no copies
         for lo in range(0, len(sample), step):
             frames, local = window_frames(db_starts[sample[lo:lo + step]], opt.seqL)
             feats = extract_features(model, desc[frames], device, opt.cacheBatchSize, "index sample", True,
                                      s.feat_dtype, overwrite=True)
-            means.append(window_means(feats, torch.as_tensor(local, device=device), opt.seqL).cpu().numpy())
-        index.train(np.concatenate(means))
+            means[lo:lo + len(local)] = window_means(feats, torch.as_tensor(local, device=device), opt.seqL).cpu()
+            del feats
+        index.train(means)
     return index
 
 
