@@ -21,14 +21,16 @@ log = logging.getLogger("seqmatchnet.demo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="main.py --mode demo", description=__doc__.split("\n\n")[0])
+    from entry import OneLineParser
+
+    p = OneLineParser(mode="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seqL", type=int, default=5, help="sequence length")
     p.add_argument("--nEpochs", type=int, default=8, help="training epochs")
     p.add_argument("--init", default="identity", choices=["identity", "random"],
                    help="initial projection (the reference uses random; see README)")
-    p.add_argument("--dataPath", default="./data")
-    p.add_argument("--structPath", default="./structFiles")
-    p.add_argument("--runsPath", default="./data/runs")
+    p.add_argument("--dataPath", default="./data", help="folder the synthetic descriptors are written to")
+    p.add_argument("--structPath", default="./structFiles", help="folder the synthetic struct files are written to")
+    p.add_argument("--runsPath", default="./data/runs", help="folder of run folders (the demo's training run)")
     p.add_argument("--nocuda", action="store_true", help="stay on the CPU even when CUDA is available")
     return p.parse_args(argv)
 
@@ -44,40 +46,42 @@ def evaluate_row(label: str, args: list[str]) -> tuple[str, dict, float]:
 
 
 def run_demo(argv: list[str] | None = None) -> int:
+    """``--mode demo`` entry: 0 when the table shows the expected ordering, 1 otherwise or on an error."""
+    from entry import run_own_mode
+
+    return run_own_mode(parse_args, list(argv or []), demo)
+
+
+def demo(a: argparse.Namespace) -> int:
     import torch
 
+    from get_datasets import get_split
     from options import parse_options
     from train import train
-    from utils import UserError, setup_logging
+    from utils import setup_logging
 
-    a = parse_args(argv)
     setup_logging(quiet=True)
     nocuda = a.nocuda or not torch.cuda.is_available()
     common = ["--dataset", "synthetic", "--dataPath", a.dataPath, "--structPath", a.structPath,
               "--runsPath", a.runsPath, "--quiet", "--threads", "0"] + (["--nocuda"] if nocuda else [])
     test = ["--mode", "test", "--split", "test"] + common
     started = time.time()
-    try:
-        print("SeqMatchNet demo on the synthetic benchmark (test split)\n")
-        print("1/4 single-frame retrieval, raw descriptors:")
-        rows = [evaluate_row("single frame (raw)", test + ["--seqL", "1", "--matcher", "None"])]
-        print(f"2/4 sequence matching, raw descriptors (L={a.seqL}):")
-        rows.append(evaluate_row("sequence matching (raw)", test + ["--seqL", str(a.seqL)]))
+    print("SeqMatchNet demo on the synthetic benchmark (test split)\n")
+    print("1/4 single-frame retrieval, raw descriptors:")
+    rows = [evaluate_row("single frame (raw)", test + ["--seqL", "1", "--matcher", "None"])]
+    print(f"2/4 sequence matching, raw descriptors (L={a.seqL}):")
+    rows.append(evaluate_row("sequence matching (raw)", test + ["--seqL", str(a.seqL)]))
 
-        from get_datasets import get_split
-        dim = get_split(parse_options(test + ["--seqL", "1"]), "test").dim
-        train_args = (["--mode", "train", "--seqL", str(a.seqL), "--pooling", "--outDims", str(dim),
-                       "--nEpochs", str(a.nEpochs), "--init", a.init, "--expName", "demo"] + common)
-        print(f"3/4 training SeqMatchNet ({a.nEpochs} epochs):\n  python main.py {' '.join(train_args)}")
-        t0 = time.time()
-        run_dir = train(parse_options(train_args))
-        print(f"  trained in {time.time() - t0:.0f} s; run folder {run_dir}")
-        print("4/4 sequence matching with the learned projection (best validation checkpoint):")
-        rows.append(evaluate_row("SeqMatchNet (trained)", test + ["--seqL", str(a.seqL), "--pooling",
-                                                                 "--resume", str(run_dir), "--ckpt", "best"]))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    dim = get_split(parse_options(test + ["--seqL", "1"]), "test").dim
+    train_args = (["--mode", "train", "--seqL", str(a.seqL), "--pooling", "--outDims", str(dim),
+                   "--nEpochs", str(a.nEpochs), "--init", a.init, "--expName", "demo"] + common)
+    print(f"3/4 training SeqMatchNet ({a.nEpochs} epochs):\n  python main.py {' '.join(train_args)}")
+    t0 = time.time()
+    run_dir = train(parse_options(train_args))
+    print(f"  trained in {time.time() - t0:.0f} s; run folder {run_dir}")
+    print("4/4 sequence matching with the learned projection (best validation checkpoint):")
+    rows.append(evaluate_row("SeqMatchNet (trained)", test + ["--seqL", str(a.seqL), "--pooling",
+                                                             "--resume", str(run_dir), "--ckpt", "best"]))
 
     print(f"\n{'method':<26}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'ms/query':>10}")
     for label, recalls, per_query in rows:
@@ -88,4 +92,3 @@ def run_demo(argv: list[str] | None = None) -> int:
         print("unexpected: the ordering trained > raw sequence matching > single frame did not hold", file=sys.stderr)
         return 1
     return 0
-

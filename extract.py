@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError
+from entry import OneLineParser, run_own_mode
+from utils import UserError, numpy_safe_globals
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -178,7 +178,7 @@ def load_netvlad_checkpoint(path: Path) -> NetVLADModel:
         raise UserError(f"NetVLAD checkpoint {path} not found: download one, e.g. {CHECKPOINT_URL} (also "
                         "mapillary_WPCA4096, and 512-/128-D variants), and pass it with --netvladCkpt")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # torch raises many error types for bad files
         text = " ".join(str(exc).split())
@@ -189,14 +189,6 @@ def load_netvlad_checkpoint(path: Path) -> NetVLADModel:
         raise UserError(f"NetVLAD checkpoint {path} holds no state dict of tensors ('state_dict'): not a "
                         "Patch-NetVLAD checkpoint")
     return model_from_state_dict(state, f"NetVLAD checkpoint {path}")
-
-
-def _numpy_safe_globals() -> list:
-    """NumPy types that checkpoints' metadata may hold (e.g. a best score as a NumPy scalar)."""
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray.scalar, core.multiarray._reconstruct, np.dtype, np.ndarray,
-            *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
-            np.float64, np.float32, np.int64, np.int32]
 
 
 def file_digest(path: Path) -> str:
@@ -508,17 +500,11 @@ def extract_images(src: Path, checkpoint: Path, out: Path, *, image_size: tuple[
 
 # ---------------------------------------------------------------- the command
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one ``error:`` line) instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see python main.py --mode extract --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="main.py --mode extract", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                description="Compute NetVLAD descriptors (Patch-NetVLAD checkpoints) of a folder or list of images: "
-                            "one row per image, for --mode prepare --db_descriptors/--q_descriptors.")
+    p = OneLineParser(
+        mode="extract",
+        description="Compute NetVLAD descriptors (Patch-NetVLAD checkpoints) of a folder or list of images: "
+                    "one row per image, for --mode prepare --db_descriptors/--q_descriptors.")
     p.add_argument("--images", required=True, metavar="SRC",
                    help="folder of .jpg/.jpeg/.png/.bmp images (natural order of names) or a text file with one "
                         "image path per line (relative to the file)")
@@ -553,29 +539,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_extract(argv: list[str]) -> int:
     """``--mode extract`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
-    from utils import get_device, parse_own_options, progress_enabled, setup_logging
+    return run_own_mode(parse_args, argv, _extract, interrupted="interrupted: run the same command again to continue",
+                        os_error=lambda exc: f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or 'the output'})"
+                                             ": check the paths and free disk space")
 
-    opt, code = parse_own_options(parse_args, argv)
-    if opt is None:
-        return code
-    if not logging.getLogger().handlers:
-        setup_logging(quiet=opt.quiet)
-    try:
-        device = get_device(opt.nocuda, opt.device)
-        result = extract_images(Path(opt.images), Path(opt.netvladCkpt), Path(opt.out),
-                                image_size=parse_image_size(opt.imageSize), batch_size=opt.batchSize,
-                                threads=opt.threads, device=device, progress=progress_enabled(opt.quiet))
-    except UserError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {exc.strerror or exc} ({getattr(exc, 'filename', None) or opt.out}): check the paths and "
-              "free disk space", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue", file=sys.stderr)
-        return 130
+
+def _extract(opt: argparse.Namespace) -> None:
+    from utils import get_device, progress_enabled, setup_logging
+
+    setup_logging(quiet=opt.quiet)
+    device = get_device(opt.nocuda, opt.device)
+    result = extract_images(Path(opt.images), Path(opt.netvladCkpt), Path(opt.out),
+                            image_size=parse_image_size(opt.imageSize), batch_size=opt.batchSize,
+                            threads=opt.threads, device=device, progress=progress_enabled(opt.quiet))
     resumed = f", continuing after {result.resumed_from} done before" if result.resumed_from else ""
     print(f"wrote {result.rows} x {result.dim} descriptors to {result.path} (images listed in "
           f"{result.images_file}){resumed}; {result.images_per_second:.2f} images/s on {device}")
-    return 0

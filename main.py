@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-import traceback
 
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads made small
 # training steps up to 50x slower. Must be set before torch loads; an explicit setting wins.
@@ -42,14 +41,10 @@ def mode_function(mode: str):
     return getattr(importlib.import_module(module), name)
 
 
-def one_line(exc: BaseException) -> str:
-    """An error message on one line (messages quoted from libraries may hold line breaks)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def run_mode(mode: str, argv: list[str]) -> int:
     """Parse the shared options, set up logging and run ``mode``; errors become exit codes."""
     import distributed
+    from entry import error, one_line, run_guarded
     from options import parse_options
     from utils import UserError, get_device, setup_logging
 
@@ -57,40 +52,27 @@ def run_mode(mode: str, argv: list[str]) -> int:
     try:
         opt = parse_options(argv)
     except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        error(exc)
         return 2
-    try:
-        distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda")
-    except UserError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
+    code = run_guarded(lambda: distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda"))
+    if code:
+        return code
     setup_logging(quiet=opt.quiet, debug=opt.debug)
     log.debug("argv: %s", sys.argv)
-    try:
+
+    def work() -> None:
         function = mode_function(mode)
         # ranks other than 0 print nothing on stdout (their warnings and errors go to stderr)
         out = sys.stdout if distributed.is_main() else open(os.devnull, "w")
         with contextlib.redirect_stdout(out):
             function(opt, argv) if mode == "train" else function(opt)
-    except UserError as exc:
-        log.debug("traceback:\n%s", traceback.format_exc())
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except OSError as exc:          # the file system refused something the checks above did not foresee
-        log.debug("traceback:\n%s", traceback.format_exc())
-        print(f"error: {one_line(exc)}: check that the paths given exist and are writable and that the disk has "
-              "space (--debug shows where it happened)", file=sys.stderr)
-        return 1
-    except distributed.dist.DistError as exc:    # a collective inside torch (DDP's gradient sum) failed
-        log.debug("traceback:\n%s", traceback.format_exc())
-        print(f"error: rank {distributed.rank()}: a collective failed: another process of the job ended or did "
-              f"not answer ({one_line(exc)[:200]})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    collective = (distributed.dist.DistError,       # a collective inside torch (DDP's gradient sum) failed
+                  lambda exc: f"rank {distributed.rank()}: a collective failed: another process of the job ended "
+                              f"or did not answer ({one_line(exc)[:200]})")
+    code = run_guarded(work, more=(collective,))
     log.debug("finished in %.1f s", time.time() - started)
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from entry import OneLineParser, run_own_mode
 from utils import UserError
 
 SPLITS = ("train", "val", "test")
@@ -52,17 +53,11 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 CELL_NAMES_MAX = 100_000            # more frame names than this are written as a char matrix, not cells
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError (one ``error:`` line) instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see python main.py --mode prepare --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="main.py --mode prepare",
-                description="Prepare your own descriptors + positions as a dataset for --dataset custom:<name> "
-                            "(README, 'Using your own data').")
+    p = OneLineParser(
+        mode="prepare",
+        description="Prepare your own descriptors + positions as a dataset for --dataset custom:<name> "
+                    "(README, 'Using your own data').")
     p.add_argument("--name", required=True, help="dataset name: letters, digits, '_', '-', '.'")
     g = p.add_argument_group("input (one descriptor file, or images, and one positions CSV per traversal, rows in "
                              "capture order)")
@@ -670,21 +665,15 @@ def warnings_for(result: dict) -> list[str]:
 
 def run_prepare(argv: list[str]) -> int:
     """``--mode prepare`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
-    from utils import parse_own_options
+    return run_own_mode(parse_args, argv, _prepare)
 
-    opt, code = parse_own_options(parse_args, argv)
-    if opt is None:
-        return code
+
+def _prepare(opt: argparse.Namespace) -> None:
     try:
         result = prepare(opt)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except OSError as exc:
-        print(f"error: could not write the dataset to {opt.structPath} ({exc.strerror or exc}): "
-              "choose a writable --structPath", file=sys.stderr)
-        return 1
+        raise UserError(f"could not write the dataset to {opt.structPath} ({exc.strerror or exc}): "
+                        "choose a writable --structPath") from exc
     print("\n".join(summary_lines(result, opt)))
     for line in warnings_for(result):
         print(line, file=sys.stderr)
-    return 0

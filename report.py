@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from entry import OneLineParser, run_own_mode
+from utils import UserError
+
 PROJECT_DIR = Path(__file__).resolve().parent
 MIB = 1024 ** 2
 HASH_BLOCK = 1 * MIB
@@ -210,13 +213,13 @@ def find_summary(path: Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
-        raise ValueError(f"{path} does not exist: give a run folder, a results folder or a summary.json")
+        raise UserError(f"{path} does not exist: give a run folder, a results folder or a summary.json")
     direct = path / SUMMARY_NAME
     if direct.is_file():
         return direct
     found = [p for p in path.rglob(SUMMARY_NAME) if p.is_file()]
     if not found:
-        raise ValueError(f"no {SUMMARY_NAME} in {path} or below: write one with "
+        raise UserError(f"no {SUMMARY_NAME} in {path} or below: write one with "
                          f"`python main.py --mode test ... --resultsPath {path}`")
     return max(found, key=lambda p: p.stat().st_mtime)
 
@@ -226,9 +229,9 @@ def load_summary(path: Path) -> tuple[Path, dict]:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file} is not a readable JSON summary ({exc})") from exc
+        raise UserError(f"{file} is not a readable JSON summary ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{file} does not hold a JSON object: is it a summary.json?")
+        raise UserError(f"{file} does not hold a JSON object: is it a summary.json?")
     return file, data
 
 
@@ -280,7 +283,7 @@ def compare_runs(paths: Sequence[Path]) -> str:
     Missing fields show as '-'; a path without a summary raises ValueError.
     """
     if not paths:
-        raise ValueError("no runs to compare: give one or more run folders, results folders or summary.json files")
+        raise UserError("no runs to compare: give one or more run folders, results folders or summary.json files")
     header = ["run", "dataset", "split", "seqL", "method", *(f"R@{n}" for n in TABLE_N), "AUC", "R@100%P",
               "matching"]
     rows = []
@@ -303,14 +306,11 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
         args = args[2:]
     elif args[:1] == ["--mode=compare"]:
         args = args[1:]
-    parser = argparse.ArgumentParser(prog="main.py --mode compare",
-                                     description="Compare runs side by side from their summary.json files.")
+    return run_own_mode(_parse_compare, args, lambda opts: print(compare_runs(opts.runs)))
+
+
+def _parse_compare(args: list[str]) -> argparse.Namespace:
+    parser = OneLineParser(mode="compare", description="Compare runs side by side from their summary.json files.")
     parser.add_argument("runs", nargs="+", type=Path,
                         help="run folders, results folders (searched for the newest summary.json) or summary files")
-    opts = parser.parse_args(args)
-    try:
-        print(compare_runs(opts.runs))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return parser.parse_args(args)

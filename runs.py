@@ -21,7 +21,7 @@ import torch
 
 from get_models import METHODS
 from options import OPTIMISERS, check_options
-from utils import UserError, atomic_write, write_json_atomic
+from utils import UserError, atomic_write, numpy_safe_globals, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +177,6 @@ def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, d
     return opt, run_dir, ckpt_file, load_checkpoint(ckpt_file)
 
 
-def _numpy_safe_globals() -> list:
-    """NumPy types found in reference checkpoints (their recalls are NumPy scalars)."""
-    names = []
-    core = getattr(np, "_core", None) or np.core
-    names.append(core.multiarray.scalar)
-    names.append(np.dtype)
-    names.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    names.extend([np.float64, np.float32, np.int64, np.int32, np.ndarray, core.multiarray._reconstruct])
-    return names
-
-
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint with weights-only unpickling (NumPy scalar types allow-listed) onto the CPU,
     and check its structure: ``state_dict`` (name -> tensor), ``epoch`` (int) and, when present,
@@ -196,7 +185,7 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: check --resume (a run folder with checkpoints/) and --ckpt")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many error types for bad files
         text = str(exc)

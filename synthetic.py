@@ -34,17 +34,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import scipy.io
 from scipy.ndimage import gaussian_filter1d
+
+from utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -303,18 +301,6 @@ def _struct(split: str, data: dict) -> dict:
     }
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through a temporary file in the same folder and os.replace."""
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-    try:
-        with open(tmp, 'xb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _params_json(params: SyntheticParams) -> str:
     return json.dumps({'format_version': FORMAT_VERSION, **dataclasses.asdict(params)}, indent=1, sort_keys=True)
 
@@ -349,18 +335,18 @@ def ensure_synthetic(desc_dir: Path, struct_dir: Path, params: SyntheticParams =
     struct_dir.mkdir(parents=True, exist_ok=True)
     params_path.unlink(missing_ok=True)  # a half-replaced benchmark must not look complete
     for key in ('db', 'query'):
-        _write_atomic(paths[key], lambda f, a=data[key]: np.save(f, a))
+        atomic_write(paths[key], lambda f, a=data[key]: np.save(f, a))
     for split in SPLITS:
         struct = _struct(split, data)
-        _write_atomic(paths[split], lambda f, s=struct: scipy.io.savemat(
+        atomic_write(paths[split], lambda f, s=struct: scipy.io.savemat(
             f, {'dbStruct': s}, appendmat=False, format='5'))
     inds = {}
     for split in SPLITS:
         pair = np.empty(2, dtype=object)
         pair[0], pair[1] = data[split + '_inds']
         inds[split + 'Inds'] = pair
-    _write_atomic(paths['split_inds'], lambda f: np.savez(f, **inds))
-    _write_atomic(params_path, lambda f: f.write(wanted.encode()))
+    atomic_write(paths['split_inds'], lambda f: np.savez(f, **inds))
+    atomic_write(params_path, lambda f: f.write(wanted.encode()))
     logger.info('generated the synthetic benchmark (%d db / %d query frames, dim %d, seed %d) in %s and %s '
                 'in %.1f s', len(data['db']), len(data['query']), params.dim, params.seed,
                 desc_dir, struct_dir, time.perf_counter() - t0)

@@ -106,6 +106,15 @@ def plain_floats(d: dict) -> dict:
     return {int(k): float(v) for k, v in d.items()}
 
 
+def numpy_safe_globals() -> list:
+    """NumPy types that checkpoints may hold (reference checkpoints store recalls as NumPy scalars):
+    allow-listed for weights-only unpickling (``torch.serialization.safe_globals``)."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.dtype, np.ndarray,
+            *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
+            np.float64, np.float32, np.int64, np.int32]
+
+
 # ---------------------------------------------------------------- logging
 
 def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool = False) -> None:
@@ -148,18 +157,6 @@ def add_log_file(log_file: Path) -> None:
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-
-
-def parse_own_options(parse, argv: list[str]):
-    """For a mode with its own parser (extract, prepare): ``(options, None)``, or ``(None, exit code)``
-    after a one-line ``error:`` for bad options (2) or after ``--help`` (0)."""
-    try:
-        return parse(list(argv)), None
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None, 2
-    except SystemExit as exc:          # --help
-        return None, int(exc.code or 0)
 
 
 def progress_enabled(quiet: bool = False) -> bool:

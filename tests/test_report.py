@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import report
+from utils import UserError
 
 OPTIONS = {"mode": "test", "dataset": "nordland-sw", "split": "test", "seqL": 5, "matcher": "seqMatchNet",
            "pooling": True, "resultsPath": Path("/tmp/x"), "seed": np.int64(123)}
@@ -104,14 +105,14 @@ def test_compare_runs_accepts_summary_file_and_newest(tmp_path):
 
 def test_compare_runs_missing_summary(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no summary.json"):
+    with pytest.raises(UserError, match="no summary.json"):
         report.compare_runs([tmp_path / "empty"])
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         report.compare_runs([tmp_path / "nowhere"])
     bad = tmp_path / "bad" / "summary.json"
     bad.parent.mkdir()
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="not a readable JSON"):
+    with pytest.raises(UserError, match="not a readable JSON"):
         report.compare_runs([bad.parent])
 
 
