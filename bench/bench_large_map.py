@@ -1,6 +1,6 @@
 """Evaluation over a map larger than memory: a 1,000,000-frame database of 1024-D float32 descriptors
 (4 GB on disk) and 1,000 query frames along the same route, prepared with ``--mode prepare`` and
-evaluated with ``--mode test`` in child processes (README, "Large maps").
+evaluated with ``--mode test`` in child processes (docs/large-maps.md).
 
 Measures, per run: the child's peak resident memory (``VmHWM``), queries per second of the matching,
 and Recall@1; checks the top-1 of 50 sampled queries against a plain dense computation (numpy, one
@@ -12,6 +12,11 @@ matching and the loss in Recall@1.
 
 ``--featDtype float16`` writes the descriptors as float16 (8 GB for 4096-D) and evaluates with
 ``--featDtype float16``; its memory goal is 4 GB instead of 2 GB. ``--small``: 20,000 frames of 256-D.
+
+The goals (peak memory, the shortlist's speed-up and Recall@1 loss) are set for the full-size map of
+``FULL_FRAMES`` frames: smaller maps (``--small``, a smaller ``--frames``) report the same numbers without
+judging them. The top-1 check against plain dense matching holds at every size; exit code 1 when it
+fails or a judged goal is missed.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ Q_NOISE = 1.0
 STEP_M = 2.0         # metres between frames
 EXTRA = 40           # frames after the route for the (unused) train and val splits
 CHUNK = 65536        # rows generated and checked at once
+FULL_FRAMES = 1_000_000     # the map size the goals are set for
 
 
 def parse() -> argparse.Namespace:
@@ -149,7 +155,7 @@ def run_test(opt: argparse.Namespace, work: Path, name: str, extra: list[str]) -
 
 def dense_top1(opt: argparse.Namespace, work: Path, queries: np.ndarray) -> np.ndarray:
     """Plain dense sequence matching of ``queries`` (query windows) against every database window,
-    from the definitions (README, "How it works"): L2-normalised frames (rounded like --featDtype),
+    from the definitions (docs/how-it-works.md): L2-normalised frames (rounded like --featDtype),
     the mean of the frame distances along the diagonal; the lowest window index wins ties."""
     import torch
 
@@ -219,6 +225,16 @@ def main() -> int:
 def report(opt: argparse.Namespace, runs: dict, sample: np.ndarray, want: np.ndarray, goal_gb: float) -> int:
     ok = True
     rows = []
+    judged = opt.frames >= FULL_FRAMES
+
+    def goal(met: bool, text: str) -> bool:
+        """Print a goal line; at a smaller size it is reported, not judged (counts as met)."""
+        if judged:
+            print(f"GOAL {'MET' if met else 'MISSED'}: {text}")
+            return met
+        print(f"goal not judged ({opt.frames} frames; the goals are set for {FULL_FRAMES}): {text}")
+        return True
+
     for name, r in runs.items():
         s = r["summary"]
         timings = s.get("timings", {})
@@ -236,22 +252,18 @@ def report(opt: argparse.Namespace, runs: dict, sample: np.ndarray, want: np.nda
         print(f"{name:<10}{peak:>12.2f}{matching:>12.1f}{qps:>11.1f}{r1:>8.4f}{f'{same}/{len(sample)}':>15}"
               f"{wall:>8.0f}")
     for name, peak, *_ in rows:
-        met = peak < goal_gb
-        ok &= met
-        print(f"GOAL {'MET' if met else 'MISSED'}: {name} peak resident memory {peak:.2f} GB < {goal_gb:g} GB")
+        ok &= goal(peak < goal_gb, f"{name} peak resident memory {peak:.2f} GB < {goal_gb:g} GB")
     exact_same = rows[0][5]
-    ok &= exact_same == len(sample)
-    print(f"GOAL {'MET' if exact_same == len(sample) else 'MISSED'}: {rows[0][0]} top-1 equals plain dense matching "
-          f"for {exact_same}/{len(sample)} sampled queries")
+    ok &= exact_same == len(sample)      # correctness, checked at every size
+    print(f"CHECK {'PASSED' if exact_same == len(sample) else 'FAILED'}: {rows[0][0]} top-1 equals plain dense "
+          f"matching for {exact_same}/{len(sample)} sampled queries")
     if "shortlist" in runs and "exact" in runs:
         speedup = runs["exact"]["matching"] / runs["shortlist"]["matching"]
         loss = runs["exact"]["r1"] - runs["shortlist"]["r1"]
         if opt.featDtype == "float32":
-            met = speedup >= 20 and loss <= 0.01
-            ok &= met
-            print(f"GOAL {'MET' if met else 'MISSED'}: --shortlist {opt.shortlist} matches {speedup:.1f}x faster "
-                  f"than exact (goal >= 20x; index build and the recall check not counted), Recall@1 loss "
-                  f"{loss:.4f} (goal <= 0.01)")
+            ok &= goal(speedup >= 20 and loss <= 0.01,
+                       f"--shortlist {opt.shortlist} matches {speedup:.1f}x faster than exact (goal >= 20x; index "
+                       f"build and the recall check not counted), Recall@1 loss {loss:.4f} (goal <= 0.01)")
         else:       # the float16 run's goal is its memory; the speed-up goal is set for float32 descriptors
             print(f"--shortlist {opt.shortlist} matches {speedup:.1f}x faster than exact (index build and the recall "
                   f"check not counted), Recall@1 loss {loss:.4f}")
