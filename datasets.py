@@ -25,7 +25,7 @@ GET_DATA_HINT = "run `bash download.sh` (see README, 'Getting the data') or try 
 # ---------------------------------------------------------------- windows
 
 def sequence_windows(bounds: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of ``seq_len`` frames centred on each frame (README, "How it works").
+    """Windows of ``seq_len`` frames centred on each frame (docs/how-it-works.md).
 
     ``bounds`` ``[N, 2]`` holds each frame's segment ``[lo, hi)``. Returns
     ``(starts [N], valid [N])``: window ``i`` is ``starts[i] + arange(seq_len)``;

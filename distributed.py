@@ -1,4 +1,4 @@
-"""The process group of a job started by ``torchrun`` (README, "More than one process or machine").
+"""The process group of a job started by ``torchrun`` (docs/torchrun.md).
 
 ``init`` joins the group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``): NCCL when the job computes on CUDA, gloo on the CPU. Without

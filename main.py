@@ -33,7 +33,7 @@ MODES = {
     "compare": "report:main_compare",
 }
 OWN_PARSER = {"extract", "prepare", "demo", "compare"}
-DISTRIBUTED = {"train", "test"}     # the modes that run under torchrun (README, "More than one process")
+DISTRIBUTED = {"train", "test"}     # the modes that run under torchrun (docs/torchrun.md)
 
 
 def mode_function(mode: str):

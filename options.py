@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_large_map_options(parser: argparse.ArgumentParser) -> None:
-    """Evaluation over maps larger than memory (README, "Large maps")."""
+    """Evaluation over maps larger than memory (docs/large-maps.md)."""
     g = parser.add_argument_group("large maps")
     g.add_argument("--mapChunk", type=int, default=32768,
                    help="database frames read and projected at once: a larger database is streamed from its "

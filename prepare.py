@@ -9,7 +9,7 @@ positions CSV with a header and one line per frame in the same order:
   traversals);
 - optional ``timestamp`` (numbers or ISO 8601), checked to increase;
 - optional ``sequence_id``: a sequence is a run of consecutive rows with the
-  same id, and no sequence window (README, "How it works") crosses two sequences.
+  same id, and no sequence window (docs/how-it-works.md) crosses two sequences.
 
 Output, in ``--structPath``: ``custom_<name>_{train,val,test}.db`` (struct
 files like the real ones), ``custom_<name>_splitInds.npz``,

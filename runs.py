@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_OUT_DIMS = 65536     # a sanity bound for outDims read from a flags.json (NetVLAD without PCA is 32768)
 
-# Restored from a run's flags.json on --resume (README, "How it works"), with their types.
+# Restored from a run's flags.json on --resume (docs/training-and-testing.md), with their types.
 RESTORED_FLAGS = {
     "lr": float, "lrStep": float, "lrGamma": float, "weightDecay": float, "momentum": float,
     "runsPath": str, "savePath": str, "optim": str, "margin": float, "seed": int, "patience": int,

@@ -1,5 +1,5 @@
 """A faiss index over one descriptor per database window, to shortlist the windows that exact
-sequence matching then re-ranks (``--shortlist K``; README, "Large maps").
+sequence matching then re-ranks (``--shortlist K``; docs/large-maps.md).
 
 The index type follows the map's size: an exact flat index for up to ``FLAT_MAX`` windows, an
 inverted-file (IVF) index above that (``--nprobe`` lists searched per query), with its vectors

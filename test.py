@@ -1,4 +1,4 @@
-"""Evaluation: pool frames, score sequences, rank, and measure recall (README, "How it works").
+"""Evaluation: pool frames, score sequences, rank, and measure recall (docs/how-it-works.md).
 
 ``evaluate(opt, split, model, device)`` is what ``--mode test`` and the
 validation run after each training epoch call.
@@ -252,7 +252,7 @@ def search(model: SeqMatchModel, db: WindowEmbedding, q: WindowEmbedding, seq_le
                 db_chunk=opt.dbChunk, quiet=quiet)
 
 
-# ---------------------------------------------------------------- large maps (README, "Large maps")
+# ---------------------------------------------------------------- large maps (docs/large-maps.md)
 
 @dataclass(frozen=True)
 class LargeMapSettings:

@@ -1,4 +1,4 @@
-"""Training (README, "How it works"): sequence-matching triplet loss with hard negatives
+"""Training (docs/how-it-works.md): sequence-matching triplet loss with hard negatives
 mined by the same sequence distance.
 
 The pieces are separate and testable alone: ``TrainingSet`` (who may be a
@@ -53,8 +53,8 @@ N_NEG_CANDIDATES = N_NEG * 10
 class TrainingSet:
     """Valid windows of a training split and their relations.
 
-    Database and query windows are those that needed no shift (README, "How it
-    works"). Indices below are positions in ``db_frames`` / ``q_frames``.
+    Database and query windows are those that needed no shift (docs/how-it-works.md).
+    Indices below are positions in ``db_frames`` / ``q_frames``.
     """
 
     split: Split
@@ -149,7 +149,7 @@ def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Gene
 
 def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: np.ndarray, margin: float,
          n_neg: int = N_NEG, n_candidates: int = N_NEG_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hard triplets for a set of queries (README, "How it works"), all at once.
+    """Hard triplets for a set of queries (docs/how-it-works.md), all at once.
 
     ``dists`` ``[Nd, B]`` cached distances; ``nontriv_pos`` B arrays of database
     indices; ``sampled`` ``[B, S]`` drawn potential negatives; ``neg_cache``
@@ -277,7 +277,7 @@ class MinedChunk:
 def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray, neg_cache: np.ndarray,
                      opt: argparse.Namespace, rng: np.random.Generator, device: torch.device,
                      timings: dict) -> MinedChunk:
-    """Refresh and mine one chunk (README, "How it works", steps 1-2): the mining matrix with the
+    """Refresh and mine one chunk (docs/how-it-works.md, steps 1-2): the mining matrix with the
     current model, then the triplets; with ``--negCache on`` the kept queries' negatives become their
     cache (in place).
 
@@ -314,7 +314,7 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
 def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, optimizer,
                  opt: argparse.Namespace, rng: np.random.Generator, device: torch.device, step: int, label: str,
                  writer=None, ddp=None) -> list[float]:
-    """Step 3 of README "How it works": shuffled batches of the chunk's queries, one optimiser step each
+    """Step 3 of docs/how-it-works.md: shuffled batches of the chunk's queries, one optimiser step each
     (queries without a hard negative are left out, as in the reference). Returns the batch losses;
     ``step`` numbers the first batch for TensorBoard (empty batches count, as in the reference).
 

@@ -1,5 +1,5 @@
 """One training epoch on the reference fixture: the project's ``train_epoch`` against a straightforward
-per-query implementation of the same steps (README, "How it works"), written here.
+per-query implementation of the same steps (docs/how-it-works.md), written here.
 
     python bench/bench_train.py [--quick] [--baseline-queries 120 --baseline-batches 6 --repeats 2]
 

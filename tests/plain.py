@@ -1,5 +1,5 @@
 """Plain, loop-based reference implementations written straight from the definitions in the
-README ("How it works").
+docs/how-it-works.md.
 
 These functions are deliberately slow and simple: they exist so that tests can
 compare the project's vectorised code against something obviously correct.
@@ -32,7 +32,7 @@ METHODS = ("centerOnly", "meanOfPairs")
 def plain_window(i: int, lo: int, hi: int, seq_len: int) -> list[int]:
     """Window of length ``seq_len`` centred on frame ``i`` in segment [lo, hi).
 
-    The README's window definition, literally:
+    The window definition of docs/how-it-works.md, literally:
       1. w = [max(lo, i - L//2), min(i + L - L//2, hi))
       2. missing = L - len(w); if w starts at lo, append the next ``missing``
          indices after its end; else if missing > 0 and w ends at hi-1,

@@ -1,4 +1,4 @@
-"""The layout the README's code map describes: no import cycles between the project's modules,
+"""The layout the code map (docs/architecture.md) describes: no import cycles between the project's modules,
 nothing imports main.py, every --mode is dispatched, and functions stay short."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Claims of the README checked on small data: memory bounded by the chunks, OMP_WAIT_POLICY, the demo's
+"""Claims of the README and docs/ checked on small data: memory bounded by the chunks, OMP_WAIT_POLICY, the demo's
 table, oxford-pnv, "S1 + SeqMatch", early stopping, --evalEvery, --optim ADAM, --figures end,
 --cacheRefreshRate 0, the best checkpoint and --ckpt best, and the option refusals."""
 from __future__ import annotations

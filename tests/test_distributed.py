@@ -1,4 +1,4 @@
-"""Several processes under torchrun (README, "More than one process or machine"): one process's
+"""Several processes under torchrun (docs/torchrun.md): one process's
 results with 2 ranks (gloo on the CPU), one run folder, and a job that ends when one rank fails.
 
 The end-to-end tests start ``python -m torch.distributed.run --standalone`` (127.0.0.1, a free port)

@@ -1,4 +1,4 @@
-"""Maps larger than memory (README, "Large maps"): descriptors read lazily in chunks, the database
+"""Maps larger than memory (docs/large-maps.md): descriptors read lazily in chunks, the database
 streamed through the projection and the top-k, float16 features, the --shortlist index."""
 from __future__ import annotations
 

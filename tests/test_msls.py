@@ -1,4 +1,4 @@
-"""``--dataset msls`` on the real MSLS struct and sequence-bounds files (README, "How it works"), with synthetic
+"""``--dataset msls`` on the real MSLS struct and sequence-bounds files (docs/how-it-works.md), with synthetic
 descriptors: bounds read per traversal, no window crosses a capture sequence, the valid-window count of a
 plain loop over the bounds text, and train/test runs end to end."""
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each case's run (``--resultsPath``) is checked three ways:
 (a) its saved Recall@N and radius table are the metric of its saved predictions, recomputed by the
     project's ``recall_table`` and by the plain loop of ``tests/plain.py``;
 (b) its predictions equal the reference's row by row, except inside groups of tied scores (near
-    the ends of a traversal several frames share one shifted window (README, "How it works"); scores within
+    the ends of a traversal several frames share one shifted window (docs/how-it-works.md); scores within
     1e-6 relative count as tied, as the two implementations round differently): the ranked scores
     agree, a tied group inside the top 100 holds the same frames in both, a tied group cut by the
     top-100 boundary holds only tied frames in both and, in ours, the smallest frame indices of

@@ -1,4 +1,4 @@
-"""Vectorised sequence matching against plain loops written from the README's definitions ("How it works").
+"""Vectorised sequence matching against plain loops written from the definitions in docs/how-it-works.md.
 
 Rankings are compared index for index: exactly equal scores (several frames share one shifted
 window near the ends of a traversal, or repeated descriptors) are ordered by ascending database

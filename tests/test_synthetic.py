@@ -238,7 +238,7 @@ def test_nothing_written_outside_given_folders(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- difficulty
 
 def _windows(n: int, seq_len: int) -> np.ndarray:
-    """Sequence windows of README "How it works" over one segment of n frames: (n, seq_len)."""
+    """Sequence windows of docs/how-it-works.md over one segment of n frames: (n, seq_len)."""
     out = np.empty((n, seq_len), dtype=np.int64)
     for i in range(n):
         lo, hi = max(0, i - seq_len // 2), min(i + seq_len - seq_len // 2, n)

@@ -1,4 +1,4 @@
-"""Training pieces against plain loops from README "How it works", and end-to-end runs."""
+"""Training pieces against plain loops from docs/how-it-works.md, and end-to-end runs."""
 from __future__ import annotations
 
 import json
