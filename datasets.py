@@ -328,9 +328,26 @@ class DbStruct:
 
 def load_struct(path: Path) -> DbStruct:
     """Parse a struct file; field order does not matter, positions may be 1-D or 2-D."""
-    import scipy.io
-
     path = Path(path)
+    s = _struct_fields(path)
+    num_db, num_q = int(_scalar(s, "numImages", path)), int(_scalar(s, "numQueries", path))
+    return DbStruct(
+        which_set=_string(s.get("whichSet", "")),
+        dataset=_string(s.get("dataset", "")),
+        db_positions=_positions(s, "utmDb", num_db, path),
+        q_positions=_positions(s, "utmQ", num_q, path),
+        pos_dist_thr=_scalar(s, "posDistThr", path),
+        pos_dist_sq_thr=_scalar(s, "posDistSqThr", path),
+        non_triv_pos_dist_sq_thr=_scalar(s, "nonTrivPosDistSqThr", path),
+        db_image_fns=_strings(s.get("dbImageFns")),
+        q_image_fns=_strings(s.get("qImageFns")),
+    )
+
+
+def _struct_fields(path: Path) -> dict:
+    """The fields of the file's 1x1 ``dbStruct``, checked to hold ``STRUCT_FIELDS``."""
+    import scipy.io  # loads slowly: only when a struct file is read
+
     if not path.is_file():
         raise UserError(f"struct file {path} not found: {GET_DATA_HINT}")
     try:
@@ -349,45 +366,35 @@ def load_struct(path: Path) -> DbStruct:
     if missing:
         raise UserError(f"struct file {path} lacks the fields {missing}: it is not a SeqNet/SeqMatchNet struct file; "
                         "download it again (`bash download.sh`)")
+    return s
 
-    def scalar(name: str) -> float:
-        try:
-            v = np.asarray(s[name], dtype=np.float64).ravel()
-        except (TypeError, ValueError):
-            v = np.array([])
-        if v.size != 1 or not np.isfinite(v[0]):
-            raise UserError(f"struct file {path}: field {name} must be one finite number, got {s[name]!r:.40}: "
-                            "download the struct file again (`bash download.sh`)")
-        return float(v[0])
 
-    def positions(name: str, count: int) -> np.ndarray:
-        try:
-            p = np.asarray(s[name], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"struct file {path}: field {name} is not numeric: download it again "
-                            "(`bash download.sh`)") from exc
-        if p.ndim == 1:
-            p = p[None, :]
-        if p.ndim != 2 or p.shape[0] not in (1, 2) or p.shape[1] != count:
-            raise UserError(f"struct file {path}: field {name} has shape {p.shape}, expected (1 or 2, {count}): "
-                            "the file is damaged or edited; download it again (`bash download.sh`)")
-        if not np.isfinite(p).all():
-            bad = int(np.argmin(np.isfinite(p).all(axis=0)))
-            raise UserError(f"struct file {path}: field {name} has NaN/Inf at frame {bad}: fix the positions")
-        return np.ascontiguousarray(p.T)
+def _scalar(s: dict, name: str, path: Path) -> float:
+    try:
+        v = np.asarray(s[name], dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        v = np.array([])
+    if v.size != 1 or not np.isfinite(v[0]):
+        raise UserError(f"struct file {path}: field {name} must be one finite number, got {s[name]!r:.40}: "
+                        "download the struct file again (`bash download.sh`)")
+    return float(v[0])
 
-    num_db, num_q = int(scalar("numImages")), int(scalar("numQueries"))
-    return DbStruct(
-        which_set=_string(s.get("whichSet", "")),
-        dataset=_string(s.get("dataset", "")),
-        db_positions=positions("utmDb", num_db),
-        q_positions=positions("utmQ", num_q),
-        pos_dist_thr=scalar("posDistThr"),
-        pos_dist_sq_thr=scalar("posDistSqThr"),
-        non_triv_pos_dist_sq_thr=scalar("nonTrivPosDistSqThr"),
-        db_image_fns=_strings(s.get("dbImageFns")),
-        q_image_fns=_strings(s.get("qImageFns")),
-    )
+
+def _positions(s: dict, name: str, count: int, path: Path) -> np.ndarray:
+    try:
+        p = np.asarray(s[name], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"struct file {path}: field {name} is not numeric: download it again "
+                        "(`bash download.sh`)") from exc
+    if p.ndim == 1:
+        p = p[None, :]
+    if p.ndim != 2 or p.shape[0] not in (1, 2) or p.shape[1] != count:
+        raise UserError(f"struct file {path}: field {name} has shape {p.shape}, expected (1 or 2, {count}): "
+                        "the file is damaged or edited; download it again (`bash download.sh`)")
+    if not np.isfinite(p).all():
+        bad = int(np.argmin(np.isfinite(p).all(axis=0)))
+        raise UserError(f"struct file {path}: field {name} has NaN/Inf at frame {bad}: fix the positions")
+    return np.ascontiguousarray(p.T)
 
 
 def _string(v) -> str:

@@ -17,12 +17,19 @@ import logging
 import sys
 import time
 
+import torch
+
+from entry import OneLineParser, run_own_mode
+from get_datasets import get_split
+from options import parse_options
+from test import evaluate_options
+from train import train
+from utils import setup_logging
+
 log = logging.getLogger("seqmatchnet.demo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from entry import OneLineParser
-
     p = OneLineParser(mode="demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--seqL", type=int, default=5, help="sequence length")
     p.add_argument("--nEpochs", type=int, default=8, help="training epochs")
@@ -36,9 +43,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def evaluate_row(label: str, args: list[str]) -> tuple[str, dict, float]:
-    from options import parse_options
-    from test import evaluate_options
-
     print(f"  python main.py {' '.join(args)}")
     _, result = evaluate_options(parse_options(args))
     per_query = result.timings["matching_s"] / max(len(result.q_frames), 1)
@@ -47,19 +51,10 @@ def evaluate_row(label: str, args: list[str]) -> tuple[str, dict, float]:
 
 def run_demo(argv: list[str] | None = None) -> int:
     """``--mode demo`` entry: 0 when the table shows the expected ordering, 1 otherwise or on an error."""
-    from entry import run_own_mode
-
     return run_own_mode(parse_args, list(argv or []), demo)
 
 
 def demo(a: argparse.Namespace) -> int:
-    import torch
-
-    from get_datasets import get_split
-    from options import parse_options
-    from train import train
-    from utils import setup_logging
-
     setup_logging(quiet=True)
     nocuda = a.nocuda or not torch.cuda.is_available()
     common = ["--dataset", "synthetic", "--dataPath", a.dataPath, "--structPath", a.structPath,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from seqMatchNet import topk_by_value_then_index
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,6 @@ def all_gather_topk(values: torch.Tensor, ids: torch.Tensor, k: int, n_ids: int)
     distinct and below ``n_ids``) -> the ``k`` smallest of all ranks ordered by (value, id), as
     ``seqMatchNet.topk_by_value_then_index``; one all-gather of ``[N, k]``. A rank with ``k_r < k``
     pads with infinite values and ids at or past ``n_ids``."""
-    from seqMatchNet import topk_by_value_then_index
 
     if not active():
         return values, ids

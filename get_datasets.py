@@ -18,6 +18,8 @@ from datasets import (
     open_descriptors,
     segment_bounds,
 )
+from options import dataclass_overrides
+from synthetic import SYNTHETIC_FILES, SyntheticParams, ensure_synthetic
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def _msls(train_city: str, val_city: str) -> DatasetSpec:
 
 
 def _synthetic() -> DatasetSpec:
-    from synthetic import SYNTHETIC_FILES as F
+    F = SYNTHETIC_FILES
     return DatasetSpec("synthetic", db_file=_same(F["db"]), q_file=_same(F["query"]),
                        struct_files={s: F[s] for s in ("train", "val", "test")}, split_inds=F["split_inds"])
 
@@ -144,12 +146,10 @@ def desc_dir(opt: argparse.Namespace) -> Path:
     return Path(opt.dataPath) / "descData" / opt.descType
 
 
-def prepare_dataset(opt: argparse.Namespace) -> None:
+def generate_if_synthetic(opt: argparse.Namespace) -> None:
     """Generate the synthetic benchmark when it is asked for and missing or stale."""
     if opt.dataset != "synthetic":
         return
-    from options import dataclass_overrides
-    from synthetic import SyntheticParams, ensure_synthetic
     params = dataclass_overrides(SyntheticParams(), opt, "synth_")
     try:
         ensure_synthetic(desc_dir(opt), Path(opt.structPath), params)
@@ -168,7 +168,7 @@ def get_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
     With ``--oxfordHonestVal`` on Oxford, train and val come from the training
     route (see ``honest_validation``) instead of validating on the test split.
     """
-    if getattr(opt, "oxfordHonestVal", False) and split in ("train", "val"):
+    if opt.oxfordHonestVal and split in ("train", "val"):
         if not opt.dataset.startswith("oxford"):
             raise UserError("--oxfordHonestVal is for the Oxford datasets; the others have their own val split")
         train_part, val_part = honest_validation(load_split(opt, "train"), load_split(opt, "test").pos_dist_thr)
@@ -257,7 +257,7 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
         files += [struct_dir / b for b in spec.bounds[split]]
     else:
         db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
-    if split == "val" and spec.note and not getattr(opt, "oxfordHonestVal", False):
+    if split == "val" and spec.note and not opt.oxfordHonestVal:
         log.info("%s: %s", spec.name, spec.note)
     out = Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
                 q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from seqMatchNet import SeqMatchNet, frame_distances, sequence_distance, window_distances
+from seqMatchNet import frame_distances, sequence_distance, window_distances
 from utils import UserError, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class SeqNetConv(nn.Module):
 
 WINDOW_METHODS = ("smooth", "delta", "seqnet")      # one descriptor per window
 METHODS = ("seqmatch", "single") + WINDOW_METHODS    # the choices of --method
-FEATURE_BLOCK_BYTES = 128 * 1024**2   # extract_features: at least this much input + output per block
+FEATURE_BLOCK_BYTES = 128 * 1024**2   # project_frames: at least this much input + output per block
 
 
 @dataclass
@@ -112,20 +112,30 @@ def delta_weights(seq_len: int) -> torch.Tensor:
 
 
 class SeqMatchModel(nn.Module):
-    """``pool`` maps frame descriptors ``[N, C]`` to L2-normalised ``[N, outDims]``
-    (the learned 1x1 projection with ``pooling``, else the raw descriptors);
-    ``matcher`` compares aligned sequences.
+    """A model of one of two families, chosen by ``method`` when constructed
+    (``SeqMatchModel(...)`` returns a ``FrameModel`` or a ``WindowModel``):
 
-    With ``method='seqnet'``, ``pool`` is SeqNet's temporal convolution
-    instead and maps windows ``[N, L, C]`` to one descriptor each; ``smooth``
-    and ``delta`` combine the frame descriptors of a window with fixed weights.
+    - ``FrameModel`` (``seqmatch``, ``single``): ``pool`` maps frame descriptors ``[N, C]`` to
+      L2-normalised ``[N, outDims]`` (the learned 1x1 projection with ``pooling``, else the raw
+      descriptors); windows are compared by sequence matching (single frames: L = 1, by faiss).
+    - ``WindowModel`` (``smooth``, ``delta``, ``seqnet``): one descriptor per window; ``seqnet``'s
+      ``pool`` is SeqNet's temporal convolution over ``[N, L, C]``, ``smooth`` and ``delta`` combine
+      the (projected) frame descriptors of a window with fixed weights.
+
+    Both offer the same three calls (module docstring); state-dict keys are the reference's.
     """
 
+    def __new__(cls, *args, **kwargs):
+        if cls is SeqMatchModel:         # (copies and unpickling call __new__ on the subclass, without arguments)
+            method = kwargs.get("method", args[4] if len(args) > 4 else "seqmatch")
+            if method not in METHODS:
+                raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+            cls = WindowModel if method in WINDOW_METHODS else FrameModel
+        return super().__new__(cls)
+
     def __init__(self, encoder_dim: int, pooling: bool, out_dims: int, matcher: str = "seqMatchNet",
-                 distance: str = "meanOfPairs", method: str = "seqmatch", w: int = 5) -> None:
+                 method: str = "seqmatch", w: int = 5) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
         self.encoder_dim = encoder_dim
         self.method = method
         self.learned = pooling or method == "seqnet"
@@ -137,12 +147,8 @@ class SeqMatchModel(nn.Module):
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), WXpB(encoder_dim, out_dims), L2Norm(dim=-1))
         else:
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), Flatten(), L2Norm(dim=-1))
-        self.matcher = nn.Sequential(SeqMatchNet(distance)) if matcher == "seqMatchNet" else None
 
-    @property
-    def describes_windows(self) -> bool:
-        """True for window models (smooth, delta, seqnet): one descriptor per window."""
-        return self.method in WINDOW_METHODS
+    describes_windows = False          # True for window models: one descriptor per window
 
     @property
     def compares_descriptors(self) -> bool:
@@ -170,6 +176,47 @@ class SeqMatchModel(nn.Module):
             return nn.functional.normalize(x, p=2, dim=-1)
         return normalise_(x)
 
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encode(frames)
+
+
+class FrameModel(SeqMatchModel):
+    """``seqmatch`` and ``single``: projected frames, windows compared by sequence matching."""
+
+    @torch.no_grad()
+    def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device,
+                      batch_size: int, name: str = "frames", quiet: bool = False,
+                      all_frames: bool = False, dtype: torch.dtype | None = None) -> WindowEmbedding:
+        """The windows starting at ``starts`` of the traversal ``desc`` ``[N, C]`` (an array or a
+        ``datasets.DescriptorSource``), in eval mode: the frames the windows cover (every frame with
+        ``all_frames``), projected and kept in ``dtype`` (default: the model's)."""
+        if all_frames:
+            frames, local = np.arange(len(desc)), np.asarray(starts)
+        else:
+            frames, local = window_frames(starts, seq_len)
+        feats = project_frames(self, rows_of(desc, frames), device, batch_size, name, quiet, dtype)
+        return WindowEmbedding(feats, torch.as_tensor(local, device=feats.device))
+
+    def window_distance_matrix(self, db: WindowEmbedding, q: WindowEmbedding, seq_len: int,
+                               distance: str = "meanOfPairs") -> torch.Tensor:
+        """Sequence distances (``distance``) of every database window to every query window ``[Nd, Nq]``."""
+        return window_distances(db.feats, q.feats, db.starts, q.starts, seq_len, distance)
+
+    def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
+                          n_idx: torch.Tensor, distance: str = "meanOfPairs") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d(q, p) [B], d(q, n) [B, K])`` with gradients, for windows given as rows of ``frames``
+        ``[R, C]`` (raw descriptors, each distinct frame once, projected once): ``q_idx``, ``p_idx``
+        ``[B, L]`` and ``n_idx`` ``[B, K, L]``."""
+        feats = self.encode(frames)
+        fq, fp, fn = feats[q_idx], feats[p_idx], feats[n_idx]
+        return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
+
+
+class WindowModel(SeqMatchModel):
+    """``smooth``, ``delta`` and ``seqnet``: one descriptor per window, compared by Euclidean distance."""
+
+    describes_windows = True
+
     def describe(self, windows: torch.Tensor) -> torch.Tensor:
         """One L2-normalised descriptor per window: ``[N, L, C] -> [N, outDims]``."""
         self._check_dims(windows)
@@ -184,51 +231,28 @@ class SeqMatchModel(nn.Module):
         weights = (delta_weights if self.method == "delta" else smooth_weights)(seq_len)
         return nn.functional.normalize(torch.einsum("nld,l->nd", frames, weights.to(frames)), dim=-1)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.encode(frames)
-
-    # ------------------------------------------------------------ the family interface
-
     @torch.no_grad()
     def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device,
                       batch_size: int, name: str = "frames", quiet: bool = False,
                       all_frames: bool = False, dtype: torch.dtype | None = None) -> WindowEmbedding:
-        """The windows starting at ``starts`` of the traversal ``desc`` ``[N, C]`` (an array or a
-        ``datasets.DescriptorSource``), in eval mode. Frame models project the frames the windows
-        cover (every frame with ``all_frames``), kept in ``dtype`` (default: the model's)."""
-        if self.describes_windows:
-            return WindowEmbedding(describe_windows(self, desc, starts, seq_len, device, batch_size), None)
-        if all_frames:
-            frames, local = np.arange(len(desc)), np.asarray(starts)
-        else:
-            frames, local = window_frames(starts, seq_len)
-        feats = extract_features(self, rows_of(desc, frames), device, batch_size, name, quiet, dtype)
-        return WindowEmbedding(feats, torch.as_tensor(local, device=feats.device))
+        """One descriptor per window starting at ``starts`` of ``desc`` (``starts`` None)."""
+        return WindowEmbedding(describe_windows(self, desc, starts, seq_len, device, batch_size), None)
 
     def window_distance_matrix(self, db: WindowEmbedding, q: WindowEmbedding, seq_len: int,
                                distance: str = "meanOfPairs") -> torch.Tensor:
-        """Distances of every database window to every query window ``[Nd, Nq]``: sequence matching
-        with ``distance`` (frame models) or the Euclidean distance of the descriptors."""
-        if db.starts is None:
-            return frame_distances(db.feats, q.feats)
-        return window_distances(db.feats, q.feats, db.starts, q.starts, seq_len, distance)
+        """Euclidean distances of the window descriptors ``[Nd, Nq]``."""
+        return frame_distances(db.feats, q.feats)
 
     def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
                           n_idx: torch.Tensor, distance: str = "meanOfPairs") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(d(q, p) [B], d(q, n) [B, K])`` with gradients, for windows given as rows of ``frames``
-        ``[R, C]`` (raw descriptors, each distinct frame once): ``q_idx``, ``p_idx`` ``[B, L]`` and
-        ``n_idx`` ``[B, K, L]``. Frame models project each frame once."""
-        if self.describes_windows:
-            seq_len = q_idx.shape[-1]
+        """As ``FrameModel.triplet_distances``, between window descriptors (``distance`` does not apply)."""
+        seq_len = q_idx.shape[-1]
 
-            def describe(idx: torch.Tensor) -> torch.Tensor:
-                return self.describe(frames[idx.reshape(-1, seq_len)]).view(*idx.shape[:-1], 1, -1)
+        def describe(idx: torch.Tensor) -> torch.Tensor:
+            return self.describe(frames[idx.reshape(-1, seq_len)]).view(*idx.shape[:-1], 1, -1)
 
-            fq, fp, fn = describe(q_idx), describe(p_idx), describe(n_idx)
-            return sequence_distance(fq, fp), sequence_distance(fq[:, None], fn)
-        feats = self.encode(frames)
-        fq, fp, fn = feats[q_idx], feats[p_idx], feats[n_idx]
-        return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
+        fq, fp, fn = describe(q_idx), describe(p_idx), describe(n_idx)
+        return sequence_distance(fq, fp), sequence_distance(fq[:, None], fn)
 
 
 def normalise_(x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +261,7 @@ def normalise_(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
+def project_frames(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
                      desc_name: str = "frames", quiet: bool = False, dtype: torch.dtype | None = None,
                      overwrite: bool = False) -> torch.Tensor:
     """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on ``device``,
@@ -320,13 +344,12 @@ def rows_of(desc: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def get_model(opt: argparse.Namespace, encoder_dim: int) -> SeqMatchModel:
-    method = getattr(opt, "method", "seqmatch")
+    method = opt.method
     if method == "seqnet" and opt.w > opt.seqL:
         raise UserError(f"SeqNet's kernel --w {opt.w} is longer than --seqL {opt.seqL}: use --w <= --seqL")
     out_dims = encoder_dim if opt.outDims is None else opt.outDims   # default: keep the descriptors' size
-    model = SeqMatchModel(encoder_dim, opt.pooling, out_dims, opt.matcher, opt.loss_trip_method,
-                          method, getattr(opt, "w", 5))
-    if opt.pooling and method != "seqnet" and getattr(opt, "init", "random") == "identity":
+    model = SeqMatchModel(encoder_dim, opt.pooling, out_dims, opt.matcher, method, opt.w)
+    if opt.pooling and method != "seqnet" and opt.init == "identity":
         init_identity(model)
     return model
 

@@ -33,7 +33,11 @@ from typing import BinaryIO, TextIO
 import numpy as np
 import torch
 
-from utils import UserError
+import metrics
+import plots
+import report
+import runs
+from utils import UserError, atomic_write, ensure_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -328,32 +332,12 @@ def open_stream(stream: str, dim: int | None) -> Iterator[tuple[BinaryIO, int | 
 # ---------------------------------------------------------------- options
 
 def load_model_for(opt: argparse.Namespace):
-    """``(opt, split, model or None, device)`` for ``opt``: options restored from ``--resume RUN``,
-    the split, and the learned projection on its device (None for raw descriptors).
-
-    The only place this module imports the project's model, dataset and device code.
-    """
-    from get_datasets import get_split, prepare_dataset
-    from get_models import get_model, load_state
-    from runs import open_run
-    from utils import get_device
-
-    device = get_device(opt.nocuda, opt.device)
-    ckpt = None
-    if opt.resume:
-        opt, _, ckpt_path, ckpt = open_run(opt)
-    prepare_dataset(opt)
-    split = get_split(opt, opt.split)
-    model = get_model(opt, split.dim)
-    if model.describes_windows:
-        raise UserError(f"--mode localize matches frame sequences; --method {model.method} compares "
-                        "one descriptor per window: use --method seqmatch")
-    if ckpt is not None:
-        load_state(model, ckpt["state_dict"], str(ckpt_path))
-        log.info("loaded %s (epoch %s)", ckpt_path, ckpt.get("epoch"))
-    elif opt.pooling:
-        log.warning("--pooling without --resume localises with a randomly initialised projection")
-    return opt, split, (model.to(device).eval() if model.learned else None), device
+    """``(opt, split, model or None, device)`` for ``opt`` (``runs.load_run``): options restored from
+    ``--resume RUN``, the split, and the learned projection on its device in eval mode (None for raw
+    descriptors). Window models were refused with the options (``options.check_localize_options``)."""
+    loaded = runs.load_run(opt)
+    model = loaded.model
+    return loaded.opt, loaded.split, (model.eval() if model.learned else None), loaded.device
 
 
 def csv_row(query_frame: int, match: Match | None, latency_ms: float) -> str:
@@ -404,13 +388,9 @@ def replay(localizer: Localizer, q_desc: np.ndarray, q_bounds: np.ndarray) -> tu
 
 def run_localize(opt: argparse.Namespace) -> dict:
     """``--mode localize``: replay the split's queries (or ``--stream``) causally; CSV, Recall@1, latency."""
-    from options import check_localize_options
-    from utils import atomic_write, ensure_output_dir
-
-    check_localize_options(opt)
     if opt.resultsPath:
         ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
-    stream = getattr(opt, "stream", None)
+    stream = opt.stream
     t0 = time.perf_counter()
     opt, split, model, device = load_model_for(opt)
     radius = split.pos_dist_thr if opt.confRadius is None else opt.confRadius
@@ -464,9 +444,6 @@ def evaluate_matches(db_frames: np.ndarray, confidence: np.ndarray, db_positions
     the precision-recall numbers are returned. Returns ``(recall@1, queries with a positive, pr or None)``.
     The only place this module imports the project's metrics and figure code.
     """
-    import metrics
-    import plots
-
     correct, has_pos = metrics.top1_outcomes(db_frames, db_positions, q_positions, radius)
     n_pos = int(has_pos.sum())
     recall = float(correct[has_pos].mean()) if n_pos else math.nan
@@ -479,9 +456,6 @@ def evaluate_matches(db_frames: np.ndarray, confidence: np.ndarray, db_positions
 
 
 def _write_summary(opt: argparse.Namespace, split, result: dict, pr: dict | None, timings: dict) -> None:
-    import report
-    from utils import write_json_atomic
-
     extra = {k: v for k, v in result.items() if k not in ("mode", "recall@1")}
     summary = report.build_summary("localize", vars(opt), {1: result["recall@1"]}, {}, pr, timings, split.files,
                                    extra={"localize": extra})

@@ -54,7 +54,10 @@ def run_mode(mode: str, argv: list[str]) -> int:
     except UserError as exc:
         error(exc)
         return 2
-    code = run_guarded(lambda: distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda"))
+    def start() -> None:
+        distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda")
+
+    code = run_guarded(start)
     if code:
         return code
     setup_logging(quiet=opt.quiet, debug=opt.debug)

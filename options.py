@@ -7,6 +7,9 @@ import dataclasses
 import logging
 import math
 
+from get_models import METHODS
+from seqMatchNet import DISTANCES
+from synthetic import SyntheticParams
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -18,9 +21,6 @@ OPTIMISERS = ("SGD", "ADAM")
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option of train/test/localize; ``--help`` shows each default."""
-    from get_models import METHODS
-    from seqMatchNet import DISTANCES
-
     p = argparse.ArgumentParser(
         prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="SeqMatchNet: contrastive learning with sequence matching for place recognition.")
@@ -146,10 +146,6 @@ def add_large_map_options(parser: argparse.ArgumentParser) -> None:
 
 def add_synthetic_options(parser: argparse.ArgumentParser) -> None:
     """``--synth_<field>`` for every field of ``synthetic.SyntheticParams`` (default: the field's)."""
-    import dataclasses
-
-    from synthetic import SyntheticParams
-
     g = parser.add_argument_group("synthetic benchmark (--dataset synthetic; regenerated when these change)")
     for f in dataclasses.fields(SyntheticParams):
         kind = type(f.default)
@@ -236,8 +232,6 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--extractOnly is for --mode test")
     if opt.mode == "localize":
         check_localize_options(opt)
-    if opt.mode == "test" and opt.pooling and not opt.resume:
-        log.warning("--pooling without --resume evaluates a randomly initialised projection")
     return opt
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from metrics import N_VALUES, RADII
+from utils import atomic_write
 
 FIG_DPI = 100
 SMALL = (6.4, 4.8)        # 640 x 480 pixels at FIG_DPI
@@ -41,8 +42,6 @@ def _new_figure(figsize: tuple[float, float]):
 
 def save_figure(fig, path: Path) -> Path:
     """Write ``fig`` as a PNG at its own size and dpi (temporary file + rename), then close it."""
-    from utils import atomic_write
-
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
     if "matplotlib.pyplot" in sys.modules:      # a figure made by pyplot is registered there

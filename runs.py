@@ -13,15 +13,20 @@ import json
 import logging
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from get_models import METHODS
+import distributed
+import report
+from datasets import Split
+from get_datasets import generate_if_synthetic, get_split
+from get_models import METHODS, SeqMatchModel, get_model, load_state
 from options import OPTIMISERS, check_options
-from utils import UserError, atomic_write, numpy_safe_globals, write_json_atomic
+from utils import UserError, atomic_write, get_device, numpy_safe_globals, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,6 @@ def make_run_dir(opt: argparse.Namespace) -> Path:
     """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>``, created exclusively
     (a suffix is added when another run took the name in the same second). Under torchrun rank 0
     creates it and every rank gets its path (or rank 0's error)."""
-    import distributed
-
     made, error = None, None
     if distributed.is_main():
         try:
@@ -79,8 +82,6 @@ def _make_run_dir(opt: argparse.Namespace) -> Path:
 
 def _main() -> bool:
     """True except in the ranks other than 0 of a torchrun job: only rank 0 writes run files."""
-    import distributed
-
     return distributed.is_main()
 
 
@@ -175,6 +176,54 @@ def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, d
     opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
     ckpt_file = checkpoint_path(run_dir, opt)
     return opt, run_dir, ckpt_file, load_checkpoint(ckpt_file)
+
+
+# ---------------------------------------------------------------- loading a run (test, localize, resume)
+
+@dataclass
+class Loaded:
+    """A model ready to use: the options (restored from its run with ``--resume``), the split,
+    the model with its weights on ``device``, a label naming the method, checkpoint and
+    initialisation, and the checkpoint (``info``: path, run, epoch, which; ``ckpt``: its contents)."""
+
+    opt: argparse.Namespace
+    split: Split
+    model: SeqMatchModel
+    device: torch.device
+    label: str
+    info: dict | None = None
+    ckpt: dict | None = None
+
+
+def build_model(opt: argparse.Namespace, dim: int, ckpt: dict | None, source: str = "") -> SeqMatchModel:
+    """The model ``opt`` describes for ``dim``-D descriptors, with the weights of ``ckpt`` when given;
+    a learned model without a checkpoint is randomly initialised, which is said once, here."""
+    model = get_model(opt, dim)
+    if ckpt is not None:
+        load_state(model, ckpt["state_dict"], source)
+        log.info("loaded %s (epoch %s)", source, ckpt.get("epoch"))
+    elif model.learned and opt.mode != "train":
+        log.warning("--%s without --resume uses a randomly initialised (untrained) model",
+                    "pooling" if opt.pooling else f"method {opt.method}")
+    return model
+
+
+def load_run(opt: argparse.Namespace, lazy: bool = False) -> Loaded:
+    """What ``opt`` names for evaluation or localisation: with ``--resume RUN`` the run's options and
+    checkpoint (``--ckpt``), the split ``--split`` (its descriptors left in their files with ``lazy``)
+    and the model on its device."""
+    device = get_device(opt.nocuda, opt.device)
+    ckpt = info = None
+    if opt.resume:
+        opt, run_dir, ckpt_path, ckpt = open_run(opt)
+        info = {"path": str(ckpt_path), "run": run_dir.name, "epoch": int(ckpt["epoch"]), "which": opt.ckpt}
+    generate_if_synthetic(opt)
+    split = get_split(opt, opt.split, lazy=lazy)
+    model = build_model(opt, split.dim, ckpt, info["path"] if info else "").to(device)
+    label = report.method_label(vars(opt), info)
+    if info is None and model.learned:
+        label += " (untrained: random initialisation)"
+    return Loaded(opt, split, model, device, label, info, ckpt)
 
 
 def load_checkpoint(path: Path) -> dict:

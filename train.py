@@ -1,11 +1,11 @@
-"""Training (docs/how-it-works.md): sequence-matching triplet loss with hard negatives
+"""``--mode train`` (docs/how-it-works.md): sequence-matching triplet loss with hard negatives
 mined by the same sequence distance.
 
-The pieces are separate and testable alone: ``TrainingSet`` (who may be a
-query, positive or negative), ``cache_distances`` (the mining matrix),
-``sample_negatives`` and ``mine`` (triplets, under no_grad), ``batch_loss``
-(the loss of a batch of triplets), then ``train_epoch`` and ``train`` which
-tie them together with checkpoints and logging.
+The pieces are separate and testable alone: ``mining.py`` (who may be a query, positive or
+negative; the mining matrix; the triplets), ``batch_loss`` (the loss of a batch of triplets),
+``refresh_and_mine`` and ``step_batches`` (one refresh chunk), ``train_epoch``, ``run_epochs`` and
+``train``, which tie them together with validation, checkpoints and logging. The options become
+a ``TrainConfig`` once, in ``train``.
 """
 from __future__ import annotations
 
@@ -21,13 +21,16 @@ import torch
 from tqdm import tqdm
 
 import distributed
+import plots
 import report
 import runs
-from datasets import Split, sequence_windows
-from get_datasets import get_split, prepare_dataset
+from datasets import Split
+from evaluate import EvalConfig, evaluate, format_recalls, top1_precision_recall, write_figures
+from get_datasets import generate_if_synthetic, get_split
 from get_models import SeqMatchModel, get_model, load_state, parallelize
 from metrics import recall_table
-from seqMatchNet import topk_smallest, triplet_loss, window_distances
+from mining import N_NEG, TrainingSet, mine, sample_negatives
+from seqMatchNet import topk_smallest, triplet_loss
 from utils import (
     MetricsWriter,
     UserError,
@@ -42,147 +45,45 @@ from utils import (
 
 log = logging.getLogger(__name__)
 
-N_NEG = 10                 # negatives kept per query
-N_NEG_SAMPLE = 1000        # potential negatives drawn per query and refresh
-N_NEG_CANDIDATES = N_NEG * 10
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the epochs need from the options, read once (``from_options``)."""
 
-# ---------------------------------------------------------------- who is who
-
-@dataclass
-class TrainingSet:
-    """Valid windows of a training split and their relations.
-
-    Database and query windows are those that needed no shift (docs/how-it-works.md).
-    Indices below are positions in ``db_frames`` / ``q_frames``.
-    """
-
-    split: Split
     seq_len: int
-    db_frames: np.ndarray        # [Nd] split rows of the valid database frames
-    q_frames: np.ndarray         # [Nq] split rows of the valid query frames
-    db_starts: np.ndarray        # [Nd] first frame of each database window (split row)
-    q_starts: np.ndarray         # [Nq]
-    nontriv_pos: list            # [Nq] sorted database positions within sqrt(nonTrivPosDistSqThr)
-    queries: np.ndarray          # positions in q_frames of queries with a non-trivial positive and a negative
-    close: list                  # [Nq] sorted database positions within posDistThr (not potential negatives)
+    batch_size: int = 16                 # queries per optimiser step
+    cache_batch_size: int = 64           # frames per projection batch
+    refresh_rate: int = 1000             # queries per mining-cache refresh (0: one per epoch)
+    margin: float = 0.1                  # --margin (its square root is the hinge margin)
+    loss_distance: str = "meanOfPairs"   # sequence distance of the loss
+    mining_distance: str = "meanOfPairs"  # sequence distance of the mining
+    neg_cache: bool = True               # previous hard negatives are candidates at the next refresh
+    seed: int = 123
+    quiet: bool = False
+    figures: str = "epoch"               # validation figures: epoch, end or none
+    n_epochs: int = 50
+    eval_every: int = 1                  # validate every N epochs
+    patience: int = 0                    # stop after this many epochs without improvement (0: off)
+    eval: EvalConfig | None = None       # the validation's settings
 
     @classmethod
-    def build(cls, split: Split, seq_len: int) -> TrainingSet:
-        from sklearn.neighbors import NearestNeighbors
-
-        db_starts, db_valid = sequence_windows(split.db_bounds, seq_len)
-        q_starts, q_valid = sequence_windows(split.q_bounds, seq_len)
-        db_frames, q_frames = np.flatnonzero(db_valid), np.flatnonzero(q_valid)
-        if len(db_frames) == 0 or len(q_frames) == 0:
-            raise UserError(f"no {split.name} frames have a full window of {seq_len} frames: use a smaller --seqL")
-        knn = NearestNeighbors().fit(split.db_positions[db_frames])
-        q_pos = split.q_positions[q_frames]
-        nontriv = knn.radius_neighbors(q_pos, radius=math.sqrt(split.non_triv_pos_dist_sq_thr), return_distance=False)
-        nontriv = [np.sort(p).astype(np.int64) for p in nontriv]
-        close = [np.sort(p).astype(np.int64)
-                 for p in knn.radius_neighbors(q_pos, radius=split.pos_dist_thr, return_distance=False)]
-        n_close = np.array([len(p) for p in close])
-        has_pos = np.array([len(p) > 0 for p in nontriv], dtype=bool)
-        queries = np.flatnonzero(has_pos & (n_close < len(db_frames)))
-        if len(queries) == 0:
-            raise UserError(f"split {split.name}: no query has a non-trivial positive (within "
-                            f"{math.sqrt(split.non_triv_pos_dist_sq_thr):g}) and a negative: check the positions")
-        return cls(split, seq_len, db_frames, q_frames, db_starts[db_frames], q_starts[q_frames], nontriv, queries,
-                   close)
-
-    def summary(self) -> str:
-        return (f"{self.split.num_db + self.split.num_q} frames ({self.split.num_db} database, {self.split.num_q} "
-                f"query); {len(self.db_frames)} database and {len(self.q_frames)} query windows of {self.seq_len}; "
-                f"{len(self.queries)} training queries with a non-trivial positive")
-
-
-# ---------------------------------------------------------------- mining
-
-@torch.no_grad()
-def cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: TrainingSet, queries: np.ndarray,
-                    method: str) -> torch.Tensor:
-    """The mining matrix ``[Nd, len(queries)]``: sequence distances (``method``)
-    between every valid database window and the given queries' windows.
-    ``db_feats`` / ``q_feats`` are pooled features of all split frames."""
-    device = db_feats.device
-    return window_distances(db_feats, q_feats, torch.as_tensor(tset.db_starts, device=device),
-                            torch.as_tensor(tset.q_starts[queries], device=device), tset.seq_len, method)
+    def from_options(cls, opt: argparse.Namespace) -> TrainConfig:
+        return cls(opt.seqL, opt.batchSize, opt.cacheBatchSize, opt.cacheRefreshRate, opt.margin,
+                   opt.loss_trip_method, opt.neg_trip_method, opt.negCache == "on", opt.seed, opt.quiet,
+                   opt.figures, opt.nEpochs, opt.evalEvery, opt.patience, EvalConfig.from_options(opt))
 
 
 @torch.no_grad()
-def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.ndarray, opt: argparse.Namespace,
+def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.ndarray, config: TrainConfig,
                           device: torch.device) -> torch.Tensor:
     """The mining matrix ``[Nd, len(queries)]`` for ``model``: every valid database window against
     the given queries' windows (frame models project only the frames these windows cover)."""
     split = tset.split
-    db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, opt.cacheBatchSize, "cache db",
-                             opt.quiet)
-    q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device, opt.cacheBatchSize,
-                            "cache queries", opt.quiet)
-    return model.window_distance_matrix(db, q, tset.seq_len, opt.neg_trip_method)
-
-
-def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,
-                     n: int = N_NEG_SAMPLE) -> np.ndarray:
-    """``n`` potential negatives per query, drawn uniformly with replacement from
-    the database windows farther than posDistThr: ``[len(queries), n]``.
-
-    Each query draws from its own candidates directly (no rejection), so a query
-    with only a handful of potential negatives costs the same as any other: draw
-    ``u`` uniformly among the ``Nd - |close|`` candidates, then step over the
-    sorted close windows at or below it (``u + #{j: close_j - j <= u}``).
-    """
-    n_db = len(tset.db_frames)
-    close = [tset.close[i] for i in queries]
-    width = max((len(c) for c in close), default=0)
-    shifted = np.full((len(queries), max(width, 1)), n_db, dtype=np.int64)   # n_db: above every draw
-    for i, c in enumerate(close):   # ragged -> padded (no arithmetic here)
-        shifted[i, :len(c)] = c - np.arange(len(c))
-    n_free = n_db - np.array([len(c) for c in close], dtype=np.int64)
-    draws = rng.integers(0, n_free[:, None], size=(len(queries), n))
-    # per-row searchsorted as one search: rows are offset so that each row's values stay apart
-    offset = (np.arange(len(queries), dtype=np.int64) * (n_db + 1))[:, None]
-    below = np.searchsorted((shifted + offset).ravel(), (draws + offset).ravel(), side="right").reshape(draws.shape)
-    return draws + below - np.arange(len(queries))[:, None] * shifted.shape[1]
-
-
-def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: np.ndarray, margin: float,
-         n_neg: int = N_NEG, n_candidates: int = N_NEG_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hard triplets for a set of queries (docs/how-it-works.md), all at once.
-
-    ``dists`` ``[Nd, B]`` cached distances; ``nontriv_pos`` B arrays of database
-    indices; ``sampled`` ``[B, S]`` drawn potential negatives; ``neg_cache``
-    ``[B, n_neg]`` previous negatives (-1 = empty). Returns ``(positive [B],
-    negatives [B, n_neg] (-1 padded, ascending distance), kept [B])``; a query
-    with no negative inside the margin is not kept. The new negative cache of
-    the kept queries is their ``negatives``.
-    """
-    b = dists.shape[1]
-    cols = np.arange(b)
-    width = max(len(p) for p in nontriv_pos)
-    pos = np.full((b, width), -1, dtype=np.int64)
-    for i, p in enumerate(nontriv_pos):  # ragged -> padded (no arithmetic here)
-        pos[i, :len(p)] = p
-    d_pos_all = np.where(pos >= 0, dists[np.maximum(pos, 0), cols[:, None]], np.inf)
-    best = np.argmin(d_pos_all, axis=1)
-    positive = pos[cols, best]
-    d_pos = d_pos_all[cols, best]
-
-    cand = np.sort(np.concatenate([neg_cache, sampled], axis=1), axis=1)
-    unique = np.ones_like(cand, dtype=bool)
-    unique[:, 1:] = cand[:, 1:] != cand[:, :-1]
-    usable = unique & (cand >= 0)
-    d = np.where(usable, dists[np.maximum(cand, 0), cols[:, None]], np.inf)
-    order = np.argsort(d, axis=1, kind="stable")[:, :n_candidates]
-    d_sorted = np.take_along_axis(d, order, axis=1)
-    violating = d_sorted < (d_pos + math.sqrt(margin))[:, None]     # a prefix of each row
-    take = np.minimum(violating.sum(axis=1), n_neg)
-    slots = np.arange(min(n_neg, order.shape[1]))
-    chosen = np.take_along_axis(cand, order[:, :len(slots)], axis=1)
-    negatives = np.full((b, n_neg), -1, dtype=np.int64)
-    negatives[:, :len(slots)] = np.where(slots[None, :] < take[:, None], chosen, -1)
-    return positive, negatives, take > 0
+    db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, config.cache_batch_size,
+                             "cache db", config.quiet)
+    q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device, config.cache_batch_size,
+                            "cache queries", config.quiet)
+    return model.window_distance_matrix(db, q, tset.seq_len, config.mining_distance)
 
 
 # ---------------------------------------------------------------- loss
@@ -275,7 +176,7 @@ class MinedChunk:
 
 
 def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray, neg_cache: np.ndarray,
-                     opt: argparse.Namespace, rng: np.random.Generator, device: torch.device,
+                     config: TrainConfig, rng: np.random.Generator, device: torch.device,
                      timings: dict) -> MinedChunk:
     """Refresh and mine one chunk (docs/how-it-works.md, steps 1-2): the mining matrix with the
     current model, then the triplets; with ``--negCache on`` the kept queries' negatives become their
@@ -290,15 +191,15 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
     part = chunk[distributed.shard(len(chunk))]
     n_top = min(100, len(tset.db_frames))
     if len(part):
-        dists = model_cache_distances(model, tset, part, opt, device)
+        dists = model_cache_distances(model, tset, part, config, device)
         top = topk_smallest(dists, 100)[1].cpu().numpy()
         dists = dists.cpu().numpy()
     t1 = time.perf_counter()
-    use_cache = opt.negCache == "on"
+    use_cache = config.neg_cache
     previous = neg_cache[part] if use_cache else np.full((len(part), N_NEG), -1, dtype=np.int64)
     sampled = sample_negatives(tset, chunk, rng)[distributed.shard(len(chunk))]
     if len(part):
-        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in part], sampled, previous, opt.margin)
+        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in part], sampled, previous, config.margin)
     else:           # more ranks than queries in this chunk
         pos, negs = np.zeros(0, dtype=np.int64), np.zeros((0, N_NEG), dtype=np.int64)
         kept, top = np.zeros(0, dtype=bool), np.zeros((0, n_top), dtype=np.int64)
@@ -312,7 +213,7 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
 
 
 def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, optimizer,
-                 opt: argparse.Namespace, rng: np.random.Generator, device: torch.device, step: int, label: str,
+                 config: TrainConfig, rng: np.random.Generator, device: torch.device, step: int, label: str,
                  writer=None, ddp=None) -> list[float]:
     """Step 3 of docs/how-it-works.md: shuffled batches of the chunk's queries, one optimiser step each
     (queries without a hard negative are left out, as in the reference). Returns the batch losses;
@@ -323,21 +224,21 @@ def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, opt
     model.train()
     local = rng.permutation(len(mined.queries))
     losses, steps = [], []
-    bar = tqdm(range(0, len(local), opt.batchSize), desc=label, unit="batch",
-               disable=not progress_enabled(opt.quiet) or not distributed.is_main(), leave=False)
+    bar = tqdm(range(0, len(local), config.batch_size), desc=label, unit="batch",
+               disable=not progress_enabled(config.quiet) or not distributed.is_main(), leave=False)
     for i, lo in enumerate(bar):
-        sel = local[lo:lo + opt.batchSize]
+        sel = local[lo:lo + config.batch_size]
         sel = sel[mined.kept[sel]]
         if len(sel) == 0:
             continue
         optimizer.zero_grad(set_to_none=True)
         if ddp is None:
             loss = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
-                              opt.loss_trip_method, opt.margin, device)
+                              config.loss_distance, config.margin, device)
             loss.backward()
             share = loss.item()
         else:
-            loss = part_loss(model, ddp, tset, mined, sel, opt, device)
+            loss = part_loss(model, ddp, tset, mined, sel, config, device)
             with distributed.collective("the gradient sum of a training batch"):
                 loss.backward()
             share = loss.item() / distributed.world_size()
@@ -357,7 +258,7 @@ def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, opt
 
 
 def part_loss(model: SeqMatchModel, ddp, tset: TrainingSet, mined: MinedChunk, sel: np.ndarray,
-              opt: argparse.Namespace, device: torch.device) -> torch.Tensor:
+              config: TrainConfig, device: torch.device) -> torch.Tensor:
     """This rank's part of the loss of batch ``sel`` (positions in ``mined``): the sum over its
     consecutive share of the batch's triplets divided by the number of valid triplets of the whole
     batch, times the world size, because DistributedDataParallel averages the gradients over the
@@ -370,7 +271,7 @@ def part_loss(model: SeqMatchModel, ddp, tset: TrainingSet, mined: MinedChunk, s
         part, weight = sel[:1], 0.0
     total = int((mined.negatives[sel] >= 0).sum())
     loss = batch_loss(model, tset, mined.queries[part], mined.positive[part], mined.negatives[part],
-                      opt.loss_trip_method, opt.margin, device, forward=ddp, total_valid=total)
+                      config.loss_distance, config.margin, device, forward=ddp, total_valid=total)
     return loss * weight
 
 
@@ -396,7 +297,7 @@ def data_parallel(model: SeqMatchModel, device: torch.device):
 
 
 def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.Optimizer, neg_cache: np.ndarray,
-                opt: argparse.Namespace, epoch: int, device: torch.device, writer=None, ddp=None) -> EpochStats:
+                config: TrainConfig, epoch: int, device: torch.device, writer=None, ddp=None) -> EpochStats:
     """One epoch: per consecutive chunk of queries, refresh the cache and mine, then step over
     shuffled batches. ``neg_cache`` ``[len(q_frames), N_NEG]`` is updated in place.
 
@@ -407,17 +308,17 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
     The epoch's stream ``rng`` (negative draws, shuffles) depends on ``--seed`` and the epoch only, not
     on the rank: under torchrun (``ddp``) all ranks take the same decisions and split the work.
     """
-    rng = np.random.default_rng([opt.seed, epoch])
-    chunks = refresh_chunks(tset.queries, opt.cacheRefreshRate)
-    n_batches = math.ceil(len(tset.queries) / opt.batchSize)
+    rng = np.random.default_rng([config.seed, epoch])
+    chunks = refresh_chunks(tset.queries, config.refresh_rate)
+    n_batches = math.ceil(len(tset.queries) / config.batch_size)
     stats, losses, tops = EpochStats(), [], []
     step = (epoch - 1) * n_batches + 1
     for c, chunk in enumerate(chunks):
-        mined = refresh_and_mine(model, tset, chunk, neg_cache, opt, rng, device, stats.timings)
+        mined = refresh_and_mine(model, tset, chunk, neg_cache, config, rng, device, stats.timings)
         t0 = time.perf_counter()
-        losses += step_batches(model, tset, mined, optimizer, opt, rng, device, step,
+        losses += step_batches(model, tset, mined, optimizer, config, rng, device, step,
                                f"epoch {epoch} chunk {c + 1}/{len(chunks)}", writer, ddp)
-        step += math.ceil(len(chunk) / opt.batchSize)
+        step += math.ceil(len(chunk) / config.batch_size)
         stats.timings["batches_s"] += time.perf_counter() - t0
         stats.skipped += int((~mined.kept).sum())
         stats.triplet_queries += int(mined.kept.sum())
@@ -516,21 +417,19 @@ def log_epoch(epoch: int, stats: EpochStats, writer) -> None:
         writer.scalar(f"Train/Recall@{n}", r, epoch)
 
 
-def validate(opt: argparse.Namespace, epoch: int, model: SeqMatchModel, val_split: Split, device: torch.device,
+def validate(config: TrainConfig, epoch: int, model: SeqMatchModel, val_split: Split, device: torch.device,
              state: TrainState, run_dir: Path, writer) -> bool:
     """Evaluate on the validation split, log and draw it, and update the best score (validation
     Recall@5, as the reference). Returns True when this epoch is the best so far."""
-    from test import evaluate, format_recalls, write_figures
-
-    result = evaluate(opt, val_split, model, device)
+    result = evaluate(config.eval, val_split, model, device)
     state.recalls, state.last_val = result.recalls, (epoch, result)
     log.info(format_recalls(result, f"epoch {epoch} validation"))
     state.history["val_epochs"].append(epoch)
     for n, r in result.recalls.items():
         writer.scalar(f"Val/Recall@{n}", r, epoch)
         state.history["val_recalls"].setdefault(n, []).append(r)
-    if opt.figures == "epoch" and distributed.is_main():
-        write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
+    if config.figures == "epoch" and distributed.is_main():
+        write_figures(result, val_split, config.seq_len, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
     if result.recalls[5] > state.best_score:
         state.best_score, state.not_improved = result.recalls[5], 0
         return True
@@ -539,26 +438,23 @@ def validate(opt: argparse.Namespace, epoch: int, model: SeqMatchModel, val_spli
 
 
 def draw_training_curves(history: dict, run_dir: Path, writer, epoch: int) -> None:
-    import plots
-
     fig = plots.training_curves_figure(history["epochs"], history["loss"], history["val_recalls"],
                                        val_epochs=history["val_epochs"])
     writer.figure("Train/Curves", fig, epoch)
     plots.save_figure(fig, run_dir / "training_curves.png")
 
 
-def final_precision_recall(opt: argparse.Namespace, state: TrainState, val_split: Split, run_dir: Path,
+def final_precision_recall(config: TrainConfig, state: TrainState, val_split: Split, run_dir: Path,
                            writer) -> dict | None:
     """Precision-recall of the last validation (and, with ``--figures end``, its figures); under
     torchrun on rank 0 only (None elsewhere)."""
-    from test import top1_precision_recall, write_figures
-
     if state.last_val is None or not distributed.is_main():
         return None
     epoch, result = state.last_val
-    if opt.figures == "end":
+    if config.figures == "end":
         draw_training_curves(state.history, run_dir, writer, state.epoch)
-        return write_figures(result, val_split, opt.seqL, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
+        return write_figures(result, val_split, config.seq_len, run_dir, f"epoch {epoch} validation", "Val", writer,
+                             epoch)
     return top1_precision_recall(result, val_split)
 
 
@@ -581,6 +477,61 @@ def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchM
     return state, run_dir
 
 
+@dataclass
+class Run:
+    """The objects one training run works on."""
+
+    model: SeqMatchModel
+    tset: TrainingSet
+    val_split: Split
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainState
+    run_dir: Path
+    ckpt_dir: Path
+    device: torch.device
+    writer: MetricsWriter
+    ddp: object = None
+
+
+def run_epochs(config: TrainConfig, run: Run) -> dict | None:
+    """Train, validate, checkpoint and stop early, epoch after epoch; returns the precision-recall of
+    the last validation (None when there was none, or on ranks other than 0)."""
+    state, writer = run.state, run.writer
+    for epoch in range(state.epoch + 1, config.n_epochs + 1):
+        t0 = time.perf_counter()
+        stats = train_epoch(run.model, run.tset, run.optimizer, state.neg_cache, config, epoch, run.device, writer,
+                            run.ddp)
+        if run.scheduler is not None:
+            run.scheduler.step()
+        log_epoch(epoch, stats, writer)
+        state.recalls, is_best = {}, False
+        if epoch % config.eval_every == 0:
+            is_best = validate(config, epoch, run.model, run.val_split, run.device, state, run.run_dir, writer)
+        state.record_epoch(epoch, stats, time.perf_counter() - t0)
+        if config.figures == "epoch" and distributed.is_main():
+            draw_training_curves(state.history, run.run_dir, writer, epoch)
+        checkpoint = state.to_checkpoint(run.model, run.optimizer, run.scheduler)
+        runs.save_checkpoint_atomic(checkpoint, run.ckpt_dir / "checkpoint.pth.tar")
+        if is_best:
+            runs.copy_as_best(run.ckpt_dir)
+        if config.patience > 0 and state.not_improved > config.patience / config.eval_every:
+            log.info("no improvement for %d validations: stopping early", state.not_improved)
+            break
+    return final_precision_recall(config, state, run.val_split, run.run_dir, writer)
+
+
+def load_training_splits(opt: argparse.Namespace) -> tuple[Split, Split]:
+    """The train and val splits; the synthetic benchmark is written by rank 0 alone, before the
+    other ranks read it."""
+    if distributed.is_main():
+        generate_if_synthetic(opt)
+    distributed.barrier("waiting for rank 0 to prepare the dataset")
+    if not distributed.is_main():
+        generate_if_synthetic(opt)
+    return get_split(opt, "train"), get_split(opt, "val")
+
+
 def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     """``--mode train``: build, resume, then per epoch train, validate, checkpoint and stop
     early; returns the run folder. ``argv`` only serves the resume hint printed on Ctrl-C."""
@@ -596,48 +547,23 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
         opt, *resumed = runs.open_run(opt)
         runs.remove_stale_temporaries(resumed[0] / opt.savePath)
     make_deterministic(opt.seed, distributed.rank())
-    if distributed.is_main():       # may write the synthetic benchmark: once, before the others read it
-        prepare_dataset(opt)
-    distributed.barrier("waiting for rank 0 to prepare the dataset")
-    if not distributed.is_main():
-        prepare_dataset(opt)
-    train_split, val_split = get_split(opt, "train"), get_split(opt, "val")
+    train_split, val_split = load_training_splits(opt)
     tset = TrainingSet.build(train_split, opt.seqL)
     model = get_model(opt, train_split.dim).to(device)
     optimizer, scheduler = make_optimizer(opt, model)
     state, run_dir = open_run_folder(opt, tset, model, optimizer, scheduler, resumed, device)
     parallelize(model, opt.nGPU, device)
-    ddp = data_parallel(model, device)
-    ckpt_dir = run_dir / opt.savePath
-    writer = MetricsWriter(run_dir, opt)
+    run = Run(model, tset, val_split, optimizer, scheduler, state, run_dir, run_dir / opt.savePath, device,
+              MetricsWriter(run_dir, opt), data_parallel(model, device))
     try:
-        for epoch in range(state.epoch + 1, opt.nEpochs + 1):
-            t0 = time.perf_counter()
-            stats = train_epoch(model, tset, optimizer, state.neg_cache, opt, epoch, device, writer, ddp)
-            if scheduler is not None:
-                scheduler.step()
-            log_epoch(epoch, stats, writer)
-            state.recalls, is_best = {}, False
-            if epoch % opt.evalEvery == 0:
-                is_best = validate(opt, epoch, model, val_split, device, state, run_dir, writer)
-            state.record_epoch(epoch, stats, time.perf_counter() - t0)
-            if opt.figures == "epoch" and distributed.is_main():
-                draw_training_curves(state.history, run_dir, writer, epoch)
-            checkpoint = state.to_checkpoint(model, optimizer, scheduler)
-            runs.save_checkpoint_atomic(checkpoint, ckpt_dir / "checkpoint.pth.tar")
-            if is_best:
-                runs.copy_as_best(ckpt_dir)
-            if opt.patience > 0 and state.not_improved > opt.patience / opt.evalEvery:
-                log.info("no improvement for %d validations: stopping early", state.not_improved)
-                break
-        pr = final_precision_recall(opt, state, val_split, run_dir, writer)
+        pr = run_epochs(TrainConfig.from_options(opt), run)
     except KeyboardInterrupt:
         if distributed.is_main():
-            runs.log_interrupted(ckpt_dir, state.epoch + 1, runs.resume_command(opt, argv, run_dir))
+            runs.log_interrupted(run.ckpt_dir, state.epoch + 1, runs.resume_command(opt, argv, run_dir))
         raise
     finally:
-        writer.close()
-    log.info("best validation Recall@5 %.4f; checkpoints in %s", state.best_score, ckpt_dir)
+        run.writer.close()
+    log.info("best validation Recall@5 %.4f; checkpoints in %s", state.best_score, run.ckpt_dir)
     summary = report.build_summary("train", runs.options_dict(opt), state.recalls, {}, pr, state.timings,
                                    train_split.files + val_split.files,
                                    extra={"best_recall@5": state.best_score, "epochs": state.epoch,

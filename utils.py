@@ -178,7 +178,7 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(run_dir))
-        mode = getattr(opt, "wandb", "disabled")
+        mode = opt.wandb
         if mode != "disabled":
             self.wandb_run = start_wandb(mode, run_dir, opt)
 

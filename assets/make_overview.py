@@ -24,7 +24,7 @@ def overview(run_dir: str, out: Path, frames: int = 250, seq_len: int = 5) -> Pa
     from matplotlib.figure import Figure
 
     from datasets import sequence_windows
-    from get_models import extract_features
+    from get_models import project_frames
     from options import parse_options
     from plots import save_figure
     from seqMatchNet import window_distances
@@ -38,8 +38,8 @@ def overview(run_dir: str, out: Path, frames: int = 250, seq_len: int = 5) -> Pa
                             ["--seqL", str(seq_len), "--pooling", "--resume", run_dir, "--ckpt", "best"], seq_len)):
         loaded = load_for_test(parse_options(base + args))
         split = loaded.split
-        db = extract_features(loaded.model, split.db_desc[:frames], loaded.device, 256)
-        q = extract_features(loaded.model, split.q_desc[:frames], loaded.device, 256)
+        db = project_frames(loaded.model, split.db_desc[:frames], loaded.device, 256)
+        q = project_frames(loaded.model, split.q_desc[:frames], loaded.device, 256)
         db_s, _ = sequence_windows(np.tile([[0, frames]], (frames, 1)), L)
         q_s, _ = sequence_windows(np.tile([[0, frames]], (frames, 1)), L)
         d = window_distances(db, q, torch.as_tensor(db_s), torch.as_tensor(q_s), L).numpy()

@@ -3,7 +3,7 @@
     python bench/bench_distributed.py [--quick] [--db 20000 --queries 2000 --dim 256 --seqL 5] [--nproc 2]
 
 Each world size runs in a fresh ``torchrun --standalone`` job (127.0.0.1) whose ranks call
-``test.rank`` (the path of ``--mode test``: each rank scores its share of the database windows with
+``search.rank`` (the path of ``--mode test``: each rank scores its share of the database windows with
 the chunked top-k, then the top-100 lists are merged). Reported per world size: the ranking time
 (slowest rank, median of the repeats), the speed-up over one rank, and each rank's peak RSS above
 its RSS before ranking (the inputs, which every rank holds, do not count). The predictions of every
@@ -34,7 +34,7 @@ def worker(args) -> None:
     """One rank of the job: rank the queries, report time and memory to ``args.out``."""
     import time
 
-    import test
+    import search as test
 
     distributed.init(cuda=args.cuda)
     Path(args.out).mkdir(parents=True, exist_ok=True)

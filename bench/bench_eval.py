@@ -6,7 +6,7 @@ reference and against one plain matrix product of the same size.
 (a) baseline: per query window, ``torch.cdist`` of its L frames against the frames of every database
     window (an ``[Nd, L, L]`` block), the mean of each block's diagonal, then ``argsort``; too slow for
     every query, so it is timed on a subset and extrapolated linearly;
-(b) project: ``test.rank`` (chunked top-k) and the whole ``test.evaluate`` (features with a model
+(b) project: ``search.rank`` (chunked top-k) and the whole ``evaluate.evaluate`` (features with a model
     without pooling, ranking, Recall@N and the radius table) on an in-memory ``datasets.Split``;
 (c) floor: one matrix product ``db @ q.T``.
 Goals: whole evaluate >= 100x faster than the baseline; rank <= 2x the matrix product; the project's
@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
-    import test as project_test
+    import evaluate as project_evaluate
+    import search as project_search
     from datasets import segment_bounds, sequence_windows
     from get_models import SeqMatchModel
     from options import parse_options
@@ -95,25 +96,26 @@ def main(argv=None) -> int:
 
     split = route_split(db, q, "bench")
     model = SeqMatchModel(args.dim, pooling=False, out_dims=args.dim)
-    opt = parse_options(["--mode", "test", "--seqL", str(L), "--nocuda", "--quiet"])
+    config = project_evaluate.EvalConfig.from_options(parse_options(["--mode", "test", "--seqL", str(L), "--nocuda",
+                                                                      "--quiet"]))
     cpu = torch.device("cpu")
 
     build_s, db_window_frames = timed(lambda: baseline_windows(db, db_starts, L))
     results = {}
 
     def run_rank():
-        results["rank"] = project_test.rank(db, q, db_starts, q_starts, L, quiet=True)
+        results["rank"] = project_search.rank(db, q, db_starts, q_starts, L, quiet=True)
 
     def run_evaluate():
-        results["evaluate"] = project_test.evaluate(opt, split, model, cpu, quiet=True)
+        results["evaluate"] = project_evaluate.evaluate(config, split, model, cpu)
 
     def run_baseline():
         results["baseline"] = baseline(db_window_frames, q, q_starts, subset, L)
 
     fns = {
         "matrix product db @ q.T": lambda: db @ q.T,
-        "project test.rank": run_rank,
-        "project test.evaluate": run_evaluate,
+        "project search.rank": run_rank,
+        "project evaluate.evaluate": run_evaluate,
         f"baseline, {len(subset)} queries": run_baseline,
     }
     with torch.no_grad():
@@ -122,8 +124,8 @@ def main(argv=None) -> int:
         times = interleaved(fns, args.repeats, warmup=False)
     med = {k: median(v) for k, v in times.items()}
     t_mm = med["matrix product db @ q.T"]
-    t_rank = med["project test.rank"]
-    t_eval = med["project test.evaluate"]
+    t_rank = med["project search.rank"]
+    t_eval = med["project evaluate.evaluate"]
     t_base_subset = med[f"baseline, {len(subset)} queries"]
     t_base = build_s + t_base_subset / len(subset) * args.queries
 

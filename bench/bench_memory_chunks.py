@@ -2,7 +2,7 @@
 
     python bench/bench_memory_chunks.py [--quick] [--db 20000 --dim 64 --seqL 5]
 
-``test.rank`` on 20000 database frames (D small so that it runs fast), each case in a fresh
+``search.rank`` on 20000 database frames (D small so that it runs fast), each case in a fresh
 subprocess (peak = RSS high-water mark above the RSS after the inputs are allocated):
 (a) fixed ``query_chunk`` (1024), 5000 vs 20000 queries;
 (b) fixed 20000 queries, ``query_chunk`` 512 vs 4096.
@@ -41,7 +41,7 @@ TOP_K = 100
 
 
 def child(args: argparse.Namespace) -> None:
-    import test as project_test
+    import search as project_search
     from datasets import segment_bounds, sequence_windows
 
     torch.set_grad_enabled(False)
@@ -50,10 +50,10 @@ def child(args: argparse.Namespace) -> None:
     db_starts, _ = sequence_windows(segment_bounds(args.db), args.seqL)
     q_starts, _ = sequence_windows(segment_bounds(args.n_queries), args.seqL)
     # warm-up on a few frames: library code pages and allocator pools are touched before the measurement
-    project_test.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, quiet=True)
+    project_search.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, quiet=True)
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        idx, dists = project_test.rank(db, q, db_starts, q_starts, args.seqL, k=TOP_K, query_chunk=args.query_chunk,
+        idx, dists = project_search.rank(db, q, db_starts, q_starts, args.seqL, k=TOP_K, query_chunk=args.query_chunk,
                                        quiet=True)
         rank_s = time.perf_counter() - t0
     child_report(base=pm.base, peak=pm.peak, delta=pm.delta, reset=pm.reset, maxrss=pm.maxrss_after, rank_s=rank_s,
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         return 0
     n_small, n_large = args.queries
     c_small, c_large = args.chunks
-    print(f"bench_memory_chunks: test.rank on {args.db} database frames, D = {args.dim}, L = {args.seqL}, "
+    print(f"bench_memory_chunks: search.rank on {args.db} database frames, D = {args.dim}, L = {args.seqL}, "
           f"top-{TOP_K}; {machine_line()}")
     cases = [("a", n_small, args.fixed_chunk), ("a", n_large, args.fixed_chunk),
              ("b", n_large, c_small), ("b", n_large, c_large)]

@@ -9,7 +9,7 @@ too) minus the RSS after the inputs are allocated. For each ``--neg_trip_method`
 - baseline: per query, ``cdist`` of its window's frames against every database window's frames and
   the mean of the diagonals (centerOnly: the centre frame against the centre frames); timed on a
   subset of queries and extrapolated;
-- project, all at once: ``train.cache_distances`` on every training query (``--cacheRefreshRate 0``);
+- project, all at once: ``mining.cache_distances`` on every training query (``--cacheRefreshRate 0``);
 - project, default: what ``train_epoch`` does with the default ``--cacheRefreshRate 1000``: chunks of
   1000 queries drawn at random (a permutation, each chunk sorted), ``cache_distances`` per chunk plus
   the top-100 for the training recall; a few chunks are timed and the rest extrapolated.
@@ -74,7 +74,7 @@ def baseline_windows(db_feats: torch.Tensor, db_starts: np.ndarray, seq_len: int
 def make_training_set(n_db: int, n_q: int, dim: int, seq_len: int, seed: int):
     """Random unit features (timing and memory do not depend on content) and a TrainingSet over them."""
     from datasets import Split, segment_bounds
-    from train import TrainingSet
+    from mining import TrainingSet
 
     db = unit_rows(n_db, dim, seed)
     q = unit_rows(n_q, dim, seed + 1)
@@ -100,8 +100,8 @@ def default_chunks(n_queries: int, refresh: int, seed: int) -> list[np.ndarray]:
 
 
 def child(args: argparse.Namespace) -> None:
+    from mining import cache_distances
     from seqMatchNet import topk_smallest
-    from train import cache_distances
 
     torch.set_grad_enabled(False)
     method, variant = args.method, args.variant

@@ -1,9 +1,9 @@
-"""Large maps: ``test.rank`` on 200k database x 5k query frames (D = 256, L = 5).
+"""Large maps: ``search.rank`` on 200k database x 5k query frames (D = 256, L = 5).
 
     python bench/bench_scale.py [--quick] [--db 200000 --queries 5000 --dim 256 --seqL 5 --db-chunk 0]
 
-``test.rank`` splits the queries into chunks (``--queryChunk``, 1024) and, when one query chunk's
-block of distances would exceed ``test.DENSE_LIMIT_BYTES``, the database too (automatically, or with
+``search.rank`` splits the queries into chunks (``--queryChunk``, 1024) and, when one query chunk's
+block of distances would exceed ``search.DENSE_LIMIT_BYTES``, the database too (automatically, or with
 an explicit ``db_chunk``), merging a running top-k. Each variant runs in a fresh subprocess; its peak
 memory is the RSS high-water mark above the RSS after the inputs are allocated. Printed: peak memory,
 throughput (queries per second), the time against a floor (the same matrix products alone, chunked),
@@ -51,7 +51,7 @@ def floor_products(db: torch.Tensor, q: torch.Tensor, query_chunk: int, db_chunk
 
 
 def child(args: argparse.Namespace) -> None:
-    import test as project_test
+    import search as project_search
     from datasets import segment_bounds, sequence_windows
     from seqMatchNet import window_distances
 
@@ -60,17 +60,17 @@ def child(args: argparse.Namespace) -> None:
     db_starts, _ = sequence_windows(segment_bounds(args.db), args.seqL)
     q_starts, _ = sequence_windows(segment_bounds(args.queries), args.seqL)
     # warm-up on a few frames: library code pages and allocator pools are touched before the measurement
-    project_test.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, db_chunk=16, quiet=True)
+    project_search.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, db_chunk=16, quiet=True)
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        idx, dists = project_test.rank(db, q, db_starts, q_starts, args.seqL, query_chunk=args.query_chunk,
+        idx, dists = project_search.rank(db, q, db_starts, q_starts, args.seqL, query_chunk=args.query_chunk,
                                        db_chunk=args.db_chunk, quiet=True)
         rank_s = time.perf_counter() - t0
     # what rank chose (mirrors its rule, for the report)
     block = len(db_starts) * min(args.query_chunk, len(q_starts)) * 12
     chosen = args.db_chunk if args.db_chunk > 0 else (
-        len(db_starts) if block <= project_test.DENSE_LIMIT_BYTES
-        else max(project_test.DENSE_LIMIT_BYTES // (12 * args.query_chunk), 1024))
+        len(db_starts) if block <= project_search.DENSE_LIMIT_BYTES
+        else max(project_search.DENSE_LIMIT_BYTES // (12 * args.query_chunk), 1024))
     floor_s = floor_products(db, q, args.query_chunk, chosen)
 
     # exact dense scoring, one query window at a time, on a subset
@@ -101,9 +101,9 @@ def child(args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_size_options(p, "50k x 1k frames", db=200_000, queries=5000, dim=256)
-    p.add_argument("--query-chunk", dest="query_chunk", type=int, default=1024, help="test.rank query_chunk")
+    p.add_argument("--query-chunk", dest="query_chunk", type=int, default=1024, help="search.rank query_chunk")
     p.add_argument("--db-chunk", dest="db_chunk", type=int, nargs="+", default=None,
-                   help="test.rank db_chunk values to run (0: automatic; default 0 and 50000, --quick 0 and 20000)")
+                   help="search.rank db_chunk values to run (0: automatic; default 0 and 50000, --quick 0 and 20000)")
     p.add_argument("--subset", type=int, default=200, help="queries checked against exact dense scoring")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if ran_as_child(args, child):
         return 0
-    import test as project_test
+    import search as project_search
 
     print(f"bench_scale: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
-          f"query_chunk {args.query_chunk}, test.DENSE_LIMIT_BYTES {gib(project_test.DENSE_LIMIT_BYTES)}; "
+          f"query_chunk {args.query_chunk}, search.DENSE_LIMIT_BYTES {gib(project_search.DENSE_LIMIT_BYTES)}; "
           f"{machine_line()}")
     child_args = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim),
                   "--seqL", str(args.seqL),

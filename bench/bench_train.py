@@ -104,8 +104,8 @@ def plain_batch_loss(model, tset, queries, positives, negatives, method: str, ma
 def baseline_epoch_parts(model, tset, optimizer, neg_cache: np.ndarray, opt, epoch: int, n_queries: int,
                          n_batches: int) -> dict:
     """Time the baseline on part of the epoch; return per-unit times and the epoch's unit counts."""
+    from mining import N_NEG_SAMPLE
     from plain import plain_mine_query
-    from train import N_NEG_SAMPLE
 
     split, L = tset.split, tset.seq_len
     rng = np.random.default_rng([opt.seed, epoch])
@@ -130,7 +130,7 @@ def baseline_epoch_parts(model, tset, optimizer, neg_cache: np.ndarray, opt, epo
         dists[:, col] = plain_cache_column(db_window_frames, q_feats, int(tset.q_starts[qi]), L, opt.neg_trip_method)
     t2 = time.perf_counter()
     # the rest of the chunk untimed (vectorised), so that mining and batches see a complete cache
-    from train import cache_distances
+    from mining import cache_distances
     with torch.no_grad():
         dists[:, len(measured):] = cache_distances(db_feats, q_feats, tset, chunk[len(measured):],
                                                    opt.neg_trip_method).numpy()
@@ -190,16 +190,17 @@ def extrapolate(parts: dict) -> dict:
 def check_equivalence(model, tset, opt) -> tuple[int, int, float, float]:
     """Plain mining and loss against the project's ``mine`` / ``batch_loss`` on one chunk's inputs.
     Returns (queries compared, mismatching queries, |loss difference|, max |gradient difference|)."""
-    from get_models import extract_features
+    from get_models import project_frames
+    from mining import N_NEG, cache_distances, mine, sample_negatives
     from plain import plain_mine_query
-    from train import N_NEG, batch_loss, cache_distances, mine, sample_negatives
+    from train import batch_loss
 
     model = copy.deepcopy(model)
     cpu = torch.device("cpu")
     chunk = np.sort(tset.queries[:200])
     rng = np.random.default_rng(0)
-    db_feats = extract_features(model, tset.split.db_desc, cpu, 256, quiet=True)
-    q_feats = extract_features(model, tset.split.q_desc, cpu, 256, quiet=True)
+    db_feats = project_frames(model, tset.split.db_desc, cpu, 256, quiet=True)
+    q_feats = project_frames(model, tset.split.q_desc, cpu, 256, quiet=True)
     with torch.no_grad():
         dists = cache_distances(db_feats, q_feats, tset, chunk, opt.neg_trip_method).numpy()
     sampled = sample_negatives(tset, chunk, rng)
@@ -251,8 +252,9 @@ def main(argv=None) -> int:
     apply_threads(args.threads)
     from get_datasets import get_split
     from get_models import get_model
+    from mining import N_NEG, TrainingSet
     from options import parse_options
-    from train import N_NEG, TrainingSet, make_optimizer, train_epoch
+    from train import TrainConfig, make_optimizer, train_epoch
     from utils import make_deterministic
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         model, optimizer, neg_cache = fresh()
         t0 = time.perf_counter()
-        stats = train_epoch(model, tset, optimizer, neg_cache, opt, 1, cpu)
+        stats = train_epoch(model, tset, optimizer, neg_cache, TrainConfig.from_options(opt), 1, cpu)
         project_runs.append((time.perf_counter() - t0, stats))
         model, optimizer, neg_cache = fresh()
         parts = baseline_epoch_parts(model, tset, optimizer, neg_cache, opt, 1, args.baseline_queries,
@@ -310,7 +312,7 @@ def main(argv=None) -> int:
     model, optimizer, neg_cache = fresh()
     prof = cProfile.Profile()
     prof.enable()
-    train_epoch(model, tset, optimizer, neg_cache, opt, 1, cpu)
+    train_epoch(model, tset, optimizer, neg_cache, TrainConfig.from_options(opt), 1, cpu)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile_top)

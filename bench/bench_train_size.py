@@ -90,6 +90,7 @@ def conv1d_projection():
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.apply_threads(args.threads)
+    import mining
     import train
     from get_models import get_model
     from options import parse_options
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     db, q = common.route_features(args.db, args.queries, args.dim, seed=args.seed)
     split = route_split(db, q, "train")
-    tset = train.TrainingSet.build(split, args.seqL)
+    tset = mining.TrainingSet.build(split, args.seqL)
     opt = parse_options(["--mode", "train", "--pooling", "--seqL", str(args.seqL), "--outDims", str(args.outDims),
                          "--batchSize", str(args.batchSize), "--cacheRefreshRate", str(args.cacheRefreshRate),
                          "--nocuda", "--quiet"])
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     state = {}
 
     def refresh():
-        dists = train.model_cache_distances(model, tset, chunk, opt, cpu)
+        dists = train.model_cache_distances(model, tset, chunk, train.TrainConfig.from_options(opt), cpu)
         topk_smallest(dists, 100)
         state["dists"] = dists.cpu().numpy()
 
@@ -143,9 +144,9 @@ def main(argv=None) -> int:
 
     def mining():
         rng = np.random.default_rng(args.seed)
-        sampled = train.sample_negatives(tset, chunk, rng)
+        sampled = mining.sample_negatives(tset, chunk, rng)
         cache = np.full((len(chunk), train.N_NEG), -1, dtype=np.int64)
-        state["mined"] = train.mine(state["dists"], [tset.nontriv_pos[i] for i in chunk], sampled, cache, opt.margin)
+        state["mined"] = mining.mine(state["dists"], [tset.nontriv_pos[i] for i in chunk], sampled, cache, opt.margin)
 
     print(f"\ncache refresh: {len(chunk)} queries -> pools {len(db_rows)} database + {len(q_rows)} query frames; "
           f"mining matrix {len(tset.db_starts)} x {len(chunk)} ({n_chunks} refreshes per epoch)")

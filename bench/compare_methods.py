@@ -43,7 +43,7 @@ def main() -> int:
         print("  python main.py " + " ".join(args), flush=True)
         _, result = evaluate_options(parse_options(args))
         if results:
-            from test import save_results
+            from evaluate import save_results
             save_results(Path(results), result)
         return result
 

@@ -4,12 +4,12 @@
 
 Checks (each prints its max |difference|; any difference >= 1e-3 fails):
 - ``seqMatchNet.window_distances`` (meanOfPairs and centerOnly);
-- ``test.rank`` (top-100 distances, top-1 agreement ties aside), dense and with database chunks;
+- ``search.rank`` (top-100 distances, top-1 agreement ties aside), dense and with database chunks;
 - a training batch: ``train.batch_loss`` and its gradient (asserted with TF32 off, the default-settings
   difference printed too);
-- faiss on the GPU (``test.faiss_search`` with CUDA features) when ``faiss.StandardGpuResources``
+- faiss on the GPU (``search.faiss_search`` with CUDA features) when ``faiss.StandardGpuResources``
   exists, else skipped.
-Timings (CPU / GPU): ``test.rank`` at 3000 x 3000, D = 4096, L = 5, and one ``train.train_epoch`` on
+Timings (CPU / GPU): ``search.rank`` at 3000 x 3000, D = 4096, L = 5, and one ``train.train_epoch`` on
 synthetic data. On a machine without CUDA it prints "CUDA not available: nothing to check" and exits 0.
 ``--self-test`` runs everything with the CPU standing in for the GPU (to test this script itself).
 """
@@ -91,27 +91,27 @@ def check_distances(rep: Report, gpu: torch.device) -> None:
 def check_rank(rep: Report, gpu: torch.device) -> None:
     from common import route_features
 
-    import test as project_test
+    import search as project_search
     from datasets import segment_bounds, sequence_windows
 
     db, q = route_features(3000, 2000, 512, seed=2)
     ds, _ = sequence_windows(segment_bounds(len(db)), 5)
     qs, _ = sequence_windows(segment_bounds(len(q)), 5)
     for db_chunk in (0, 700):
-        i_cpu, d_cpu = project_test.rank(db, q, ds, qs, 5, db_chunk=db_chunk, quiet=True)
-        i_gpu, d_gpu = project_test.rank(db.to(gpu), q.to(gpu), ds, qs, 5, db_chunk=db_chunk, quiet=True)
+        i_cpu, d_cpu = project_search.rank(db, q, ds, qs, 5, db_chunk=db_chunk, quiet=True)
+        i_gpu, d_gpu = project_search.rank(db.to(gpu), q.to(gpu), ds, qs, 5, db_chunk=db_chunk, quiet=True)
         same = (i_cpu[:, 0] == i_gpu[:, 0]) | (ds[i_cpu[:, 0]] == ds[i_gpu[:, 0]]) | \
                (np.abs(d_cpu[:, 0] - d_gpu[:, 0]) <= 1e-5)
-        rep.check(f"test.rank top-100 distances, db_chunk {db_chunk or 'automatic'}",
+        rep.check(f"search.rank top-100 distances, db_chunk {db_chunk or 'automatic'}",
                   float(np.abs(d_cpu - d_gpu).max()),
                   extra=f"; top-1 agrees on {same.mean():.4f} of queries (ties aside)")
         if not same.all():
-            rep.failed.append(f"test.rank top-1, db_chunk {db_chunk}")
+            rep.failed.append(f"search.rank top-1, db_chunk {db_chunk}")
 
 
 def batch_inputs(seed: int = 3):
-    from get_models import SeqMatchModel, extract_features
-    from train import N_NEG, TrainingSet, cache_distances, mine, sample_negatives
+    from get_models import SeqMatchModel, project_frames
+    from mining import N_NEG, TrainingSet, cache_distances, mine, sample_negatives
 
     split = make_split(800, 128, seed)
     tset = TrainingSet.build(split, 5)
@@ -120,8 +120,8 @@ def batch_inputs(seed: int = 3):
     cpu = torch.device("cpu")
     chunk = np.sort(tset.queries[:64])
     with torch.no_grad():
-        dists = cache_distances(extract_features(model, split.db_desc, cpu, 256, quiet=True),
-                                extract_features(model, split.q_desc, cpu, 256, quiet=True), tset, chunk,
+        dists = cache_distances(project_frames(model, split.db_desc, cpu, 256, quiet=True),
+                                project_frames(model, split.q_desc, cpu, 256, quiet=True), tset, chunk,
                                 "meanOfPairs").numpy()
     sampled = sample_negatives(tset, chunk, np.random.default_rng(seed))
     pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in chunk], sampled,
@@ -175,7 +175,7 @@ def check_faiss(rep: Report, gpu: torch.device) -> None:
         return
     from common import route_features
 
-    from test import faiss_search
+    from search import faiss_search
 
     db, q = route_features(5000, 1000, 256, seed=4)
     i_cpu, d_cpu = faiss_search(db, q, 20)
@@ -187,22 +187,23 @@ def check_faiss(rep: Report, gpu: torch.device) -> None:
 def time_rank(gpu: torch.device, n: int, dim: int) -> None:
     from common import route_features
 
-    import test as project_test
+    import search as project_search
     from datasets import segment_bounds, sequence_windows
 
     db, q = route_features(n, n, dim, seed=5)
     s, _ = sequence_windows(segment_bounds(n), 5)
     db_g, q_g = db.to(gpu), q.to(gpu)
-    t_cpu = timed(lambda: project_test.rank(db, q, s, s, 5, quiet=True), torch.device("cpu"))
-    t_gpu = timed(lambda: project_test.rank(db_g, q_g, s, s, 5, quiet=True), gpu)
-    print(f"time test.rank {n} x {n}, D = {dim}, L = 5: CPU {t_cpu:.3f} s, GPU {t_gpu:.3f} s, "
+    t_cpu = timed(lambda: project_search.rank(db, q, s, s, 5, quiet=True), torch.device("cpu"))
+    t_gpu = timed(lambda: project_search.rank(db_g, q_g, s, s, 5, quiet=True), gpu)
+    print(f"time search.rank {n} x {n}, D = {dim}, L = 5: CPU {t_cpu:.3f} s, GPU {t_gpu:.3f} s, "
           f"CPU / GPU = {t_cpu / t_gpu:.1f}x")
 
 
 def time_epoch(gpu: torch.device, n: int) -> None:
     from get_models import SeqMatchModel
+    from mining import N_NEG, TrainingSet
     from options import parse_options
-    from train import N_NEG, TrainingSet, make_optimizer, train_epoch
+    from train import TrainConfig, make_optimizer, train_epoch
 
     split = make_split(n, 256, 6)
     tset = TrainingSet.build(split, 5)
@@ -217,7 +218,7 @@ def time_epoch(gpu: torch.device, n: int) -> None:
             neg_cache = np.full((len(tset.q_frames), N_NEG), -1, dtype=np.int64)
             sync(device)
             t0 = time.perf_counter()
-            stats = train_epoch(model, tset, optimizer, neg_cache, opt, 1, device)
+            stats = train_epoch(model, tset, optimizer, neg_cache, TrainConfig.from_options(opt), 1, device)
             sync(device)
             times[name] = time.perf_counter() - t0
             losses[name] = stats.avg_loss

@@ -53,15 +53,15 @@ class BlockSpy:
 
 
 def score(n_db: int, n_q: int, seq_len: int, query_chunk: int, db_chunk: int = 0):
-    import test as project_test
+    import search as project_search
     from datasets import segment_bounds, sequence_windows
 
     rng = np.random.default_rng(n_q)
     db, q = torch.from_numpy(unit_rows(rng, n_db, 8)), torch.from_numpy(unit_rows(rng, n_q, 8))
     db_starts, _ = sequence_windows(segment_bounds(n_db), seq_len)
     q_starts, _ = sequence_windows(segment_bounds(n_q), seq_len)
-    return project_test.rank(db, q, db_starts, q_starts, seq_len, k=10, query_chunk=query_chunk,
-                             db_chunk=db_chunk, quiet=True)
+    return project_search.rank(db, q, db_starts, q_starts, seq_len, k=10, query_chunk=query_chunk,
+                               db_chunk=db_chunk, quiet=True)
 
 
 def test_scoring_blocks_grow_with_the_chunks_not_with_the_queries(monkeypatch):
@@ -214,10 +214,10 @@ class ControlledValidation:
     k-th validation (Recall@1 set to ``r1[k]`` where given), so that the test chooses the best one."""
 
     def __init__(self, monkeypatch, r5: dict, r1: dict | None = None):
-        import test as project_test
+        import train as project_train
 
         self.calls, self.real = [], {}
-        real = project_test.evaluate
+        real = project_train.evaluate
 
         def evaluate(opt, split, model, device, *args, **kwargs):
             result = real(opt, split, model, device, *args, **kwargs)
@@ -231,7 +231,7 @@ class ControlledValidation:
             result.recalls = recalls
             return result
 
-        monkeypatch.setattr(project_test, "evaluate", evaluate)
+        monkeypatch.setattr(project_train, "evaluate", evaluate)
 
 
 @pytest.mark.slow
@@ -298,10 +298,10 @@ def test_eval_every_validates_only_on_its_epochs(tiny_oxford, monkeypatch):
 @pytest.mark.parametrize("figures", ["end", "epoch"])
 def test_figures_end_draws_once_after_the_last_epoch(tiny_oxford, monkeypatch, figures):
     import plots
-    import test as project_test
+    import train as project_train
 
     drawn, saved = [], []
-    real_write, real_save = project_test.write_figures, plots.save_figure
+    real_write, real_save = project_train.write_figures, plots.save_figure
 
     def write_figures(result, split, seq_len, out_dir, label, *args, **kwargs):
         drawn.append(label)
@@ -311,7 +311,7 @@ def test_figures_end_draws_once_after_the_last_epoch(tiny_oxford, monkeypatch, f
         saved.append(os.path.basename(str(path)))
         return real_save(fig, path, *args, **kwargs)
 
-    monkeypatch.setattr(project_test, "write_figures", write_figures)
+    monkeypatch.setattr(project_train, "write_figures", write_figures)
     monkeypatch.setattr(plots, "save_figure", save_figure)
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "2", "--figures", figures], tiny_oxford, monkeypatch) == 0
     run = only_run(tiny_oxford)

@@ -219,7 +219,7 @@ def test_training_with_two_ranks_equals_one_process_and_resumes_exactly(tiny_oxf
 FAULTY = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import test
+import search
 from utils import UserError
 
 def bad_input(*args, **kwargs):
@@ -232,7 +232,7 @@ def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if os.environ["RANK"] == "1":
-    test.chunked_topk = {{"bad_input": bad_input, "hang": hang, "killed": killed}}[{fault!r}]
+    search.chunked_topk = {{"bad_input": bad_input, "hang": hang, "killed": killed}}[{fault!r}]
 import main
 sys.exit(main.main())
 """

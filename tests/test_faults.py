@@ -114,7 +114,7 @@ DRIVER = textwrap.dedent('''
     sys.path.insert(0, os.environ["SEQMATCHNET_ROOT"])
     import main, plots, test, torch, train, utils
 
-    test.write_figures = lambda *args, **kwargs: {}
+    test.write_figures = train.write_figures = lambda *args, **kwargs: {}
     plots.training_curves_figure = plots.save_figure = lambda *args, **kwargs: None
     utils.MetricsWriter.figure = lambda self, *args, **kwargs: None
 
@@ -779,7 +779,7 @@ def test_malformed_checkpoint_structure(tmp_path, damage):
 
 @pytest.mark.parametrize("bad", ["float", "missing key", "not npz", "object array", "one row", "rows", "range"])
 def test_bad_predictions_file(tmp_path, bad):
-    from test import check_predictions, load_predictions
+    from evaluate import check_predictions, load_predictions
     from utils import UserError
 
     path = tmp_path / "preds.npz"

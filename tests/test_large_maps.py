@@ -28,17 +28,17 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def evaluate_with(args: list[str], lazy: bool, model=None):
+    from evaluate import EvalConfig, evaluate
     from get_datasets import get_split
     from get_models import get_model
     from options import parse_options
-    from test import evaluate
 
     opt = parse_options(args)
     split = get_split(opt, "test", lazy=lazy)
     if model is None:
         torch.manual_seed(0)
         model = get_model(opt, split.dim)
-    return evaluate(opt, split, model, torch.device("cpu")), model, split
+    return evaluate(EvalConfig.from_options(opt), split, model, torch.device("cpu")), model, split
 
 
 # ---------------------------------------------------------------- the descriptor source
@@ -165,7 +165,7 @@ def onehot_split(n_db: int, n_q: int, dim: int, seed: int) -> Split:
 def test_rank_streamed_orders_ties_like_the_plain_oracle(seq_len):
     """``rank_streamed`` over chunks of every size gives the plain loop's top-k (equal distances by
     ascending database window), on data where most distances are tied."""
-    from test import rank_streamed
+    from search import rank_streamed
 
     split = onehot_split(60, 25, 8, seq_len)
     db_s = sequence_windows(split.db_bounds, seq_len)[0]
@@ -202,15 +202,16 @@ def test_float16_features_change_recall_little(tmp_path):
 def test_shortlist_covering_the_map_equals_exact(seq_len):
     """--shortlist K with K >= every database window re-ranks all of them: exact matching's predictions,
     tie order included (one-hot frames: most distances exactly tied)."""
+    from evaluate import EvalConfig, evaluate
     from get_models import get_model
     from options import parse_options
-    from test import evaluate
 
     split = onehot_split(90, 40, 8, 10 + seq_len)
     base = ["--mode", "test", "--seqL", str(seq_len), "--nocuda", "--quiet"]
     model = get_model(parse_options(base), 8)
-    want = evaluate(parse_options(base), split, model, torch.device("cpu"))
-    got = evaluate(parse_options(base + ["--shortlist", "90", "--mapChunk", "20"]), split, model, torch.device("cpu"))
+    want = evaluate(EvalConfig.from_options(parse_options(base)), split, model, torch.device("cpu"))
+    shortlisted = EvalConfig.from_options(parse_options(base + ["--shortlist", "90", "--mapChunk", "20"]))
+    got = evaluate(shortlisted, split, model, torch.device("cpu"))
     np.testing.assert_array_equal(got.preds, want.preds)
     np.testing.assert_allclose(got.dists, want.dists, atol=1e-6)
     assert got.shortlist["recall"] == 1.0 and got.shortlist["index"].startswith("flat")
@@ -256,8 +257,9 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
     refused with one line that says what to do."""
     import copy
 
+    import evaluate as evaluate_module
+    import search as test_module
     import shortlist
-    import test as test_module
 
     if kind != "flat":                   # an IVF index (trained on a sample) on this small map too
         monkeypatch.setattr(shortlist, "choose_index", lambda n, dim: shortlist.IndexChoice(kind, 4))
@@ -288,7 +290,7 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
         quick, _, _ = evaluate_with(oxford_args(tiny, 3, *args, "--shortlistCheck", "0"), True, model)
     np.testing.assert_array_equal(quick.preds, built.preds)
     assert quick.shortlist["sampled_queries"] == 0 and np.isnan(quick.shortlist["recall"])
-    assert "not measured" in test_module.format_recalls(quick)
+    assert "not measured" in evaluate_module.format_recalls(quick)
 
     with pytest.raises(UserError, match=r"another map, model or settings \(differs in: model\).*delete"):
         other = copy.deepcopy(model)
@@ -376,14 +378,14 @@ def test_bad_large_map_options_are_refused(args, message):
 def test_fast_positions_reader_equals_the_row_by_row_reader(tmp_path, monkeypatch):
     """The vectorised CSV path gives what the csv-module path gives (values, ids, timestamps, line
     numbers with blank lines), and hands irregular files to it."""
-    import prepare
+    import positions
 
     text = ("x,y,timestamp,sequence_id\n1.5, 2,10,a\n\n3,4,11,a\n , ,\n5,6e1,12.5,b\n")
     path = tmp_path / "p.csv"
     path.write_text(text)
-    fast = prepare._read_positions_fast(path)
-    monkeypatch.setattr(prepare, "_read_positions_fast", lambda p: None)
-    slow = prepare.read_positions(path, "database")
+    fast = positions._read_positions_fast(path)
+    monkeypatch.setattr(positions, "_read_positions_fast", lambda p: None)
+    slow = positions.read_positions(path, "database")
     assert fast is not None
     np.testing.assert_array_equal(fast.values, slow.values)
     np.testing.assert_array_equal(fast.timestamps, slow.timestamps)
@@ -392,4 +394,4 @@ def test_fast_positions_reader_equals_the_row_by_row_reader(tmp_path, monkeypatc
     for irregular in ('x,y\n"1",2\n', "x,y\n1,2,3\n", "x,y\n1,abc\n", "x,y,timestamp\n1,2,2024-01-01T00:00:00\n",
                       "x,y\n1,nan\n"):
         path.write_text(irregular)
-        assert prepare._read_positions_fast(path) is None, irregular
+        assert positions._read_positions_fast(path) is None, irregular

@@ -259,16 +259,16 @@ def test_replay_writes_csv_recall_and_summary(tiny_oxford, tmp_path, capsys):
 
 
 def test_replay_resets_at_query_sequence_bounds(tiny_oxford, monkeypatch, tmp_path):
-    import get_datasets
+    import runs
 
-    real = get_datasets.get_split
+    real = runs.get_split
 
-    def two_segments(opt, name):
-        split = real(opt, name)
+    def two_segments(opt, name, **kwargs):
+        split = real(opt, name, **kwargs)
         split.q_bounds = bounds_of([50, N_TEST - 50])
         return split
 
-    monkeypatch.setattr(get_datasets, "get_split", two_segments)
+    monkeypatch.setattr(runs, "get_split", two_segments)
     out = tmp_path / "m.csv"
     run_localize(localize_options(tiny_oxford, "--seqL", "4", "--output", str(out)))
     empty = [int(r["query_frame"]) for r in read_csv(out) if r["db_frame"] == ""]

@@ -99,7 +99,7 @@ def test_bounds_are_read_per_traversal(msls_root, split, city):
 def test_windows_stay_inside_their_sequence(msls_root, split, city, seq_len):
     from datasets import sequence_windows
     from get_datasets import get_split
-    from train import TrainingSet
+    from mining import TrainingSet
 
     sp = get_split(msls_opt(msls_root, seq_len), split)
     for side, bounds in (("database", sp.db_bounds), ("query", sp.q_bounds)):

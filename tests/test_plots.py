@@ -141,7 +141,7 @@ def test_distance_section_equals_plain_sequence_distances(rng):
     ground truth within posDistThr and the top-1 rows of the evaluated queries."""
     torch = pytest.importorskip("torch")
     import plain
-    from test import distance_section
+    from evaluate import distance_section
 
     n, dim, seq_len = 60, 8, 3
     pos = np.stack([np.arange(n) * 2.0, np.zeros(n)], axis=1)

@@ -36,21 +36,19 @@ REL = 1e-6          # scores this close (relative) count as one tied score
 
 
 def recall_table(*args, **kwargs):
-    """The project's Recall@N, as ``test.evaluate`` computes it."""
-    import test
+    """The project's Recall@N, as ``evaluate.evaluate`` computes it."""
+    import evaluate
 
-    return test.recall_table(*args, **kwargs)
+    return evaluate.recall_table(*args, **kwargs)
 
 
 def load_case(args: list[str]):
     """``(options, split, model, device)`` that ``--mode test`` evaluates for ``args``."""
-    import main
     import test
     from options import parse_options
 
-    load_for_test = getattr(test, "load_for_test", None) or main.load_for_test
-    loaded = load_for_test(parse_options(args))
-    return (loaded.opt, loaded.split, loaded.model, loaded.device) if hasattr(loaded, "split") else loaded
+    loaded = test.load_for_test(parse_options(args))
+    return loaded.opt, loaded.split, loaded.model, loaded.device
 
 
 def tied(a, b) -> np.ndarray:
@@ -71,7 +69,7 @@ def tie_groups(dists: np.ndarray) -> list[tuple[int, int]]:
 def test_reference_case(case, tmp_path, monkeypatch):
     import main
     from datasets import sequence_windows
-    from get_models import extract_features
+    from get_models import project_frames
     from seqMatchNet import candidate_distances
 
     spec = CASES[case]
@@ -103,8 +101,8 @@ def test_reference_case(case, tmp_path, monkeypatch):
                                    err_msg=f"plain recall, radius {radius}")
 
     # (b) differences from the reference's predictions only inside groups of tied scores
-    db_f = extract_features(model, split.db_desc, device, 256)
-    q_f = extract_features(model, split.q_desc, device, 256)
+    db_f = project_frames(model, split.db_desc, device, 256)
+    q_f = project_frames(model, split.q_desc, device, 256)
     db_s = torch.as_tensor(sequence_windows(split.db_bounds, opt.seqL)[0][db_frames])
     q_s = torch.as_tensor(sequence_windows(split.q_bounds, opt.seqL)[0][q_frames])
 

@@ -16,6 +16,8 @@ import torch
 import plain
 from conftest import unit_rows
 from datasets import segment_bounds, sequence_windows
+from metrics import recall_table
+from search import faiss_search, rerank
 from seqMatchNet import (
     candidate_distances,
     chunked_topk,
@@ -25,7 +27,6 @@ from seqMatchNet import (
     topk_by_value_then_index,
     window_distances,
 )
-from test import faiss_search, recall_table, rerank
 
 LENGTHS = [1, 2, 3, 4, 5, 6]
 
@@ -323,9 +324,9 @@ def test_chunked_topk_orders_ties_like_plain(seq_len, method, topk, data, monkey
 @pytest.mark.parametrize("query_chunk", [1024, 5])
 @pytest.mark.parametrize("data", ["random", "onehot"])
 def test_rank_ties_do_not_depend_on_chunks(seq_len, query_chunk, data):
-    """``test.rank`` (what --mode test runs) on a contiguous traversal: the plain oracle's predictions
+    """``search.rank`` (what --mode test runs) on a contiguous traversal: the plain oracle's predictions
     for every --queryChunk / --dbChunk."""
-    from test import rank
+    from search import rank
 
     rng = np.random.default_rng(60 + seq_len)
     db, q = tied_features(rng, 45, 30, 12, data)

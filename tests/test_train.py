@@ -13,7 +13,8 @@ import plain
 from conftest import REFERENCE, needs_reference, unit_rows
 from datasets import Split, segment_bounds
 from get_models import SeqMatchModel
-from train import TrainingSet, batch_loss, cache_distances, mine, sample_negatives
+from mining import TrainingSet, cache_distances, mine, sample_negatives
+from train import batch_loss
 
 
 def tiny_split(n_db=60, n_q=55, dim=8, seed=0, pos_thr=3.0, non_triv_sq=4.0) -> Split:
