@@ -1,4 +1,4 @@
-"""Evaluation (README, "How it works"): project the windows, search, and measure Recall@N, recall at
+"""Evaluation (docs/how-it-works.md): project the windows, search, and measure Recall@N, recall at
 radii and the precision-recall of the top-1 matches; figures and result files of an evaluation.
 
 ``evaluate(config, split, model, device)`` is what ``--mode test`` and the validation after each

@@ -1,4 +1,4 @@
-"""Who is who in a training split, and hard-negative mining (README, "How it works", steps 1-2).
+"""Who is who in a training split, and hard-negative mining (docs/how-it-works.md, steps 1-2).
 
 ``TrainingSet`` says which windows may be queries, positives and negatives; ``cache_distances``
 is the mining matrix (sequence distances of every database window to a chunk of queries);
@@ -28,8 +28,8 @@ N_NEG_CANDIDATES = N_NEG * 10
 class TrainingSet:
     """Valid windows of a training split and their relations.
 
-    Database and query windows are those that needed no shift (README, "How it
-    works"). Indices below are positions in ``db_frames`` / ``q_frames``.
+    Database and query windows are those that needed no shift (docs/how-it-works.md).
+    Indices below are positions in ``db_frames`` / ``q_frames``.
     """
 
     split: Split
@@ -111,7 +111,7 @@ def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Gene
 
 def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: np.ndarray, margin: float,
          n_neg: int = N_NEG, n_candidates: int = N_NEG_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hard triplets for a set of queries (README, "How it works"), all at once.
+    """Hard triplets for a set of queries (docs/how-it-works.md), all at once.
 
     ``dists`` ``[Nd, B]`` cached distances; ``nontriv_pos`` B arrays of database
     indices; ``sampled`` ``[B, S]`` drawn potential negatives; ``neg_cache``

@@ -1,4 +1,4 @@
-"""Search: every way of finding each query window's best database windows (README, "How it works").
+"""Search: every way of finding each query window's best database windows (docs/how-it-works.md).
 
 ``find`` is the one entry: it takes the projected query windows and the database (an array or a
 ``datasets.DescriptorSource``) and returns each query's top ``TOP_K`` database windows, by

@@ -1,6 +1,6 @@
 """``--mode test``: load a split and a model (optionally a trained run), evaluate it, print the
 recall table and write results, figures and ``summary.json``; or, with ``--extractOnly``, save the
-sequence descriptors instead (README, "What a run shows").
+sequence descriptors instead (docs/training-and-testing.md).
 
 The evaluation itself lives in ``evaluate.py`` and the search in ``search.py``; this file turns
 the options into their configs and writes what the user asked for.
