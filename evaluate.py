@@ -22,6 +22,7 @@ from metrics import N_VALUES, RADII, nearest_db_distance, precision_recall, radi
 from search import SearchConfig, find
 from seqMatchNet import window_distances
 from utils import UserError, atomic_write
+from velocity import parse_velocities
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class EvalConfig:
                               feat_dtype=dtype, shortlist=opt.shortlist or 0, nprobe=opt.nprobe,
                               shortlist_index=Path(opt.shortlistIndex) if opt.shortlistIndex else None,
                               shortlist_check=opt.shortlistCheck, batch_size=opt.cacheBatchSize, seed=opt.seed,
-                              quiet=opt.quiet)
+                              quiet=opt.quiet, velocities=parse_velocities(opt.velocities))
         return cls(opt.seqL, opt.seqL_filterData, search, opt.cacheBatchSize, opt.quiet)
 
     def filter_for(self, split_name: str) -> int | None:
@@ -70,6 +71,7 @@ class EvalResult:
     db_feats: torch.Tensor | None = None   # pooled frame features (sequence matching), for figures
     q_feats: torch.Tensor | None = None
     shortlist: dict | None = None          # --shortlist: candidates, index, nprobe, recall on a sample
+    velocities: np.ndarray | None = None   # --velocities: [numQ, k] the velocity of each prediction
 
 
 def select_frames(bounds: np.ndarray, filter_len: int | None) -> np.ndarray:
@@ -135,7 +137,8 @@ def evaluate(config: EvalConfig, split: Split, model: SeqMatchModel, device: tor
     q = model.embed_windows(split.q_desc, q_starts, seq_len, device, config.batch_size, "queries", config.quiet,
                             all_frames=True, dtype=config.search.feat_dtype)
     q_time = time.perf_counter() - t0
-    found = find(config.search, model, split.db_desc, db_starts, q, seq_len, device, predictions)
+    found = find(config.search, model, split.db_desc, db_starts, q, seq_len, device, predictions,
+                 split.db_bounds[db_sel], split.q_bounds[q_sel])
     t2 = time.perf_counter()
     timings = dict(found.timings)
     if "features_s" in timings:
@@ -150,7 +153,7 @@ def evaluate(config: EvalConfig, split: Split, model: SeqMatchModel, device: tor
                       db_frames=db_sel, q_frames=q_sel, queries_with_positives=n_pos, radius_counts=radius_counts,
                       timings={**timings, "metrics_s": time.perf_counter() - t2},
                       db_feats=found.db_feats if frame_feats else None, q_feats=q.feats if frame_feats else None,
-                      shortlist=found.shortlist)
+                      shortlist=found.shortlist, velocities=found.velocities)
 
 
 def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path, label: str, prefix: str = "",
@@ -235,6 +238,7 @@ def save_results(results_dir: Path, result: EvalResult, extra: dict | None = Non
     results_dir = Path(results_dir)
     arrays = {"recalls": np.array(result.recalls, dtype=object), "rAtL": result.radius_recalls,
               "preds": result.preds, "dists": result.dists, "n_values": np.array(N_VALUES),
+              **({"velocities": result.velocities} if result.velocities is not None else {}),
               "radii": np.array(RADII), "dbFrames": result.db_frames, "qFrames": result.q_frames}
     arrays.update(embeddings or {})
     arrays.update(extra or {})

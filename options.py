@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 
+import velocity
 from get_models import METHODS
 from seqMatchNet import DISTANCES
 from synthetic import SyntheticParams
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how sequences are compared: seqmatch (SeqMatchNet's sequence matching), single "
                         "(single frames), smooth (window mean), delta (Delta Descriptors), seqnet (SeqNet)")
     g.add_argument("--w", type=int, default=5, help="SeqNet temporal kernel width (--method seqnet)")
+    g.add_argument("--velocities", type=str, default="1", metavar="VMIN:VMAX:VSTEP",
+                   help="database frames per query frame to match sequences at (a range or a comma list): 1 is "
+                        "the reference's diagonal; 0.5:2:0.1 matches traversals driven at other speeds "
+                        "(docs/speeds.md)")
     g.add_argument("--init", type=str, default="random", choices=["random", "identity"],
                    help="initial projection: random (reference) or identity-like (needs --outDims = input dims)")
 
@@ -226,6 +231,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--shortlistIndex keeps the --shortlist index: give --shortlist K too")
     if getattr(opt, "shortlist", 0) and opt.predictionsFile:
         raise UserError("--shortlist and --predictionsFile both choose the candidates to re-rank: give one of them")
+    velocity.trajectories(velocity.parse_velocities(opt.velocities), opt.seqL)    # one line when malformed
     if opt.lr <= 0 or opt.margin < 0:
         raise UserError("--lr must be positive and --margin not negative")
     if opt.mode == "train" and opt.extractOnly:

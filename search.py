@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 import distributed
 import shortlist
+import velocity
 from get_models import SeqMatchModel, WindowEmbedding, project_frames, window_frames, window_means
-from seqMatchNet import candidate_distances, chunked_topk, topk_by_value_then_index
+from seqMatchNet import candidate_distances, chunked_topk, frame_distances, topk_by_value_then_index
 from utils import UserError, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class SearchConfig:
     batch_size: int = 64                     # frames per projection batch
     seed: int = 123                          # the shortlist's training and check samples
     quiet: bool = False                      # no progress bars
+    velocities: tuple[float, ...] = (1.0,)   # database frames per query frame searched (1: the diagonal)
+    rule: velocity.ScoringRule = velocity.DEFAULT_RULE   # how the trajectories of a query combine
+
+    def trajectories(self, seq_len: int) -> velocity.Trajectories:
+        return velocity.trajectories(self.velocities, seq_len, "centre")
 
     def streams(self, model: SeqMatchModel, num_db: int) -> bool:
         """Whether the database is streamed from its file (frame models over a map larger than
@@ -71,16 +77,23 @@ class Found:
     timings: dict = field(default_factory=dict)
     db_feats: torch.Tensor | None = None
     shortlist: dict | None = None
+    velocities: np.ndarray | None = None     # [Nq, k] the velocity of each prediction's best trajectory
 
 
 def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndarray, q: WindowEmbedding,
-         seq_len: int, device: torch.device, predictions: np.ndarray | None = None) -> Found:
+         seq_len: int, device: torch.device, predictions: np.ndarray | None = None,
+         db_bounds: np.ndarray | None = None, q_bounds: np.ndarray | None = None) -> Found:
     """Each query window's best ``TOP_K`` database windows (the windows starting at ``db_starts``
     of the traversal ``db_desc``): projected whole and searched in memory, or streamed (see
-    ``SearchConfig.streams``); ``predictions`` (candidate indices into ``db_starts``) are re-ranked."""
+    ``SearchConfig.streams``); ``predictions`` (candidate indices into ``db_starts``) are re-ranked.
+    ``db_bounds`` / ``q_bounds`` ``[N, 2]``: each window's sequence (needed with ``velocities``)."""
     if config.shortlist and model.compares_descriptors:
         raise UserError("--shortlist re-ranks by sequence matching: use it with --method seqmatch (this model's "
                         "window or frame descriptors are searched with a faiss index already)")
+    traj = config.trajectories(seq_len)
+    if not traj.is_diagonal:
+        return find_across_speeds(config, model, db_desc, db_starts, q, seq_len, device, predictions, traj,
+                                  db_bounds, q_bounds)
     if config.streams(model, len(db_desc)):
         return search_streamed(config, db_desc, model, device, db_starts, q, seq_len, predictions)
     t0 = time.perf_counter()
@@ -376,3 +389,64 @@ def shortlist_search(config: SearchConfig, desc, model: SeqMatchModel, device: t
             "recall": recall, "sampled_queries": int(n_check), "index_file": str(path) if path else None,
             "index_loaded": loaded}
     return Found(idx[:, :TOP_K], dists[:, :TOP_K], clock, keep, info)
+
+
+# ---------------------------------------------------------------- across speeds (docs/speeds.md)
+
+def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndarray,
+                       q: WindowEmbedding, seq_len: int, device: torch.device, predictions: np.ndarray | None,
+                       traj: velocity.Trajectories, db_bounds: np.ndarray, q_bounds: np.ndarray) -> Found:
+    """``find`` with ``velocities``: every database trajectory of every window, scored by ``config.rule``.
+    The database is projected whole (frame models); re-ranking and streamed maps search the diagonal only."""
+    if model.compares_descriptors:
+        raise UserError("--velocities matches frame sequences: use it with --method seqmatch (this model compares "
+                        "one descriptor per window or frame)")
+    if predictions is not None or config.streams(model, len(db_desc)):
+        raise UserError("--velocities searches the whole map in memory: it does not combine with --predictionsFile, "
+                        "--shortlist or a map larger than --mapChunk yet; raise --mapChunk or use --velocities 1")
+    t0 = time.perf_counter()
+    db = model.embed_windows(db_desc, db_starts, seq_len, device, config.batch_size, "database", config.quiet,
+                             all_frames=True, dtype=config.feat_dtype)
+    t1 = time.perf_counter()
+    idx, dists, vel = rank_across_speeds(db.feats.float(), q.feats.float(), db_starts, q.starts.cpu().numpy(),
+                                         db_bounds, q_bounds, traj, config.rule, TOP_K, config.query_chunk,
+                                         config.quiet)
+    timings = {"features_s": t1 - t0, "matching_s": time.perf_counter() - t1}
+    return Found(idx, dists, timings, db.feats, velocities=vel)
+
+
+def rank_across_speeds(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray,
+                       db_bounds: np.ndarray, q_bounds: np.ndarray, traj: velocity.Trajectories,
+                       rule: velocity.ScoringRule, k: int = TOP_K, query_chunk: int = 1024,
+                       quiet: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k database windows per query window over all trajectories of ``traj``.
+
+    ``db_feats`` / ``q_feats`` hold every frame of their traversal (row = frame); windows start at
+    ``db_starts`` / ``q_starts`` and lie in the sequences ``db_bounds`` / ``q_bounds`` ``[N, 2]``; each
+    window's trajectories are anchored at its centre ``start + L // 2`` (``velocity``). Per query chunk,
+    the frame distances are computed once (one product over the chunk's query frames) and every
+    trajectory is a shifted sum of them (``velocity.trajectory_distances``); ``velocity.TrajectoryTopK``
+    keeps each trajectory's top-k and applies ``rule``. Returns ``(indices into db_starts [Nq, k],
+    scores [Nq, k], velocity [Nq, k])``, ties by ascending index, then the velocity nearest 1.
+    """
+    n_db, n_q, half = len(db_starts), len(q_starts), traj.seq_len // 2
+    device = db_feats.device
+    anchors = np.asarray(db_starts) + half
+    # a query chunk's block: frame distances [Nd frames, chunk frames] + T scores per database window
+    per_query = 4 * (len(db_feats) + (traj.count + 1) * n_db)
+    query_chunk = max(1, min(query_chunk, DENSE_LIMIT_BYTES // max(per_query, 1)))
+    top = velocity.TrajectoryTopK(n_q, traj, min(k, n_db), device)
+    db_ids = torch.arange(n_db, device=device)
+    with tqdm(total=n_q, desc="matching across speeds", unit="query", disable=not progress_enabled(quiet),
+              leave=False) as bar:
+        for lo in range(0, n_q, query_chunk):
+            starts = np.asarray(q_starts[lo:lo + query_chunk])
+            f_lo, f_hi = int(starts.min()), int(starts.max()) + traj.seq_len
+            frames = frame_distances(db_feats, q_feats[f_lo:f_hi])
+            dists = velocity.trajectory_distances(frames, anchors, db_bounds, starts + half - f_lo, traj)
+            del frames
+            top.add(lo, dists, db_ids)
+            bar.update(len(starts))
+    ids, scores, vel = top.finish(q_bounds, rule)
+    return ids.cpu().numpy(), scores.cpu().numpy().astype(np.float32), vel.cpu().numpy().astype(np.float32)
+

@@ -1,0 +1,129 @@
+"""``--velocities`` in the search (``search.rank_across_speeds``, docs/speeds.md) against plain loops written
+from the definition: a window's trajectories are anchored at its centre ``start + L // 2``, use database
+frames ``anchor + round_half_away(v * k)`` for query offsets ``k``, are not scored when they leave the
+database sequence, and a window's score is the best adjusted score over its trajectories."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import search
+import velocity
+from datasets import sequence_windows
+from seqMatchNet import frame_distances
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def bounds_of(lengths: list[int]) -> np.ndarray:
+    out = []
+    lo = 0
+    for n in lengths:
+        out += [(lo, lo + n)] * n
+        lo += n
+    return np.array(out, dtype=np.int64)
+
+
+def half_away(x: float) -> int:
+    return int(math.copysign(math.floor(abs(x) + 0.5), x))
+
+
+def plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule):
+    """Adjusted score of every (query window, database window) and the velocity giving it, by loops."""
+    traj = velocity.trajectories(velocities, seq_len)
+    d = frame_distances(db.double(), q.double()).numpy()
+    half = seq_len // 2
+    offsets = [k - half for k in range(seq_len)]
+    n_t, n_q, n_db = traj.count, len(q_starts), len(db_starts)
+    raw = np.full((n_q, n_t, n_db), np.inf)
+    for i in range(n_q):
+        qa = q_starts[i] + half
+        for t in range(n_t):
+            v = traj.velocities[t]
+            for j in range(n_db):
+                a = db_starts[j] + half
+                frames = [a + half_away(round(v * k, 9)) for k in offsets]
+                lo, hi = db_bounds[j]
+                if all(lo <= f < hi for f in frames):
+                    raw[i, t, j] = sum(d[f, qa + k] for f, k in zip(frames, offsets)) / seq_len
+    finite = np.isfinite(raw)
+    stats = {"best": raw.min(axis=2), "sum": np.where(finite, raw, 0).sum(axis=2),
+             "sumsq": np.where(finite, raw ** 2, 0).sum(axis=2), "count": finite.sum(axis=2).astype(float)}
+    a, b = velocity.rule_coefficients(rule, stats, q_bounds)
+    return a[:, :, None] * raw + b[:, :, None], traj.velocities
+
+
+def plain_top(adj, velocities, k):
+    """Per query: database windows by (best adjusted score, index), each with its velocity nearest 1."""
+    out = []
+    for i in range(adj.shape[0]):
+        best = []
+        for j in range(adj.shape[2]):
+            t = min(range(adj.shape[1]), key=lambda t: (adj[i, t, j], abs(velocities[t] - 1), velocities[t]))
+            best.append((adj[i, t, j], j, velocities[t]))
+        out.append(sorted(best, key=lambda x: (x[0], x[1]))[:k])
+    return out
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "consensus"])
+def test_rank_across_speeds_equals_plain_loops(seq_len, rule):
+    rng = np.random.default_rng(seq_len)
+    db_bounds, q_bounds = bounds_of([23, 17]), bounds_of([11, 14])
+    db, q = unit(rng, len(db_bounds), 6), unit(rng, len(q_bounds), 6)
+    db[30:34] = db[5:9]                                     # repeated places: exact ties across windows
+    db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
+    velocities = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    k = 12
+    idx, scores, vel = search.rank_across_speeds(db, q, db_starts, q_starts, db_bounds, q_bounds,
+                                                 velocity.trajectories(velocities, seq_len), rule, k, query_chunk=4)
+    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule)
+    want = plain_top(adj, vels, k)
+    for i, row in enumerate(want):
+        finite = [r for r in row if np.isfinite(r[0])]
+        np.testing.assert_allclose(scores[i, :len(finite)], [r[0] for r in finite], rtol=1e-5, atol=1e-5)
+        # equal up to scores that differ in the last float32 bits
+        close = np.isclose(scores[i, :len(finite)], [r[0] for r in finite], rtol=0, atol=1e-9)
+        assert [r[1] for r in finite][:close.argmin() if not close.all() else None] == \
+            idx[i, :len(finite)].tolist()[:close.argmin() if not close.all() else None]
+        np.testing.assert_array_equal(vel[i, :len(finite)][close], np.array([r[2] for r in finite])[close])
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 4, 5])
+def test_one_velocity_equals_the_diagonal_search(seq_len):
+    """With the single trajectory v = 1 the search across speeds is today's ``search.rank``."""
+    rng = np.random.default_rng(7)
+    db_bounds, q_bounds = bounds_of([30, 25]), bounds_of([40])
+    db, q = unit(rng, len(db_bounds), 8), unit(rng, len(q_bounds), 8)
+    db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
+    want_i, want_d = search.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
+    got_i, got_d, vel = search.rank_across_speeds(db, q, db_starts, q_starts, db_bounds, q_bounds,
+                                                  velocity.trajectories((1.0,), seq_len), velocity.PLAIN_MIN, 20,
+                                                  query_chunk=7)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_d, want_d, rtol=0, atol=1e-6)
+    assert (vel == 1).all()
+
+
+def test_faster_query_is_found_at_its_speed():
+    """A query traversal driven at twice the database's speed: its windows match their places along
+    the v = 2 trajectory, which the diagonal cannot follow."""
+    rng = np.random.default_rng(3)
+    db = unit(rng, 200, 16)
+    q = db[0:200:2] + 0.05 * unit(rng, 100, 16)
+    q = q / q.norm(dim=1, keepdim=True)
+    seq_len = 5
+    db_bounds, q_bounds = bounds_of([200]), bounds_of([100])
+    db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
+    idx, _, vel = search.rank_across_speeds(db, q, db_starts, q_starts, db_bounds, q_bounds,
+                                            velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len),
+                                            velocity.DEFAULT_RULE, 5)
+    inner = np.arange(5, 95)
+    assert (idx[inner, 0] == 2 * inner).mean() > 0.95
+    assert (vel[inner, 0] == 2).mean() > 0.95
