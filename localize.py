@@ -120,12 +120,26 @@ class Localizer:
     ``step(frame [C]) -> Match | None``: None until ``seq_len`` frames have
     arrived since construction or the last ``reset()``. Among exactly tied
     scores the smallest database frame wins.
+
+    ``velocities`` (database frames per query frame, ``velocity.py``): with
+    the default ``(1.0,)`` the diagonal above. Otherwise the trailing query
+    window (offsets ``k = -(L-1)..0``) is compared with every database
+    trajectory ending at ``j`` (frames ``j + round(v k)``, inside ``j``'s
+    segment): still one matrix-vector product per step, then shifted sums of
+    the ring buffer's rows per trajectory. ``rule`` (``velocity.ScoringRule``,
+    default ``velocity.DEFAULT_RULE``) combines the trajectories causally: its
+    statistics come from the current and the previous ``rule.window`` query
+    frames of the current sequence only. ``Match.distance`` is then the mean
+    frame distance along the chosen trajectory, ``confidence`` that distance
+    over the best one (along each window's chosen trajectory) of the windows
+    beyond the radius, and ``last_velocity`` the chosen velocity. Ties: the
+    smallest database frame, then the velocity nearest 1.
     """
 
     def __init__(self, db_descriptors: np.ndarray | torch.Tensor, model=None, seq_len: int = 5,
                  positions: np.ndarray | None = None, db_bounds: np.ndarray | None = None,
                  conf_radius: float | None = None, device: torch.device | str = "cpu",
-                 batch_size: int = PROJECT_BATCH) -> None:
+                 batch_size: int = PROJECT_BATCH, velocities=(1.0,), rule=None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
         self.seq_len = int(seq_len)
@@ -172,6 +186,29 @@ class Localizer:
         self._alt = torch.empty(n_ends, dtype=torch.float32, device=self.device) if positions is not None else None
         self._query = torch.empty(self.db_feats.shape[1], dtype=torch.float32, device=self.device)
         self._count = 0
+        self._setup_trajectories(velocities, rule, db_bounds)
+
+    def _setup_trajectories(self, velocities, rule, db_bounds: np.ndarray | None) -> None:
+        """Trailing trajectories of ``velocities`` (None: the diagonal path) and their validity per end frame."""
+        import velocity
+
+        self.last_velocity = 1.0
+        traj = velocity.trajectories(velocities, self.seq_len, anchor="end")
+        self._traj = None if traj.is_diagonal else traj
+        if self._traj is None:
+            return
+        self.rule = velocity.DEFAULT_RULE if rule is None else rule
+        velocity.causal_coefficients(self.rule, np.zeros((1, traj.count)), np.zeros((1, traj.count)),
+                                     np.ones((1, traj.count)))            # refuses a rule without a causal form
+        nd = self.num_db
+        lo = np.zeros(nd, dtype=np.int64) if db_bounds is None else np.asarray(db_bounds)[:, 0]
+        span = -traj.steps.min(axis=1)                                         # [T] frames before the end
+        valid = np.arange(nd)[None, :] - span[:, None] >= lo[None, :]          # [T, Nd]
+        if not valid.any():
+            raise ValueError(f"no database segment holds a trajectory of {self.seq_len} frames")
+        self._traj_valid = torch.as_tensor(valid, device=self.device)
+        self._traj_scores = torch.empty((traj.count, nd), dtype=torch.float32, device=self.device)
+        self._history: list[np.ndarray] = []                                   # rows [3, T]: best, mean, std
 
     def _default_radius(self, db_bounds: np.ndarray | None) -> float:
         if self.positions is None:
@@ -190,6 +227,8 @@ class Localizer:
     def reset(self) -> None:
         """Start a new query sequence: the next ``seq_len - 1`` steps return None."""
         self._count = 0
+        if getattr(self, "_traj", None) is not None:
+            self._history.clear()
 
     @torch.no_grad()
     def step(self, frame: np.ndarray | torch.Tensor) -> Match | None:
@@ -220,6 +259,8 @@ class Localizer:
         self._count += 1
         if self._count < L:
             return None
+        if self._traj is not None:
+            return self._step_trajectories(slot)
 
         # window ending at database frame j: sum over k of d(q_{t-k}, db_{j-k}); scores[i] is for j = L-1+i
         n = len(self._scores)
@@ -239,6 +280,53 @@ class Localizer:
         db_frame = best + L - 1
         position = None if self.positions is None else tuple(float(v) for v in self.positions[db_frame])
         return Match(db_frame=db_frame, distance=best_sum / L, confidence=confidence, position=position)
+
+    def _step_trajectories(self, slot: int) -> Match:
+        """The best database trajectory for the full ring buffer whose newest row is ``slot``."""
+        import velocity
+
+        L, traj, sums = self.seq_len, self._traj, self._traj_scores
+        nd = self.num_db
+        rows = [self._ring[(slot + 1 + i) % L] for i in range(L)]              # query offsets -(L-1)..0
+        for t in range(traj.count):
+            span = int(-traj.steps[t].min())
+            acc = sums[t, span:]
+            acc.copy_(rows[0][span + int(traj.steps[t, 0]):nd + int(traj.steps[t, 0])])
+            for i in range(1, L):
+                acc.add_(rows[i][span + int(traj.steps[t, i]):nd + int(traj.steps[t, i])])
+        dist = sums.div(L).masked_fill_(~self._traj_valid, torch.inf)          # [T, Nd] mean distances
+        finite = torch.where(self._traj_valid, dist, 0.0).double()
+        count = self._traj_valid.sum(dim=1).clamp(min=1).double()
+        mean = finite.sum(dim=1) / count
+        std = torch.sqrt(torch.clamp(finite.square().sum(dim=1) / count - mean.square(), min=0.0))
+        self._history.append(np.stack([dist.amin(dim=1).double().cpu().numpy(), mean.cpu().numpy(),
+                                       std.cpu().numpy()]))
+        del self._history[:max(0, len(self._history) - (self.rule.window + 1))]
+        h = np.stack(self._history)                                              # [W, 3, T]
+        a, b = velocity.causal_coefficients(self.rule, h[:, 0], h[:, 1], h[:, 2])
+        adj = dist.double() * torch.as_tensor(a, device=self.device)[:, None] + torch.as_tensor(
+            b, device=self.device)[:, None]
+        adj = adj.masked_fill_(~self._traj_valid, torch.inf)
+        t_best = torch.argmin(adj, dim=0)                                        # per end: nearest 1 among ties
+        score = torch.gather(adj, 0, t_best[None])[0]
+        chosen = torch.gather(dist, 0, t_best[None])[0]                          # [Nd] distance of the choice
+        best = int(torch.argmin(score))                                          # the smallest frame among ties
+        self.last_velocity = float(traj.velocities[int(t_best[best])])
+        distance = float(chosen[best])
+        alt = self._elsewhere_min(chosen, best)
+        confidence = math.nan if not math.isfinite(alt) else (distance / alt if alt > 0 else 1.0)
+        position = None if self.positions is None else tuple(float(v) for v in self.positions[best])
+        return Match(db_frame=best, distance=distance, confidence=confidence, position=position)
+
+    def _elsewhere_min(self, values: torch.Tensor, best: int) -> float:
+        """Smallest of ``values`` ``[Nd]`` (one per end frame) farther than ``conf_radius`` from frame ``best``."""
+        if self.positions is None:
+            r = math.floor(self.conf_radius)
+            far = torch.abs(torch.arange(self.num_db, device=self.device) - best) > r
+        else:
+            pos = torch.as_tensor(self.positions, device=self.device)
+            far = ((pos - pos[best]) ** 2).sum(dim=1) > self.conf_radius ** 2
+        return float(values.masked_fill(~far, math.inf).min()) if bool(far.any()) else math.inf
 
     def _best_elsewhere(self, best: int) -> float:
         """Smallest window sum among windows ending farther than ``conf_radius`` from window ``best``."""

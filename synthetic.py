@@ -72,7 +72,7 @@ class SyntheticParams:
 
     seed: int = 0
     frames: int = 5000  # database frames for the whole route
-    query_ratio: float = 0.99  # query frames = round(frames * query_ratio)
+    query_ratio: float = 0.99  # query frames = round(frames * query_ratio) (without a speed profile)
     dim: int = 128  # descriptor dimension
     spacing_m: float = 2.0  # mean database frame spacing
     speed_var: float = 0.15  # relative std of the (smooth) per-frame step
@@ -99,6 +99,11 @@ class SyntheticParams:
     train_share: float = 0.6
     val_share: float = 0.15
     gap_m: float = 200.0  # gap between consecutive splits
+    # query speed profile (defaults: the query drives like the database; see _query_positions)
+    query_speed: float = 1.0  # query speed / database speed = database frame spacings per query frame
+    query_speed_changes: float = 0.0  # stretches of the query drive at speed x [1/(1+c), 1+c] (log-uniform)
+    query_stops_per_km: float = 0.0  # stops of the query traversal per km of route
+    query_stop_frames: int = 10  # mean query frames standing still at one stop
 
     def validate(self) -> None:
         """Raise ValueError on values that cannot make a benchmark."""
@@ -114,6 +119,19 @@ class SyntheticParams:
             raise ValueError('scene_share must be in [0, 1), nuisance_frame_share in [0, 1]')
         if not 0 <= self.alias_share < 0.5 or not 0 < self.alias_min_m <= self.alias_max_m:
             raise ValueError('alias_share must be in [0, 0.5) and 0 < alias_min_m <= alias_max_m')
+        if not (0.25 <= self.query_speed <= 4 and 0 <= self.query_speed_changes <= 3):
+            raise ValueError(f'query_speed must be in [0.25, 4] and query_speed_changes in [0, 3], got '
+                             f'{self.query_speed}, {self.query_speed_changes}')
+        if not (0 <= self.query_stops_per_km <= 20 and 1 <= self.query_stop_frames <= 1000):
+            raise ValueError('query_stops_per_km must be in [0, 20] and query_stop_frames in [1, 1000]')
+
+    @property
+    def speed_profile(self) -> bool:
+        """True when the query traversal follows its own speed profile (see ``_query_positions``)."""
+        return self.query_speed != 1.0 or self.query_speed_changes > 0 or self.query_stops_per_km > 0
+
+
+_PROFILE_FIELDS = ('query_speed', 'query_speed_changes', 'query_stops_per_km', 'query_stop_frames')
 
 
 def _split_ranges(params: SyntheticParams, length_m: float) -> dict[str, tuple[float, float]]:
@@ -162,6 +180,38 @@ def _frame_positions(rng: np.random.Generator, num: int, length_m: float, speed_
     start = rng.uniform(0.0, 0.5)
     s = np.concatenate([[0.0], np.cumsum(steps[:-1])])
     return start + s * (length_m - 1.0 - start) / s[-1]
+
+
+def _query_positions(rng: np.random.Generator, params: SyntheticParams, length_m: float) -> np.ndarray:
+    """Arc length of the query frames under a speed profile (``params.speed_profile``).
+
+    The query advances ``spacing_m * query_speed`` metres per frame, times the smooth ``speed_var`` factor,
+    times a factor per stretch (exponential lengths, mean 50 frames; log-uniform in ``[1/(1+c), 1+c]``
+    for ``c = query_speed_changes``; smoothed over a few frames: accelerations). At
+    ``query_stops_per_km`` stops per km (uniform along the route) it slows down over 4 frames, stands still
+    for ``query_stop_frames`` frames on average (0.5x to 1.5x), and speeds up again. The number of
+    frames follows from the profile (``query_ratio`` is not used).
+    """
+    c = params.query_speed_changes
+    n_max = int(np.ceil(length_m / (params.spacing_m * params.query_speed * 0.3 / (1 + c)))) + 10
+    factor = np.clip(1.0 + params.speed_var * _smooth_noise(rng, (n_max,), 20.0), 0.3, None)
+    if c > 0:
+        bounds = np.cumsum(rng.exponential(50.0, n_max // 10 + 2)).astype(np.int64)
+        level = np.exp(rng.uniform(-np.log1p(c), np.log1p(c), len(bounds) + 1))
+        factor *= gaussian_filter1d(level[np.searchsorted(bounds, np.arange(n_max), side='right')], 3.0)
+    steps = params.spacing_m * params.query_speed * factor
+    num_stops = int(rng.poisson(params.query_stops_per_km * length_m / 1000.0))
+    stop_at = np.sort(rng.uniform(0.0, length_m, num_stops))
+    frames_at = np.searchsorted(np.cumsum(steps), stop_at)
+    pieces, prev, ramp = [], 0, np.linspace(1.0, 0.0, 6)[1:-1]
+    for i, n in zip(frames_at, rng.integers(params.query_stop_frames // 2, params.query_stop_frames * 3 // 2 + 1,
+                                              num_stops)):
+        i = min(max(i, prev), len(steps) - 1)
+        pieces += [steps[prev:i], steps[i] * ramp, np.zeros(int(n)), steps[i] * ramp[::-1]]
+        prev = i
+    pieces.append(steps[prev:])
+    s = rng.uniform(0.0, 0.5) + np.concatenate([[0.0], np.cumsum(np.concatenate(pieces))])
+    return s[s < length_m - 1.0]
 
 
 def _route_xy(rng: np.random.Generator, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +312,11 @@ def generate(params: SyntheticParams) -> dict:
     out: dict = {}
     for name, num, offset, basis in (('db', params.frames, 0.0, basis_db),
                                      ('query', num_q, params.lane_offset_m, basis_q)):
-        s = _frame_positions(rng, num, length_m, params.speed_var)
+        if name == 'query' and params.speed_profile:
+            s = _query_positions(rng, params, length_m)
+            num = len(s)
+        else:
+            s = _frame_positions(rng, num, length_m, params.speed_var)
         lateral = offset * (1.0 + 0.5 * np.tanh(_smooth_noise(rng, (num,), 50.0)))
         pos = _interp_rows(s, grid, xy) + lateral[:, None] * _interp_rows(s, grid, normal)
         out[name + '_pos'] = pos + params.gps_noise_m * rng.standard_normal(pos.shape)
@@ -302,7 +356,11 @@ def _struct(split: str, data: dict) -> dict:
 
 
 def _params_json(params: SyntheticParams) -> str:
-    return json.dumps({'format_version': FORMAT_VERSION, **dataclasses.asdict(params)}, indent=1, sort_keys=True)
+    """The parameters as written beside the benchmark; the speed-profile fields only when they are set,
+    so that benchmarks generated before they existed stay complete."""
+    fields = {k: v for k, v in dataclasses.asdict(params).items()
+              if k not in _PROFILE_FIELDS or v != getattr(SyntheticParams, k)}
+    return json.dumps({'format_version': FORMAT_VERSION, **fields}, indent=1, sort_keys=True)
 
 
 def _file_paths(desc_dir: Path, struct_dir: Path) -> dict[str, Path]:

@@ -418,7 +418,7 @@ class TrajectoryTopK:
         rows = slice(q_lo, q_lo + len(vals))
         cat_v = torch.cat([self.values[t, rows], vals], dim=1)
         cat_i = torch.cat([self.ids[t, rows], idx], dim=1)
-        empty_key = torch.iinfo(torch.long).max // 2 + torch.arange(cat_i.shape[1], device=cat_i.device)
+        empty_key = int(cat_i.max()) + 1 + torch.arange(cat_i.shape[1], device=cat_i.device)   # after every id
         top_v, pos = topk_by_value_then_index(cat_v, self.k, ids=torch.where(cat_i < 0, empty_key, cat_i))
         self.values[t, rows], self.ids[t, rows] = top_v, torch.gather(cat_i, 1, pos)
 
@@ -447,7 +447,7 @@ class TrajectoryTopK:
         s_ids = torch.gather(ids, 1, order)
         dup = torch.cat([torch.zeros((nq, 1), dtype=torch.bool), s_ids[:, 1:] == s_ids[:, :-1]], dim=1)
         dup |= s_ids < 0
-        big = torch.iinfo(torch.long).max // 2
+        big = (int(s_ids.max()) + 1) * n_t            # keys stay small: topk_by_value_then_index multiplies them
         key = torch.where(dup, big + torch.arange(n_t * kk).expand(nq, -1), s_ids * n_t + torch.gather(tid, 1, order))
         s_adj = torch.gather(adj, 1, order).masked_fill(dup, torch.inf)
         width = int(min(self.k, self.seen.min()))

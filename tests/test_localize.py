@@ -390,3 +390,91 @@ def test_main_dispatches_localize_when_wired(tiny_oxford, tmp_path, monkeypatch)
     assert main.main(["--mode", "localize", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", "2",
                       "--nocuda", "--quiet", "--output", str(out)]) == 0
     assert len(read_csv(out)) == N_TEST
+
+
+# ---------------------------------------------------------------- across speeds (velocities)
+
+def plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule) -> list[tuple | None]:
+    """From the definition: per query frame, None before its window is full; else (db frame, velocity,
+    distance) of the best adjusted score over every trailing trajectory ending at j (frames j + round(v k),
+    k = -(L-1)..0, inside j's segment), with a, b from the current and previous ``rule.window`` full
+    windows of the query's segment (consensus of each trajectory's best score, z-normalised per step)."""
+    import velocity as V
+
+    traj = V.trajectories(velocities, seq_len, anchor="end")
+    dbn = [np.asarray(r, np.float64) / np.linalg.norm(r) for r in db]
+    qn = [np.asarray(r, np.float64) / np.linalg.norm(r) for r in q]
+    out, history = [], []
+    for t in range(len(q)):
+        if t == q_bounds[t][0]:
+            history = []
+        if t - seq_len + 1 < q_bounds[t][0]:
+            out.append(None)
+            continue
+        d = {}
+        for tr in range(traj.count):
+            for j in range(len(db)):
+                frames = [j + int(s) for s in traj.steps[tr]]
+                if frames[0] < db_bounds[j][0] or min(frames) < 0:
+                    continue
+                d[tr, j] = sum(float(np.linalg.norm(qn[t + int(k)] - dbn[f]))
+                               for k, f in zip(traj.q_offsets, frames)) / seq_len
+        stats = []
+        for tr in range(traj.count):
+            vals = [v for (u, _), v in d.items() if u == tr]
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(max(sum(v * v for v in vals) / len(vals) - mean * mean, 0.0)) or 1.0
+            stats.append((min(vals), mean, std))
+        history = (history + [stats])[-(rule.window + 1):]
+        cons = [sum((h[tr][0] - h[tr][1]) / h[tr][2] for h in history) / len(history) for tr in range(traj.count)]
+        best = min((((v - stats[tr][1]) / stats[tr][2] + rule.weight * (cons[tr] - min(cons)), j, tr, v)
+                    for (tr, j), v in d.items()))
+        out.append((best[1], float(traj.velocities[best[2]]), best[3]))
+    return out
+
+
+@pytest.mark.parametrize("seq_len", [2, 4, 5])
+def test_velocities_match_plain_causal_loop_with_bounds(seq_len):
+    import velocity as V
+
+    rng = np.random.default_rng(seq_len)
+    db = unit_rows(rng, 50, 8)
+    q_rows = np.round(np.arange(30) * 1.5).astype(int) % 50           # the query drives 1.5x as fast
+    q = db[q_rows] + 0.3 * rng.standard_normal((30, 8)).astype(np.float32)
+    db_bounds, q_bounds = bounds_of([21, 3, 26]), bounds_of([4, 12, 14])
+    rule = V.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
+    velocities = (0.5, 1.0, 1.5, 2.0)
+    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, conf_radius=2)
+    plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule)
+    for t in range(len(q)):
+        if t == q_bounds[t, 0]:
+            loc.reset()
+        m = loc.step(q[t])
+        if plain[t] is None:
+            assert m is None
+            continue
+        assert (m.db_frame, loc.last_velocity) == plain[t][:2], t
+        assert m.distance == pytest.approx(plain[t][2], abs=1e-5)
+        assert m.confidence > 0
+
+
+def test_default_and_diagonal_velocities_are_todays_localizer():
+    db, q = route(8, 40, 12, 6)
+    runs = [Localizer(db, seq_len=4, conf_radius=3, **kw) for kw in ({}, {"velocities": (1.0,)},
+                                                                      {"velocities": (0.9, 1.1)})]
+    for f in q:
+        matches = [loc.step(f) for loc in runs]
+        assert matches[0] == matches[1] == matches[2]
+    assert all(loc._traj is None for loc in runs)
+
+
+def test_velocities_keep_one_matrix_vector_product_per_step(monkeypatch):
+    db, q = route(9, 50, 8, 4)
+    loc = Localizer(db, seq_len=5, velocities=(0.5, 1.0, 2.0))
+    calls = []
+    real_addmv, real_mm = torch.addmv, torch.Tensor.__matmul__
+    monkeypatch.setattr(torch, "addmv", lambda *a, **k: (calls.append("mv"), real_addmv(*a, **k))[1])
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda *a: (calls.append("mm"), real_mm(*a))[1])
+    for f in q:
+        loc.step(f)
+    assert calls == ["mv"] * 8

@@ -333,3 +333,41 @@ def test_cli_synth_options_regenerate_and_bad_values_are_refused(tmp_path, monke
     assert params["noise_std"] == 0.5
     assert main.main(base[:-4] + ["--synth_frames", "10"]) == 1
     assert "--synth_" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- query speed profiles
+
+def test_default_speed_profile_leaves_the_benchmark_and_its_params_file_unchanged() -> None:
+    params = SyntheticParams()
+    assert not params.speed_profile
+    text = synthetic._params_json(params)
+    assert 'query_speed' not in text and 'query_stop' not in text       # files written before them stay complete
+    assert 'query_speed' in synthetic._params_json(dataclasses.replace(params, query_speed=2.0))
+
+
+@pytest.mark.parametrize('speed', [0.5, 1.5, 2.0])
+def test_constant_query_speed_spaces_the_query_frames(speed: float) -> None:
+    p = dataclasses.replace(SMALL, speed_var=0.0, gps_noise_m=0.0, lane_offset_m=0.0)
+    base, fast = generate(p), generate(dataclasses.replace(p, query_speed=speed))
+    np.testing.assert_array_equal(base['db'], fast['db'])                # the database does not change
+    step = np.linalg.norm(np.diff(fast['query_pos'], axis=0), axis=1)
+    assert np.median(step) == pytest.approx(p.spacing_m * speed, rel=0.05)
+    assert len(fast['query']) == pytest.approx(len(base['db']) / speed, rel=0.05)
+
+
+def test_stops_and_speed_changes() -> None:
+    p = dataclasses.replace(SMALL, speed_var=0.0, gps_noise_m=0.0, lane_offset_m=0.0, query_speed_changes=1.0,
+                            query_stops_per_km=3.0, query_stop_frames=12)
+    data = generate(p)
+    step = np.linalg.norm(np.diff(data['query_pos'], axis=0), axis=1)
+    moving = step[step > 0.05]
+    assert (step < 1e-9).sum() >= 6                                     # standing still at the stops
+    assert moving.max() / moving.min() > 3                              # slow and fast stretches
+    assert generate(p)['query'].tobytes() == data['query'].tobytes()   # deterministic
+
+
+@pytest.mark.parametrize('field, value', [('query_speed', 0.1), ('query_speed_changes', -1.0),
+                                          ('query_stops_per_km', -1.0), ('query_stop_frames', 0)])
+def test_invalid_speed_profiles_raise(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(SMALL, **{field: value}).validate()

@@ -1,0 +1,168 @@
+"""Sequence matching across speeds (--velocities): Recall@1 per query speed profile and the search cost.
+
+The speed benchmark: the synthetic route (``synthetic.py``) with a constant-speed database (a frame every
+2 m, ``--synth_speed_var 0``), raw 64-D descriptors, and one query traversal per speed profile: 0.5x, 1x,
+1.5x and 2x the database's speed, and stops-and-speed-changes (stretches at 0.5x..2x, 3 stops per km of
+about 15 frames). Sequence length 5, Recall@1 within the split's posDistThr (10 m) on the test split.
+Rows: single frames (L 1), the diagonal (today's sequence matching), the plain minimum over the
+trajectories of ``--velocities``, and each scoring rule of ``--rules`` (``velocity.ScoringRule``; the
+first rule listed is the project's default). Columns: Recall@1 per profile and the ratios of the
+acceptance goals: every constant off-speed profile >= 0.75x the diagonal's equal-speed Recall@1, stops
+>= 0.65x, equal speed >= 0.9x.
+
+The cost: ``--mode test`` scoring of 3000 x 3000 frames of 4096-D (frame distances once, sums along the
+trajectories, per-trajectory top-100 and the merge) against the diagonal's (the same product, the diagonal
+sums, one top-100), interleaved repeats in one run, and one localisation step with the trajectories
+against one matrix-vector product. Only ratios are printed as results.
+
+    python bench/bench_speeds.py [--small] [--split test] [--velocities 0.5:2:0.1] [--seeds 0 1]
+                                 [--rules consensus:10:1 min zscore ...] [--skip-cost] [--skip-recall]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+from common import goal, table
+
+import velocity as V
+from datasets import segment_bounds, sequence_windows
+from seqMatchNet import frame_distances
+from synthetic import SyntheticParams, generate
+
+PROFILES = {                               # name -> SyntheticParams fields of the query traversal
+    "0.5x": {"query_speed": 0.5},
+    "1x": {},
+    "1.5x": {"query_speed": 1.5},
+    "2x": {"query_speed": 2.0},
+    "stops": {"query_speed_changes": 1.0, "query_stops_per_km": 3.0, "query_stop_frames": 15},
+}
+BASE = {"dim": 64, "speed_var": 0.0, "query_ratio": 1.0, "place_scale_m": 1.0, "scene_share": 0.2,
+        "nuisance_std": 2.0}
+DEFAULT_RULES = ("consensus:20:3:z", "min", "zscore", "consensus:20:3", "consensus:5:3:z", "consensus:20:1:z",
+                 "consensus:20:10:z", "prior:0:0.1")
+GOALS = {"0.5x": 0.75, "1.5x": 0.75, "2x": 0.75, "stops": 0.65, "1x": 0.9}
+
+
+def parse_rule(text: str) -> V.ScoringRule:
+    """``kind[:window[:weight[:z]]]`` -> ``ScoringRule`` (``z``: z-normalise first)."""
+    parts = text.split(":")
+    kw = {"kind": parts[0], "window": 0, "weight": 0.0, "normalise": False}
+    if len(parts) > 1:
+        kw["window"] = int(parts[1])
+    if len(parts) > 2:
+        kw["weight"] = float(parts[2])
+    kw["normalise"] = len(parts) > 3 and parts[3] == "z"
+    return V.ScoringRule(**kw)
+
+
+def profile_split(seed: int, frames: int, profile: str, split: str) -> dict:
+    """One profile's split: unit-row features, positions and the positive radius."""
+    params = SyntheticParams(seed=seed, frames=frames, **BASE, **PROFILES[profile])
+    data = generate(params)
+    db_rows, q_rows = data[f"{split}_inds"]
+    return {"db": torch.from_numpy(data["db"][db_rows]), "q": torch.from_numpy(data["query"][q_rows]),
+            "db_pos": data["db_pos"][db_rows], "q_pos": data["query_pos"][q_rows], "radius": 10.0}
+
+
+def search(split: dict, seq_len: int, traj: V.Trajectories, k: int = 1) -> V.TrajectoryTopK:
+    """Every query window against every database window in one block (one segment each side)."""
+    nd, nq = len(split["db"]), len(split["q"])
+    db_starts, _ = sequence_windows(segment_bounds(nd), seq_len)
+    q_starts, _ = sequence_windows(segment_bounds(nq), seq_len)
+    fd = frame_distances(split["db"], split["q"])
+    dists = V.trajectory_distances(fd, db_starts + seq_len // 2, np.tile([[0, nd]], (nd, 1)),
+                                   q_starts + seq_len // 2, traj)
+    acc = V.TrajectoryTopK(nq, traj, k)
+    acc.add(0, dists, np.arange(nd))
+    return acc
+
+
+def recall_at_1(ids: torch.Tensor, split: dict) -> float:
+    """Share of the queries with a database frame within the radius whose top-1 is within it."""
+    q_pos, db_pos = split["q_pos"], split["db_pos"]
+    near = np.linalg.norm(q_pos[:, None, :] - db_pos[None, :, :], axis=2) <= split["radius"]
+    has = near.any(axis=1)
+    hit = near[np.arange(len(q_pos)), ids[:, 0].numpy()]
+    return float(hit[has].mean())
+
+
+def recall_rows(args) -> tuple[list[list], dict]:
+    """Recall@1 of every method on every profile, averaged over the seeds."""
+    rules = [(r, parse_rule(r)) for r in args.rules]
+    names = ["single frame (L 1)", f"diagonal (L {args.seqL})", "oracle (true speed only)"] + [r for r, _ in rules]
+    res = {n: {p: [] for p in PROFILES} for n in names}
+    velocities = V.parse_velocities(args.velocities)
+    traj = V.trajectories(velocities, args.seqL)
+    print(V.describe(traj))
+    q_seg = None
+    for seed in args.seeds:
+        for p in PROFILES:
+            split = profile_split(seed, args.frames, p, args.split)
+            q_seg = np.zeros(len(split["q"]), dtype=np.int64)
+            for name, L, tr in ((names[0], 1, V.trajectories((1.0,), 1)),
+                                (names[1], args.seqL, V.trajectories((1.0,), args.seqL))):
+                res[name][p].append(recall_at_1(search(split, L, tr).finish(q_seg, V.PLAIN_MIN)[0], split))
+            speed = PROFILES[p].get("query_speed", 1.0) if "query_stops_per_km" not in PROFILES[p] else None
+            oracle = np.nan if speed is None else recall_at_1(search(split, args.seqL, V.trajectories(
+                (speed,), args.seqL)).finish(q_seg, V.PLAIN_MIN)[0], split)
+            res[names[2]][p].append(oracle)
+            acc = search(split, args.seqL, traj)
+            for r, rule in rules:
+                res[r][p].append(recall_at_1(acc.finish(q_seg, rule)[0], split))
+            print(f"  seed {seed} {p}: {len(split['db'])} database / {len(split['q'])} query frames", flush=True)
+    return [[n] + [float(np.mean(res[n][p])) for p in PROFILES] for n in names], res
+
+
+def print_recall(rows: list[list], args) -> bool:
+    """The table and the goal lines (every rule against the diagonal's equal-speed Recall@1)."""
+    diag_1x = rows[1][1 + list(PROFILES).index("1x")]
+    out, ok = [], True
+    for r in rows:
+        ratios = {p: r[1 + i] / diag_1x for i, p in enumerate(PROFILES)}
+        met = all(ratios[p] >= g for p, g in GOALS.items() if np.isfinite(ratios[p]))
+        out.append([r[0]] + [f"{v:.3f}" for v in r[1:]] + [" ".join(f"{ratios[p]:.2f}" for p in PROFILES),
+                                                          "yes" if met else "no"])
+    print(f"\nRecall@1 within 10 m, {args.split} split, seqL {args.seqL}, --velocities {args.velocities}, "
+          f"seeds {args.seeds}, {args.frames} frames per route")
+    print(table(out, ["method"] + list(PROFILES) + ["/ diagonal 1x", "goals"]))
+    default = rows[3]
+    for i, p in enumerate(PROFILES):
+        ok &= goal(default[1 + i] / diag_1x >= GOALS[p],
+                   f"{args.rules[0]} on {p}: {default[1 + i]:.3f} >= {GOALS[p]} x diagonal 1x {diag_1x:.3f}")
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="one seed, a shorter route, a smaller cost problem")
+    ap.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ap.add_argument("--frames", type=int, default=5000, help="database frames of the whole route")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seqL", type=int, default=5)
+    ap.add_argument("--velocities", default=V.RECOMMENDED)
+    ap.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES),
+                    help="kind[:window[:weight[:z]]]; the first is the one held to the goals")
+    ap.add_argument("--skip-recall", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.small:
+        args.seeds, args.frames = args.seeds[:1], min(args.frames, 3000)
+    ok = True
+    if not args.skip_recall:
+        rows, _ = recall_rows(args)
+        ok &= print_recall(rows, args)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
