@@ -232,6 +232,8 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
     if getattr(opt, "shortlist", 0) and opt.predictionsFile:
         raise UserError("--shortlist and --predictionsFile both choose the candidates to re-rank: give one of them")
     velocity.trajectories(velocity.parse_velocities(opt.velocities), opt.seqL)    # one line when malformed
+    if not opt.lrStep > 0:
+        raise UserError(f"--lrStep must be a positive number of epochs, got {opt.lrStep}")
     if opt.lr <= 0 or opt.margin < 0:
         raise UserError("--lr must be positive and --margin not negative")
     if opt.mode == "train" and opt.extractOnly:

@@ -90,6 +90,7 @@ def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndar
     if config.shortlist and model.compares_descriptors:
         raise UserError("--shortlist re-ranks by sequence matching: use it with --method seqmatch (this model's "
                         "window or frame descriptors are searched with a faiss index already)")
+    check_distributed(config, model, predictions)
     traj = config.trajectories(seq_len)
     if not traj.is_diagonal:
         return find_across_speeds(config, model, db_desc, db_starts, q, seq_len, device, predictions, traj,
@@ -97,12 +98,42 @@ def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndar
     if config.streams(model, len(db_desc)):
         return search_streamed(config, db_desc, model, device, db_starts, q, seq_len, predictions)
     t0 = time.perf_counter()
+    if distributed.active() and not model.compares_descriptors and predictions is None:
+        return find_share(config, model, db_desc, db_starts, q, seq_len, device)
     db = model.embed_windows(db_desc, db_starts, seq_len, device, config.batch_size, "database", config.quiet,
                              all_frames=True, dtype=config.feat_dtype)
     t1 = time.perf_counter()
     idx, dists = search(model, db, q, seq_len, config, predictions)
     timings = {"features_s": t1 - t0, "matching_s": time.perf_counter() - t1}
     return Found(idx, dists, timings, db.feats if db.starts is not None else None)
+
+
+def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: np.ndarray | None) -> None:
+    """Under torchrun the database windows of sequence matching (dense or streamed) are divided between
+    the ranks; the searches that are not divided are refused with one line rather than repeated."""
+    if not distributed.active():
+        return
+    what = ("--predictionsFile" if predictions is not None else "--shortlist" if config.shortlist
+            else "--velocities" if not config.trajectories(1).is_diagonal
+            else f"--method {model.method}" if model.compares_descriptors else None)
+    if what:
+        raise UserError(f"{what} is searched in one process: start this evaluation with python, not torchrun "
+                        "(torchrun divides sequence matching with --method seqmatch)")
+
+
+def find_share(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndarray, q: WindowEmbedding,
+               seq_len: int, device: torch.device) -> Found:
+    """``find`` under torchrun: each rank projects and scores only the frames of its share of the
+    database windows (``DatabaseShare``); the top-k lists are merged into those of one process."""
+    t0 = time.perf_counter()
+    share = DatabaseShare.of(db_starts, seq_len)
+    starts = db_starts[share.windows] - share.frames.start
+    db = model.embed_windows(db_desc[share.frames], starts, seq_len, device, config.batch_size, "database",
+                             config.quiet, all_frames=True, dtype=config.feat_dtype)
+    t1 = time.perf_counter()
+    idx, dists = rank(db.feats.float(), q.feats.float(), starts, q.starts, seq_len, query_chunk=config.query_chunk,
+                      db_chunk=config.db_chunk, quiet=config.quiet, share=share)
+    return Found(idx, dists, {"features_s": t1 - t0, "matching_s": time.perf_counter() - t1})
 
 
 def database_chunk(n_db: int, n_q: int, query_chunk: int, db_chunk: int = 0) -> int | None:
@@ -118,7 +149,7 @@ def database_chunk(n_db: int, n_q: int, query_chunk: int, db_chunk: int = 0) -> 
 
 def rank(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray,
          seq_len: int, k: int = TOP_K, query_chunk: int = 1024, db_chunk: int = 0,
-         quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
+         quiet: bool = False, share: DatabaseShare | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database windows per query window by meanOfPairs sequence distance.
 
     Returns ``(indices into db_starts [Nq, k], distances [Nq, k])``. The
@@ -127,12 +158,14 @@ def rank(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q
 
     Under torchrun each rank scores a consecutive share of the database windows (a share never
     splits the frames of one window start, so tied windows are scored together) and the ranks'
-    top-k lists are merged by (distance, database index): the result is that of one process.
+    top-k lists are merged by (distance, database index): the result is that of one process. With
+    ``share`` the features and starts are this rank's share already (``DatabaseShare.of``).
     """
     device = db_feats.device
-    n_db, n_q = len(db_starts), len(q_starts)
-    share = distributed.shard(n_db, keep_together=db_starts)
-    db_starts = db_starts[share]
+    if share is None:
+        share = DatabaseShare.of(db_starts, seq_len)
+        db_starts = db_starts[share.windows]
+    n_db, n_q = share.num_windows, len(q_starts)
     db_chunk = database_chunk(len(db_starts), len(q_starts), query_chunk, db_chunk)
     dists = torch.empty((n_q, 0), dtype=db_feats.dtype, device=device)
     idx = torch.empty((n_q, 0), dtype=torch.long, device=device)
@@ -143,8 +176,36 @@ def rank(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray, q
                                       torch.as_tensor(q_starts, device=device), seq_len, k,
                                       query_chunk=query_chunk, db_chunk=db_chunk, progress=bar.update)
     if distributed.active():
-        dists, idx = distributed.all_gather_topk(dists, idx + share.start, min(k, n_db), n_db)
+        dists, idx = distributed.all_gather_topk(dists, idx + share.windows.start, min(k, n_db), n_db)
     return idx.cpu().numpy(), dists.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class DatabaseShare:
+    """This process's consecutive share of the database windows (all of them outside torchrun): a
+    share never splits the windows of one start, so tied windows are scored together. ``frames``
+    are the database frames its windows cover; ``num_windows`` counts the windows of all ranks."""
+
+    windows: slice
+    frames: slice
+    num_windows: int
+
+    @classmethod
+    def of(cls, db_starts: np.ndarray, seq_len: int) -> DatabaseShare:
+        share = distributed.shard(len(db_starts), keep_together=db_starts)
+        if share.stop <= share.start:
+            return cls(share, slice(0, 0), len(db_starts))
+        frames = slice(int(db_starts[share.start]), int(db_starts[share.stop - 1]) + seq_len)
+        return cls(share, frames, len(db_starts))
+
+    def gather(self, idx: np.ndarray, dists: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Under torchrun, merge the ranks' top-k lists (``idx`` into this share's windows) into those of
+        one process; else ``(idx, dists)``."""
+        if not distributed.active():
+            return idx, dists
+        d, i = distributed.all_gather_topk(torch.as_tensor(dists), torch.as_tensor(idx) + self.windows.start,
+                                           min(k, self.num_windows), self.num_windows)
+        return i.numpy(), d.numpy()
 
 
 def faiss_search(db_feats: torch.Tensor, q_feats: torch.Tensor, k: int,
@@ -209,14 +270,15 @@ def search(model: SeqMatchModel, db: WindowEmbedding, q: WindowEmbedding, seq_le
 
 def database_chunks(model: SeqMatchModel, desc, seq_len: int, device: torch.device, batch_size: int,
                     chunk: int, dtype: torch.dtype, clock: dict, keep: torch.Tensor | None = None,
-                    quiet: bool = False):
-    """The database's projected frames, ``chunk`` frames at a time: yields ``(first frame, end of the
-    chunk's own frames, float32 features [own + L - 1 frames, D])``. The ``L - 1`` frames after a chunk
-    come with it, so every window starting in the chunk is complete. Features are stored in ``dtype``
-    (and copied into ``keep`` when given); reading and projecting time is added to ``clock``."""
-    n = len(desc)
-    for lo in tqdm(range(0, n, chunk), desc="database chunks", unit="chunk", disable=not progress_enabled(quiet),
-                   leave=False):
+                    quiet: bool = False, frames: slice | None = None):
+    """The database's projected frames (those of ``frames``, default all), ``chunk`` frames at a time:
+    yields ``(first frame, end of the chunk's own frames, float32 features [own + L - 1 frames, D])``.
+    The ``L - 1`` frames after a chunk come with it, so every window starting in the chunk is complete.
+    Features are stored in ``dtype`` (and copied into ``keep`` when given); reading and projecting time
+    is added to ``clock``."""
+    first, n = (0, len(desc)) if frames is None else (frames.start, frames.stop)
+    for lo in tqdm(range(first, n, chunk), desc="database chunks", unit="chunk",
+                   disable=not progress_enabled(quiet), leave=False):
         t = time.perf_counter()
         own_hi, hi = min(lo + chunk, n), min(lo + chunk + seq_len - 1, n)
         feats = project_frames(model, desc[lo:hi], device, batch_size, "database", True, dtype)
@@ -309,14 +371,17 @@ def search_streamed(config: SearchConfig, desc, model: SeqMatchModel, device: to
         return Found(idx, dists, {"matching_s": time.perf_counter() - t0})
     item = torch.empty((), dtype=c.feat_dtype).element_size()
     keep = None
-    if len(desc) * model.out_dims * item <= KEEP_FEATS_BYTES:
+    if len(desc) * model.out_dims * item <= KEEP_FEATS_BYTES and not distributed.active():
         keep = torch.empty((len(desc), model.out_dims), dtype=c.feat_dtype, device=device)
     else:
         log.info("database of %d frames: its features are not kept, so no distance-matrix figure", len(desc))
+    share = DatabaseShare.of(db_starts, seq_len)      # under torchrun each rank streams its share only
     chunks = database_chunks(model, desc, seq_len, device, c.batch_size, c.map_chunk, c.feat_dtype, clock, keep,
-                             c.quiet)
+                             c.quiet, share.frames)
     if not c.shortlist:
-        idx, dists = rank_streamed(chunks, q_feats, db_starts, q_starts, seq_len, TOP_K, c.query_chunk, c.db_chunk)
+        idx, dists = rank_streamed(chunks, q_feats, db_starts[share.windows], q_starts, seq_len, TOP_K,
+                                   c.query_chunk, c.db_chunk)
+        idx, dists = share.gather(idx, dists, TOP_K)
         clock["matching_s"] = time.perf_counter() - t0 - clock["features_s"]
         return Found(idx, dists, clock, keep)
     return shortlist_search(config, desc, model, device, db_starts, q, seq_len, chunks, clock, keep)

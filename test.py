@@ -25,6 +25,7 @@ from evaluate import (
     format_recalls,
     load_predictions,
     save_results,
+    select_frames,
     top1_precision_recall,
     tsne_embeddings,
     write_figures,
@@ -105,22 +106,27 @@ def draw_embeddings(embeddings: dict, results_dir: Path, label: str) -> None:
 
 
 def save_sequence_descriptors(loaded: Loaded) -> dict:
-    """``--extractOnly``: save sequence descriptors ``[N, L, D]`` and ground truth instead of evaluating.
+    """``--extractOnly``: save sequence descriptors ``[N, L, D]`` and ground truth instead of evaluating,
+    for the frames an evaluation would use (``--seqL_filterData``: only unshifted windows; ``dbFrames``,
+    ``qFrames`` their split rows).
 
     Ground truth is stored as plain arrays (readable with ``allow_pickle=False``): the positives of
-    query ``i`` are ``gtIndices[gtOffsets[i]:gtOffsets[i + 1]]`` (database rows within posDistThr)."""
+    query ``i`` are ``gtIndices[gtOffsets[i]:gtOffsets[i + 1]]`` (rows of ``dbDesc`` within posDistThr)."""
     from sklearn.neighbors import NearestNeighbors
 
     opt, split = loaded.opt, loaded.split
     if not opt.resultsPath:
         raise UserError("--extractOnly needs --resultsPath to write the descriptors to")
+    filter_len = EvalConfig.from_options(opt).filter_for(split.name)
     out = {}
     for side, desc, bounds in (("db", split.db_desc, split.db_bounds), ("q", split.q_desc, split.q_bounds)):
+        frames = select_frames(bounds, filter_len)
         feats = project_frames(loaded.model, desc, loaded.device, opt.cacheBatchSize, side, opt.quiet).cpu()
-        starts, _ = sequence_windows(bounds, opt.seqL)
+        starts = sequence_windows(bounds, opt.seqL)[0][frames]
         out[f"{side}Desc"] = feats[torch.as_tensor(starts)[:, None] + torch.arange(opt.seqL)].numpy()
-    gt = NearestNeighbors().fit(split.db_positions).radius_neighbors(
-        split.q_positions, radius=split.pos_dist_thr, return_distance=False)
+        out[f"{side}Frames"] = frames
+    gt = NearestNeighbors().fit(split.db_positions[out["dbFrames"]]).radius_neighbors(
+        split.q_positions[out["qFrames"]], radius=split.pos_dist_thr, return_distance=False)
     out["gtOffsets"] = np.r_[0, np.cumsum([len(g) for g in gt])].astype(np.int64)
     out["gtIndices"] = np.concatenate([np.sort(g) for g in gt]).astype(np.int64)
     path = Path(opt.resultsPath) / "descriptors.npz"

@@ -173,6 +173,12 @@ class MinedChunk:
     negatives: np.ndarray
     kept: np.ndarray
     top: np.ndarray
+    slots: np.ndarray | None = None     # per valid query of the chunk (route order): its row above, -1 = none
+
+    def batch_slots(self) -> np.ndarray:
+        """What the batches are cut from: the chunk's valid queries, a query without a positive (or a
+        negative) being an empty slot (-1), as in the reference's data loader."""
+        return np.arange(len(self.queries)) if self.slots is None else self.slots
 
 
 def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray, neg_cache: np.ndarray,
@@ -222,12 +228,14 @@ def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, opt
     Under torchrun (``ddp``, see ``data_parallel``) every rank draws the same shuffle and batches and
     computes its share of each batch (``part_loss``); the batch losses are summed over the ranks."""
     model.train()
-    local = rng.permutation(len(mined.queries))
+    slots = mined.batch_slots()
+    local = slots[rng.permutation(len(slots))]
     losses, steps = [], []
     bar = tqdm(range(0, len(local), config.batch_size), desc=label, unit="batch",
                disable=not progress_enabled(config.quiet) or not distributed.is_main(), leave=False)
     for i, lo in enumerate(bar):
         sel = local[lo:lo + config.batch_size]
+        sel = sel[sel >= 0]
         sel = sel[mined.kept[sel]]
         if len(sel) == 0:
             continue
@@ -298,27 +306,34 @@ def data_parallel(model: SeqMatchModel, device: torch.device):
 
 def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.Optimizer, neg_cache: np.ndarray,
                 config: TrainConfig, epoch: int, device: torch.device, writer=None, ddp=None) -> EpochStats:
-    """One epoch: per consecutive chunk of queries, refresh the cache and mine, then step over
-    shuffled batches. ``neg_cache`` ``[len(q_frames), N_NEG]`` is updated in place.
+    """One epoch: per consecutive chunk of the valid queries (the reference's ``np.array_split`` of all
+    of them), refresh the cache and mine the chunk's training queries (those with a non-trivial
+    positive), then step over shuffled batches of the chunk's valid queries, where a query that is not
+    trained leaves an empty slot, as in the reference. ``neg_cache`` ``[len(q_frames), N_NEG]`` is
+    updated in place.
 
-    The average loss is the reference's: the sum of batch losses over ``ceil(queries / batchSize)``.
-    The training recall is measured on each chunk's mining matrix (the training queries, with the
-    model of that chunk's refresh); the reference used the last chunk's matrix over all valid queries.
+    The average loss is the reference's: the sum of batch losses over ``ceil(valid queries /
+    batchSize)``. TensorBoard steps count every batch of every chunk, so they never repeat across
+    epochs. The training recall is measured on each chunk's mining matrix (the training queries, with
+    the model of that chunk's refresh); the reference used the last chunk's matrix over all valid queries.
 
     The epoch's stream ``rng`` (negative draws, shuffles) depends on ``--seed`` and the epoch only, not
     on the rank: under torchrun (``ddp``) all ranks take the same decisions and split the work.
     """
     rng = np.random.default_rng([config.seed, epoch])
-    chunks = refresh_chunks(tset.queries, config.refresh_rate)
-    n_batches = math.ceil(len(tset.queries) / config.batch_size)
+    valid = refresh_chunks(np.arange(len(tset.q_frames)), config.refresh_rate)
+    chunks = [c[np.isin(c, tset.queries)] for c in valid]
+    n_batches = math.ceil(len(tset.q_frames) / config.batch_size)
+    steps_per_epoch = sum(math.ceil(len(c) / config.batch_size) for c in valid)
     stats, losses, tops = EpochStats(), [], []
-    step = (epoch - 1) * n_batches + 1
-    for c, chunk in enumerate(chunks):
+    step = (epoch - 1) * steps_per_epoch + 1
+    for c, (chunk, all_valid) in enumerate(zip(chunks, valid)):
         mined = refresh_and_mine(model, tset, chunk, neg_cache, config, rng, device, stats.timings)
+        mined.slots = np.where(np.isin(all_valid, chunk), np.cumsum(np.isin(all_valid, chunk)) - 1, -1)
         t0 = time.perf_counter()
         losses += step_batches(model, tset, mined, optimizer, config, rng, device, step,
                                f"epoch {epoch} chunk {c + 1}/{len(chunks)}", writer, ddp)
-        step += math.ceil(len(chunk) / config.batch_size)
+        step += math.ceil(len(all_valid) / config.batch_size)
         stats.timings["batches_s"] += time.perf_counter() - t0
         stats.skipped += int((~mined.kept).sum())
         stats.triplet_queries += int(mined.kept.sum())
@@ -338,7 +353,8 @@ def make_optimizer(opt: argparse.Namespace, model: SeqMatchModel):
     params = [p for p in model.parameters() if p.requires_grad]
     if opt.optim == "SGD":
         optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weightDecay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(int(opt.lrStep), 1), gamma=opt.lrGamma)
+        # --lrStep as given, as the reference: a step of 2.5 decays after epochs 5, 10, ...
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opt.lrStep, gamma=opt.lrGamma)
     else:
         optimizer = torch.optim.Adam(params, lr=opt.lr)
         scheduler = None

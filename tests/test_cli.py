@@ -144,3 +144,19 @@ def test_out_dims_defaults_to_the_descriptor_dimensions(tiny_oxford, monkeypatch
     state = torch.load(run / "checkpoints" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     weight = state["pool.1.conv.weight"]
     assert tuple(weight.shape) == (16, 16, 1)
+
+
+def test_extract_only_honours_seqL_filterData(tiny_oxford, monkeypatch, tmp_path):
+    """--seqL_filterData 5: only the frames whose centred window of 5 needs no shift are written (two at
+    each end of the traversal are left out), with their rows and the ground truth among them."""
+    out = tmp_path / "extract"
+    assert run_main(TEST + ["--seqL", "3", "--seqL_filterData", "5", "--extractOnly", "--resultsPath", str(out)],
+                    tiny_oxford, monkeypatch) == 0
+    z = np.load(out / "descriptors.npz", allow_pickle=False)
+    n_test = 400 - int(400 * 0.65)
+    assert z["dbDesc"].shape == (n_test - 4, 3, 16) and z["qDesc"].shape == (n_test - 4, 3, 16)
+    np.testing.assert_array_equal(z["dbFrames"], np.arange(2, n_test - 2))
+    pos = np.arange(int(400 * 0.65), 400)[2:-2] * 2.0
+    offsets, indices = z["gtOffsets"], z["gtIndices"]
+    for i in range(len(pos)):
+        np.testing.assert_array_equal(indices[offsets[i]:offsets[i + 1]], np.flatnonzero(np.abs(pos - pos[i]) <= 10))

@@ -161,11 +161,13 @@ def test_merged_top_k_equals_one_process_with_ties_across_ranks(tmp_path):
 # ---------------------------------------------------------------- torchrun, end to end
 
 @pytest.mark.slow
-def test_test_mode_with_two_ranks_equals_one_process(reference_copy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("streamed", [False, True], ids=["dense", "streamed"])
+def test_test_mode_with_two_ranks_equals_one_process(reference_copy, tmp_path, monkeypatch, streamed):
     """The reference fixture's Nordland test split with the reference-trained checkpoint (every
-    rank reads it): predictions, distances and recalls identical, written once by rank 0."""
+    rank reads it): predictions, distances and recalls identical, written once by rank 0; also when the
+    map is streamed from its file in chunks (--mapChunk), each rank streaming its share."""
     args = ("--mode test --dataset nordland-sw --seqL 5 --pooling --split test --resume "
-            "data/runs/ref_oxford_l5_1epoch --figures none").split()
+            "data/runs/ref_oxford_l5_1epoch --figures none").split() + (["--mapChunk", "700"] if streamed else [])
     assert one_process(args + ["--resultsPath", str(tmp_path / "one")], reference_copy, monkeypatch) == 0
     rc, out, err, _ = torchrun(args + ["--resultsPath", str(tmp_path / "two")], reference_copy)
     assert rc == 0, err[-3000:]
@@ -255,3 +257,30 @@ def test_a_failing_rank_ends_the_job_with_a_message(tiny_oxford, tmp_path, fault
         assert "did not answer within 5 s (SEQMATCHNET_DIST_TIMEOUT)" in err
     assert not (tmp_path / "res" / "results.npz").exists()
     assert seconds < 150
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_database_shares_cover_the_windows_once_and_keep_tied_starts_together(monkeypatch, world):
+    """``search.DatabaseShare``: the ranks' shares are consecutive, disjoint and cover every window;
+    no share splits the windows of one start (the shifted ones at a traversal's ends); each share's
+    frames are those its windows cover."""
+    import distributed
+    import search
+    from datasets import sequence_windows
+
+    bounds = np.array([(0, 40)] * 40 + [(40, 75)] * 35)
+    starts = sequence_windows(bounds, 5)[0]
+    shares = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(search.DatabaseShare.of(starts, 5))
+    assert shares[0].windows.start == 0 and shares[-1].windows.stop == len(starts)
+    for a, b in zip(shares, shares[1:]):
+        assert a.windows.stop == b.windows.start
+        if 0 < b.windows.start < len(starts):
+            assert starts[b.windows.start] != starts[b.windows.start - 1]
+    for sh in shares:
+        mine = starts[sh.windows]
+        if len(mine):
+            assert sh.frames == slice(int(mine.min()), int(mine.max()) + 5)

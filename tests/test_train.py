@@ -284,13 +284,18 @@ def test_oxford_honest_validation_is_disjoint_from_training(monkeypatch):
 # ---------------------------------------------------------------- refresh chunks, negative cache, few negatives
 
 def test_refresh_chunks_are_consecutive_array_split_pieces(tiny_oxford, monkeypatch, refreshes):
-    """Each cache refresh scores one consecutive piece of the route's training queries (the
-    reference's np.array_split), and every training query appears in exactly one chunk."""
+    """Each cache refresh scores the training queries of one consecutive piece of the route's valid
+    queries (the reference's np.array_split of all of them), and every training query appears in
+    exactly one chunk."""
     seen = refreshes
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "1", "--cacheRefreshRate", "70"], tiny_oxford,
                     monkeypatch) == 0
     queries = seen[0][1]
-    want = np.array_split(queries, int(np.ceil(len(queries) / 70)))
+    from datasets import segment_bounds, sequence_windows
+
+    n_valid = int(sequence_windows(segment_bounds(int(400 * 0.6)), 3)[1].sum())   # tiny_oxford's training route
+    pieces = np.array_split(np.arange(n_valid), int(np.ceil(n_valid / 70)))
+    want = [p[np.isin(p, queries)] for p in pieces]
     assert len(seen) == len(want) > 1
     for (got, _), expected in zip(seen, want):
         np.testing.assert_array_equal(got, expected)
@@ -362,3 +367,21 @@ def test_queries_with_few_potential_negatives_train_quickly(tiny_oxford, monkeyp
     started = time.perf_counter()
     assert run_main(TRAIN + ["--seqL", "5", "--nEpochs", "1", "--evalEvery", "5"], tiny_oxford, monkeypatch) == 0
     assert time.perf_counter() - started < 30
+
+
+@pytest.mark.slow
+@needs_reference
+def test_reference_fixture_chunks_are_the_references(reference_copy, monkeypatch, refreshes):
+    """On the Oxford fixture the refresh chunks are the reference's np.array_split of all 2927 valid
+    queries (976/976/975), each keeping its queries with a positive, and the epoch counts 183 batches."""
+    args = ("--mode train --seqL 5 --pooling --dataset oxford-v1.0 --outDims 64 --nEpochs 1 "
+            "--figures none").split()
+    assert run_main(args, reference_copy, monkeypatch) == 0
+    queries = refreshes[0][1]
+    pieces = np.array_split(np.arange(2927), 3)
+    assert [len(p) for p in pieces] == [976, 976, 975] and len(queries) == 2885
+    assert len(refreshes) == 3
+    for (got, _), piece in zip(refreshes, pieces):
+        np.testing.assert_array_equal(got, piece[np.isin(piece, queries)])
+    runs = [p for p in (reference_copy / "data" / "runs").iterdir() if p.name != "ref_oxford_l5_1epoch"]
+    assert "average loss" in (log := (runs[0] / "train.log").read_text()) and "over 183 batches" in log
