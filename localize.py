@@ -307,8 +307,11 @@ class Localizer:
         adj = dist.double() * torch.as_tensor(a, device=self.device)[:, None] + torch.as_tensor(
             b, device=self.device)[:, None]
         adj = adj.masked_fill_(~self._traj_valid, torch.inf)
-        t_best = torch.argmin(adj, dim=0)                                        # per end: nearest 1 among ties
-        score = torch.gather(adj, 0, t_best[None])[0]
+        score, t_best = adj[0].clone(), torch.zeros(self.num_db, dtype=torch.long, device=self.device)
+        for t in range(1, traj.count):                   # strictly better only: nearest 1 wins ties
+            better = adj[t] < score
+            score = torch.where(better, adj[t], score)
+            t_best.masked_fill_(better, t)
         chosen = torch.gather(dist, 0, t_best[None])[0]                          # [Nd] distance of the choice
         best = int(torch.argmin(score))                                          # the smallest frame among ties
         self.last_velocity = float(traj.velocities[int(t_best[best])])

@@ -211,33 +211,32 @@ def trajectory_distances(frame_dists: torch.Tensor, anchors, bounds, q_cols, tra
     out = torch.empty((traj.count, len(anchors), len(q_cols)), dtype=torch.float32, device=device)
     if len(anchors) == 0 or len(q_cols) == 0:
         return out
-    cols = [frame_dists[:, q_cols + int(k)].to(torch.float32) for k in traj.q_offsets]   # L x [M, B]
     lo, hi = int(anchors.min()), int(anchors.max()) + 1
-    slices = len(anchors) * 2 >= hi - lo                                  # (nearly) contiguous anchors
-    for t in range(traj.count):
-        if slices:
-            r0, r1 = max(0, lo + int(traj.steps[t].min())), min(m, hi + int(traj.steps[t].max()))
-            base = max(r0 - int(traj.steps[t].min()), lo)                 # rows base.. are scored for anchors
-            top = min(r1 - int(traj.steps[t].max()), hi)
-            acc = _shifted_sum(cols, traj.steps[t], base, max(top, base))
+    c_lo, c_hi = int(q_cols.min()), int(q_cols.max()) + 1
+    if len(anchors) * 2 >= hi - lo and len(q_cols) * 2 >= c_hi - c_lo:      # compact: 2-D shifted slices
+        fd = frame_dists if frame_dists.dtype == torch.float32 else frame_dists.to(torch.float32)
+        cols = [(c_lo + int(k), c_hi + int(k)) for k in traj.q_offsets]
+        for t in range(traj.count):
+            st = traj.steps[t]
+            base = max(lo, -int(st.min()))                    # anchors base..top-1 keep all frames in the block
+            top = max(min(hi, m - int(st.max())), base)
+            acc = fd[base + int(st[0]):top + int(st[0]), cols[0][0]:cols[0][1]].clone()
+            for i in range(1, len(st)):
+                acc += fd[base + int(st[i]):top + int(st[i]), cols[i][0]:cols[i][1]]
+            acc.div_(traj.seq_len)
             rows = (anchors - base).clamp(0, max(top - base - 1, 0))
-            out[t] = acc[rows] if len(acc) else torch.inf
-        else:
-            idx = [anchors + int(s) for s in traj.steps[t]]
-            acc = cols[0][idx[0].clamp(0, m - 1)].clone()
+            out[t] = acc[rows[:, None], (q_cols - c_lo)[None, :]] if top > base else torch.inf
+    else:
+        cols = [frame_dists[:, q_cols + int(k)].to(torch.float32) for k in traj.q_offsets]   # L x [M, B]
+        for t in range(traj.count):
+            idx = [(anchors + int(s)).clamp(0, m - 1) for s in traj.steps[t]]
+            acc = cols[0][idx[0]].clone()
             for j in range(1, len(idx)):
-                acc += cols[j][idx[j].clamp(0, m - 1)]
+                acc += cols[j][idx[j]]
             out[t] = acc.div_(traj.seq_len)
+    for t in torch.nonzero(~valid.all(dim=0)).flatten().tolist():
         out[t].masked_fill_(~valid[:, t, None], torch.inf)
     return out
-
-
-def _shifted_sum(cols: list[torch.Tensor], steps: np.ndarray, base: int, top: int) -> torch.Tensor:
-    """``[top - base, B]``: for anchors ``base..top-1``, the mean over ``k`` of ``cols[k][anchor + steps[k]]``."""
-    acc = cols[0][base + int(steps[0]):top + int(steps[0])].clone()
-    for j in range(1, len(cols)):
-        acc += cols[j][base + int(steps[j]):top + int(steps[j])]
-    return acc.div_(len(cols))
 
 
 # ---------------------------------------------------------------- scoring rules
@@ -399,19 +398,27 @@ class TrajectoryTopK:
         if n_a == 0 or n_b == 0:
             return
         db_ids = torch.as_tensor(db_ids, dtype=torch.long, device=dists.device)
-        finite = torch.isfinite(dists)
-        d64 = torch.where(finite, dists, 0.0).to(torch.float64)
-        sl = (slice(None), slice(q_lo, q_lo + n_b))
-        self.stats["best"][sl] = np.minimum(self.stats["best"][sl], dists.amin(dim=1).double().cpu().numpy())
-        self.stats["sum"][sl] += d64.sum(dim=1).cpu().numpy()
-        self.stats["sumsq"][sl] += d64.square().sum(dim=1).cpu().numpy()
-        self.stats["count"][sl] += finite.sum(dim=1).cpu().numpy()
+        self._add_stats(q_lo, dists)
         self.seen[q_lo:q_lo + n_b] += n_a
         kk = min(self.k, n_a)
         keys = db_ids.expand(n_b, n_a)
         for t in range(n_t):
             v, pos = topk_by_value_then_index(dists[t].T, kk, ids=keys)
             self._merge(t, q_lo, v.to(self.device), db_ids[pos].to(self.device))
+
+    def _add_stats(self, q_lo: int, dists: torch.Tensor) -> None:
+        """Per (trajectory, query): best, sum, sum of squares (float64) and count of the finite distances.
+
+        A trajectory is unscored (``+inf``) for an anchor in every column alike, so column 0 tells which rows
+        count; sums run over those rows only."""
+        sl = (slice(None), slice(q_lo, q_lo + dists.shape[2]))
+        self.stats["best"][sl] = np.minimum(self.stats["best"][sl], dists.amin(dim=1).double().cpu().numpy())
+        finite = torch.isfinite(dists[:, :, 0])                                  # [T, A]
+        for t in range(dists.shape[0]):
+            d = dists[t] if bool(finite[t].all()) else dists[t][finite[t]]
+            self.stats["sum"][t, sl[1]] += d.sum(dim=0, dtype=torch.float64).cpu().numpy()
+            self.stats["sumsq"][t, sl[1]] += d.to(torch.float64).square_().sum(dim=0).cpu().numpy()
+            self.stats["count"][t, sl[1]] += len(d)
 
     def _merge(self, t: int, q_lo: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Merge ``[B, k']`` new entries of trajectory ``t`` into the lists of queries ``q_lo..``."""

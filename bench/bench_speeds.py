@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import goal, table
+from common import CPU_NOTE, goal, interleaved, median, table, timed
 
 import velocity as V
 from datasets import segment_bounds, sequence_windows
-from seqMatchNet import frame_distances
+from seqMatchNet import diagonal_sums, frame_distances, topk_by_value_then_index
 from synthetic import SyntheticParams, generate
 
 PROFILES = {                               # name -> SyntheticParams fields of the query traversal
@@ -139,6 +139,59 @@ def print_recall(rows: list[list], args) -> bool:
     return ok
 
 
+def cost_ratios(args) -> bool:
+    """Search and localisation cost of the trajectories against the diagonal, interleaved in one run."""
+    n, dim, L, k = args.cost_frames, args.cost_dim, args.seqL, 100
+    gen = torch.Generator().manual_seed(0)
+    db = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    traj = V.trajectories(V.parse_velocities(args.velocities), L)
+    starts, _ = sequence_windows(segment_bounds(n), L)
+    bounds, seg = np.tile([[0, n]], (n, 1)), np.zeros(n, dtype=np.int64)
+
+    def diagonal():
+        agg = diagonal_sums(frame_distances(db, q), L)                       # [n - L + 1, n - L + 1]
+        return topk_by_value_then_index(agg[starts][:, starts].T, k)
+
+    def trajectories():
+        dists = V.trajectory_distances(frame_distances(db, q), starts + L // 2, bounds, starts + L // 2, traj)
+        acc = V.TrajectoryTopK(n, traj, k)
+        acc.add(0, dists, np.arange(n))
+        return acc.finish(seg)
+
+    def product():
+        return frame_distances(db, q)
+
+    t = interleaved({"product": product, "diagonal": diagonal, "trajectories": trajectories}, args.repeats)
+    search = median(t["trajectories"]) / median(t["diagonal"])
+    print(f"\n--mode test scoring, {n} x {n} frames, D {dim}, seqL {L}, {traj.count} trajectories, top-{k} "
+          f"(medians of {args.repeats} interleaved repeats): trajectories / diagonal = {search:.2f}, "
+          f"diagonal / product = {median(t['diagonal']) / median(t['product']):.2f}")
+    ok = goal(search <= 2.0, f"trajectories search <= 2x the diagonal's: {search:.2f}")
+    return localisation_ratio(args, db[:args.loc_frames] if args.loc_frames <= n else None) and ok
+
+
+def localisation_ratio(args, db: torch.Tensor | None) -> bool:
+    """Median ``Localizer.step`` with the trajectories over one matrix-vector product on the same database."""
+    from localize import Localizer
+
+    gen = torch.Generator().manual_seed(1)
+    if db is None:
+        db = torch.nn.functional.normalize(torch.randn(args.loc_frames, args.cost_dim, generator=gen), dim=1)
+    frames = torch.nn.functional.normalize(torch.randn(64, db.shape[1], generator=gen), dim=1)
+    loc = Localizer(db, seq_len=args.seqL, velocities=V.parse_velocities(args.velocities))
+    for f in frames[:args.seqL]:
+        loc.step(f)
+    steps, mvs = [], []
+    for f in frames[args.seqL:]:
+        steps.append(timed(lambda f=f: loc.step(f))[0])
+        mvs.append(timed(lambda f=f: torch.mv(loc.db_feats, f))[0])
+    ratio = median(steps) / median(mvs)
+    print(f"localisation step, {len(db)} database frames, D {db.shape[1]}: step / matrix-vector product = "
+          f"{ratio:.2f} (medians over {len(steps)} interleaved frames)")
+    return goal(ratio <= 1.5, f"localisation step <= 1.5x one matrix-vector product: {ratio:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="one seed, a shorter route, a smaller cost problem")
@@ -152,15 +205,23 @@ def main() -> int:
     ap.add_argument("--skip-recall", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cost-frames", type=int, default=3000, help="database = query frames of the cost problem")
+    ap.add_argument("--cost-dim", type=int, default=4096)
+    ap.add_argument("--loc-frames", type=int, default=30000, help="database frames of the localisation step")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.small:
         args.seeds, args.frames = args.seeds[:1], min(args.frames, 3000)
+        args.cost_frames, args.loc_frames, args.repeats = 1000, 10000, 2
     ok = True
     if not args.skip_recall:
         rows, _ = recall_rows(args)
         ok &= print_recall(rows, args)
+    if not args.skip_cost:
+        print(CPU_NOTE)
+        ok &= cost_ratios(args)
     return 0 if ok else 1
 
 
