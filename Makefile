@@ -1,14 +1,16 @@
 # Quick start: `make demo` (train and test on the embedded synthetic benchmark), `make test`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-TORCH_CPU := torch==2.13.0
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo test test-fast lint bench
 
-# Installs into the active Python. torch first: on a machine without CUDA the pinned
-# CPU build is taken when available; elsewhere the range in requirements.txt applies.
+# Installs into the active Python. torch and torchvision first, as one matching pair: where no pair
+# that loads together is installed, the pinned pair (the ranges of requirements.txt where it is not
+# available). torchvision's operators only load against the torch build it was made for.
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU) || $(PIP) install -q "torch>=2.1,<3"
+	@$(PYTHON) -c "import torch, torchvision.ops" 2>/dev/null || $(PIP) install -q $(TORCH_PAIR) || \
+		$(PIP) install -q "torch>=2.1,<3" "torchvision>=0.16"
 	$(PIP) install -q -r requirements.txt
 
 demo: install
@@ -29,3 +31,4 @@ bench: install
 	$(PYTHON) bench/bench_eval.py
 	$(PYTHON) bench/bench_mining.py
 	$(PYTHON) bench/bench_train.py
+	$(PYTHON) bench/bench_extract.py

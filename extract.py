@@ -1,23 +1,22 @@
-"""``python main.py --mode extract``: images -> NetVLAD descriptors (one row per image).
+"""``python main.py --mode extract``: images -> global descriptors (one row per image).
 
-The network is the NetVLAD of Patch-NetVLAD (Hausler et al., CVPR 2021): VGG16 up to
-conv5_3 (no ReLU, no last max-pool), a NetVLAD layer and, optionally, whitening PCA
-(WPCA). Its weights come from a checkpoint in Patch-NetVLAD's format, e.g. the released
-``pitts_WPCA4096.pth.tar`` (``{'state_dict': {...}}``):
+The models (``image_models.py``): ``netvlad`` (Patch-NetVLAD's NetVLAD + WPCA, VGG16), ``cosplace``
+and ``eigenplaces`` (ResNet or VGG16 + GeM + linear layer) and ``mixvpr`` (ResNet-50 to layer3 +
+feature mixer), all built with torchvision from their authors' released checkpoints
+(``--weights FILE``; ``--netvladCkpt`` is NetVLAD's spelling). Images are read with Pillow and go
+through torchvision's transforms: RGB, resize (Pillow bilinear) to the model's default size or
+``--imageSize``, ``ToTensor``, ImageNet ``Normalize``.
 
-- ``encoder.{0,2,5,7,10,12,14,17,19,21,24,26,28}.weight/bias``: the VGG16 conv layers;
-- ``pool.centroids`` ``[K, 512]``, ``pool.conv.weight`` ``[K, 512, 1, 1]`` (optional
-  ``pool.conv.bias`` ``[K]``);
-- optional ``WPCA.0.weight`` ``[P, K*512, 1, 1]`` and ``WPCA.0.bias`` ``[P]``.
-
-The output is ``.npy`` or HDF5, float32 ``[N, P]`` (``P = K*512`` without WPCA), with a
-sidecar ``OUT.images.txt`` naming each row's image. A run stores its finished rows in
-``OUT.partial.f32`` with a progress record ``OUT.partial.json``; the same command run
-again continues from there, and the final file appears atomically.
+The output is ``.npy`` or HDF5, float32 ``[N, D]``, with the sidecars ``OUT.images.txt`` (each
+row's image) and ``OUT.model.json`` (the model, its checkpoint's SHA-256 and the preprocessing,
+which ``--mode prepare`` compares between the two traversals). A run stores its finished rows in
+``OUT.partial.f32`` with a progress record ``OUT.partial.json``; the same command run again
+continues from there, and the final file appears atomically.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -31,11 +30,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import image_models
 from entry import OneLineParser, run_own_mode
-from utils import UserError, numpy_safe_globals
+from image_models import CHECKPOINT_URL, IMAGENET_MEAN, IMAGENET_STD, MODELS, ImageModel  # noqa: F401 (re-exported)
+from utils import UserError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -44,152 +44,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 OUT_SUFFIXES = (".npy", ".h5", ".hdf5")
-DEFAULT_IMAGE_SIZE = (640, 480)                 # (width, height), as Patch-NetVLAD's configs
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ENCODER_DIM = 512
-VGG16_CONVS = ((0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
-               (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512),
-               (26, 512, 512), (28, 512, 512))     # (index in torchvision's vgg16().features, in, out)
-VGG16_POOLS = (4, 9, 16, 23)
-CHECKPOINT_URL = "https://huggingface.co/TobiasRobotics/Patch-NetVLAD/resolve/main/pitts_WPCA4096.pth.tar"
-PROGRESS_FORMAT = 1
+DEFAULT_IMAGE_SIZE = image_models.NETVLAD_SIZE  # NetVLAD's (width, height), as Patch-NetVLAD's configs
+MODEL_DEFAULT = "model default"                 # image_size: the model's own default
+PROGRESS_FORMAT = 2
+METADATA_FORMAT = 1
 
 
-# ---------------------------------------------------------------- the network
-
-def vgg16_encoder() -> nn.Sequential:
-    """VGG16 ``features`` truncated after conv5_3 (indices 0..28, torchvision's numbering):
-    ``[N, 3, H, W]`` -> ``[N, 512, H/16, W/16]`` (floor at each max-pool)."""
-    layers: list[nn.Module] = []
-    convs = {i: (c_in, c_out) for i, c_in, c_out in VGG16_CONVS}
-    for i in range(VGG16_CONVS[-1][0] + 1):
-        if i in convs:
-            layers.append(nn.Conv2d(*convs[i], kernel_size=3, padding=1))
-        elif i in VGG16_POOLS:
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-class NetVLADPool(nn.Module):
-    """NetVLAD aggregation: ``[N, C, H, W]`` features -> ``[N, K*C]`` (intra- and L2-normalised)."""
-
-    def __init__(self, num_clusters: int, dim: int = ENCODER_DIM, assignment_bias: bool = False) -> None:
-        super().__init__()
-        self.num_clusters = num_clusters
-        self.conv = nn.Conv2d(dim, num_clusters, kernel_size=1, bias=assignment_bias)
-        self.centroids = nn.Parameter(torch.zeros(num_clusters, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        x = F.normalize(x, p=2, dim=1)                                  # per location, across channels
-        assign = F.softmax(self.conv(x).reshape(n, self.num_clusters, -1), dim=1)   # [N, K, L]
-        feats = x.reshape(n, c, -1)                                     # [N, C, L]
-        # sum_l a[k,l] (x[:,l] - c_k) = (A X^T)[k] - (sum_l a[k,l]) c_k
-        vlad = torch.bmm(assign, feats.transpose(1, 2)) - assign.sum(2, keepdim=True) * self.centroids
-        vlad = F.normalize(vlad, p=2, dim=2)                            # intra-normalisation
-        return F.normalize(vlad.reshape(n, -1), p=2, dim=1)
-
-
-class NetVLADModel(nn.Module):
-    """Patch-NetVLAD's global descriptor network: ``[N, 3, H, W]`` normalised images ->
-    ``[N, P]`` L2-normalised descriptors (``P = K*512`` without WPCA). Module names match the
-    checkpoints' keys (``encoder``, ``pool``, ``WPCA``)."""
-
-    def __init__(self, num_clusters: int, num_pcs: int | None = None, assignment_bias: bool = False) -> None:
-        super().__init__()
-        self.encoder = vgg16_encoder()
-        self.pool = NetVLADPool(num_clusters, ENCODER_DIM, assignment_bias)
-        self.WPCA = nn.Sequential(nn.Conv2d(num_clusters * ENCODER_DIM, num_pcs, kernel_size=1)) if num_pcs else None
-
-    @property
-    def out_dim(self) -> int:
-        return self.WPCA[0].out_channels if self.WPCA is not None else self.pool.num_clusters * ENCODER_DIM
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        vlad = self.pool(self.encoder(images))
-        if self.WPCA is None:
-            return vlad
-        conv = self.WPCA[0]                     # a 1x1 conv on [N, K*C, 1, 1] is a linear map
-        return F.normalize(F.linear(vlad, conv.weight.flatten(1), conv.bias), p=2, dim=1)
-
-
-def expected_shapes(num_clusters: int, num_pcs: int | None, assignment_bias: bool) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of a checkpoint with ``K`` clusters and ``P`` WPCA outputs, with its shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i, c_in, c_out in VGG16_CONVS:
-        shapes[f"encoder.{i}.weight"] = (c_out, c_in, 3, 3)
-        shapes[f"encoder.{i}.bias"] = (c_out,)
-    shapes["pool.centroids"] = (num_clusters, ENCODER_DIM)
-    shapes["pool.conv.weight"] = (num_clusters, ENCODER_DIM, 1, 1)
-    if assignment_bias:
-        shapes["pool.conv.bias"] = (num_clusters,)
-    if num_pcs:
-        shapes["WPCA.0.weight"] = (num_pcs, num_clusters * ENCODER_DIM, 1, 1)
-        shapes["WPCA.0.bias"] = (num_pcs,)
-    return shapes
-
-
-def model_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkpoint") -> NetVLADModel:
-    """Check a Patch-NetVLAD state dict (``module.`` prefixes allowed) and load it into a
-    ``NetVLADModel`` on the CPU, in eval mode. K and P are read from the shapes; a missing,
-    unexpected or wrongly shaped key is a ``UserError`` naming the key and its shape."""
-    state = {".".join(p for p in k.split(".") if p != "module"): v for k, v in state.items()}
-    for key in ("pool.centroids", "pool.conv.weight"):
-        if key not in state:
-            raise UserError(f"{source}: key {key!r} is missing: not a NetVLAD checkpoint in Patch-NetVLAD's format "
-                            f"(get one from {CHECKPOINT_URL})")
-    centroids = state["pool.centroids"]
-    if centroids.ndim != 2 or centroids.shape[1] != ENCODER_DIM or centroids.shape[0] < 1:
-        raise UserError(f"{source}: 'pool.centroids' has shape {list(centroids.shape)}, expected [K, {ENCODER_DIM}]")
-    num_clusters = int(centroids.shape[0])
-    wpca = state.get("WPCA.0.weight")
-    num_pcs = int(wpca.shape[0]) if wpca is not None and wpca.ndim >= 1 else None
-    if wpca is not None and (wpca.ndim != 4 or wpca.shape[0] < 1):
-        raise UserError(f"{source}: 'WPCA.0.weight' has shape {list(wpca.shape)}, expected "
-                        f"[P, {num_clusters * ENCODER_DIM}, 1, 1] for K={num_clusters} clusters")
-    expected = expected_shapes(num_clusters, num_pcs, "pool.conv.bias" in state)
-    for key, shape in expected.items():
-        if key not in state:
-            raise UserError(f"{source}: key {key!r} (shape {list(shape)}) is missing: not a complete NetVLAD "
-                            "checkpoint in Patch-NetVLAD's format")
-        got = tuple(state[key].shape)
-        if got != shape:
-            raise UserError(f"{source}: {key!r} has shape {list(got)}, expected {list(shape)} (K={num_clusters}"
-                            f"{f', P={num_pcs}' if num_pcs else ''})")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise UserError(f"{source}: unexpected key {unexpected[0]!r} (shape {list(state[unexpected[0]].shape)})"
-                        f"{f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}: expected only "
-                        "encoder.*, pool.* and WPCA.0.* of a NetVLAD checkpoint (a Patch-NetVLAD one works: its "
-                        "global descriptor is the same)")
-    model = NetVLADModel(num_clusters, num_pcs, "pool.conv.bias" in state)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval()
-
-
-def load_netvlad_checkpoint(path: Path) -> NetVLADModel:
-    """Load a Patch-NetVLAD checkpoint (``{'state_dict': ...}`` or a bare state dict) weights-only
-    onto the CPU: the model in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"NetVLAD checkpoint {path} not found: download one, e.g. {CHECKPOINT_URL} (also "
-                        "mapillary_WPCA4096, and 512-/128-D variants), and pass it with --netvladCkpt")
-    try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:   # torch raises many error types for bad files
-        text = " ".join(str(exc).split())
-        raise UserError(f"NetVLAD checkpoint {path} could not be loaded weights-only ({text:.160}): is it a "
-                        f"complete Patch-NetVLAD .pth.tar? (e.g. {CHECKPOINT_URL})") from exc
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"NetVLAD checkpoint {path} holds no state dict of tensors ('state_dict'): not a "
-                        "Patch-NetVLAD checkpoint")
-    return model_from_state_dict(state, f"NetVLAD checkpoint {path}")
-
+# ---------------------------------------------------------------- checkpoints
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (the checkpoint's identity for resuming)."""
@@ -199,28 +60,6 @@ def file_digest(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def random_netvlad_state(num_clusters: int = 64, num_pcs: int | None = 4096, seed: int = 0,
-                         assignment_bias: bool = False) -> dict[str, torch.Tensor]:
-    """A random state dict with the real shapes (for tests and benchmarks; not a trained network):
-    He-initialised convs, unit centroids, a vladv1 assignment ``alpha * centroid``."""
-    gen = torch.Generator().manual_seed(seed)
-    model = NetVLADModel(num_clusters, num_pcs, assignment_bias)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("encoder.") and key.endswith(".weight"):
-            fan_in = value[0].numel()
-            state[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        elif key.startswith("encoder."):
-            state[key] = torch.randn(value.shape, generator=gen) * 0.01
-        else:
-            state[key] = torch.randn(value.shape, generator=gen)
-    centroids = F.normalize(state["pool.centroids"], dim=1)
-    state["pool.centroids"] = centroids
-    state["pool.conv.weight"] = (20.0 * centroids)[:, :, None, None].contiguous()
-    if num_pcs:
-        state["WPCA.0.weight"] /= state["WPCA.0.weight"][0].numel() ** 0.5
-    return state
 
 
 # ---------------------------------------------------------------- images
@@ -278,32 +117,38 @@ def parse_image_size(text: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
-def preprocess(image: PILImage.Image, size: tuple[int, int] | None) -> torch.Tensor:
-    """A PIL image -> ``[3, H, W]`` float32: RGB, Pillow bilinear resize to ``size`` (W, H) unless
-    None, scaled to [0, 1], ImageNet mean/std normalised (what torchvision's Resize, ToTensor,
-    Normalize do on a PIL image)."""
-    from PIL import Image
-
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """Any Pillow image as RGB: grey replicated, alpha dropped, palettes through RGBA."""
     if image.mode == "P":
         image = image.convert("RGBA")        # palette images with transparency convert through RGBA
-    if image.mode != "RGB":
-        image = image.convert("RGB")         # grey, RGBA, CMYK...: alpha dropped, grey replicated
-    if size is not None:
-        image = image.resize(size, Image.BILINEAR)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-    x = pixels.to(torch.float32).div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
-    return x.sub_(mean).div_(std)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=16)
+def image_transform(size: tuple[int, int] | None, mean: tuple[float, ...] = IMAGENET_MEAN,
+                    std: tuple[float, ...] = IMAGENET_STD) -> Callable:
+    """torchvision's evaluation transform: ``Resize`` to ``size`` (W, H; Pillow bilinear on PIL
+    images) unless None, ``ToTensor`` (to [0, 1]), ``Normalize(mean, std)``."""
+    from torchvision import transforms as T
+
+    resize = [T.Resize((size[1], size[0]), interpolation=T.InterpolationMode.BILINEAR)] if size else []
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def preprocess(image: PILImage.Image, size: tuple[int, int] | None, mean: tuple[float, ...] = IMAGENET_MEAN,
+               std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """A PIL image -> ``[3, H, W]`` float32 through ``to_rgb`` and ``image_transform``."""
+    return image_transform(size, tuple(mean), tuple(std))(to_rgb(image))
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes ``paths[i]`` with PIL: ``(i, [3, H, W] tensor, None)``, or ``(i, None, message)`` for an
     image that cannot be read (the caller stops with that message)."""
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int] | None) -> None:
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int] | None, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
         self.paths = list(paths)
-        self.size = size
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -313,7 +158,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.paths[i]) as image:
-                return i, preprocess(image, self.size), None
+                return i, preprocess(image, self.size, self.mean, self.std), None
         except Exception as exc:   # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
             return i, None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
@@ -358,10 +203,28 @@ def side_files(out: Path) -> tuple[Path, Path, Path]:
             out.with_name(out.name + ".partial.json"))
 
 
-def run_key(paths: Sequence[Path], checkpoint_id: str, size: tuple[int, int] | None, dim: int) -> str:
-    """Identity of a run's result: the image list, the checkpoint, the image size and the output size."""
+def metadata_file(out: Path) -> Path:
+    """``OUT.model.json``: the model, its checkpoint and the preprocessing that made ``OUT``."""
+    out = Path(out)
+    return out.with_name(out.name + ".model.json")
+
+
+def read_metadata(descriptors: Path) -> dict | None:
+    """The extraction metadata next to a descriptor file, or None when there is none (descriptors
+    made elsewhere) or it cannot be read."""
+    path = metadata_file(descriptors)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "model" in record else None
+
+
+def run_key(paths: Sequence[Path], checkpoint_id: str, size: tuple[int, int] | None, dim: int,
+            model: str = "netvlad") -> str:
+    """Identity of a run's result: the image list, the model and checkpoint, the image size and the output size."""
     record = {"format": PROGRESS_FORMAT, "images": [str(p) for p in paths], "checkpoint": checkpoint_id,
-              "image_size": list(size) if size else None, "dim": dim}
+              "model": model, "image_size": list(size) if size else None, "dim": dim}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -415,57 +278,46 @@ def _write_final(out: Path, rows: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def extract_descriptors(model: NetVLADModel, paths: Sequence[Path], out: Path, *, checkpoint_id: str,
-                        image_size: tuple[int, int] | None = DEFAULT_IMAGE_SIZE, batch_size: int = 8,
+def as_image_model(model: ImageModel | nn.Module) -> ImageModel:
+    """An ``ImageModel``; a bare network with ``out_dim`` (e.g. a ``NetVLADModel``) is taken as NetVLAD."""
+    if isinstance(model, ImageModel):
+        return model
+    return ImageModel("netvlad", model, model.out_dim, "NetVLAD", DEFAULT_IMAGE_SIZE)
+
+
+def extract_descriptors(model: ImageModel | nn.Module, paths: Sequence[Path], out: Path, *, checkpoint_id: str,
+                        image_size: tuple[int, int] | None | str = MODEL_DEFAULT, batch_size: int = 8,
                         threads: int = 2, device: torch.device | str = "cpu", progress: bool = False,
-                        on_batch: Callable[[int], None] | None = None) -> ExtractResult:
-    """Descriptors of ``paths`` (in order) into ``out``: float32 ``[len(paths), model.out_dim]``,
-    plus ``OUT.images.txt``. Resumes the finished rows of an earlier run with the same images,
+                        on_batch: Callable[[int], None] | None = None, weights: Path | None = None) -> ExtractResult:
+    """Descriptors of ``paths`` (in order) into ``out``: float32 ``[len(paths), model.dim]``, plus
+    ``OUT.images.txt`` and ``OUT.model.json``. ``image_size`` (W, H), None (each image's own size)
+    or ``MODEL_DEFAULT``. Resumes the finished rows of an earlier run with the same images, model,
     checkpoint (``checkpoint_id``) and image size. ``on_batch(rows_done)`` is called after each
     saved batch. An unreadable image raises ``UserError`` naming it."""
-    from tqdm import tqdm
-
-    from utils import atomic_write
-
+    model = as_image_model(model)
+    size = model.default_size if isinstance(image_size, str) else image_size
+    model.check_size(size)
     out, device = Path(out), torch.device(device)
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise UserError(f"--out {out}: the file name must end in {', '.join(OUT_SUFFIXES)}")
     images_file, partial, progress_file = side_files(out)
-    n, dim = len(paths), model.out_dim
-    row_bytes = dim * 4
-    key = run_key(paths, checkpoint_id, image_size, dim)
+    n, dim = len(paths), model.dim
+    key = run_key(paths, checkpoint_id, size, dim, model.name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = _resume_point(partial, progress_file, key, row_bytes, n)
+    start = _resume_point(partial, progress_file, key, dim * 4, n)
     if start:
         log.info("resuming %s: %d of %d images already done", out, start, n)
-    model = model.to(device=device, memory_format=torch.channels_last).eval()
+    network = model.network.to(device=device, memory_format=torch.channels_last).eval()
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ImageDataset(paths, image_size), range(start, n)), batch_size=batch_size,
-        shuffle=False, num_workers=threads, collate_fn=_collate, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if threads else None)
+        torch.utils.data.Subset(ImageDataset(paths, size, model.mean, model.std), range(start, n)),
+        batch_size=batch_size, shuffle=False, num_workers=threads, collate_fn=_collate,
+        pin_memory=device.type == "cuda", worker_init_fn=_worker_init if threads else None)
     started = time.perf_counter()
-    done = start
-    with open(partial, "r+b" if partial.exists() else "wb") as store, \
-            tqdm(total=n, initial=start, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
-        store.truncate(start * row_bytes)
-        store.seek(start * row_bytes)
-        for batch in loader:
-            if batch["errors"]:
-                i, error = batch["errors"][0]
-                raise UserError(f"image {paths[i]} (row {i}) cannot be read ({error}): fix or remove it (and "
-                                "its position) and run the same command again; finished rows are kept")
-            feats = _forward_batch(model, batch["groups"], len(batch["index"]), device)
-            store.write(feats.tobytes())
-            store.flush()
-            os.fsync(store.fileno())
-            done += len(batch["index"])
-            _write_progress(progress_file, key, done, n, dim)
-            bar.update(len(batch["index"]))
-            if on_batch is not None:
-                on_batch(done)
+    _run_batches(network, loader, paths, partial, (start, n, dim), device, progress,
+                 lambda done: (_write_progress(progress_file, key, done, n, dim), on_batch and on_batch(done)))
     seconds = time.perf_counter() - started
     rows = np.memmap(partial, dtype=np.float32, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float32)
-    atomic_write(images_file, lambda f: f.write("".join(f"{p}\n" for p in paths).encode()))
+    _write_sidecars(out, paths, model, size, checkpoint_id, weights)
     _write_final(out, rows)
     del rows
     partial.unlink(missing_ok=True)
@@ -473,29 +325,79 @@ def extract_descriptors(model: NetVLADModel, paths: Sequence[Path], out: Path, *
     return ExtractResult(out, images_file, n, dim, start, seconds)
 
 
-def _forward_batch(model: NetVLADModel, groups: list[tuple[list[int], torch.Tensor]], size: int,
+def _run_batches(network: nn.Module, loader, paths: Sequence[Path], partial: Path, counts: tuple[int, int, int],
+                 device: torch.device, progress: bool, saved: Callable[[int], object]) -> None:
+    """Forward every batch of ``loader`` and append its rows to ``partial`` (fsynced), calling
+    ``saved(rows_done)`` after each. ``counts``: (first row, rows, dimensions)."""
+    from tqdm import tqdm
+
+    start, n, dim = counts
+    done = start
+    with open(partial, "r+b" if partial.exists() else "wb") as store, \
+            tqdm(total=n, initial=start, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
+        store.truncate(start * dim * 4)
+        store.seek(start * dim * 4)
+        for batch in loader:
+            if batch["errors"]:
+                i, error = batch["errors"][0]
+                raise UserError(f"image {paths[i]} (row {i}) cannot be read ({error}): fix or remove it (and "
+                                "its position) and run the same command again; finished rows are kept")
+            feats = _forward_batch(network, dim, batch["groups"], len(batch["index"]), device)
+            store.write(feats.tobytes())
+            store.flush()
+            os.fsync(store.fileno())
+            done += len(batch["index"])
+            saved(done)
+            bar.update(len(batch["index"]))
+
+
+def _forward_batch(network: nn.Module, dim: int, groups: list[tuple[list[int], torch.Tensor]], size: int,
                    device: torch.device) -> np.ndarray:
-    """Groups of equally sized images (positions in the batch, ``[b, 3, H, W]``) -> ``[size, P]``
+    """Groups of equally sized images (positions in the batch, ``[b, 3, H, W]``) -> ``[size, dim]``
     float32 descriptors in batch order."""
-    out = np.empty((size, model.out_dim), dtype=np.float32)
+    out = np.empty((size, dim), dtype=np.float32)
     with torch.inference_mode():
         for members, images in groups:
             x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            out[members] = model(x).float().cpu().numpy()
+            out[members] = network(x).float().cpu().numpy()
     return out
 
 
-def extract_images(src: Path, checkpoint: Path, out: Path, *, image_size: tuple[int, int] | None = DEFAULT_IMAGE_SIZE,
-                   batch_size: int = 8, threads: int = 2, device: torch.device | str = "cpu",
-                   progress: bool = False) -> ExtractResult:
-    """List the images of ``src``, load ``checkpoint`` and extract into ``out`` (resumable)."""
+def _write_sidecars(out: Path, paths: Sequence[Path], model: ImageModel, size: tuple[int, int] | None,
+                    checkpoint_id: str, weights: Path | None) -> None:
+    """``OUT.images.txt`` and ``OUT.model.json`` (atomically, before ``OUT`` itself)."""
+    from utils import atomic_write, write_json_atomic
+
+    images_file = side_files(out)[0]
+    atomic_write(images_file, lambda f: f.write("".join(f"{p}\n" for p in paths).encode()))
+    write_json_atomic({"format": METADATA_FORMAT, "model": model.name, "title": image_models.TITLES[model.name],
+                       "architecture": model.architecture, "dim": model.dim, "rows": len(paths),
+                       "weights": str(Path(weights).resolve()) if weights else None, "weights_sha256": checkpoint_id,
+                       "preprocessing": model.preprocessing(size), "images": images_file.name},
+                      metadata_file(out))
+
+
+def load_for_extraction(model: str, weights: Path,
+                        image_size: tuple[int, int] | None | str = MODEL_DEFAULT) -> tuple[ImageModel, tuple | None]:
+    """Load checkpoint ``weights`` as ``model`` and resolve the image size (the model's default
+    unless given), checked against the model: ``(image model, size)``."""
+    loaded = image_models.load_model(model, Path(weights))
+    size = loaded.default_size if isinstance(image_size, str) else image_size
+    loaded.check_size(size)
+    return loaded, size
+
+
+def extract_images(src: Path, checkpoint: Path, out: Path, *, model: str = "netvlad",
+                   image_size: tuple[int, int] | None | str = MODEL_DEFAULT, batch_size: int = 8, threads: int = 2,
+                   device: torch.device | str = "cpu", progress: bool = False) -> ExtractResult:
+    """List the images of ``src``, load ``checkpoint`` as ``model`` and extract into ``out`` (resumable)."""
     paths = list_images(Path(src))
-    model = load_netvlad_checkpoint(Path(checkpoint))
-    log.info("%d images from %s; NetVLAD K=%d -> %d-D; %s", len(paths), src, model.pool.num_clusters,
-             model.out_dim, f"{image_size[0]}x{image_size[1]}" if image_size else "original size")
-    return extract_descriptors(model, paths, Path(out), checkpoint_id=file_digest(Path(checkpoint)),
-                               image_size=image_size, batch_size=batch_size, threads=threads, device=device,
-                               progress=progress)
+    loaded, size = load_for_extraction(model, Path(checkpoint), image_size)
+    log.info("%d images from %s; %s: %s -> %d-D; %s", len(paths), src, image_models.TITLES[model], loaded.architecture,
+             loaded.dim, f"{size[0]}x{size[1]}" if size else "each image at its own size")
+    return extract_descriptors(loaded, paths, Path(out), checkpoint_id=file_digest(Path(checkpoint)), image_size=size,
+                               batch_size=batch_size, threads=threads, device=device, progress=progress,
+                               weights=Path(checkpoint))
 
 
 # ---------------------------------------------------------------- the command
@@ -503,17 +405,15 @@ def extract_images(src: Path, checkpoint: Path, out: Path, *, image_size: tuple[
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         mode="extract",
-        description="Compute NetVLAD descriptors (Patch-NetVLAD checkpoints) of a folder or list of images: "
-                    "one row per image, for --mode prepare --db_descriptors/--q_descriptors.")
+        description="Compute global descriptors (NetVLAD, CosPlace, EigenPlaces or MixVPR, from the authors' "
+                    "checkpoints) of a folder or list of images: one row per image, for --mode prepare "
+                    "--db_descriptors/--q_descriptors.")
     p.add_argument("--images", required=True, metavar="SRC",
                    help="folder of .jpg/.jpeg/.png/.bmp images (natural order of names) or a text file with one "
                         "image path per line (relative to the file)")
-    p.add_argument("--netvladCkpt", required=True, metavar="CKPT",
-                   help=f"Patch-NetVLAD checkpoint, e.g. {CHECKPOINT_URL}")
+    add_model_options(p)
     p.add_argument("--out", required=True, help="output .npy or .h5 file: float32 [images, dims]; "
-                                                "OUT.images.txt lists each row's image")
-    p.add_argument("--imageSize", default="640,480", metavar="W,H",
-                   help="resize every image to W,H pixels (bilinear); 0 keeps each image's size")
+                                                "OUT.images.txt lists each row's image, OUT.model.json the model")
     p.add_argument("--batchSize", type=int, default=8, help="images per forward pass")
     p.add_argument("--threads", type=int, default=2, help="image-decoding worker processes (0: main process)")
     p.add_argument("--nocuda", action="store_true", help="run on the CPU even when CUDA is available")
@@ -523,11 +423,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--weights``, ``--netvladCkpt`` and ``--imageSize`` (shared with ``--mode prepare``)."""
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="the checkpoint's model (netvlad with --netvladCkpt); the architecture is read from the file")
+    p.add_argument("--weights", metavar="FILE", help="the model's checkpoint as its authors release it "
+                                                     "(docs/image-models.md says where to get each)")
+    p.add_argument("--netvladCkpt", metavar="CKPT",
+                   help=f"a Patch-NetVLAD checkpoint (same as --model netvlad --weights CKPT), e.g. {CHECKPOINT_URL}")
+    p.add_argument("--imageSize", default=None, metavar="W,H",
+                   help="resize every image to W,H pixels (bilinear); 0 keeps each image's size; default: the "
+                        "model's (netvlad 640,480; cosplace/eigenplaces 0; mixvpr 320,320 from its checkpoint)")
+
+
+def check_model_options(opt: argparse.Namespace) -> None:
+    """Resolve ``opt.model`` and ``opt.weights`` from ``--model/--weights/--netvladCkpt``;
+    ``UserError`` for a combination that does not name one checkpoint of one model."""
+    if opt.netvladCkpt and opt.weights:
+        raise UserError("give the checkpoint once: --weights FILE (with --model) or --netvladCkpt FILE, not both")
+    if opt.netvladCkpt:
+        if opt.model not in (None, "netvlad"):
+            raise UserError(f"--netvladCkpt is NetVLAD's checkpoint: for --model {opt.model} pass --weights FILE")
+        opt.model, opt.weights = "netvlad", opt.netvladCkpt
+    elif opt.weights and opt.model is None:
+        raise UserError(f"--weights needs --model ({'|'.join(MODELS)}): the model the checkpoint belongs to")
+    if opt.imageSize is not None:
+        parse_image_size(opt.imageSize)
+
+
+def image_size_option(opt: argparse.Namespace) -> tuple[int, int] | None | str:
+    """``--imageSize`` as ``(W, H)``, None (original size) or ``MODEL_DEFAULT`` when not given."""
+    return MODEL_DEFAULT if opt.imageSize is None else parse_image_size(opt.imageSize)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse and check ``--mode extract`` options; ``image_size`` is returned separately by
-    ``parse_image_size(opt.imageSize)``."""
+    """Parse and check ``--mode extract`` options (``opt.model``/``opt.weights`` resolved)."""
     opt = build_parser().parse_args(argv)
-    parse_image_size(opt.imageSize)
+    check_model_options(opt)
+    if not opt.weights:
+        raise UserError("give the checkpoint: --model netvlad|cosplace|eigenplaces|mixvpr --weights FILE, or "
+                        "--netvladCkpt FILE")
     if opt.batchSize < 1:
         raise UserError(f"--batchSize must be at least 1, got {opt.batchSize}")
     if opt.threads < 0:
@@ -549,9 +484,9 @@ def _extract(opt: argparse.Namespace) -> None:
 
     setup_logging(quiet=opt.quiet)
     device = get_device(opt.nocuda, opt.device)
-    result = extract_images(Path(opt.images), Path(opt.netvladCkpt), Path(opt.out),
-                            image_size=parse_image_size(opt.imageSize), batch_size=opt.batchSize,
+    result = extract_images(Path(opt.images), Path(opt.weights), Path(opt.out), model=opt.model,
+                            image_size=image_size_option(opt), batch_size=opt.batchSize,
                             threads=opt.threads, device=device, progress=progress_enabled(opt.quiet))
     resumed = f", continuing after {result.resumed_from} done before" if result.resumed_from else ""
-    print(f"wrote {result.rows} x {result.dim} descriptors to {result.path} (images listed in "
-          f"{result.images_file}){resumed}; {result.images_per_second:.2f} images/s on {device}")
+    print(f"wrote {result.rows} x {result.dim} {image_models.TITLES[opt.model]} descriptors to {result.path} "
+          f"(images listed in {result.images_file}){resumed}; {result.images_per_second:.2f} images/s on {device}")

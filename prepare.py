@@ -21,34 +21,32 @@ and, last, ``custom_<name>.json``, which ``--dataset custom:<name>`` reads
 absolute path, not copied.
 
 Instead of a descriptor file, a traversal can be given as images (``--db_images`` /
-``--q_images``: a folder or a list file, see extract.py) with ``--netvladCkpt``: their
-NetVLAD descriptors are extracted first (resumably, at extract.py's defaults) into
-``custom_<name>_descriptors/{database,query}.npy`` in ``--structPath``.
+``--q_images``: a folder or a list file, see extract.py) with ``--model M --weights FILE`` (or
+``--netvladCkpt FILE``) and optionally ``--imageSize``: their descriptors are extracted first
+(resumably, at the model's defaults unless ``--imageSize`` is given) into
+``custom_<name>_descriptors/{database,query}.npy`` in ``--structPath``. Descriptor files made by
+``--mode extract`` carry their model in ``OUT.model.json``: two traversals extracted with
+different models, checkpoints or image sizes are refused.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import re
 import shlex
 import sys
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from entry import OneLineParser, run_own_mode
+from positions import Positions, latlon_origin, latlon_to_local, read_positions
 from utils import UserError
 
 SPLITS = ("train", "val", "test")
 SIDES = ("database", "query")
-EARTH_RADIUS_M = 6378137.0          # WGS84 equatorial radius
 OUTLIER_FACTOR = 100.0              # a frame this many median steps from its neighbours is a glitch
-METRIC_COLUMNS = (("x", "y"), ("easting", "northing"))
-LATLON_ALIASES = {"lat": "lat", "latitude": "lat", "lon": "lon", "lng": "lon", "long": "lon", "longitude": "lon"}
-OPTIONAL_COLUMNS = ("timestamp", "sequence_id")
+IMAGE_MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr")      # image_models.MODELS
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 CELL_NAMES_MAX = 100_000            # more frame names than this are written as a char matrix, not cells
 
@@ -63,14 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "capture order)")
     g.add_argument("--db_descriptors", help="database traversal descriptors (.npy, or .h5/.hdf5)")
     g.add_argument("--db_images", metavar="SRC",
-                   help="instead of --db_descriptors: folder or list file of the database images (needs --netvladCkpt)")
+                   help="instead of --db_descriptors: folder or list file of the database images (needs --model and "
+                        "--weights, or --netvladCkpt)")
     g.add_argument("--db_positions", required=True,
                    help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] [,sequence_id]")
     g.add_argument("--q_descriptors", help="query traversal descriptors (.npy, or .h5/.hdf5)")
     g.add_argument("--q_images", metavar="SRC",
                    help="instead of --q_descriptors: folder or list file of the query images")
+    g.add_argument("--model", choices=IMAGE_MODELS, default=None,
+                   help="model of --weights to extract descriptors of --db_images/--q_images with "
+                        "(docs/image-models.md)")
+    g.add_argument("--weights", metavar="FILE", help="the model's checkpoint as its authors release it")
     g.add_argument("--netvladCkpt", metavar="CKPT",
-                   help="Patch-NetVLAD checkpoint to extract descriptors of --db_images/--q_images with")
+                   help="a Patch-NetVLAD checkpoint (= --model netvlad --weights CKPT)")
+    g.add_argument("--imageSize", default=None, metavar="W,H",
+                   help="resize the images to W,H (0: each image's own size); default: the model's")
     g.add_argument("--q_positions", required=True, help="query positions CSV (same columns as --db_positions)")
     g = p.add_argument_group("splits (fractions of the database route, or explicit row ranges)")
     g.add_argument("--splits", default=None,
@@ -103,10 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if len(given) != 1:
             raise UserError(f"give exactly one of --{side}_descriptors and --{side}_images"
                             f"{'' if given else ' (the traversal needs descriptors or images)'}")
-    uses_images = bool(opt.db_images or opt.q_images)
-    if uses_images != bool(opt.netvladCkpt):
-        raise UserError("--db_images/--q_images need --netvladCkpt (the NetVLAD checkpoint to extract with)"
-                        if uses_images else "--netvladCkpt is only used with --db_images/--q_images")
+    check_image_options(opt)
     explicit = [getattr(opt, f"{s}_rows") for s in SPLITS]
     if any(explicit):
         if opt.splits is not None:
@@ -126,166 +128,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return opt
 
 
-# ---------------------------------------------------------------- reading positions
+def check_image_options(opt: argparse.Namespace) -> None:
+    """``--model/--weights/--netvladCkpt/--imageSize`` go with ``--db_images``/``--q_images``; sets
+    ``opt.model``/``opt.weights`` (``--netvladCkpt`` is ``--model netvlad --weights``)."""
+    uses_images = bool(opt.db_images or opt.q_images)
+    given = [f"--{k}" for k in ("model", "weights", "netvladCkpt", "imageSize") if getattr(opt, k) is not None]
+    if not uses_images:
+        if given:
+            raise UserError(f"{given[0]} is only used with --db_images/--q_images (to extract their descriptors)")
+        return
+    if opt.netvladCkpt and (opt.weights or opt.model not in (None, "netvlad")):
+        raise UserError("--netvladCkpt is NetVLAD's checkpoint: give either it or --model M --weights FILE")
+    if opt.netvladCkpt:
+        opt.model, opt.weights = "netvlad", opt.netvladCkpt
+    if not opt.weights or not opt.model:
+        raise UserError("--db_images/--q_images need --model and --weights (or --netvladCkpt): the checkpoint to "
+                        f"extract with ({'|'.join(IMAGE_MODELS)})")
+    if opt.imageSize is not None:
+        from extract import parse_image_size
 
-@dataclass
-class Positions:
-    """One positions CSV: ``values`` [N, 2] as read (metres, or lat/lon degrees when ``latlon``)."""
-
-    path: Path
-    values: np.ndarray
-    latlon: bool
-    timestamps: np.ndarray | None       # [N] float seconds (or the numbers as given)
-    sequence_ids: np.ndarray | None     # [N] str
-    lines: np.ndarray                   # [N] line number of each row in the file (header = 1)
-
-    def where(self, row: int) -> str:
-        return f"row {row} (line {int(self.lines[row])} of {self.path})"
-
-
-def _columns(header: list[str], path: Path) -> tuple[tuple[int, int], bool, dict[str, int]]:
-    """Indices of the two position columns, whether they are lat/lon, and of the optional columns."""
-    names = [h.strip().lower() for h in header]
-    expected = "x,y or easting,northing (metres) or lat,lon (degrees), optionally timestamp and sequence_id"
-    if len(set(names)) != len(names):
-        raise UserError(f"positions file {path}: repeated column names in the header {header}")
-    known = {c for pair in METRIC_COLUMNS for c in pair} | set(LATLON_ALIASES) | set(OPTIONAL_COLUMNS)
-    unknown = [h for h, n in zip(header, names) if n not in known]
-    if unknown:
-        raise UserError(f"positions file {path}: unknown column(s) {unknown}; expected {expected}")
-    optional = {n: i for i, n in enumerate(names) if n in OPTIONAL_COLUMNS}
-    pairs = [(names.index(a), names.index(b)) for a, b in METRIC_COLUMNS if a in names and b in names]
-    lat = [i for i, n in enumerate(names) if LATLON_ALIASES.get(n) == "lat"]
-    lon = [i for i, n in enumerate(names) if LATLON_ALIASES.get(n) == "lon"]
-    if lat and lon:
-        pairs.append((lat[0], lon[0]))
-    position_names = [n for n in names if n not in OPTIONAL_COLUMNS]
-    if len(pairs) != 1 or len(position_names) != 2:
-        raise UserError(f"positions file {path}: header {header} does not name one pair of position columns; "
-                        f"expected {expected}")
-    return pairs[0], bool(lat and lon), optional
+        parse_image_size(opt.imageSize)
 
 
-def _parse_time(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def read_positions(path: Path, label: str) -> Positions:
-    """Parse and check a positions CSV (columns, numbers, lat/lon ranges)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{label} positions file {path} not found: check --{'db' if label == 'database' else 'q'}"
-                        "_positions")
-    fast = _read_positions_fast(path)
-    if fast is not None:
-        return fast
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"positions file {path} could not be read as CSV ({exc})") from exc
-    if not rows:
-        raise UserError(f"positions file {path} is empty: it needs a header line (e.g. x,y) and one line per frame")
-    (_, header), body = rows[0], rows[1:]
-    (ia, ib), latlon, optional = _columns(header, path)
-    if not body:
-        raise UserError(f"positions file {path} has a header but no frames")
-    values = np.empty((len(body), 2))
-    stamps = np.empty(len(body)) if "timestamp" in optional else None
-    seq_ids = np.empty(len(body), dtype=object) if "sequence_id" in optional else None
-    for k, (line, r) in enumerate(body):
-        if len(r) != len(header):
-            raise UserError(f"positions file {path}, line {line}: {len(r)} values but the header has {len(header)} "
-                            "columns")
-        for j, col in enumerate((ia, ib)):
-            try:
-                values[k, j] = float(r[col])
-            except ValueError:
-                raise UserError(f"positions file {path}, line {line} (row {k}): {header[col].strip()} is "
-                                f"{r[col]!r}, not a number") from None
-            if not math.isfinite(values[k, j]):
-                raise UserError(f"positions file {path}, line {line} (row {k}): {header[col].strip()} is "
-                                f"{r[col].strip()}: every frame needs a finite position (remove or fix that frame in "
-                                "both the CSV and the descriptor file)")
-        if stamps is not None:
-            text = r[optional["timestamp"]].strip()
-            try:
-                stamps[k] = _parse_time(text)
-            except ValueError:
-                raise UserError(f"positions file {path}, line {line} (row {k}): timestamp {text!r} is neither a "
-                                "number nor an ISO 8601 time") from None
-        if seq_ids is not None:
-            seq_ids[k] = r[optional["sequence_id"]].strip()
-            if not seq_ids[k]:
-                raise UserError(f"positions file {path}, line {line} (row {k}): empty sequence_id")
-    lines = np.array([line for line, _ in body])
-    return _checked(Positions(path, values, latlon, stamps, seq_ids, lines))
-
-
-def _checked(pos: Positions) -> Positions:
-    """``pos`` after the lat/lon range check."""
-    if pos.latlon:
-        for j, (name, limit) in enumerate((("lat", 90.0), ("lon", 180.0))):
-            bad = np.flatnonzero(np.abs(pos.values[:, j]) > limit)
-            if len(bad):
-                raise UserError(f"positions file {pos.path}, line {pos.lines[bad[0]]} (row {bad[0]}): {name} "
-                                f"{pos.values[bad[0], j]} is outside [-{limit:g}, {limit:g}] degrees")
-    return pos
-
-
-def _read_positions_fast(path: Path) -> Positions | None:
-    """``read_positions`` without a Python loop over the rows, for plain files (no quotes, numeric
-    timestamps); None for anything else, so that the row-by-row reader handles it and names the line."""
-    try:
-        text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
-    except (OSError, UnicodeDecodeError):
+def extraction_identity(meta: dict | None) -> tuple | None:
+    """(model, checkpoint SHA-256, image size) of a descriptor file's extraction metadata."""
+    if meta is None:
         return None
-    if '"' in text or "\r" in text:
-        return None
-    lines = np.array(text.split("\n"))
-    keep = np.flatnonzero(np.char.str_len(np.char.strip(np.char.replace(lines, ",", ""))) > 0)
-    if len(keep) < 2:
-        return None
-    header = next(csv.reader([str(lines[keep[0]])]))
-    try:
-        (ia, ib), latlon, optional = _columns(header, path)
-        table = np.loadtxt(lines[keep[1:]].tolist(), delimiter=",", dtype=str, comments=None, ndmin=2)
-        if table.shape != (len(keep) - 1, len(header)):
-            return None
-        values = np.char.strip(table[:, [ia, ib]]).astype(np.float64)
-        stamps = None
-        if "timestamp" in optional:
-            stamps = np.char.strip(table[:, optional["timestamp"]]).astype(np.float64)
-    except (UserError, ValueError):
-        return None
-    if not np.isfinite(values).all():
-        return None
-    seq_ids = None
-    if "sequence_id" in optional:
-        seq_ids = np.char.strip(table[:, optional["sequence_id"]])
-        if (np.char.str_len(seq_ids) == 0).any():
-            return None
-        seq_ids = seq_ids.astype(object)
-    return _checked(Positions(path, values, latlon, stamps, seq_ids, keep[1:] + 1))
+    size = (meta.get("preprocessing") or {}).get("image_size")
+    return meta.get("model"), meta.get("weights_sha256"), list(size) if size else None
 
 
-def latlon_to_local(latlon: np.ndarray, origin: tuple[float, float]) -> np.ndarray:
-    """[N, 2] (lat, lon) degrees -> [N, 2] (east, north) metres, equirectangular around ``origin`` (lat0, lon0)."""
-    lat0, lon0 = origin
-    dlon = (latlon[:, 1] - lon0 + 180.0) % 360.0 - 180.0        # across the antimeridian
-    east = EARTH_RADIUS_M * np.cos(np.radians(lat0)) * np.radians(dlon)
-    north = EARTH_RADIUS_M * np.radians(latlon[:, 0] - lat0)
-    return np.stack([east, north], axis=1)
+def refuse_mixed(db: tuple | None, query: tuple | None, where: str) -> None:
+    """A one-line ``UserError`` when both traversals' extraction identities are known and differ."""
+    if db is None or query is None or db == query:
+        return
+    differs = "models" if db[0] != query[0] else "checkpoints" if db[1] != query[1] else "image sizes"
+    raise UserError(f"the database descriptors are {db[0]} (checkpoint {str(db[1])[:12]}, image size {db[2]}) but the "
+                    f"query descriptors {query[0]} (checkpoint {str(query[1])[:12]}, image size {query[2]}) ({where}): "
+                    f"different {differs} do not match; extract both traversals with the same --model, --weights and "
+                    "--imageSize")
 
 
-def latlon_origin(*tables: np.ndarray) -> tuple[float, float]:
-    """Mean (lat, lon) of all frames; the longitude mean is circular (safe across the antimeridian)."""
-    both = np.concatenate(tables)
-    lon = np.degrees(np.arctan2(np.sin(np.radians(both[:, 1])).mean(), np.cos(np.radians(both[:, 1])).mean()))
-    return float(both[:, 0].mean()), float(lon)
+def check_same_model(desc_paths: list[Path]) -> None:
+    """Refuse database and query descriptors that ``--mode extract`` made with different models,
+    checkpoints or image sizes (read from their ``OUT.model.json``; files without one pass)."""
+    from extract import read_metadata
+
+    db, query = (extraction_identity(read_metadata(p)) for p in desc_paths)
+    refuse_mixed(db, query, f"from the .model.json files next to {desc_paths[0]} and {desc_paths[1]}")
 
 
 # ---------------------------------------------------------------- sequences and checks
@@ -485,7 +375,7 @@ def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bo
 def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
     """The database and query descriptor files: as given, or extracted from ``--db_images`` /
     ``--q_images`` into ``custom_<name>_descriptors/`` (checked against the positions CSVs first)."""
-    if not opt.netvladCkpt:
+    if not opt.weights:
         return [Path(opt.db_descriptors), Path(opt.q_descriptors)]
     import extract
     from utils import get_device, progress_enabled
@@ -502,14 +392,20 @@ def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
             raise UserError(f"{side}: {flag} {images} has {len(paths)} images but {table.path} has "
                             f"{len(table.values)} positions: one image per position row, in the same order")
         jobs.append((side, paths))
-    model = extract.load_netvlad_checkpoint(Path(opt.netvladCkpt))
-    checkpoint_id = extract.file_digest(Path(opt.netvladCkpt))
+    model, size = extract.load_for_extraction(opt.model, Path(opt.weights), extract.image_size_option(opt))
+    checkpoint_id = extract.file_digest(Path(opt.weights))
+    planned = (model.name, checkpoint_id, list(size) if size else None)
+    for side, given in (("database", opt.db_descriptors), ("query", opt.q_descriptors)):
+        known = extraction_identity(extract.read_metadata(Path(given))) if given else None
+        pair = (known, planned) if side == "database" else (planned, known)
+        refuse_mixed(*pair, f"{given} was extracted with another model than --{'q' if side == 'database' else 'db'}"
+                            "_images would be")
     device = get_device(False)
     out = {}
     for side, paths in jobs:
         out[side] = extract.extract_descriptors(
-            model, paths, out_dir / f"{side}.npy", checkpoint_id=checkpoint_id,
-            image_size=extract.DEFAULT_IMAGE_SIZE, device=device, progress=progress_enabled()).path
+            model, paths, out_dir / f"{side}.npy", checkpoint_id=checkpoint_id, image_size=size, device=device,
+            progress=progress_enabled(), weights=Path(opt.weights)).path
     return [out.get("database") or Path(opt.db_descriptors), out.get("query") or Path(opt.q_descriptors)]
 
 
@@ -522,6 +418,7 @@ def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], 
     for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):
         if not path.is_file():
             raise UserError(f"descriptor file {path} not found: check {flag}")
+    check_same_model(desc_paths)
     descs = [open_descriptors(p) for p in desc_paths]       # checked chunk by chunk, not loaded
     if descs[0].shape[1] != descs[1].shape[1]:
         raise UserError(f"the database descriptors have {descs[0].shape[1]} dimensions but the query descriptors "

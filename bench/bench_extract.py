@@ -1,24 +1,32 @@
-"""Extraction speed: ``extract.extract_descriptors`` (batches, channels-last, inference mode,
-decoding in worker processes) against a plain per-image loop of the same model.
+"""Extraction speed per model: ``extract.extract_descriptors`` (batches, channels-last, inference
+mode, decoding in worker processes) in images/s, against the model's compute floor on this machine.
 
-    python bench/bench_extract.py [--quick] [--images 8 --repeats 2 --batchSize 4 --workers 1]
-                                  [--imageSize 640,480 --clusters 64 --pcs 4096] [--device cpu|cuda] [--threads N]
+    python bench/bench_extract.py [--quick] [--models netvlad,cosplace,eigenplaces,mixvpr] [--images 4]
+                                  [--repeats 2] [--batchSize 4] [--workers 1] [--loop] [--device cpu|cuda]
+                                  [--threads N]
 
-Both variants use one random checkpoint with the real shapes (VGG16 to conv5_3, K=64, 4096-D WPCA)
-on the same JPEGs (1024x768, resized to ``--imageSize``), after a one-image warm-up each, timed in
-``--repeats`` interleaved rounds (baseline, project, baseline, ...); the best round of each counts:
-(a) baseline: for each image, decode + preprocess in the main process, ``model(x[None])`` under
-    ``torch.no_grad`` in the default (contiguous) memory format;
-(b) project: ``extract.extract_descriptors`` writing a ``.npy`` (its progress file included).
-Prints images/s of both and the ratio; checks that both give the same descriptors (cosine >= 0.9999).
-Goal: the project is not slower than the per-image loop (ratio >= 0.95, allowing for timing noise).
-Exits 1 when a goal is missed.
+Each model is a random network with its released layout (no weights are downloaded):
+- netvlad: VGG16 to conv5_3 + NetVLAD K=64 + WPCA 4096, images resized to 640x480;
+- cosplace, eigenplaces: ResNet-50 + GeM + Linear(2048, 2048), each image at its own size (the
+  JPEGs are 640x480);
+- mixvpr: ResNet-50 to layer3 + MixVPR (1024 channels, 20x20 cells, depth 4, 4096-D), 320x320.
+
+The compute floor: the network's multiply-adds per image (every convolution and linear layer,
+counted on one forward pass at that size) divided by the multiply-add rate of a 2048x2048 float32
+matrix product measured here (timed in every round beside the models, the best time counts).
+``floor ratio`` = measured images/s / floor images/s: 1.0 would mean the network runs at the
+speed of one large matrix product.
+With ``--loop`` a plain per-image loop of the same model (decoding in this process, default
+memory format) is timed too, in interleaved rounds, and its descriptors compared.
+Goals: descriptors finite and unit-length; with ``--loop``, the same descriptors as the loop
+(cosine >= 0.9999) and not slower (ratio >= 0.95). Exits 1 when a goal is missed.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,9 +36,13 @@ import common  # noqa: E402,F401,I001  (first: sets OMP_WAIT_POLICY before torch
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 import extract
+import image_models
 from common import add_threads_option, apply_threads, goal, interleaved, machine_line, table
+
+MIXVPR_RELEASED = {"in_channels": 1024, "cells": 400, "out_channels": 1024, "depth": 4, "hidden": 400, "rows": 4}
 
 
 def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
@@ -44,81 +56,152 @@ def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[
     return paths
 
 
-def per_image_loop(model: extract.NetVLADModel, paths: list[Path], size: tuple[int, int] | None,
-                   device: torch.device) -> np.ndarray:
+def build(name: str, quick: bool, seed: int) -> image_models.ImageModel:
+    """A random network of ``name`` with its released layout (smaller NetVLAD with ``quick``)."""
+    torch.manual_seed(seed)
+    if name == "netvlad":
+        k, p = (16, 512) if quick else (64, 4096)
+        return image_models.model_from_state("netvlad", image_models.random_netvlad_state(k, p, seed))
+    if name == "mixvpr":
+        net = image_models.MixVPRNet("resnet50", 3, MIXVPR_RELEASED).eval()
+        return image_models.ImageModel("mixvpr", net, 4096, "ResNet-50 to layer3 + MixVPR 4096", (320, 320),
+                                       cells=400, stride_steps=4)
+    net = image_models.GeoLocalizationNet("resnet50", 2048, 2048).eval()
+    return image_models.ImageModel(name, net, 2048, "ResNet-50 + GeM + Linear(2048, 2048)", None)
+
+
+def multiply_adds(network: nn.Module, size: tuple[int, int]) -> int:
+    """Multiply-adds of one forward pass of a ``size`` (W, H) image: every Conv2d and Linear."""
+    total = [0]
+
+    def count(module: nn.Module, inputs, output) -> None:
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total[0] += output.numel() * per_out
+        elif isinstance(module, nn.Linear):
+            total[0] += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            out = network(torch.zeros(1, 3, size[1], size[0]))
+    finally:
+        for h in hooks:
+            h.remove()
+    if isinstance(network, image_models.NetVLADModel) and network.WPCA is not None:
+        total[0] += network.WPCA[0].weight.numel()       # WPCA runs as F.linear, not through the conv module
+    del out
+    return total[0]
+
+
+MATMUL_N = 2048
+
+
+def matmul_product() -> Callable[[], object]:
+    """One ``MATMUL_N x MATMUL_N`` float32 matrix product, ready to time (``MATMUL_N**3`` multiply-adds)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    torch.mm(a, b)
+    return lambda: torch.mm(a, b)
+
+
+def per_image_loop(model: image_models.ImageModel, paths: list[Path], size, device: torch.device) -> np.ndarray:
     """The baseline: one image at a time, decoded in this process, default memory format."""
-    model = model.to(device=device, memory_format=torch.contiguous_format)
+    network = model.network.to(device=device, memory_format=torch.contiguous_format)
     rows = []
     with torch.no_grad():
         for path in paths:
             with Image.open(path) as image:
                 x = extract.preprocess(image, size)[None].to(device)
-            rows.append(model(x).cpu().numpy()[0])
+            rows.append(network(x).cpu().numpy()[0])
     return np.stack(rows)
+
+
+def bench_model(name: str, args: argparse.Namespace, paths: list[Path], tmp: Path, device: torch.device) -> dict:
+    """Time one model: the project (and with ``--loop`` the per-image loop) in interleaved rounds."""
+    model = build(name, args.quick, args.seed)
+    size = model.default_size if name != "netvlad" else extract.parse_image_size(args.netvladSize)
+    image_size = size or Image.open(paths[0]).size
+    macs = multiply_adds(model.network, image_size)
+    run = {}
+
+    def project() -> None:
+        result = extract.extract_descriptors(model, paths, tmp / f"{name}.npy", checkpoint_id="bench",
+                                             image_size=size, batch_size=args.batchSize, threads=args.workers,
+                                             device=device)
+        run["project"] = np.load(result.path)
+
+    def loop() -> None:
+        run["loop"] = per_image_loop(model, paths, size, device)
+
+    extract.extract_descriptors(model, paths[:1], tmp / "warm.npy", checkpoint_id="bench", image_size=size,
+                                batch_size=1, threads=0, device=device)
+    fns = {"matmul": matmul_product(), "project": project, **({"loop": loop} if args.loop else {})}
+    times = interleaved(fns, args.repeats, warmup=False)
+    return {"name": name, "model": model, "size": image_size, "macs": macs, "times": times, "rows": run}
+
+
+def report(results: list[dict], args: argparse.Namespace) -> bool:
+    """Print the table and check the goals."""
+    rows, ok = [], True
+    rate = MATMUL_N ** 3 / min(t for r in results for t in r["times"]["matmul"])
+    for r in results:
+        per_s = args.images / min(r["times"]["project"])
+        floor = rate / r["macs"]
+        row = [r["name"], r["model"].architecture, f"{r['size'][0]}x{r['size'][1]}", f"{r['macs'] / 1e9:.1f}",
+               f"{per_s:.3f}", f"{floor:.3f}", f"{per_s / floor:.2f}"]
+        norms = np.linalg.norm(r["rows"]["project"], axis=1)
+        ok &= goal(bool(np.all(np.isfinite(norms)) and np.allclose(norms, 1, atol=1e-4)),
+                   f"{r['name']}: finite unit-length descriptors")
+        if args.loop:
+            t_loop = min(r["times"]["loop"])
+            a, b = r["rows"]["loop"], r["rows"]["project"]
+            cosine = float(np.min(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+            speedup = t_loop / min(r["times"]["project"])
+            row += [f"{args.images / t_loop:.3f}", f"{speedup:.2f}"]
+            ok &= goal(cosine >= 0.9999, f"{r['name']}: same descriptors as the per-image loop (min cosine "
+                                         f"{cosine:.6f})")
+            ok &= goal(speedup >= 0.95, f"{r['name']}: not slower than the per-image loop ({speedup:.2f}x)")
+        rows.append(row)
+    header = ["model", "network", "size", "GMAC/image", "images/s", "floor images/s", "floor ratio"]
+    print(table(rows, header + (["loop images/s", "speed-up"] if args.loop else [])))
+    print(f"matrix-product rate: {rate / 1e9:.1f} GMAC/s ({MATMUL_N}x{MATMUL_N} float32, best of every round); best "
+          f"of {args.repeats} rounds per model; another process may share the CPU")
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4 images at 320x240, K=16, 512-D (a smoke run)")
-    p.add_argument("--images", type=int, default=8, help="images per variant and round")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved timed rounds; the best round counts")
-    p.add_argument("--batchSize", type=int, default=4, help="project: images per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="project: decoding worker processes")
-    p.add_argument("--imageSize", default="640,480", help="W,H the images are resized to")
-    p.add_argument("--clusters", type=int, default=64, help="NetVLAD clusters K")
-    p.add_argument("--pcs", type=int, default=4096, help="WPCA output dimensions P")
+    p.add_argument("--quick", action="store_true", help="2 images of 320x240, one round, NetVLAD K=16 512-D")
+    p.add_argument("--models", default=",".join(image_models.MODELS), help="comma-separated models to time")
+    p.add_argument("--images", type=int, default=4, help="images per model and round")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds; the best round counts")
+    p.add_argument("--batchSize", type=int, default=4, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=1, help="decoding worker processes")
+    p.add_argument("--netvladSize", default="640,480", help="W,H NetVLAD's images are resized to")
+    p.add_argument("--loop", action="store_true", help="also time a plain per-image loop of each model")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     add_threads_option(p)
     args = p.parse_args(argv)
+    jpeg_size = (640, 480)
     if args.quick:
-        args.images, args.repeats, args.imageSize, args.clusters, args.pcs = 4, 1, "320,240", 16, 512
+        args.images, args.repeats, args.netvladSize, jpeg_size = 2, 1, "320,240", (320, 240)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in image_models.MODELS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(image_models.MODELS)}")
     apply_threads(args.threads)
-    size = extract.parse_image_size(args.imageSize)
     device = torch.device(args.device)
     print(machine_line())
-    print(f"{args.images} JPEGs 1024x768 -> {args.imageSize}, VGG16 + NetVLAD K={args.clusters} + WPCA "
-          f"{args.pcs}-D, device {device}, project batch {args.batchSize}, {args.workers} decoding workers")
-
-    model = extract.model_from_state_dict(extract.random_netvlad_state(args.clusters, args.pcs, args.seed))
+    print(f"{args.images} JPEGs {jpeg_size[0]}x{jpeg_size[1]}, device {device}, batch {args.batchSize}, "
+          f"{args.workers} decoding workers")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "img").mkdir()
-        paths = write_jpegs(tmp / "img", args.images, (1024, 768), args.seed)
-        per_image_loop(model, paths[:1], size, device)                       # warm-up
-        extract.extract_descriptors(model, paths[:1], tmp / "warm.npy", checkpoint_id="bench", image_size=size,
-                                    batch_size=1, threads=0, device=device)
-        rows = {}
-
-        def run_loop() -> None:
-            rows["loop"] = per_image_loop(model, paths, size, device)
-
-        def run_project() -> None:
-            result = extract.extract_descriptors(model, paths, tmp / "out.npy", checkpoint_id="bench",
-                                                 image_size=size, batch_size=args.batchSize, threads=args.workers,
-                                                 device=device)
-            rows["project"] = np.load(result.path)
-
-        times = interleaved({"loop": run_loop, "project": run_project}, args.repeats, warmup=False)
-    t_loop, t_proj = min(times["loop"]), min(times["project"])
-    loop_rows, proj_rows = rows["loop"], rows["project"]
-    cosine = float(np.min(np.sum(loop_rows * proj_rows, axis=1)
-                          / np.linalg.norm(loop_rows, axis=1) / np.linalg.norm(proj_rows, axis=1)))
-    ratio = t_loop / t_proj
-    print(table([["per-image loop (baseline)", f"{t_loop:.2f}", f"{args.images / t_loop:.3f}", "1.00"],
-                 [f"extract_descriptors (batch {args.batchSize})", f"{t_proj:.2f}", f"{args.images / t_proj:.3f}",
-                  f"{ratio:.2f}"]],
-                ["variant", "seconds", "images/s", "speed-up"]))
-    print(f"minimum cosine between the two variants' descriptors: {cosine:.7f}")
-    print(f"rounds (s): loop {', '.join(f'{t:.1f}' for t in times['loop'])}; project "
-          f"{', '.join(f'{t:.1f}' for t in times['project'])}")
-    print("note: best of interleaved rounds measured in this run; another process may share the CPU, so the "
-          "ratio means more than the absolute images/s")
-    ok = goal(cosine >= 0.9999, f"same descriptors as the per-image loop (min cosine {cosine:.6f} >= 0.9999)")
-    ok &= goal(ratio >= 0.95, f"project not slower than the per-image loop ({ratio:.2f}x, "
-                             f"{args.images / t_proj:.3f} images/s at {args.imageSize} on {device})")
-    return 0 if ok else 1
+        paths = write_jpegs(tmp / "img", args.images, jpeg_size, args.seed)
+        results = [bench_model(name, args, paths, tmp, device) for name in models]
+    return 0 if report(results, args) else 1
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import plain
+import positions
 import prepare
 from conftest import ROOT, unit_rows
 from datasets import load_split_indices, load_struct, sequence_windows
 
 SYNTH = {"frames": 400, "dim": 16}
-EARTH_R = prepare.EARTH_RADIUS_M
+EARTH_R = positions.EARTH_RADIUS_M
 
 
 # ---------------------------------------------------------------- helpers
