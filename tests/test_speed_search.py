@@ -81,7 +81,8 @@ def test_rank_across_speeds_equals_plain_loops(seq_len, rule):
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     velocities = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     k = 12
-    idx, scores, vel = search.rank_across_speeds(db, q, db_starts, q_starts, db_bounds, q_bounds,
+    idx, scores, vel = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
+                                                 db_bounds, q_bounds,
                                                  velocity.trajectories(velocities, seq_len), rule, k, query_chunk=4)
     adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule)
     want = plain_top(adj, vels, k)
@@ -103,7 +104,8 @@ def test_one_velocity_equals_the_diagonal_search(seq_len):
     db, q = unit(rng, len(db_bounds), 8), unit(rng, len(q_bounds), 8)
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     want_i, want_d = search.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
-    got_i, got_d, vel = search.rank_across_speeds(db, q, db_starts, q_starts, db_bounds, q_bounds,
+    got_i, got_d, vel = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
+                                                  db_bounds, q_bounds,
                                                   velocity.trajectories((1.0,), seq_len), velocity.PLAIN_MIN, 20,
                                                   query_chunk=7)
     np.testing.assert_array_equal(got_i, want_i)
@@ -121,9 +123,70 @@ def test_faster_query_is_found_at_its_speed():
     seq_len = 5
     db_bounds, q_bounds = bounds_of([200]), bounds_of([100])
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
-    idx, _, vel = search.rank_across_speeds(db, q, db_starts, q_starts, db_bounds, q_bounds,
+    idx, _, vel = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
+                                            db_bounds, q_bounds,
                                             velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len),
                                             velocity.DEFAULT_RULE, 5)
     inner = np.arange(5, 95)
     assert (idx[inner, 0] == 2 * inner).mean() > 0.95
     assert (vel[inner, 0] == 2).mean() > 0.95
+
+
+def route(seed: int, seq_len: int):
+    rng = np.random.default_rng(seed)
+    db_bounds, q_bounds = bounds_of([33, 29]), bounds_of([18, 16])
+    db, q = unit(rng, len(db_bounds), 6), unit(rng, len(q_bounds), 6)
+    db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
+    return db, q, db_starts, q_starts, db_bounds, q_bounds
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 4, 6])
+@pytest.mark.parametrize("chunk", [5, 16, 1000])
+def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk):
+    """``trajectory_blocks`` (the map read ``chunk`` frames at a time, each block reaching the trajectories'
+    margin) gives the predictions, scores and velocities of one block holding every frame."""
+    from get_models import SeqMatchModel
+
+    db, q, db_starts, q_starts, db_bounds, q_bounds = route(seq_len, seq_len)
+    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len)
+    model = SeqMatchModel(6, False, 6)
+    want = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
+                                     q_bounds, traj, velocity.DEFAULT_RULE, 15, query_chunk=5)
+    blocks = search.trajectory_blocks(model, db.numpy(), db_starts, traj, torch.device("cpu"), 64, chunk,
+                                      torch.float32, {})
+    got = search.rank_across_speeds(blocks, q, db_starts, q_starts, db_bounds, q_bounds, traj,
+                                    velocity.DEFAULT_RULE, 15, query_chunk=5)
+    # the products of differently sized blocks may differ in the last bits: equal up to such near-ties
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+    apart = np.c_[np.diff(want[1], axis=1) > 1e-5, np.ones(len(want[1]), bool)]
+    apart &= np.c_[np.ones(len(want[1]), bool), apart[:, :-1]]
+    np.testing.assert_array_equal(got[0][apart], want[0][apart])
+    np.testing.assert_array_equal(got[2][apart], want[2][apart])
+    assert apart.mean() > 0.7          # (exact ties of the shifted end windows count as near-ties here)
+
+
+@pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
+def test_rerank_across_speeds_equals_plain_loops(seq_len):
+    """Each query's own candidates re-ranked across speeds (plain minimum over trajectories) against the
+    plain loop over the same candidates; ties by candidate index."""
+    from get_models import SeqMatchModel
+
+    db, q, db_starts, q_starts, db_bounds, q_bounds = route(10 + seq_len, seq_len)
+    velocities = (0.5, 1.0, 1.5, 2.0)
+    rng = np.random.default_rng(seq_len)
+    cand = np.stack([rng.choice(len(db_starts), 9, replace=False) for _ in q_starts])
+    idx, scores, vel = search.rerank_across_speeds(SeqMatchModel(6, False, 6), db.numpy(), db_starts, db_bounds, q,
+                                                   q_starts, q_bounds, cand, velocity.trajectories(velocities, seq_len),
+                                                   velocity.PLAIN_MIN, torch.device("cpu"), 64, group_bytes=2000)
+    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, velocity.PLAIN_MIN)
+    for i in range(len(q_starts)):
+        rows = []
+        for j in cand[i]:
+            t = min(range(len(vels)), key=lambda t: (adj[i, t, j], abs(vels[t] - 1), vels[t]))
+            rows.append((adj[i, t, j], j, vels[t]))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        finite = [r for r in rows if np.isfinite(r[0])]
+        np.testing.assert_allclose(scores[i, :len(finite)], [r[0] for r in finite], atol=1e-5)
+        close = np.r_[np.diff([r[0] for r in finite]) > 1e-6, True]     # positions not tied with the next one
+        np.testing.assert_array_equal(idx[i, :len(finite)][close], np.array([r[1] for r in finite])[close])
+        assert np.isinf(scores[i, len(finite):]).all()
