@@ -37,11 +37,12 @@ import metrics
 import plots
 import report
 import runs
+import velocity
 from utils import UserError, atomic_write, ensure_output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("query_frame", "db_frame", "distance", "confidence", "latency_ms")
+CSV_COLUMNS = ("query_frame", "db_frame", "distance", "confidence", "latency_ms", "velocity")
 DEFAULT_CONF_RADIUS_FRAMES = 10
 PROJECT_BATCH = 4096
 
@@ -58,13 +59,15 @@ class Match:
     among the database windows whose last frame lies farther than the
     confidence radius from ``db_frame`` (lower = more confident: 1 means an
     equally good match elsewhere; NaN when no such window exists);
-    ``position``: the database position of ``db_frame`` when positions are known.
+    ``position``: the database position of ``db_frame`` when positions are known;
+    ``velocity``: the velocity of the matched trajectory (database frames per query frame).
     """
 
     db_frame: int
     distance: float
     confidence: float
     position: tuple[float, ...] | None = None
+    velocity: float = 1.0
 
 
 def project_database(descriptors: np.ndarray | torch.Tensor, model=None, device: torch.device | str = "cpu",
@@ -190,8 +193,6 @@ class Localizer:
 
     def _setup_trajectories(self, velocities, rule, db_bounds: np.ndarray | None) -> None:
         """Trailing trajectories of ``velocities`` (None: the diagonal path) and their validity per end frame."""
-        import velocity
-
         self.last_velocity = 1.0
         traj = velocity.trajectories(velocities, self.seq_len, anchor="end")
         self._traj = None if traj.is_diagonal else traj
@@ -283,8 +284,6 @@ class Localizer:
 
     def _step_trajectories(self, slot: int) -> Match:
         """The best database trajectory for the full ring buffer whose newest row is ``slot``."""
-        import velocity
-
         L, traj, sums = self.seq_len, self._traj, self._traj_scores
         nd = self.num_db
         rows = [self._ring[(slot + 1 + i) % L] for i in range(L)]              # query offsets -(L-1)..0
@@ -319,7 +318,8 @@ class Localizer:
         alt = self._elsewhere_min(chosen, best)
         confidence = math.nan if not math.isfinite(alt) else (distance / alt if alt > 0 else 1.0)
         position = None if self.positions is None else tuple(float(v) for v in self.positions[best])
-        return Match(db_frame=best, distance=distance, confidence=confidence, position=position)
+        return Match(db_frame=best, distance=distance, confidence=confidence, position=position,
+                     velocity=self.last_velocity)
 
     def _elsewhere_min(self, values: torch.Tensor, best: int) -> float:
         """Smallest of ``values`` ``[Nd]`` (one per end frame) farther than ``conf_radius`` from frame ``best``."""
@@ -432,10 +432,11 @@ def load_model_for(opt: argparse.Namespace):
 
 
 def csv_row(query_frame: int, match: Match | None, latency_ms: float) -> str:
-    """One CSV line (no newline); db_frame, distance and confidence are empty without a match."""
+    """One CSV line (no newline); db_frame, distance, confidence and velocity are empty without a match."""
     if match is None:
-        return f"{query_frame},,,,{latency_ms:.3f}"
-    return f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},{latency_ms:.3f}"
+        return f"{query_frame},,,,{latency_ms:.3f},"
+    return (f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},{latency_ms:.3f},"
+            f"{match.velocity:g}")
 
 
 def timed_step(localizer: Localizer, frame: np.ndarray) -> tuple[Match | None, float]:
@@ -488,7 +489,7 @@ def run_localize(opt: argparse.Namespace) -> dict:
     try:
         localizer = Localizer(split.db_desc, model=model, seq_len=opt.seqL, positions=split.db_positions,
                               db_bounds=split.db_bounds, conf_radius=radius, device=device,
-                              batch_size=opt.cacheBatchSize)
+                              batch_size=opt.cacheBatchSize, velocities=velocity.parse_velocities(opt.velocities))
     except ValueError as exc:
         raise UserError(f"split {split.name}: {exc}") from exc
     setup_s = time.perf_counter() - t0
@@ -502,7 +503,7 @@ def run_localize(opt: argparse.Namespace) -> dict:
     done = np.array([m is not None for m in matches])
     stats = latency_stats(latencies, wall)
     result = {"mode": "localize", "queries": split.num_q, "queries_localised": int(done.sum()),
-              "conf_radius": float(radius), **stats}
+              "conf_radius": float(radius), "velocities": opt.velocities, **stats}
     recall, pr = math.nan, None
     if done.any():
         q_rows = np.flatnonzero(done)
