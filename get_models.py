@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from seqMatchNet import frame_distances, sequence_distance, window_distances
 from utils import UserError, progress_enabled
+from velocity import trajectory_sequence_distance
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +204,19 @@ class FrameModel(SeqMatchModel):
         return window_distances(db.feats, q.feats, db.starts, q.starts, seq_len, distance)
 
     def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
-                          n_idx: torch.Tensor, distance: str = "meanOfPairs") -> tuple[torch.Tensor, torch.Tensor]:
+                          n_idx: torch.Tensor, distance: str = "meanOfPairs", p_valid: torch.Tensor | None = None,
+                          n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d(q, p) [B], d(q, n) [B, K])`` with gradients, for windows given as rows of ``frames``
         ``[R, C]`` (raw descriptors, each distinct frame once, projected once): ``q_idx``, ``p_idx``
-        ``[B, L]`` and ``n_idx`` ``[B, K, L]``."""
+        ``[B, L]`` and ``n_idx`` ``[B, K, L]``. Across speeds (``p_valid`` ``[B, T]``, ``n_valid``
+        ``[B, K, T]``) ``p_idx`` ``[B, T, L]`` and ``n_idx`` ``[B, K, T, L]`` hold each trajectory's frames,
+        and a distance is the smallest over the valid trajectories (``velocity``; inf when none is)."""
         feats = self.encode(frames)
         fq, fp, fn = feats[q_idx], feats[p_idx], feats[n_idx]
-        return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
+        if p_valid is None:
+            return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
+        return (trajectory_sequence_distance(fq, fp, p_valid, distance),
+                trajectory_sequence_distance(fq[:, None], fn, n_valid, distance))
 
 
 class WindowModel(SeqMatchModel):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import velocity
 from datasets import Split, sequence_windows
-from seqMatchNet import window_distances
+from seqMatchNet import frame_distances, window_distances
 from utils import UserError
 
 N_NEG = 10                 # negatives kept per query
@@ -62,7 +63,8 @@ class TrainingSet:
         queries = np.flatnonzero(has_pos & (n_close < len(db_frames)))
         if len(queries) == 0:
             raise UserError(f"split {split.name}: no query has a non-trivial positive (within "
-                            f"{math.sqrt(split.non_triv_pos_dist_sq_thr):g}) and a negative: check the positions")
+                            f"{math.sqrt(split.non_triv_pos_dist_sq_thr):g} {split.position_unit}) and a negative "
+                            f"(farther than {split.pos_dist_thr:g} {split.position_unit}): check the positions")
         return cls(split, seq_len, db_frames, q_frames, db_starts[db_frames], q_starts[q_frames], nontriv, queries,
                    close)
 
@@ -83,6 +85,21 @@ def cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: Trainin
     device = db_feats.device
     return window_distances(db_feats, q_feats, torch.as_tensor(tset.db_starts, device=device),
                             torch.as_tensor(tset.q_starts[queries], device=device), tset.seq_len, method)
+
+
+@torch.no_grad()
+def trajectory_cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: TrainingSet,
+                               q_starts: np.ndarray, traj: velocity.Trajectories) -> torch.Tensor:
+    """The mining matrix across speeds ``[Nd, len(q_starts)]``: for every valid database window and query
+    window, the smallest meanOfPairs distance over the trajectories ``traj`` (``velocity``). ``db_feats``
+    holds every database frame of the split (row = frame), ``q_feats`` the query frames with the windows
+    starting at rows ``q_starts``."""
+    half = tset.seq_len // 2
+    frames = frame_distances(db_feats, q_feats)
+    d = velocity.trajectory_distances(frames, tset.db_starts + half, tset.split.db_bounds[tset.db_frames],
+                                      np.asarray(q_starts) + half, traj)
+    del frames
+    return d.amin(dim=0)
 
 
 def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,

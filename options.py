@@ -231,7 +231,10 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--shortlistIndex keeps the --shortlist index: give --shortlist K too")
     if getattr(opt, "shortlist", 0) and opt.predictionsFile:
         raise UserError("--shortlist and --predictionsFile both choose the candidates to re-rank: give one of them")
-    velocity.trajectories(velocity.parse_velocities(opt.velocities), opt.seqL)    # one line when malformed
+    speeds = velocity.trajectories(velocity.parse_velocities(opt.velocities), opt.seqL)    # one line if malformed
+    if not speeds.is_diagonal and (opt.method != "seqmatch" or opt.matcher == "None"):
+        raise UserError(f"--velocities matches frame sequences: use it with --method seqmatch, not --method "
+                        f"{opt.method if opt.matcher != 'None' else 'single'}")
     if not opt.lrStep > 0:
         raise UserError(f"--lrStep must be a positive number of epochs, got {opt.lrStep}")
     if opt.lr <= 0 or opt.margin < 0:

@@ -24,12 +24,13 @@ import distributed
 import plots
 import report
 import runs
+import velocity
 from datasets import Split
 from evaluate import EvalConfig, evaluate, format_recalls, top1_precision_recall, write_figures
 from get_datasets import generate_if_synthetic, get_split
 from get_models import SeqMatchModel, get_model, load_state, parallelize
 from metrics import recall_table
-from mining import N_NEG, TrainingSet, mine, sample_negatives
+from mining import N_NEG, TrainingSet, mine, sample_negatives, trajectory_cache_distances
 from seqMatchNet import topk_smallest, triplet_loss
 from utils import (
     MetricsWriter,
@@ -65,12 +66,20 @@ class TrainConfig:
     eval_every: int = 1                  # validate every N epochs
     patience: int = 0                    # stop after this many epochs without improvement (0: off)
     eval: EvalConfig | None = None       # the validation's settings
+    velocities: tuple[float, ...] = (1.0,)   # the loss and the mining match across these speeds too
 
     @classmethod
     def from_options(cls, opt: argparse.Namespace) -> TrainConfig:
         return cls(opt.seqL, opt.batchSize, opt.cacheBatchSize, opt.cacheRefreshRate, opt.margin,
                    opt.loss_trip_method, opt.neg_trip_method, opt.negCache == "on", opt.seed, opt.quiet,
-                   opt.figures, opt.nEpochs, opt.evalEvery, opt.patience, EvalConfig.from_options(opt))
+                   opt.figures, opt.nEpochs, opt.evalEvery, opt.patience, EvalConfig.from_options(opt),
+                   velocity.parse_velocities(opt.velocities))
+
+    @property
+    def trajectories(self) -> velocity.Trajectories | None:
+        """The trajectories of ``velocities`` (centred windows), or None for the diagonal alone."""
+        traj = velocity.trajectories(self.velocities, self.seq_len)
+        return None if traj.is_diagonal else traj
 
 
 @torch.no_grad()
@@ -79,6 +88,13 @@ def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.n
     """The mining matrix ``[Nd, len(queries)]`` for ``model``: every valid database window against
     the given queries' windows (frame models project only the frames these windows cover)."""
     split = tset.split
+    traj = config.trajectories
+    if traj is not None and config.mining_distance == "meanOfPairs":
+        db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, config.cache_batch_size,
+                                 "cache db", config.quiet, all_frames=True)
+        q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device,
+                                config.cache_batch_size, "cache queries", config.quiet)
+        return trajectory_cache_distances(db.feats, q.feats, tset, q.starts.cpu().numpy(), traj)
     db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, config.cache_batch_size,
                              "cache db", config.quiet)
     q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device, config.cache_batch_size,
@@ -90,7 +106,7 @@ def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.n
 
 def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: np.ndarray, negs: np.ndarray,
                distance: str, margin: float, device: torch.device, forward=None,
-               total_valid: int | None = None) -> torch.Tensor:
+               total_valid: int | None = None, traj: velocity.Trajectories | None = None) -> torch.Tensor:
     """Mean triplet loss of a batch: ``q_idx`` ``[B]`` query positions, ``pos``
     ``[B]`` database positions, ``negs`` ``[B, K]`` (-1 = none).
 
@@ -98,24 +114,41 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: 
     once; the distances of all triplets are computed together. ``forward`` computes them
     (default ``model.triplet_distances``; under torchrun the DistributedDataParallel module). With
     ``total_valid`` the sum over the valid triplets is divided by that count instead of their own
-    (when these triplets are one rank's part of a batch of ``total_valid``).
+    (when these triplets are one rank's part of a batch of ``total_valid``). With ``traj`` (``--velocities``)
+    a positive's or negative's distance is the smallest over its trajectories (``velocity``).
     """
     seq = np.arange(tset.seq_len)
     num_db = tset.split.num_db
     q_rows = tset.q_starts[q_idx][:, None] + seq + num_db                 # [B, L] rows in db+query stack
-    p_rows = tset.db_starts[pos][:, None] + seq                            # [B, L]
-    n_rows = tset.db_starts[np.maximum(negs, 0)][..., None] + seq          # [B, K, L]
-    b, k, L = n_rows.shape
+    if traj is None:
+        p_rows = tset.db_starts[pos][:, None] + seq                        # [B, L]
+        n_rows = tset.db_starts[np.maximum(negs, 0)][..., None] + seq      # [B, K, L]
+        valid = ()
+    else:
+        (p_rows, p_valid), (n_rows, n_valid) = (_trajectory_rows(tset, w, traj) for w in (pos, np.maximum(negs, 0)))
+        valid = (torch.as_tensor(p_valid, device=device), torch.as_tensor(n_valid, device=device))
     uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]), return_inverse=True)
     inverse = torch.as_tensor(inverse, device=device)
     frames = torch.from_numpy(_stacked_rows(tset, uniq)).to(device)
-    d_pos, d_neg = (forward or model.triplet_distances)(frames, inverse[:b * L].view(b, L),
-                                                        inverse[b * L:2 * b * L].view(b, L),
-                                                        inverse[2 * b * L:].view(b, k, L), distance)
-    loss = triplet_loss(d_pos, d_neg, torch.as_tensor(negs >= 0, device=device), margin)
+    n_q, n_p = q_rows.size, p_rows.size
+    d_pos, d_neg = (forward or model.triplet_distances)(frames, inverse[:n_q].view(q_rows.shape),
+                                                        inverse[n_q:n_q + n_p].view(p_rows.shape),
+                                                        inverse[n_q + n_p:].view(n_rows.shape), distance, *valid)
+    usable = torch.as_tensor(negs >= 0, device=device) & torch.isfinite(d_neg) & torch.isfinite(d_pos)[:, None]
+    d_pos, d_neg = torch.where(torch.isfinite(d_pos), d_pos, 0.0), torch.where(torch.isfinite(d_neg), d_neg, 0.0)
+    loss = triplet_loss(d_pos, d_neg, usable, margin)
     if total_valid is not None:     # the mean over these triplets -> their sum over the batch's count
         loss = loss * (max(int((negs >= 0).sum()), 1) / max(int(total_valid), 1))
     return loss
+
+
+def _trajectory_rows(tset: TrainingSet, windows: np.ndarray, traj: velocity.Trajectories):
+    """The database rows of every trajectory of the database windows ``windows`` ``[...]`` (positions in
+    ``tset.db_frames``): ``(rows [..., T, L], valid [..., T])`` (``velocity.trajectory_frames``)."""
+    split = tset.split
+    frames, valid = velocity.trajectory_frames(tset.db_starts[windows] + tset.seq_len // 2,
+                                               split.db_bounds[tset.db_frames[windows]], traj)
+    return frames.numpy(), valid.numpy()
 
 
 def _stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
@@ -242,7 +275,7 @@ def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, opt
         optimizer.zero_grad(set_to_none=True)
         if ddp is None:
             loss = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
-                              config.loss_distance, config.margin, device)
+                              config.loss_distance, config.margin, device, traj=config.trajectories)
             loss.backward()
             share = loss.item()
         else:
@@ -279,7 +312,8 @@ def part_loss(model: SeqMatchModel, ddp, tset: TrainingSet, mined: MinedChunk, s
         part, weight = sel[:1], 0.0
     total = int((mined.negatives[sel] >= 0).sum())
     loss = batch_loss(model, tset, mined.queries[part], mined.positive[part], mined.negatives[part],
-                      config.loss_distance, config.margin, device, forward=ddp, total_valid=total)
+                      config.loss_distance, config.margin, device, forward=ddp, total_valid=total,
+                      traj=config.trajectories)
     return loss * weight
 
 
@@ -290,8 +324,8 @@ class TripletDistances(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, frames, q_idx, p_idx, n_idx, distance):
-        return self.model.triplet_distances(frames, q_idx, p_idx, n_idx, distance)
+    def forward(self, frames, q_idx, p_idx, n_idx, distance, *valid):
+        return self.model.triplet_distances(frames, q_idx, p_idx, n_idx, distance, *valid)
 
 
 def data_parallel(model: SeqMatchModel, device: torch.device):

@@ -1,0 +1,105 @@
+"""``--velocities`` in training: the mining matrix and the triplet loss across speeds against plain loops
+written from the definition (a window's distance is the smallest over its trajectories that stay in the
+database sequence, each the mean of its frame distances), and a training run."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+import mining
+import train
+import velocity
+from datasets import Split, segment_bounds
+from get_models import SeqMatchModel
+
+
+def small_tset(seq_len: int) -> mining.TrainingSet:
+    rng = np.random.default_rng(seq_len)
+    n_db, n_q = 60, 40
+    db = rng.standard_normal((n_db, 6)).astype(np.float32)
+    q = db[np.arange(n_q) * 3 // 2] + 0.2 * rng.standard_normal((n_q, 6)).astype(np.float32)  # 1.5x faster
+    db_bounds = np.concatenate([segment_bounds(35), segment_bounds(25) + 35])
+    split = Split(name="train", db_desc=db, q_desc=q,
+                  db_positions=np.stack([np.arange(n_db) * 2.0, np.zeros(n_db)], axis=1),
+                  q_positions=np.stack([np.arange(n_q) * 3.0, np.zeros(n_q)], axis=1), pos_dist_thr=5.0,
+                  non_triv_pos_dist_sq_thr=16.0, db_bounds=db_bounds, q_bounds=segment_bounds(n_q))
+    return mining.TrainingSet.build(split, seq_len)
+
+
+def plain_window_distance(fq: np.ndarray, fdb: np.ndarray, q_start: int, db_start: int, bounds, traj) -> float:
+    """min over trajectories inside ``bounds`` of the mean frame distance along them (plain loops)."""
+    half, best = traj.seq_len // 2, math.inf
+    for t in range(traj.count):
+        frames = [db_start + half + int(s) for s in traj.steps[t]]
+        if not all(bounds[0] <= f < bounds[1] for f in frames):
+            continue
+        d = sum(float(np.linalg.norm(fq[q_start + k] - fdb[f])) for k, f in enumerate(frames)) / traj.seq_len
+        best = min(best, d)
+    return best
+
+
+def test_mining_matrix_across_speeds_equals_plain_loops():
+    for seq_len in (1, 3, 4, 5):
+        tset = small_tset(seq_len)
+        traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len)
+        model = SeqMatchModel(6, True, 5)
+        config = train.TrainConfig(seq_len=seq_len, quiet=True, velocities=(0.5, 1.0, 1.5, 2.0))
+        queries = tset.queries[::3]
+        got = train.model_cache_distances(model, tset, queries, config, torch.device("cpu")).numpy()
+        with torch.no_grad():
+            fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
+            fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
+        for j, qi in enumerate(queries):
+            for i in range(len(tset.db_frames)):
+                want = plain_window_distance(fq, fdb, tset.q_starts[qi], tset.db_starts[i],
+                                             tset.split.db_bounds[tset.db_frames[i]], traj)
+                assert (got[i, j] == want == math.inf) or abs(got[i, j] - want) < 1e-5, (seq_len, i, j)
+
+
+def test_triplet_loss_across_speeds_equals_plain_loops():
+    seq_len, margin = 3, 0.1
+    tset = small_tset(seq_len)
+    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len)
+    torch.manual_seed(1)
+    model = SeqMatchModel(6, True, 5)
+    rng = np.random.default_rng(0)
+    q_idx = tset.queries[:6]
+    pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
+    negs = rng.integers(0, len(tset.db_frames), (6, 4))
+    negs[1, 2:] = -1
+    loss = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", margin, torch.device("cpu"), traj=traj)
+    with torch.no_grad():
+        fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
+        fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
+    hinges = []
+    for b, qi in enumerate(q_idx):
+        def dist(w, qi=qi):
+            return plain_window_distance(fq, fdb, tset.q_starts[qi], tset.db_starts[w],
+                                         tset.split.db_bounds[tset.db_frames[w]], traj)
+        d_pos = dist(pos[b])
+        hinges += [max(0.0, d_pos - dist(n) + math.sqrt(margin)) for n in negs[b] if n >= 0 and
+                   math.isfinite(dist(n)) and math.isfinite(d_pos)]
+    assert abs(float(loss) - np.mean(hinges)) < 1e-5
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_one_velocity_is_the_diagonal_loss():
+    tset = small_tset(5)
+    model = SeqMatchModel(6, True, 5)
+    q_idx = tset.queries[:5]
+    pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
+    negs = np.tile(np.arange(3), (5, 1)) + 20
+    want = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"))
+    got = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"),
+                           traj=velocity.trajectories((1.0,), 5))
+    assert abs(float(got) - float(want)) < 1e-6
+
+
+def test_training_across_speeds_runs(tiny_oxford, monkeypatch):
+    from test_train import TRAIN, run_main
+
+    assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "1", "--velocities", "0.5:2:0.5"], tiny_oxford,
+                    monkeypatch) == 0
