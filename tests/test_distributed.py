@@ -172,8 +172,8 @@ def test_test_mode_with_two_ranks_equals_one_process(reference_copy, tmp_path, m
     rc, out, err, _ = torchrun(args + ["--resultsPath", str(tmp_path / "two")], reference_copy)
     assert rc == 0, err[-3000:]
     assert out.count("R@100") == 1                      # only rank 0 prints the recalls
-    one = np.load(tmp_path / "one" / "results.npz", allow_pickle=True)
-    two = np.load(tmp_path / "two" / "results.npz", allow_pickle=True)
+    one = np.load(tmp_path / "one" / "results.npz")
+    two = np.load(tmp_path / "two" / "results.npz")
     assert set(one.files) == set(two.files)
     for name in one.files:
         np.testing.assert_array_equal(two[name], one[name], err_msg=name)

@@ -87,8 +87,8 @@ def test_untrained_methods_evaluate(tiny_oxford, monkeypatch, tmp_path, method):
     args = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", seq_len, "--method", method,
             "--resultsPath", str(tmp_path / method)]
     assert run(args, tiny_oxford, monkeypatch) == 0
-    res = np.load(tmp_path / method / "results.npz", allow_pickle=True)
-    assert res["preds"].shape[1] == 100 and 0 <= res["recalls"].item()[1] <= 1
+    res = np.load(tmp_path / method / "results.npz")
+    assert res["preds"].shape[1] == 100 and 0 <= res["recalls"][0] <= 1
     if method == "single":
         check_single_against_plain_search(tiny_oxford, res)
 
@@ -129,7 +129,8 @@ def test_seqnet_checkpoint_reloads_and_reproduces_recalls(tiny_oxford, monkeypat
     test = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "val", "--seqL", "4", "--method", "seqnet",
             "--resume", str(run_dir), "--resultsPath", str(tmp_path / "r")]
     assert run(test, tiny_oxford, monkeypatch) == 0
-    recalls = np.load(tmp_path / "r" / "results.npz", allow_pickle=True)["recalls"].item()
+    z = np.load(tmp_path / "r" / "results.npz")
+    recalls = dict(zip(z["n_values"].tolist(), z["recalls"].tolist()))
     assert recalls == ckpt["recalls"]        # exactly the validation recalls saved at training time
 
 
@@ -142,6 +143,6 @@ def test_hierarchical_rerank_of_seqnet_shortlist(tiny_oxford, monkeypatch, tmp_p
     rerank = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--seqL", "4",
               "--predictionsFile", str(tmp_path / "short" / "results.npz"), "--resultsPath", str(tmp_path / "hvpr")]
     assert run(rerank, tiny_oxford, monkeypatch) == 0
-    a = np.load(tmp_path / "short" / "results.npz", allow_pickle=True)["preds"][:, :20]
-    b = np.load(tmp_path / "hvpr" / "results.npz", allow_pickle=True)["preds"]
+    a = np.load(tmp_path / "short" / "results.npz")["preds"][:, :20]
+    b = np.load(tmp_path / "hvpr" / "results.npz")["preds"]
     assert b.shape == a.shape and all(set(x) == set(y) for x, y in zip(a, b))
