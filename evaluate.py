@@ -163,7 +163,7 @@ def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path,
     pr = top1_precision_recall(result, split)
     section = distance_section(result, split, seq_len)
     figs = plots.evaluation_figures(result.recalls, result.radius_recalls, pr, label, section,
-                                    radius_unit=split.position_unit)
+                                    radius_unit=split.position_unit, radius_counts=result.radius_counts)
     for name, fig in figs.items():
         if writer is not None:
             writer.figure(f"{prefix or 'Test'}/{name}", fig, step)
@@ -225,18 +225,23 @@ def format_recalls(result: EvalResult, title: str = "", unit: str = "m") -> str:
         s = result.shortlist
         recall = (f"the exact top-1 is among them for {s['recall']:.4f} of {s['sampled_queries']} sampled queries"
                   if s["sampled_queries"] else "its recall was not measured (--shortlistCheck 0)")
-        source = f", read from {s['index_file']}" if s.get("index_loaded") else ""
-        lines.append(f"shortlist: {s['candidates']} candidates per query from a {s['index']} index (nprobe "
-                     f"{s['nprobe']}{source}); {recall}")
+        notes = ([f"nprobe {s['nprobe']}"] if str(s["index"]).startswith("ivf") else []) + \
+                ([f"read from {s['index_file']}"] if s.get("index_loaded") else [])
+        notes = f" ({', '.join(notes)})" if notes else ""
+        lines.append(f"shortlist: {s['candidates']} candidates per query from a {s['index']} index{notes}; {recall}")
     return "\n".join(lines)
 
 
 def save_results(results_dir: Path, result: EvalResult, extra: dict | None = None,
                  embeddings: dict | None = None) -> Path:
-    """Write ``results.npz`` (reference keys: recalls, rAtL, preds, n_values; dbEmb/qEmb when computed).
-    ``preds`` are positions in ``dbFrames`` (the evaluated database frames), as the reference's."""
+    """Write ``results.npz``: plain arrays only, so ``np.load`` reads it with its default
+    ``allow_pickle=False`` (docs/training-and-testing.md lists each array). The reference's keys:
+    ``recalls`` ``[len(n_values)]`` Recall@N at posDistThr for each N of ``n_values``, ``rAtL``
+    ``[len(radii), len(n_values)]`` recall at each radius, ``preds`` ``[queries, k]`` positions in
+    ``dbFrames`` (the evaluated database frames), as the reference's; dbEmb/qEmb when computed."""
     results_dir = Path(results_dir)
-    arrays = {"recalls": np.array(result.recalls, dtype=object), "rAtL": result.radius_recalls,
+    recalls = np.array([result.recalls[n] for n in N_VALUES], dtype=np.float64)
+    arrays = {"recalls": recalls, "rAtL": result.radius_recalls,
               "preds": result.preds, "dists": result.dists, "n_values": np.array(N_VALUES),
               **({"velocities": result.velocities} if result.velocities is not None else {}),
               "radii": np.array(RADII), "dbFrames": result.db_frames, "qFrames": result.q_frames}

@@ -11,6 +11,7 @@ figures from them).
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,14 +55,33 @@ def _finite(x: Sequence[float]) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in x], dtype=float)
 
 
+TITLE_SIZE = 10          # points
+TITLE_SHARE = 0.9        # of the figure's width that a title line may take
+
+
+def _wrap(text: str, fig, size: float = TITLE_SIZE, share: float = TITLE_SHARE) -> str:
+    """``text`` with each line wrapped to fit ``share`` of ``fig``'s width at ``size`` points
+    (a DejaVu Sans character is about 0.6 em wide on average, less in lower case)."""
+    chars = max(int(fig.get_figwidth() * share * 72 / (0.6 * size)), 20)
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
+def _set_title(ax, title: str, detail: str = "") -> None:
+    """``title``, then ``detail`` (what was evaluated: dataset, split, method, run), each wrapped
+    to the figure's width so that no line is cut at the image's edges."""
+    text = title + (f"\n{detail}" if detail else "")
+    ax.set_title(_wrap(text, ax.figure), fontsize=TITLE_SIZE)
+
+
 # ---------------------------------------------------------------- recall curves
 
 def recall_at_n_figure(n_values: Sequence[int], recalls_by_label: Mapping[str, Sequence[float]],
-                       title: str = "Recall@N"):
+                       title: str = "Recall@N", detail: str = ""):
     """Recall@N curves, one labelled line per run or method.
 
     ``n_values`` ``[K]`` (e.g. 1, 5, 10, 20, 100); each value of
-    ``recalls_by_label`` is ``[K]`` recalls in [0, 1] (NaN/None = not measured).
+    ``recalls_by_label`` is ``[K]`` recalls in [0, 1] (NaN/None = not measured). ``detail`` goes
+    under the title; a single line labelled with it needs no legend.
     """
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
@@ -70,18 +90,21 @@ def recall_at_n_figure(n_values: Sequence[int], recalls_by_label: Mapping[str, S
         r = _finite(rec)
         if len(r) != len(n):
             raise ValueError(f"{label}: {len(r)} recalls for {len(n)} values of N")
-        ax.plot(n, r, marker="o", label=label)
+        ax.plot(n, r, marker="o", label=_wrap(label, fig, 8, 0.45))
         if len(recalls_by_label) == 1:
             for x, y in zip(n, r):
                 if np.isfinite(y):
                     ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, -14), ha="center",
                                 fontsize=8)
-    _log_recall_axes(ax, n, [str(int(v)) for v in n], "N (number of top candidates)", "Recall@N", title)
+    legend = len(recalls_by_label) > 1 or next(iter(recalls_by_label), detail) != detail
+    _log_recall_axes(ax, n, [str(int(v)) for v in n], "N (number of top candidates)", "Recall@N", title, detail,
+                     legend)
     return fig
 
 
-def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, title: str) -> None:
-    """Log-scaled x axis with the given ticks, recall from 0 to 1 on y, grid and legend."""
+def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, title: str, detail: str = "",
+                     legend: bool = True) -> None:
+    """Log-scaled x axis with the given ticks, recall from 0 to 1 on y, grid and (with ``legend``) legend."""
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
@@ -90,17 +113,22 @@ def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, tit
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _set_title(ax, title, detail)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    if legend:
+        ax.legend(loc="lower right", fontsize=8)
 
 
 def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius_recalls: np.ndarray,
-                         title: str = "Recall against localisation radius", unit: str = "position units"):
+                         title: str = "Recall against localisation radius", unit: str = "position units",
+                         counts: Sequence[int] | None = None, detail: str = ""):
     """Recall against the localisation radius, one line per N.
 
     ``radius_recalls`` ``[len(radii), len(n_values)]`` (``EvalResult.radius_recalls``); radii in the
-    units of the dataset positions (metres or frames).
+    units of the dataset positions (metres or frames). ``counts`` ``[len(radii)]``: each radius's
+    queries (those with a database frame within it, the row's denominator), shown under its tick:
+    a small radius leaves out the queries without a close enough frame, so its recall can exceed a
+    larger radius's.
     """
     rr = np.asarray(radius_recalls, dtype=float)
     if rr.shape != (len(radii), len(n_values)):
@@ -110,14 +138,19 @@ def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius
     x = np.asarray(radii, dtype=float)
     for j, n in enumerate(n_values):
         ax.plot(x, rr[:, j], marker="o", label=f"R@{n}")
-    _log_recall_axes(ax, x, [f"{v:g}" for v in x], f"localisation radius ({unit})", "recall", title)
+    ticks, xlabel = [f"{v:g}" for v in x], f"localisation radius ({unit})"
+    if counts is not None:
+        ticks = [f"{t}\n{int(c)}" for t, c in zip(ticks, counts)]
+        xlabel += "\nunder each radius: its queries (those with a database frame within it)"
+    _log_recall_axes(ax, x, ticks, xlabel, "recall", title, detail)
     return fig
 
 
 # ---------------------------------------------------------------- precision-recall
 
-def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match"):
-    """Plot the output of ``precision_recall``: precision against recall, AUC and R@100%P in the title."""
+def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match", detail: str = ""):
+    """Plot the output of ``precision_recall``: precision against recall, AUC and R@100%P in the title,
+    ``detail`` under it."""
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
     rec, prec = np.asarray(pr["recall"], dtype=float), np.asarray(pr["precision"], dtype=float)
@@ -137,7 +170,7 @@ def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match"):
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
-    ax.set_title(f"{title}\nAUC {pr['auc']:.3f}, R@100%P {pr['recall_at_100_precision']:.3f}")
+    _set_title(ax, f"{title}\nAUC {pr['auc']:.3f}, R@100%P {pr['recall_at_100_precision']:.3f}", detail)
     ax.grid(True, alpha=0.3)
     return fig
 
@@ -159,7 +192,7 @@ def _gt_mask(gt, shape: tuple[int, int]) -> np.ndarray:
 
 
 def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: int, gt_pairs, top1: np.ndarray,
-                           title: str = "Sequence-matching distances"):
+                           title: str = "Sequence-matching distances", detail: str = ""):
     """A section of the distance matrix with ground truth and top-1 matches.
 
     ``dists_block`` ``[Nd_sub, Nq_sub]``: rows are database windows
@@ -205,7 +238,7 @@ def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: in
     ax.legend(handles=handles, loc="upper right", framealpha=0.85, fontsize=8)
     ax.set_xlabel("query frame")
     ax.set_ylabel("database frame")
-    ax.set_title(title)
+    _set_title(ax, title, detail)
     return fig
 
 
@@ -224,7 +257,15 @@ def training_curves_figure(epochs: Sequence[int], losses: Sequence[float], val_r
     v_ep = ep if val_epochs is None else np.asarray(val_epochs, dtype=float)
     fig = _new_figure(WIDE)
     ax_loss, ax_rec = fig.subplots(1, 2, sharex=True)
-    ax_loss.plot(ep, _finite(losses), marker="o", color="tab:red")
+    loss = _finite(losses)
+    ax_loss.plot(ep, loss, marker="o", color="tab:red")
+    if np.isfinite(loss).any():     # from 0, so that a small change does not look large; the change written out
+        ax_loss.set_ylim(0, max(np.nanmax(loss), 1e-12) * 1.15)
+        first, last = loss[np.isfinite(loss)][[0, -1]]
+        change = f" ({(last - first) / first:+.1%})" if first > 0 else ""
+        ax_loss.text(0.98, 0.04, f"epoch {int(ep[np.isfinite(loss)][0])}: {first:.4f}, epoch "
+                     f"{int(ep[np.isfinite(loss)][-1])}: {last:.4f}{change}", transform=ax_loss.transAxes,
+                     ha="right", va="bottom", fontsize=8)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("average triplet loss")
     ax_loss.set_title("training loss")
@@ -248,7 +289,8 @@ def training_curves_figure(epochs: Sequence[int], losses: Sequence[float], val_r
 
 # ---------------------------------------------------------------- embeddings
 
-def embedding_figure(db_emb: np.ndarray, q_emb: np.ndarray, title: str = "t-SNE of frame descriptors"):
+def embedding_figure(db_emb: np.ndarray, q_emb: np.ndarray, title: str = "t-SNE of frame descriptors",
+                     detail: str = ""):
     """2-D embeddings ``[N, 2]`` of database and query frames (``--numSamples2Project``), coloured by
     frame order so that the route shows as a gradient."""
     fig = _new_figure(SMALL)
@@ -257,7 +299,7 @@ def embedding_figure(db_emb: np.ndarray, q_emb: np.ndarray, title: str = "t-SNE 
         ax.scatter(emb[:, 0], emb[:, 1], c=np.arange(len(emb)), cmap="viridis", marker=marker, s=10,
                    label=name, alpha=0.7)
     ax.legend(loc="best")
-    ax.set_title(title)
+    _set_title(ax, title, detail)
     ax.set_xticks([])
     ax.set_yticks([])
     return fig
@@ -281,17 +323,18 @@ class DistanceSection:
 
 def evaluation_figures(recalls: Mapping[int, float], radius_recalls: np.ndarray, pr: Mapping, label: str,
                        section: DistanceSection | None = None, n_values: Sequence[int] = N_VALUES,
-                       radii: Sequence[float] = RADII, radius_unit: str = "position units") -> dict:
+                       radii: Sequence[float] = RADII, radius_unit: str = "position units",
+                       radius_counts: Sequence[int] | None = None) -> dict:
     """Figures of one evaluation, from numbers computed elsewhere: ``{name: Figure}`` with names
-    ``recall_at_n``, ``radius_recall``, ``precision_recall`` and, with ``section``, ``distance_matrix``."""
+    ``recall_at_n``, ``radius_recall``, ``precision_recall`` and, with ``section``, ``distance_matrix``;
+    ``label`` (what was evaluated) is written under each title."""
     figs = {"recall_at_n": recall_at_n_figure(list(n_values), {label: [recalls[n] for n in n_values]},
-                                              title=f"Recall@N ({label})"),
-            "radius_recall": radius_recall_figure(list(radii), list(n_values), radius_recalls,
-                                                  title=f"Recall against localisation radius ({label})",
-                                                  unit=radius_unit),
-            "precision_recall": pr_figure(pr, title=f"Precision-recall of the top-1 match ({label})")}
+                                              detail=label),
+            "radius_recall": radius_recall_figure(list(radii), list(n_values), radius_recalls, unit=radius_unit,
+                                                  counts=radius_counts, detail=label),
+            "precision_recall": pr_figure(pr, detail=label)}
     if section is not None:
         figs["distance_matrix"] = distance_matrix_figure(
             section.block, section.db_offset, section.q_offset, section.gt, section.top1_rows,
-            title=f"Sequence-matching distances, seqL {section.seq_len} ({label})")
+            title=f"Sequence-matching distances, seqL {section.seq_len}", detail=label)
     return figs

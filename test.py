@@ -101,7 +101,7 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
 
 
 def draw_embeddings(embeddings: dict, results_dir: Path, label: str) -> None:
-    fig = plots.embedding_figure(embeddings["dbEmb"], embeddings["qEmb"], title=f"t-SNE of frame descriptors ({label})")
+    fig = plots.embedding_figure(embeddings["dbEmb"], embeddings["qEmb"], detail=label)
     plots.save_figure(fig, results_dir / "tsne.png")
 
 
