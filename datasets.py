@@ -270,6 +270,10 @@ def _npy_layout(path: Path) -> tuple[tuple, np.dtype, int, bool]:
             shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
             offset = f.tell()
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        if _looks_like_text(path):
+            raise UserError(f"descriptor file {path} holds text (a positions CSV?), not a .npy array: check that "
+                            "the descriptor and positions files are not swapped (descriptors: .npy [frames, dims] "
+                            "or HDF5; positions: CSV)") from exc
         raise UserError(f"descriptor file {path} is corrupt or truncated ({exc}): download it again") from exc
     if dtype.hasobject:
         raise UserError(f"descriptor file {path} holds Python objects, not numbers: write a float32 array "
@@ -280,6 +284,16 @@ def _npy_layout(path: Path) -> tuple[tuple, np.dtype, int, bool]:
         raise UserError(f"descriptor file {path} is corrupt or truncated ({size} bytes, its header needs {need}): "
                         "download it again")
     return tuple(int(v) for v in shape), dtype, offset, bool(fortran) and len(shape) > 1
+
+
+def _looks_like_text(path: Path, size: int = 512) -> bool:
+    """The first ``size`` bytes of ``path`` are printable UTF-8 text (a CSV, not a binary array)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(head) and all(c.isprintable() or c in "\r\n\t" for c in head)
 
 
 def _open_hdf5(path: Path):

@@ -223,8 +223,9 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
     q_path = desc_dir(opt) / spec.q_file[split]
     for path in (struct_path, db_path, q_path):
         if not path.is_file():
-            raise UserError(f"{'struct' if path == struct_path else 'descriptor'} file {path} not found "
-                            f"(dataset {spec.name}, split {split}): {GET_DATA_HINT}")
+            kind = "struct" if path == struct_path else "descriptor"
+            raise UserError(f"{kind} file {path} not found (dataset {spec.name}, split {split}): "
+                            f"{missing_hint(spec.name, kind)}")
     struct = load_struct(struct_path)
     files = [struct_path, db_path, q_path]
     if spec.rows:
@@ -252,8 +253,8 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
         raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} ({q_desc.shape[1]} "
                         "dims) differ in dimensions: both must come from the same descriptor (--descType)")
     if spec.bounds:
-        db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db)
-        q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q)
+        db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db, missing_hint(spec.name, "bounds"))
+        q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q, missing_hint(spec.name, "bounds"))
         files += [struct_dir / b for b in spec.bounds[split]]
     else:
         db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
@@ -295,10 +296,21 @@ def rows_of_desc(desc, rows: np.ndarray):
     return desc.subset(rows) if isinstance(desc, DescriptorSource) else desc[rows]
 
 
-def _read_bounds(path: Path, count: int) -> np.ndarray:
+def missing_hint(dataset: str, kind: str) -> str:
+    """What fetches a missing ``kind`` (struct, descriptor, bounds) file of ``dataset``: MSLS's struct and
+    bounds files come with ``download.sh --what msls`` only, and its descriptors are not published."""
+    if dataset != "msls":
+        return GET_DATA_HINT
+    if kind == "descriptor":
+        return ("MSLS descriptors are not published: extract them from the MSLS images with --mode extract "
+                "(docs/extract.md), or try `--dataset synthetic`")
+    return "run `bash download.sh --what msls` (see README, 'Getting the data') or try `--dataset synthetic`"
+
+
+def _read_bounds(path: Path, count: int, hint: str = GET_DATA_HINT) -> np.ndarray:
     """Per-frame ``lo hi`` lines -> ``[count, 2]``."""
     if not path.is_file():
-        raise UserError(f"sequence bounds file {path} not found: {GET_DATA_HINT}")
+        raise UserError(f"sequence bounds file {path} not found: {hint}")
     try:
         bounds = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as exc:

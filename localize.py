@@ -514,9 +514,9 @@ def run_localize(opt: argparse.Namespace) -> dict:
             Path(opt.resultsPath) if opt.resultsPath else None, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
         result.update(queries_with_positives=n_pos)
     result["recall@1"] = recall
-    print(f"{opt.dataset} {opt.split} (seqL {opt.seqL}, causal): Recall@1 {recall:.4f} at posDistThr "
-          f"{split.pos_dist_thr:g} over {result.get('queries_with_positives', 0)} localised queries with a "
-          f"positive ({result['queries_localised']} of {split.num_q} localised)")
+    print(f"{opt.dataset} {opt.split} (seqL {opt.seqL}, causal): Recall@1 {recall:.4f} within posDistThr "
+          f"{split.pos_dist_thr:g} {split.position_unit} over {result.get('queries_with_positives', 0)} localised "
+          f"queries with a positive ({result['queries_localised']} of {split.num_q} localised)")
     print(format_latency(stats))
     if opt.output:
         print(f"matches written to {opt.output}")
