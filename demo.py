@@ -30,7 +30,9 @@ log = logging.getLogger("seqmatchnet.demo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(mode="demo", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(mode="demo", description="make demo: why SeqMatchNet exists, in a few minutes on a CPU, with "
+                      "no download: single frames, sequence matching and a trained SeqMatchNet on the embedded "
+                      "synthetic benchmark, side by side.")
     p.add_argument("--seqL", type=int, default=5, help="sequence length")
     p.add_argument("--nEpochs", type=int, default=8, help="training epochs")
     p.add_argument("--init", default="identity", choices=["identity", "random"],
@@ -73,7 +75,7 @@ def demo(a: argparse.Namespace) -> int:
     print(f"3/4 training SeqMatchNet ({a.nEpochs} epochs):\n  python main.py {' '.join(train_args)}")
     t0 = time.time()
     run_dir = train(parse_options(train_args))
-    print(f"  trained in {time.time() - t0:.0f} s; run folder {run_dir}")
+    print(f"  trained in {time.time() - t0:.0f} s")
     print("4/4 sequence matching with the learned projection (best validation checkpoint):")
     rows.append(evaluate_row("SeqMatchNet (trained)", test + ["--seqL", str(a.seqL), "--pooling",
                                                              "--resume", str(run_dir), "--ckpt", "best"]))
@@ -82,6 +84,8 @@ def demo(a: argparse.Namespace) -> int:
     for label, recalls, per_query in rows:
         print(f"{label:<26}{recalls[1]:>8.3f}{recalls[5]:>8.3f}{recalls[10]:>8.3f}{per_query * 1e3:>10.3f}")
     print(f"\n(total {time.time() - started:.0f} s on {'CUDA' if not nocuda else 'the CPU'})")
+    print(f"the training run is in {run_dir}: checkpoints/, train.log, and its figures training_curves.png and "
+          f"val_*.png (the last validation); python main.py --mode compare {run_dir} shows its summary")
     r1 = [r[1][1] for r in rows]
     if not r1[2] > r1[1] > r1[0]:
         print("unexpected: the ordering trained > raw sequence matching > single frame did not hold", file=sys.stderr)

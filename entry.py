@@ -32,13 +32,23 @@ def error(message: BaseException | str) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each default once: argparse's ``(default: X)``, left out where the default is
+    None, False or empty (the option's help then says what leaving it out does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that raises UserError (one ``error:`` line naming the mode's ``--help``) instead of
-    printing the usage and exiting; every default is shown in ``--help``."""
+    printing the usage and exiting; every default is shown once in ``--help`` (``HelpFormatter``)."""
 
     def __init__(self, *args, mode: str, **kwargs) -> None:
         kwargs.setdefault("prog", f"main.py --mode {mode}")
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.mode = mode
 

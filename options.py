@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import math
+import re
 
 import velocity
+from entry import HelpFormatter
 from get_models import METHODS
 from seqMatchNet import DISTANCES
 from synthetic import SyntheticParams
@@ -20,16 +23,21 @@ MODES = ("train", "test", "localize", "extract", "prepare", "demo", "compare")
 OPTIMISERS = ("SGD", "ADAM")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every option of train/test/localize; ``--help`` shows each default."""
+def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
+    """Every option of train/test/localize (each mode accepts them all); with ``mode``, ``--help``
+    lists only the options that mode reads (``READ_BY``), each default once."""
     p = argparse.ArgumentParser(
-        prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="SeqMatchNet: contrastive learning with sequence matching for place recognition.")
+        prog="main.py" if mode is None else f"main.py --mode {mode}", formatter_class=HelpFormatter,
+        usage=None if mode is None else f"python main.py --mode {mode} --seqL L [options]",
+        description=MODE_HELP.get(mode, "SeqMatchNet: contrastive learning with sequence matching for place "
+                                         "recognition."),
+        epilog="Each mode has its own --help: python main.py --mode {train,test,localize,extract,prepare,demo,"
+               "compare} --help (docs/options.md).")
     g = p.add_argument_group("run")
     g.add_argument("--mode", type=str, default="train", choices=MODES,
                    help="train, test (evaluate), localize (online, frame by frame), extract (images to NetVLAD "
                         "descriptors), prepare (your own data), demo (synthetic walk-through), compare (runs side "
-                        "by side); extract, prepare, demo and compare have their own --help")
+                        "by side); each mode has its own --help")
     g.add_argument("--nocuda", action="store_true", help="run on the CPU")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: CUDA when available, else the CPU; cuda: require CUDA (an error without it)")
@@ -45,14 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default="nordland-sw",
-                   help="nordland-sw, nordland-sf, oxford-v1.0, oxford-pnv, msls or synthetic")
+                   help="nordland-sw, nordland-sf, oxford-v1.0, oxford-pnv, msls, synthetic, or custom:<name> "
+                        "(your own data, written by --mode prepare --name <name>)")
     g.add_argument("--dataPath", type=str, default="./data", help="folder holding descData/<descType>/")
     g.add_argument("--structPath", type=str, default="./structFiles", help="folder holding the .db struct files")
     g.add_argument("--descType", type=str, default="netvlad-pytorch", help="descriptor folder under descData/")
     g.add_argument("--split", type=str, default="val", choices=["test", "train", "val"], help="split to evaluate")
-    g.add_argument("--seqL", type=int, default=None, help="sequence length (required)")
+    g.add_argument("--seqL", type=int, default=None, help="sequence length, in frames (required)")
     g.add_argument("--seqL_filterData", type=int, default=None,
-                   help="evaluate only frames whose centred window of this length needs no shift")
+                   help="evaluate only frames whose centred window of this length needs no shift (not given: "
+                        "every frame, and on --split train those with a full --seqL window, as the reference)")
     g.add_argument("--msls_trainCity", type=str, default="melbourne", help="MSLS city used for training")
     g.add_argument("--msls_valCity", type=str, default="austin", help="MSLS city used for validation and test")
     g.add_argument("--oxfordHonestVal", action="store_true",
@@ -64,24 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--pooling", action="store_true", help="learn the 1x1 temporal-conv projection (WXpB)")
     g.add_argument("--outDims", type=int, default=None,
-                   help="output dimensions of the projection (default: the descriptors' dimensions, 4096 for the "
-                        "published NetVLAD descriptors)")
+                   help="output dimensions of the projection (not given: the descriptors' dimensions, 4096 for "
+                        "the published NetVLAD descriptors)")
     g.add_argument("--matcher", type=str, default="seqMatchNet", choices=["seqMatchNet", "None"],
                    help="seqMatchNet: sequence matching; None: single-frame descriptors (needs --seqL 1)")
     g.add_argument("--method", type=str, default="seqmatch", choices=METHODS,
                    help="how sequences are compared: seqmatch (SeqMatchNet's sequence matching), single "
                         "(single frames), smooth (window mean), delta (Delta Descriptors), seqnet (SeqNet)")
     g.add_argument("--w", type=int, default=5, help="SeqNet temporal kernel width (--method seqnet)")
+    g.add_argument("--cacheBatchSize", type=int, default=64, help="frames per batch when computing descriptors")
     g.add_argument("--velocities", type=str, default="1", metavar="VMIN:VMAX:VSTEP",
                    help="database frames per query frame to match sequences at (a range or a comma list): 1 is "
                         "the reference's diagonal; 0.5:2:0.1 matches traversals driven at other speeds "
                         "(docs/speeds.md)")
-    g.add_argument("--init", type=str, default="random", choices=["random", "identity"],
-                   help="initial projection: random (reference) or identity-like (needs --outDims = input dims)")
+    g.add_argument("--init", type=str, default="random", metavar="random|identity|RUN",
+                   help="initial projection: random (reference), identity-like (needs --outDims = input dims), "
+                        "or the weights of a run folder RUN (--ckpt chooses its checkpoint; its model options are "
+                        "taken too): a new run, e.g. to fine-tune on another dataset")
 
     g = p.add_argument_group("training")
     g.add_argument("--batchSize", type=int, default=16, help="queries per batch (each with 1 positive, <=10 negatives)")
-    g.add_argument("--cacheBatchSize", type=int, default=64, help="frames per batch when computing descriptors")
     g.add_argument("--cacheRefreshRate", type=int, default=1000,
                    help="queries between refreshes of the mining cache (0: once per epoch)")
     g.add_argument("--nEpochs", type=int, default=50, help="epochs to train")
@@ -105,27 +117,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence distance for hard-negative mining")
 
     g = p.add_argument_group("runs and outputs")
-    g.add_argument("--expName", type=str, default="0", help="run name suffix")
+    g.add_argument("--expName", type=str, default="",
+                   help="run name suffix: the run folder is <date>_l<seqL>_<expName> (<date>_l<seqL> without it)")
     g.add_argument("--runsPath", type=str, default="./data/runs", help="folder of run folders")
     g.add_argument("--savePath", type=str, default="checkpoints", help="checkpoint folder inside a run folder")
     g.add_argument("--cachePath", type=str, default="./data/cache",
                    help="accepted for compatibility: the mining cache is kept in memory, one "
                         "--cacheRefreshRate chunk at a time, so nothing is written here")
-    g.add_argument("--resume", type=str, default="", help="run folder to resume from (train) or evaluate (test)")
+    g.add_argument("--resume", type=str, default="",
+                   help="run folder to continue (train) or evaluate (test, localize); not given: a new run (train), "
+                        "the raw descriptors (test, localize)")
     g.add_argument("--ckpt", type=str, default="latest", choices=["latest", "best"], help="checkpoint to load")
-    g.add_argument("--resultsPath", type=str, default=None, help="folder for results (.npz, JSON, figures)")
+    g.add_argument("--resultsPath", type=str, default=None,
+                   help="folder for results (results.npz, summary.json, figures); not given: the results are only "
+                        "printed")
     g.add_argument("--numSamples2Project", type=int, default=-1,
                    help="t-SNE embed this many descriptors into the results (-1: off)")
     g.add_argument("--extractOnly", action="store_true", help="save sequence descriptors instead of evaluating")
     g.add_argument("--predictionsFile", type=str, default=None,
-                   help=".npz with 'preds' (numQ x >=20): re-rank each query's first 20 candidates")
+                   help=".npz with 'preds' (numQ x >=20): re-rank each query's first 20 candidates (not given: "
+                        "search every database window)")
     g.add_argument("--figures", type=str, default="epoch", choices=["epoch", "end", "none"],
                    help="PNG/TensorBoard figures of validation runs: after every validation, only at the end, or none")
     g.add_argument("--queryChunk", type=int, default=1024, help="query windows scored at once (bounds memory)")
     g.add_argument("--dbChunk", type=int, default=0,
                    help="database windows scored at once (0: all, or automatic when the matrix would not fit)")
     add_large_map_options(p)
+    if mode in SHARED_MODES:
+        show_only(p, mode)
     return p
+
+
+# The modes of this parser (the others have their own), what each does, and which options each reads:
+# by group, with exceptions by option. Every mode accepts every option; --help lists those it reads.
+SHARED_MODES = ("train", "test", "localize")
+MODE_HELP = {
+    "train": "--mode train: learn the projection (--pooling) or SeqNet (--method seqnet) on a dataset's train "
+             "split, validating after each epoch; writes a run folder (docs/training-and-testing.md).",
+    "test": "--mode test: evaluate the raw descriptors or a trained run (--resume) on a split: the recall table, "
+            "and results, figures and summary.json with --resultsPath (docs/training-and-testing.md).",
+    "localize": "--mode localize: online relocalisation, one query frame at a time, from replayed or streamed "
+                "descriptors (docs/localize.md).",
+}
+READ_BY = {
+    "training": ("train",), "large maps": ("train", "test"), "online localisation": ("localize",),
+    "nGPU": ("train", "test"), "wandb": ("train",), "split": ("test", "localize"),
+    "seqL_filterData": ("train", "test"), "velocities": ("train", "test"), "init": ("train",),
+    "expName": ("train",), "runsPath": ("train",), "cachePath": ("train",), "resultsPath": ("test", "localize"),
+    "numSamples2Project": ("test",), "extractOnly": ("test",), "predictionsFile": ("test",),
+    "figures": ("train", "test"), "queryChunk": ("train", "test"), "dbChunk": ("train", "test"),
+}
+
+
+def show_only(parser: argparse.ArgumentParser, mode: str) -> None:
+    """Leave out of ``--help`` (not out of parsing) the options ``mode`` does not read."""
+    for group in parser._action_groups:
+        by_group = next((v for k, v in READ_BY.items() if group.title and group.title.startswith(k)), SHARED_MODES)
+        for action in group._group_actions:
+            if mode not in READ_BY.get(action.dest, by_group):
+                action.help = argparse.SUPPRESS
 
 
 def add_large_map_options(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +193,8 @@ def add_large_map_options(parser: argparse.ArgumentParser) -> None:
                    help="inverted lists searched per query when the --shortlist index is an IVF index")
     g.add_argument("--shortlistIndex", type=str, default=None, metavar="FILE",
                    help="keep the --shortlist index in FILE: read when it holds one built for this map, model and "
-                        "settings (refused otherwise), built and written there when missing")
+                        "settings (refused otherwise), built and written there when missing (not given: built in "
+                        "memory each run)")
     g.add_argument("--shortlistCheck", type=int, default=50, metavar="N",
                    help="queries matched exactly to measure the --shortlist recall (0: not measured; with an index "
                         "read from --shortlistIndex the database is then not streamed at all)")
@@ -152,10 +203,21 @@ def add_large_map_options(parser: argparse.ArgumentParser) -> None:
 def add_synthetic_options(parser: argparse.ArgumentParser) -> None:
     """``--synth_<field>`` for every field of ``synthetic.SyntheticParams`` (default: the field's)."""
     g = parser.add_argument_group("synthetic benchmark (--dataset synthetic; regenerated when these change)")
+    notes = _field_notes(SyntheticParams)
     for f in dataclasses.fields(SyntheticParams):
-        kind = type(f.default)
+        kind = type(f.default)      # the option's own default is None: "not given", the benchmark's value
         g.add_argument(f"--synth_{f.name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                       help=f"synthetic benchmark parameter (default {f.default})")
+                       help=f"{notes.get(f.name, re.sub('_m$', ' (m)', f.name).replace('_', ' '))} "
+                            f"(default: {f.default})")
+
+
+def _field_notes(cls) -> dict[str, str]:
+    """The comment beside each field of dataclass ``cls`` in its source (``name: type = value  # note``)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):        # no source (a frozen build): the fields' names serve
+        return {}
+    return dict(re.findall(r"^\s+(\w+): [\w.\[\] |]+ = [^#\n]+#\s*(.+?)\s*$", source, re.M))
 
 
 def add_localize_options(parser: argparse.ArgumentParser) -> None:
@@ -172,8 +234,8 @@ def add_localize_options(parser: argparse.ArgumentParser) -> None:
                    help="values per row of --stream - (the raw descriptor dimensions of the dataset)")
     g.add_argument("--confRadius", type=float, default=None, metavar="R",
                    help="confidence = best distance / best distance among database windows ending farther than "
-                        "R (position units) from the match; lower is more confident (default: the split's "
-                        "posDistThr)")
+                        "R (position units: metres, frames on Nordland) from the match; lower is more confident "
+                        "(not given: the split's posDistThr)")
 
 
 def check_localize_options(opt: argparse.Namespace) -> None:
@@ -241,13 +303,20 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--lr must be positive and --margin not negative")
     if opt.mode == "train" and opt.extractOnly:
         raise UserError("--extractOnly is for --mode test")
+    if opt.init not in ("random", "identity") and opt.mode != "train":
+        raise UserError(f"--init {opt.init} starts a training run from that run's weights: to evaluate a run, "
+                        "give it to --resume")
     if opt.mode == "localize":
         check_localize_options(opt)
     return opt
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
-    return check_options(build_parser().parse_args(argv))
+    """The options of ``argv``, checked; ``--help`` lists those of its ``--mode`` (train without one)."""
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", default="train")
+    known, _ = mode.parse_known_args(argv)
+    return check_options(build_parser(known.mode if known.mode in SHARED_MODES else None).parse_args(argv))
 
 
 def dataclass_overrides(params, opt: argparse.Namespace, prefix: str):

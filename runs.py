@@ -1,7 +1,7 @@
 """Run folders: creating one, its ``flags.json``, restoring options from it on ``--resume``,
 checkpoint paths, saving and loading checkpoints, the resume command and stale temporary files.
 
-A run folder is ``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>/`` with
+A run folder is ``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>[_<expName>]/`` with
 ``<savePath>/checkpoint.pth.tar``, ``model_best.pth.tar`` and ``flags.json``
 (the reference's layout, so released runs load unchanged).
 """
@@ -38,13 +38,16 @@ RESTORED_FLAGS = {
     "runsPath": str, "savePath": str, "optim": str, "margin": float, "seed": int, "patience": int,
     "outDims": int, "method": str, "w": int, "pooling": bool,
 }
+# What a run was trained on: --resume in --mode train refuses other values (refuse_other_data).
+MODEL_FLAGS = ("outDims", "method", "w", "pooling", "matcher")     # what --init RUN takes from RUN
+RUN_DATA = ("dataset", "seqL", "descType", "msls_trainCity", "msls_valCity", "oxfordHonestVal")
 
 
 
 # ---------------------------------------------------------------- folders and flags
 
 def make_run_dir(opt: argparse.Namespace) -> Path:
-    """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>``, created exclusively
+    """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>`` (``..._l<seqL>`` without --expName), created exclusively
     (a suffix is added when another run took the name in the same second). Under torchrun rank 0
     creates it and every rank gets its path (or rank 0's error)."""
     made, error = None, None
@@ -67,7 +70,7 @@ def _make_run_dir(opt: argparse.Namespace) -> Path:
         runs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --runsPath {runs} ({exc.strerror}): choose a writable folder") from exc
-    base = f"{datetime.now().strftime('%b%d_%H-%M-%S')}_l{opt.seqL}_{opt.expName}"
+    base = f"{datetime.now().strftime('%b%d_%H-%M-%S')}_l{opt.seqL}" + (f"_{opt.expName}" if opt.expName else "")
     for i in range(1000):
         run_dir = runs / (base if i == 0 else f"{base}_{i}")
         try:
@@ -108,11 +111,11 @@ def copy_as_best(ckpt_dir: Path) -> None:
     atomic_write(ckpt_dir / "model_best.pth.tar", lambda f: f.write((ckpt_dir / "checkpoint.pth.tar").read_bytes()))
 
 
-def restore_flags(opt: argparse.Namespace, flags_file: Path) -> argparse.Namespace:
-    """A copy of ``opt`` with the options of ``RESTORED_FLAGS`` taken from a run's flags.json."""
+def read_flags(flags_file: Path, flag: str = "--resume") -> dict:
+    """A run's flags.json as a dict (``flag`` names the option that pointed to the run)."""
     flags_file = Path(flags_file)
     if not flags_file.is_file():
-        raise UserError(f"{flags_file} not found: --resume must name a run folder written by training")
+        raise UserError(f"{flags_file} not found: {flag} must name a run folder written by training")
     try:
         saved = json.loads(flags_file.read_text())
     except (ValueError, RecursionError, OSError) as exc:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -120,6 +123,41 @@ def restore_flags(opt: argparse.Namespace, flags_file: Path) -> argparse.Namespa
                         "(training writes it as a JSON object of options)") from exc
     if not isinstance(saved, dict):
         raise UserError(f"{flags_file} must hold a JSON object of options, not {type(saved).__name__}: fix it by hand")
+    return saved
+
+
+def _spelled(key: str, value) -> str:
+    """An option as a command line gives it: ``--seqL 5``, ``--oxfordHonestVal`` or ``no --oxfordHonestVal``."""
+    if isinstance(value, bool):
+        return f"--{key}" if value else f"no --{key}"
+    return f"--{key} {value}"
+
+
+def refuse_other_data(opt: argparse.Namespace, saved: dict, run_dir: Path) -> None:
+    """Training on must use the data and sequence length the run was trained with (``RUN_DATA``):
+    otherwise one run folder, its flags.json and its best checkpoint would mix results."""
+    differ = [(k, saved[k], getattr(opt, k)) for k in RUN_DATA
+              if saved.get(k) is not None and hasattr(opt, k) and saved[k] != getattr(opt, k)]
+    if differ:
+        given = ", ".join(f"{_spelled(k, was)} (this command: {_spelled(k, now)})" for k, was, now in differ)
+        raise UserError(f"{run_dir} was trained with {given}: give the run's values to continue it, or start a new "
+                        f"run from its weights with --init {run_dir} (e.g. to fine-tune on another dataset)")
+
+
+def note_other_seq_len(opt: argparse.Namespace, saved: dict, run_dir: Path) -> None:
+    """Evaluating a run at another sequence length is legitimate; say so, since its numbers differ."""
+    trained = saved.get("seqL")
+    if isinstance(trained, int) and trained != opt.seqL:
+        log.warning("note: %s was trained with --seqL %d; it is evaluated here with --seqL %d", run_dir.name,
+                    trained, opt.seqL)
+
+
+def restore_flags(opt: argparse.Namespace, flags_file: Path, saved: dict | None = None) -> argparse.Namespace:
+    """A copy of ``opt`` with the options of ``RESTORED_FLAGS`` taken from a run's flags.json
+    (``saved``: its contents, when already read)."""
+    flags_file = Path(flags_file)
+    if saved is None:
+        saved = read_flags(flags_file)
     out = copy.copy(opt)
     for key, kind in RESTORED_FLAGS.items():
         if saved.get(key) is None:
@@ -173,9 +211,28 @@ def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, d
     """For ``--resume RUNDIR``: the options with those of the run's flags.json restored,
     the run folder, the checkpoint's path and the checkpoint (loaded to the CPU)."""
     run_dir = Path(opt.resume)
-    opt = restore_flags(opt, run_dir / opt.savePath / "flags.json")
+    flags_file = run_dir / opt.savePath / "flags.json"
+    saved = read_flags(flags_file)
+    if opt.mode == "train":
+        refuse_other_data(opt, saved, run_dir)
+    else:
+        note_other_seq_len(opt, saved, run_dir)
+    opt = restore_flags(opt, flags_file, saved)
     ckpt_file = checkpoint_path(run_dir, opt)
     return opt, run_dir, ckpt_file, load_checkpoint(ckpt_file)
+
+
+def weights_from_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, str]:
+    """``--init RUN``: the options with RUN's model options (``MODEL_FLAGS``) restored, RUN's checkpoint
+    (``--ckpt``) and its path, to start a new run from its weights."""
+    run_dir = Path(opt.init)
+    saved = read_flags(run_dir / opt.savePath / "flags.json", "--init")
+    out = copy.copy(opt)
+    for key in MODEL_FLAGS:
+        if saved.get(key) is not None:
+            setattr(out, key, saved[key])
+    ckpt_file = checkpoint_path(run_dir, out)
+    return out, load_checkpoint(ckpt_file), str(ckpt_file)
 
 
 # ---------------------------------------------------------------- loading a run (test, localize, resume)

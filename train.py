@@ -46,6 +46,8 @@ from utils import (
 
 log = logging.getLogger(__name__)
 
+INITS = ("random", "identity")      # --init values that are not a run folder
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -523,8 +525,17 @@ def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchM
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     add_log_file(run_dir / "train.log")
     runs.write_flags(argparse.Namespace(**{**vars(opt), "outDims": model.out_dims}), ckpt_dir)
-    log.info("run folder: %s\ntraining set: %s", run_dir, tset.summary())
+    say(opt.quiet, f"run folder: {run_dir}")
+    log.info("training set: %s", tset.summary())
     return state, run_dir
+
+
+def say(quiet: bool, message: str) -> None:
+    """A line the user needs even with ``--quiet`` (the run folder, the final result): logged (to the
+    console and train.log), and printed when ``--quiet`` keeps the log off the console; rank 0 only."""
+    log.info(message)
+    if quiet and distributed.is_main():
+        print(message)
 
 
 @dataclass
@@ -585,21 +596,30 @@ def load_training_splits(opt: argparse.Namespace) -> tuple[Split, Split]:
 def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     """``--mode train``: build, resume, then per epoch train, validate, checkpoint and stop
     early; returns the run folder. ``argv`` only serves the resume hint printed on Ctrl-C."""
-    if not (opt.pooling or opt.method == "seqnet"):
-        raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
     if distributed.active() and opt.nGPU > 1:
         raise UserError("--nGPU (DataParallel) does not combine with torchrun: start one process per GPU "
                         "(torchrun --nproc_per_node N) and leave --nGPU at 1")
     device = get_device(opt.nocuda, opt.device)
     check_wandb(opt.wandb)
-    resumed = None
-    if opt.resume:
+    resumed, initial = None, None
+    if opt.resume:      # the run's flags.json restores --pooling / --method before they are checked
         opt, *resumed = runs.open_run(opt)
+        if resumed[2]["epoch"] >= opt.nEpochs:
+            say(opt.quiet, f"{resumed[0]} has finished its {resumed[2]['epoch']} epochs: nothing to do (give "
+                           f"--nEpochs above {resumed[2]['epoch']} to train it further)")
+            return resumed[0]
         runs.remove_stale_temporaries(resumed[0] / opt.savePath)
+    elif opt.init not in INITS:
+        opt, *initial = runs.weights_from_run(opt)
+    if not (opt.pooling or opt.method == "seqnet"):
+        raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
     make_deterministic(opt.seed, distributed.rank())
     train_split, val_split = load_training_splits(opt)
     tset = TrainingSet.build(train_split, opt.seqL)
     model = get_model(opt, train_split.dim).to(device)
+    if initial:
+        load_state(model, initial[0]["state_dict"], initial[1])
+        log.info("starting from the weights of %s (epoch %s)", initial[1], initial[0]["epoch"])
     optimizer, scheduler = make_optimizer(opt, model)
     state, run_dir = open_run_folder(opt, tset, model, optimizer, scheduler, resumed, device)
     parallelize(model, opt.nGPU, device)
@@ -613,7 +633,8 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
         raise
     finally:
         run.writer.close()
-    log.info("best validation Recall@5 %.4f; checkpoints in %s", state.best_score, run.ckpt_dir)
+    say(opt.quiet, f"best validation Recall@5 {state.best_score:.4f} after {state.epoch} epochs; checkpoints in "
+                   f"{run.ckpt_dir}")
     summary = report.build_summary("train", runs.options_dict(opt), state.recalls, {}, pr, state.timings,
                                    train_split.files + val_split.files,
                                    extra={"best_recall@5": state.best_score, "epochs": state.epoch,

@@ -177,7 +177,7 @@ def test_all_method_combinations_train(tiny_oxford, monkeypatch, loss_m, neg_m):
     assert flags["loss_trip_method"] == loss_m and flags["neg_trip_method"] == neg_m
     assert (run / "checkpoints" / "model_best.pth.tar").exists()
     assert list(run.glob("events.out.tfevents.*")) and (run / "train.log").exists()
-    assert re.fullmatch(r"[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_l3_0", run.name)
+    assert re.fullmatch(r"[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_l3", run.name)        # no --expName: no suffix
 
 
 @pytest.mark.parametrize("extra", [["--seqL", "1", "--matcher", "None"], ["--seqL", "1"], ["--seqL", "2"]])
