@@ -21,6 +21,7 @@ from get_models import SeqMatchModel
 from metrics import N_VALUES, RADII, nearest_db_distance, precision_recall, radius_table, recall_table, top1_outcomes
 from search import SearchConfig, find
 from seqMatchNet import window_distances
+from speeds import find_across_speeds
 from utils import UserError, atomic_write
 from velocity import parse_velocities
 
@@ -137,8 +138,12 @@ def evaluate(config: EvalConfig, split: Split, model: SeqMatchModel, device: tor
     q = model.embed_windows(split.q_desc, q_starts, seq_len, device, config.batch_size, "queries", config.quiet,
                             all_frames=True, dtype=config.search.feat_dtype)
     q_time = time.perf_counter() - t0
-    found = find(config.search, model, split.db_desc, db_starts, q, seq_len, device, predictions,
-                 split.db_bounds[db_sel], split.q_bounds[q_sel])
+    traj = config.search.trajectories(seq_len)
+    if traj.is_diagonal:
+        found = find(config.search, model, split.db_desc, db_starts, q, seq_len, device, predictions)
+    else:
+        found = find_across_speeds(config.search, model, split.db_desc, db_starts, q, seq_len, device, predictions,
+                                   traj, split.db_bounds[db_sel], split.q_bounds[q_sel])
     t2 = time.perf_counter()
     timings = dict(found.timings)
     if "features_s" in timings:

@@ -28,7 +28,7 @@ import distributed
 import shortlist
 import velocity
 from get_models import SeqMatchModel, WindowEmbedding, project_frames, window_frames, window_means
-from seqMatchNet import candidate_distances, chunked_topk, frame_distances, topk_by_value_then_index
+from seqMatchNet import candidate_distances, chunked_topk, topk_by_value_then_index
 from utils import UserError, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,15 @@ class Found:
 
 
 def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndarray, q: WindowEmbedding,
-         seq_len: int, device: torch.device, predictions: np.ndarray | None = None,
-         db_bounds: np.ndarray | None = None, q_bounds: np.ndarray | None = None) -> Found:
+         seq_len: int, device: torch.device, predictions: np.ndarray | None = None) -> Found:
     """Each query window's best ``TOP_K`` database windows (the windows starting at ``db_starts``
     of the traversal ``db_desc``): projected whole and searched in memory, or streamed (see
     ``SearchConfig.streams``); ``predictions`` (candidate indices into ``db_starts``) are re-ranked.
-    ``db_bounds`` / ``q_bounds`` ``[N, 2]``: each window's sequence (needed with ``velocities``)."""
+    The diagonal only: ``speeds.find_across_speeds`` searches across ``velocities``."""
     if config.shortlist and model.compares_descriptors:
         raise UserError("--shortlist re-ranks by sequence matching: use it with --method seqmatch (this model's "
                         "window or frame descriptors are searched with a faiss index already)")
     check_distributed(config, model, predictions)
-    traj = config.trajectories(seq_len)
-    if not traj.is_diagonal:
-        return find_across_speeds(config, model, db_desc, db_starts, q, seq_len, device, predictions, traj,
-                                  db_bounds, q_bounds)
     if config.streams(model, len(db_desc)):
         return search_streamed(config, db_desc, model, device, db_starts, q, seq_len, predictions)
     t0 = time.perf_counter()
@@ -108,13 +103,14 @@ def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndar
     return Found(idx, dists, timings, db.feats if db.starts is not None else None)
 
 
-def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: np.ndarray | None) -> None:
+def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: np.ndarray | None,
+                      across_speeds: bool = False) -> None:
     """Under torchrun the database windows of sequence matching (dense or streamed) are divided between
     the ranks; the searches that are not divided are refused with one line rather than repeated."""
     if not distributed.active():
         return
     what = ("--predictionsFile" if predictions is not None else "--shortlist" if config.shortlist
-            else "--velocities" if not config.trajectories(1).is_diagonal
+            else "--velocities" if across_speeds
             else f"--method {model.method}" if model.compares_descriptors else None)
     if what:
         raise UserError(f"{what} is searched in one process: start this evaluation with python, not torchrun "
@@ -454,155 +450,3 @@ def shortlist_search(config: SearchConfig, desc, model: SeqMatchModel, device: t
             "recall": recall, "sampled_queries": int(n_check), "index_file": str(path) if path else None,
             "index_loaded": loaded}
     return Found(idx[:, :TOP_K], dists[:, :TOP_K], clock, keep, info)
-
-
-# ---------------------------------------------------------------- across speeds (docs/speeds.md)
-
-def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndarray,
-                       q: WindowEmbedding, seq_len: int, device: torch.device, predictions: np.ndarray | None,
-                       traj: velocity.Trajectories, db_bounds: np.ndarray, q_bounds: np.ndarray) -> Found:
-    """``find`` with ``velocities``: every database trajectory of every window (or of the candidates of
-    ``predictions``), scored by ``config.rule``; the database projected whole, or streamed from its file
-    in chunks of ``map_chunk`` frames when it is larger."""
-    if model.compares_descriptors:
-        raise UserError("--velocities matches frame sequences: use it with --method seqmatch (this model compares "
-                        "one descriptor per window or frame)")
-    if config.shortlist:
-        raise UserError("--velocities re-ranks the --shortlist candidates by the diagonal only: give one of them")
-    t0, clock = time.perf_counter(), {"features_s": 0.0}
-    q_feats, q_starts = q.feats.float(), q.starts.cpu().numpy()
-    if predictions is not None:
-        idx, dists, vel = rerank_across_speeds(model, db_desc, db_starts, db_bounds, q_feats, q_starts, q_bounds,
-                                               predictions, traj, config.rule, device, config.batch_size)
-        return Found(idx, dists, {"matching_s": time.perf_counter() - t0}, velocities=vel)
-    if config.streams(model, len(db_desc)):
-        blocks = trajectory_blocks(model, db_desc, db_starts, traj, device, config.batch_size, config.map_chunk,
-                                   config.feat_dtype, clock, config.quiet)
-        kept = None
-    else:
-        db = model.embed_windows(db_desc, db_starts, seq_len, device, config.batch_size, "database", config.quiet,
-                                 all_frames=True, dtype=config.feat_dtype)
-        clock["features_s"] = time.perf_counter() - t0
-        blocks, kept = [(0, db.feats.float(), np.arange(len(db_starts)))], db.feats
-    idx, dists, vel = rank_across_speeds(blocks, q_feats, db_starts, q_starts, db_bounds, q_bounds, traj,
-                                         config.rule, TOP_K, config.query_chunk, config.quiet)
-    clock["matching_s"] = time.perf_counter() - t0 - clock["features_s"]
-    return Found(idx, dists, clock, kept, velocities=vel)
-
-
-def trajectory_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: velocity.Trajectories,
-                      device: torch.device, batch_size: int, chunk: int, dtype: torch.dtype, clock: dict,
-                      quiet: bool = True):
-    """The database in chunks for the search across speeds: yields ``(first row, float32 features of the
-    rows, the windows anchored in the chunk)``; a chunk's rows reach ``velocity.anchor_margin`` frames
-    before and after its anchors, so every trajectory inside the map lies in its block."""
-    before, after = velocity.anchor_margin(traj)
-    anchors = np.asarray(db_starts) + traj.seq_len // 2
-    order = np.argsort(anchors, kind="stable")
-    for lo in tqdm(range(0, len(desc), chunk), desc="database chunks", unit="chunk",
-                   disable=not progress_enabled(quiet), leave=False):
-        a, b = np.searchsorted(anchors[order], [lo, lo + chunk])
-        if a == b:
-            continue
-        t = time.perf_counter()
-        r0, r1 = max(lo - before, 0), min(lo + chunk + after, len(desc))
-        feats = project_frames(model, desc[r0:r1], device, batch_size, "database", True, dtype).float()
-        clock["features_s"] = clock.get("features_s", 0.0) + time.perf_counter() - t
-        yield r0, feats, np.sort(order[a:b])
-
-
-def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray,
-                       db_bounds: np.ndarray, q_bounds: np.ndarray, traj: velocity.Trajectories,
-                       rule: velocity.ScoringRule, k: int = TOP_K, query_chunk: int = 1024,
-                       quiet: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k database windows per query window over all trajectories of ``traj``.
-
-    ``blocks`` yields ``(first row, features [rows, D], windows)``: database frames (row = frame) and the
-    windows (indices into ``db_starts``) whose trajectories lie in them (one block with every frame and
-    window for a database in memory; see ``trajectory_blocks``). ``q_feats`` holds every query frame;
-    windows lie in the sequences ``db_bounds`` / ``q_bounds`` ``[N, 2]``; each window's trajectories
-    are anchored at its centre ``start + L // 2`` (``velocity``). Per block and query chunk the frame
-    distances are computed once (one product) and every trajectory is a shifted sum of them
-    (``velocity.trajectory_distances``); ``velocity.TrajectoryTopK`` keeps each trajectory's top-k and
-    the statistics, and applies ``rule``. Returns ``(indices into db_starts [Nq, k], scores [Nq, k],
-    velocity [Nq, k])``, ties by ascending index, then the velocity nearest 1.
-    """
-    n_db, n_q, half = len(db_starts), len(q_starts), traj.seq_len // 2
-    anchors, db_bounds = np.asarray(db_starts) + half, np.asarray(db_bounds)
-    top = velocity.TrajectoryTopK(n_q, traj, min(k, n_db), q_feats.device)
-    with tqdm(desc="matching across speeds", unit="block", disable=not progress_enabled(quiet), leave=False) as bar:
-        for row0, feats, windows in blocks:
-            # a query chunk's block: frame distances [rows, chunk frames] + T scores per database window
-            per_query = 4 * (len(feats) + (traj.count + 1) * len(windows))
-            step = max(1, min(query_chunk, DENSE_LIMIT_BYTES // max(per_query, 1)))
-            block_bounds = np.clip(db_bounds[windows] - row0, 0, len(feats))
-            for lo in range(0, n_q, step):
-                starts = np.asarray(q_starts[lo:lo + step])
-                f_lo, f_hi = int(starts.min()), int(starts.max()) + traj.seq_len
-                frames = frame_distances(feats, q_feats[f_lo:f_hi])
-                dists = velocity.trajectory_distances(frames, anchors[windows] - row0, block_bounds,
-                                                      starts + half - f_lo, traj)
-                del frames
-                top.add(lo, dists, torch.as_tensor(windows, device=q_feats.device))
-                bar.update()
-    ids, scores, vel = top.finish(q_bounds, rule)
-    return ids.cpu().numpy(), scores.cpu().numpy().astype(np.float32), vel.cpu().numpy().astype(np.float32)
-
-
-def rerank_across_speeds(model: SeqMatchModel, desc, db_starts: np.ndarray, db_bounds: np.ndarray,
-                         q_feats: torch.Tensor, q_starts: np.ndarray, q_bounds: np.ndarray,
-                         candidates: np.ndarray, traj: velocity.Trajectories, rule: velocity.ScoringRule,
-                         device: torch.device, batch_size: int,
-                         group_bytes: int = 256 * 1024**2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Re-rank each query's ``candidates`` (indices into ``db_starts``) across speeds: the distance of every
-    trajectory of every candidate, combined by ``rule`` with statistics over the query's candidates
-    (instead of the whole map); ordered by score, then index, then the velocity nearest 1. A few queries
-    at a time (at most about ``group_bytes`` of gathered features), only the frames their candidates'
-    trajectories use are read and projected."""
-    cand = np.asarray(candidates)
-    d = torch.empty((*cand.shape, traj.count), dtype=torch.float64, device=device)       # [Nq, C, T]
-    group = max(1, group_bytes // max(4 * cand.shape[1] * traj.count * q_feats.shape[1], 1))
-    for lo in range(0, len(cand), group):
-        d[lo:lo + group] = candidate_trajectory_distances(
-            model, desc, np.asarray(db_starts)[cand[lo:lo + group]], np.asarray(db_bounds)[cand[lo:lo + group]],
-            q_feats, np.asarray(q_starts[lo:lo + group]), traj, device, batch_size)
-    return combine_candidates(d, cand, traj, rule, q_bounds)
-
-
-def candidate_trajectory_distances(model: SeqMatchModel, desc, starts: np.ndarray, bounds: np.ndarray,
-                                   q_feats: torch.Tensor, q_starts: np.ndarray, traj: velocity.Trajectories,
-                                   device: torch.device, batch_size: int) -> torch.Tensor:
-    """``[g, C, T]`` mean frame distances of each trajectory of the candidate windows ``starts`` ``[g, C]``
-    (sequences ``bounds`` ``[g, C, 2]``) to the query windows ``q_starts`` ``[g]`` (``+inf`` where a
-    trajectory leaves its sequence), summed in window order as the diagonal sums are."""
-    frames = (starts + traj.seq_len // 2)[..., None, None] + traj.steps[None, None]       # [g, C, T, L]
-    lo, hi = bounds[..., 0, None, None], bounds[..., 1, None, None]                        # [g, C, 1, 1]
-    valid = ((frames >= lo) & (frames < hi)).all(-1)
-    uniq, inverse = np.unique(np.clip(frames, lo, hi - 1), return_inverse=True)
-    feats = project_frames(model, desc[uniq], device, batch_size, "candidates", True).float()
-    inverse = torch.as_tensor(inverse.reshape(frames.shape), device=device)
-    q_rows = torch.as_tensor(q_starts[:, None] + np.arange(traj.seq_len), device=device)  # [g, L]
-    d = torch.zeros(frames.shape[:3], dtype=torch.float32, device=device)
-    for j in range(traj.seq_len):
-        dot = torch.einsum("nctd,nd->nct", feats[inverse[..., j]], q_feats[q_rows[:, j]])
-        d += torch.sqrt(torch.clamp(2.0 - 2.0 * dot, min=0.0))
-    return d.div_(traj.seq_len).masked_fill_(~torch.as_tensor(valid, device=device), torch.inf).double()
-
-
-def combine_candidates(d: torch.Tensor, cand: np.ndarray, traj: velocity.Trajectories, rule: velocity.ScoringRule,
-                       q_bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``d`` ``[Nq, C, T]`` trajectory distances of each query's candidates -> ``(candidates, scores,
-    velocity)`` ``[Nq, C]`` by the rule's adjusted score, then index, then the velocity nearest 1."""
-    finite = torch.isfinite(d)
-    z = torch.where(finite, d, 0.0)
-    stats = {"best": d.amin(dim=1).cpu().numpy(), "sum": z.sum(dim=1).cpu().numpy(),
-             "sumsq": z.square().sum(dim=1).cpu().numpy(), "count": finite.sum(dim=1).double().cpu().numpy()}
-    a, b = velocity.rule_coefficients(rule, stats, q_bounds)                              # [Nq, T]
-    adj = torch.as_tensor(a, device=d.device)[:, None] * d + torch.as_tensor(b, device=d.device)[:, None]
-    adj = adj.where(finite, torch.inf)
-    best, t = adj.min(dim=2)                   # the first of equal minima: the trajectory nearest 1
-    ids = torch.as_tensor(cand, device=d.device)
-    top, pos = topk_by_value_then_index(best, best.shape[1], ids=ids)
-    vel = torch.as_tensor(traj.velocities, device=d.device)[torch.gather(t, 1, pos)]
-    return (torch.gather(ids, 1, pos).cpu().numpy(), top.float().cpu().numpy(),
-            vel.float().cpu().numpy())

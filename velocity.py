@@ -36,7 +36,7 @@ API (shapes: ``T`` trajectories, ``L`` sequence length, ``A`` database anchors, 
   more than ``MAX_TRAJECTORIES`` distinct trajectories); ``anchor_margin(traj) -> (before, after)``.
 - ``trajectory_distances(frame_dists [M, N], anchors [A], bounds [A, 2], q_cols [B], traj) -> [T, A, B]``.
 - ``TrajectoryTopK(num_queries, traj, k)``: ``add(q_lo, dists [T, A, B], db_ids [A])``, then
-  ``finish(q_segments, rule) -> (ids [Nq, k], scores [Nq, k] float64, velocity [Nq, k])``.
+  ``finish(q_segments, rule) -> (ids [Nq, k], scores [Nq, k] float32, velocity [Nq, k])``.
 - ``rule_coefficients(rule, stats, q_segments) -> (a, b)`` ``[Nq, T]`` (non-causal: neighbours both sides);
   ``causal_coefficients(rule, best, mean, std [W, T]) -> (a, b) [T]`` is the causal form for localisation.
 - Training: ``trajectory_frames(anchors [...], bounds [..., 2], traj) -> (frames [..., T, L], valid [..., T])``
@@ -398,7 +398,7 @@ class TrajectoryTopK:
         if n_a == 0 or n_b == 0:
             return
         db_ids = torch.as_tensor(db_ids, dtype=torch.long, device=dists.device)
-        self._add_stats(q_lo, dists)
+        self.add_stats(q_lo, dists)
         self.seen[q_lo:q_lo + n_b] += n_a
         kk = min(self.k, n_a)
         keys = db_ids.expand(n_b, n_a)
@@ -406,7 +406,7 @@ class TrajectoryTopK:
             v, pos = topk_by_value_then_index(dists[t].T, kk, ids=keys)
             self._merge(t, q_lo, v.to(self.device), db_ids[pos].to(self.device))
 
-    def _add_stats(self, q_lo: int, dists: torch.Tensor) -> None:
+    def add_stats(self, q_lo: int, dists: torch.Tensor) -> None:
         """Per (trajectory, query): best, sum, sum of squares (float64) and count of the finite distances.
 
         A trajectory is unscored (``+inf``) for an anchor in every column alike, so column 0 tells which rows
@@ -420,6 +420,10 @@ class TrajectoryTopK:
             self.stats["sumsq"][t, sl[1]] += d.to(torch.float64).square_().sum(dim=0).cpu().numpy()
             self.stats["count"][t, sl[1]] += len(d)
 
+    def coefficients(self, q_segments, rule: ScoringRule = DEFAULT_RULE) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)`` ``[Nq, T]`` of ``rule`` from the statistics gathered so far (``rule_coefficients``)."""
+        return rule_coefficients(rule, {key: v.T for key, v in self.stats.items()}, q_segments)
+
     def _merge(self, t: int, q_lo: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Merge ``[B, k']`` new entries of trajectory ``t`` into the lists of queries ``q_lo..``."""
         rows = slice(q_lo, q_lo + len(vals))
@@ -431,7 +435,7 @@ class TrajectoryTopK:
 
     def finish(self, q_segments, rule: ScoringRule = DEFAULT_RULE
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(ids [Nq, k], scores [Nq, k] float64, velocity [Nq, k])`` ordered by score, then database id,
+        """``(ids [Nq, k], scores [Nq, k] float32, velocity [Nq, k])`` ordered by score, then database id,
         then the velocity nearest 1. ``scores`` are the rule's adjusted scores (the plain ``"min"``: the mean
         frame distance); ``velocity`` is the trajectory's that gave each score. Each database window appears
         once; windows no trajectory could score come last with ``+inf``. ``q_segments``: ``[Nq]`` ids or
@@ -439,11 +443,11 @@ class TrajectoryTopK:
         """
         if not self.seen.all():
             raise ValueError(f"{int((self.seen == 0).sum())} queries were never scored")
-        a, b = rule_coefficients(rule, {key: v.T for key, v in self.stats.items()}, q_segments)   # [Nq, T]
+        a, b = self.coefficients(q_segments, rule)                                                  # [Nq, T]
         n_t, nq, kk = self.values.shape
-        a_t = torch.as_tensor(a.T, dtype=torch.float64)[:, :, None]
-        b_t = torch.as_tensor(b.T, dtype=torch.float64)[:, :, None]
-        adj = (a_t * self.values.double() + b_t).where(torch.isfinite(self.values), torch.inf)   # [T, Nq, k']
+        a_t = torch.as_tensor(a.T, dtype=torch.float32, device=self.device)[:, :, None]
+        b_t = torch.as_tensor(b.T, dtype=torch.float32, device=self.device)[:, :, None]
+        adj = (a_t * self.values + b_t).where(torch.isfinite(self.values), torch.inf)       # [T, Nq, k'] float32
         adj = adj.permute(1, 0, 2).reshape(nq, n_t * kk)
         ids = self.ids.permute(1, 0, 2).reshape(nq, n_t * kk)
         tid = torch.arange(n_t).repeat_interleave(kk).expand(nq, -1)

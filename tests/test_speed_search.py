@@ -1,4 +1,4 @@
-"""``--velocities`` in the search (``search.rank_across_speeds``, docs/speeds.md) against plain loops written
+"""``--velocities`` in the search (``speeds.rank_across_speeds``, docs/speeds.md) against plain loops written
 from the definition: a window's trajectories are anchored at its centre ``start + L // 2``, use database
 frames ``anchor + round_half_away(v * k)`` for query offsets ``k``, are not scored when they leave the
 database sequence, and a window's score is the best adjusted score over its trajectories."""
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import search
+import speeds
 import velocity
 from datasets import sequence_windows
 from seqMatchNet import frame_distances
@@ -81,7 +82,7 @@ def test_rank_across_speeds_equals_plain_loops(seq_len, rule):
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     velocities = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     k = 12
-    idx, scores, vel = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
+    idx, scores, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                                  db_bounds, q_bounds,
                                                  velocity.trajectories(velocities, seq_len), rule, k, query_chunk=4)
     adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule)
@@ -104,7 +105,7 @@ def test_one_velocity_equals_the_diagonal_search(seq_len):
     db, q = unit(rng, len(db_bounds), 8), unit(rng, len(q_bounds), 8)
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     want_i, want_d = search.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
-    got_i, got_d, vel = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
+    got_i, got_d, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                                   db_bounds, q_bounds,
                                                   velocity.trajectories((1.0,), seq_len), velocity.PLAIN_MIN, 20,
                                                   query_chunk=7)
@@ -123,7 +124,7 @@ def test_faster_query_is_found_at_its_speed():
     seq_len = 5
     db_bounds, q_bounds = bounds_of([200]), bounds_of([100])
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
-    idx, _, vel = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
+    idx, _, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                             db_bounds, q_bounds,
                                             velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len),
                                             velocity.DEFAULT_RULE, 5)
@@ -150,11 +151,11 @@ def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk):
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(seq_len, seq_len)
     traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len)
     model = SeqMatchModel(6, False, 6)
-    want = search.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
+    want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
                                      q_bounds, traj, velocity.DEFAULT_RULE, 15, query_chunk=5)
-    blocks = search.trajectory_blocks(model, db.numpy(), db_starts, traj, torch.device("cpu"), 64, chunk,
+    blocks = speeds.trajectory_blocks(model, db.numpy(), db_starts, traj, torch.device("cpu"), 64, chunk,
                                       torch.float32, {})
-    got = search.rank_across_speeds(blocks, q, db_starts, q_starts, db_bounds, q_bounds, traj,
+    got = speeds.rank_across_speeds(blocks, q, db_starts, q_starts, db_bounds, q_bounds, traj,
                                     velocity.DEFAULT_RULE, 15, query_chunk=5)
     # the products of differently sized blocks may differ in the last bits: equal up to such near-ties
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
@@ -175,7 +176,7 @@ def test_rerank_across_speeds_equals_plain_loops(seq_len):
     velocities = (0.5, 1.0, 1.5, 2.0)
     rng = np.random.default_rng(seq_len)
     cand = np.stack([rng.choice(len(db_starts), 9, replace=False) for _ in q_starts])
-    idx, scores, vel = search.rerank_across_speeds(SeqMatchModel(6, False, 6), db.numpy(), db_starts, db_bounds, q,
+    idx, scores, vel = speeds.rerank_across_speeds(SeqMatchModel(6, False, 6), db.numpy(), db_starts, db_bounds, q,
                                                    q_starts, q_bounds, cand, velocity.trajectories(velocities, seq_len),
                                                    velocity.PLAIN_MIN, torch.device("cpu"), 64, group_bytes=2000)
     adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, velocity.PLAIN_MIN)
@@ -223,3 +224,20 @@ def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch):
     assert rows[0].keys() >= {"velocity", "db_frame"}
     chosen = [float(r["velocity"]) for r in rows if r["db_frame"]]
     assert np.median(chosen) >= 1.5           # trailing windows: 1.7, 1.8, 1.9 and 2 are distinct trajectories
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 4, 5])
+@pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "default"])
+def test_in_memory_search_equals_the_block_search(seq_len, rule):
+    """The search that keeps every trajectory distance (one top-k per query chunk) gives exactly the
+    per-trajectory top-k lists' result: ids, scores and velocities."""
+    db, q, db_starts, q_starts, db_bounds, q_bounds = route(20 + seq_len, seq_len)
+    traj = velocity.trajectories((0.5, 0.8, 1.0, 1.5, 2.0), seq_len)
+    want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
+                                     q_bounds, traj, rule, 20, query_chunk=4)
+    got = speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule, 20,
+                                              query_chunk=4)        # the same products, to the last bit
+    finite = np.isfinite(want[1])
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g[finite], w[finite])
+    assert search.DENSE_LIMIT_BYTES and speeds.fits_in_memory(traj, len(db_starts), len(q_starts))

@@ -99,13 +99,16 @@ def plain_coefficients(rule: V.ScoringRule, d: np.ndarray, seg: np.ndarray) -> t
 
 
 def plain_search(d: np.ndarray, rule: V.ScoringRule, seg: np.ndarray, traj: V.Trajectories, k: int):
-    """Per query the ``k`` best database windows by (score, id, |v - 1|): ``(ids, scores, velocities)``."""
+    """Per query the ``k`` best database windows by (score, id, |v - 1|): ``(ids, scores, velocities)``; scores
+    in float32 like the search's."""
     a, b = plain_coefficients(rule, d, seg)
     ids, scores, vels = [], [], []
     for q in range(d.shape[0]):
         ranked = []
         for j in range(d.shape[2]):
-            options = [(a[q, t] * float(d[q, t, j]) + b[q, t], t) for t in range(d.shape[1]) if np.isfinite(d[q, t, j])]
+            # the adjusted score in float32, as the search computes it: a * d, then + b, each rounded
+            options = [(float(np.float32(np.float32(a[q, t]) * np.float32(d[q, t, j])) + np.float32(b[q, t])), t)
+                       for t in range(d.shape[1]) if np.isfinite(d[q, t, j]) and np.isfinite(b[q, t])]
             s, t = min(options) if options else (np.inf, 0)
             ranked.append((s, j, t))
         ranked.sort()
