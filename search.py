@@ -404,12 +404,14 @@ def new_window_index(config: SearchConfig, desc, model: SeqMatchModel, device: t
 
 def shortlist_search(config: SearchConfig, desc, model: SeqMatchModel, device: torch.device,
                      db_starts: np.ndarray, q: WindowEmbedding, seq_len: int, chunks, clock: dict,
-                     keep: torch.Tensor | None) -> Found:
+                     keep: torch.Tensor | None, rerank=None) -> Found:
     """``shortlist`` K: index one descriptor per database window (``window_means``) while the chunks
     stream by, matching a sample of ``shortlist_check`` queries exactly on the way (the shortlist's
     recall); then each query's K nearest windows in the index are re-ranked by exact sequence matching.
     With ``shortlist_index`` the index is read from that file when it holds one built for this map,
-    model and settings (written there otherwise): the database then streams by only for the check."""
+    model and settings (written there otherwise): the database then streams by only for the check.
+    ``rerank(candidates) -> (indices, distances, velocities)`` replaces the re-ranking along the diagonal
+    (``speeds``: across speeds); the recall check is the diagonal's either way."""
     c = config
     q_feats, q_starts = q.feats.float(), q.starts.cpu().numpy()
     rng = np.random.default_rng(c.seed)
@@ -442,11 +444,15 @@ def shortlist_search(config: SearchConfig, desc, model: SeqMatchModel, device: t
     t2 = time.perf_counter()
     candidates = index.search(window_means(q.feats, q.starts, seq_len).cpu().numpy(), c.shortlist, c.nprobe)
     clock["shortlist_search_s"] = time.perf_counter() - t2
-    idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts, candidates, seq_len, device,
-                                    c.batch_size, c.feat_dtype, c.map_chunk)
+    if rerank is None:
+        idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts, candidates, seq_len, device,
+                                        c.batch_size, c.feat_dtype, c.map_chunk)
+        vel = None
+    else:
+        idx, dists, vel = rerank(candidates)
     clock["matching_s"] = time.perf_counter() - t2
     recall = shortlist.shortlist_recall(exact[:, 0], candidates[check]) if n_check else float("nan")
     info = {"candidates": int(candidates.shape[1]), "index": choice.describe(), "nprobe": c.nprobe,
             "recall": recall, "sampled_queries": int(n_check), "index_file": str(path) if path else None,
             "index_loaded": loaded}
-    return Found(idx[:, :TOP_K], dists[:, :TOP_K], clock, keep, info)
+    return Found(idx[:, :TOP_K], dists[:, :TOP_K], clock, keep, info, None if vel is None else vel[:, :TOP_K])

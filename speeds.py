@@ -17,7 +17,15 @@ from tqdm import tqdm
 
 import velocity
 from get_models import SeqMatchModel, WindowEmbedding, project_frames
-from search import DENSE_LIMIT_BYTES, TOP_K, Found, SearchConfig, check_distributed
+from search import (
+    DENSE_LIMIT_BYTES,
+    TOP_K,
+    Found,
+    SearchConfig,
+    check_distributed,
+    database_chunks,
+    shortlist_search,
+)
 from seqMatchNet import frame_distances, topk_by_value_then_index
 from utils import UserError, progress_enabled
 
@@ -32,14 +40,20 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
     if model.compares_descriptors:
         raise UserError("--velocities matches frame sequences: use it with --method seqmatch (this model compares "
                         "one descriptor per window or frame)")
-    if config.shortlist:
-        raise UserError("--velocities re-ranks the --shortlist candidates by the diagonal only: give one of them")
     t0, clock = time.perf_counter(), {"features_s": 0.0}
     q_feats, q_starts = q.feats.float(), q.starts.cpu().numpy()
+
+    def rerank(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return rerank_across_speeds(model, db_desc, db_starts, db_bounds, q_feats, q_starts, q_bounds, candidates,
+                                    traj, config.rule, device, config.batch_size)
+
     if predictions is not None:
-        idx, dists, vel = rerank_across_speeds(model, db_desc, db_starts, db_bounds, q_feats, q_starts, q_bounds,
-                                               predictions, traj, config.rule, device, config.batch_size)
+        idx, dists, vel = rerank(predictions)
         return Found(idx, dists, {"matching_s": time.perf_counter() - t0}, velocities=vel)
+    if config.shortlist:            # the window index's candidates, re-ranked across speeds
+        chunks = database_chunks(model, db_desc, seq_len, device, config.batch_size, config.map_chunk,
+                                 config.feat_dtype, clock, None, config.quiet)
+        return shortlist_search(config, db_desc, model, device, db_starts, q, seq_len, chunks, clock, None, rerank)
     if config.streams(model, len(db_desc)):
         blocks = trajectory_blocks(model, db_desc, db_starts, traj, device, config.batch_size, config.map_chunk,
                                    config.feat_dtype, clock, config.quiet)

@@ -10,9 +10,10 @@ first rule listed is the project's default). Columns: Recall@1 per profile and t
 acceptance goals: every constant off-speed profile >= 0.75x the diagonal's equal-speed Recall@1, stops
 >= 0.65x, equal speed >= 0.9x.
 
-The cost: ``--mode test`` scoring of 3000 x 3000 frames of 4096-D (frame distances once, sums along the
-trajectories, per-trajectory top-100 and the merge) against the diagonal's (the same product, the diagonal
-sums, one top-100), interleaved repeats in one run, and one localisation step with the trajectories
+The cost: ``--mode test`` scoring of 3000 x 3000 frames of 4096-D (``speeds.rank_across_speeds_in_memory``:
+frame distances once per query chunk, sums along the trajectories, the rule, one top-100 per chunk) against
+the diagonal's (``search.rank``: the same product, the diagonal sums, one top-100), interleaved repeats
+in one run, and one localisation step with the trajectories
 against one matrix-vector product. Only ratios are printed as results.
 
     python bench/bench_speeds.py [--small] [--split test] [--velocities 0.5:2:0.1] [--seeds 0 1]
@@ -31,9 +32,11 @@ import numpy as np
 import torch
 from common import CPU_NOTE, goal, interleaved, median, table, timed
 
+import search as project_search
+import speeds
 import velocity as V
 from datasets import segment_bounds, sequence_windows
-from seqMatchNet import diagonal_sums, frame_distances, topk_by_value_then_index
+from seqMatchNet import frame_distances
 from synthetic import SyntheticParams, generate
 
 PROFILES = {                               # name -> SyntheticParams fields of the query traversal
@@ -147,17 +150,13 @@ def cost_ratios(args) -> bool:
     q = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
     traj = V.trajectories(V.parse_velocities(args.velocities), L)
     starts, _ = sequence_windows(segment_bounds(n), L)
-    bounds, seg = np.tile([[0, n]], (n, 1)), np.zeros(n, dtype=np.int64)
+    bounds = np.tile([[0, n]], (n, 1))
 
-    def diagonal():
-        agg = diagonal_sums(frame_distances(db, q), L)                       # [n - L + 1, n - L + 1]
-        return topk_by_value_then_index(agg[starts][:, starts].T, k)
+    def diagonal():                        # what --mode test runs for the diagonal
+        return project_search.rank(db, q, starts, starts, L, k, quiet=True)
 
-    def trajectories():
-        dists = V.trajectory_distances(frame_distances(db, q), starts + L // 2, bounds, starts + L // 2, traj)
-        acc = V.TrajectoryTopK(n, traj, k)
-        acc.add(0, dists, np.arange(n))
-        return acc.finish(seg)
+    def trajectories():                    # what --mode test runs with --velocities for a map in memory
+        return speeds.rank_across_speeds_in_memory(db, q, starts, starts, bounds, bounds, traj, V.DEFAULT_RULE, k)
 
     def product():
         return frame_distances(db, q)

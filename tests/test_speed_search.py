@@ -241,3 +241,52 @@ def test_in_memory_search_equals_the_block_search(seq_len, rule):
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g[finite], w[finite])
     assert search.DENSE_LIMIT_BYTES and speeds.fits_in_memory(traj, len(db_starts), len(q_starts))
+
+
+@pytest.mark.parametrize("seq_len", [3, 5])
+def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len):
+    """--shortlist K with K >= every database window, re-ranked across speeds (the rule's statistics then
+    cover every window), gives the full search's predictions, velocities and scores up to the last bits
+    of the distances (per-candidate products instead of one matrix product)."""
+    from datasets import Split
+    from evaluate import EvalConfig, evaluate
+    from get_models import SeqMatchModel
+
+    db, q, _, _, db_bounds, q_bounds = route(30 + seq_len, seq_len)
+    split = Split(name="test", db_desc=db.numpy(), q_desc=q.numpy(),
+                  db_positions=np.stack([np.arange(len(db)) * 2.0, np.zeros(len(db))], axis=1),
+                  q_positions=np.stack([np.arange(len(q)) * 3.0, np.zeros(len(q))], axis=1), pos_dist_thr=5.0,
+                  non_triv_pos_dist_sq_thr=9.0, db_bounds=db_bounds, q_bounds=q_bounds)
+    model = SeqMatchModel(6, False, 6)
+    speeds_ = (0.5, 1.0, 1.5, 2.0)
+    full = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_)), split, model,
+                    torch.device("cpu"))
+    short = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_, shortlist=1000,
+                                                                     map_chunk=20)), split, model,
+                     torch.device("cpu"))
+    assert short.shortlist["candidates"] == len(full.db_frames) and short.velocities is not None
+    np.testing.assert_allclose(short.dists, full.dists, atol=1e-5)
+    apart = np.c_[np.diff(full.dists, axis=1) > 1e-5, np.ones(len(full.dists), bool)]
+    apart &= np.c_[np.ones(len(full.dists), bool), apart[:, :-1]]
+    assert apart.mean() > 0.7
+    np.testing.assert_array_equal(short.preds[apart], full.preds[apart])
+    np.testing.assert_array_equal(short.velocities[apart], full.velocities[apart])
+
+
+def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
+    """Under torchrun sequence matching along the diagonal is divided between the ranks; a search across
+    speeds (and the other undivided searches) is refused with one line instead of being repeated."""
+    import distributed
+    from get_models import SeqMatchModel
+    from utils import UserError
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    model = SeqMatchModel(4, False, 4)
+    search.check_distributed(search.SearchConfig(), model, None)               # divided: accepted
+    cases = [({}, None, True, "--velocities"), ({"shortlist": 5}, None, False, "--shortlist"),
+             ({}, np.zeros((2, 20), dtype=np.int64), False, "--predictionsFile")]
+    for kwargs, preds, across, flag in cases:
+        with pytest.raises(UserError, match=f"{flag} is searched in one process"):
+            search.check_distributed(search.SearchConfig(**kwargs), model, preds, across_speeds=across)
+    with pytest.raises(UserError, match="--method smooth"):
+        search.check_distributed(search.SearchConfig(), SeqMatchModel(4, False, 4, method="smooth"), None)
