@@ -109,7 +109,7 @@ def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: n
     the ranks; the searches that are not divided are refused with one line rather than repeated."""
     if not distributed.active():
         return
-    what = ("--predictionsFile" if predictions is not None else "--shortlist" if config.shortlist
+    what = ("--predictionsFile" if predictions is not None else "--shortlistIndex" if config.shortlist_index
             else "--velocities" if across_speeds
             else f"--method {model.method}" if model.compares_descriptors else None)
     if what:
@@ -383,6 +383,29 @@ def search_streamed(config: SearchConfig, desc, model: SeqMatchModel, device: to
     return shortlist_search(config, desc, model, device, db_starts, q, seq_len, chunks, clock, keep)
 
 
+def shortlist_candidates(index: shortlist.WindowIndex, queries: np.ndarray, config: SearchConfig,
+                         n_windows: int) -> np.ndarray:
+    """Each query's ``shortlist`` nearest windows in ``index`` ``[Nq, K]``. Under torchrun ``index`` holds this
+    rank's share of the windows (the same trained quantiser on every rank): the shards probe the same
+    lists, decided by their valid counts together, and their lists are merged by (distance, id), which
+    gives the candidates of one index over the whole map (up to exact ties at the K-th distance)."""
+    k = min(config.shortlist, n_windows)
+    if not distributed.active():
+        return index.search(queries, k, config.nprobe)
+
+    def together(counts: np.ndarray) -> np.ndarray:
+        return distributed.all_reduce_sum(torch.as_tensor(counts), "counting the shortlist candidates").numpy()
+
+    d, ids = index.search_scored(queries, k, config.nprobe, together)
+    pad = n_windows + distributed.rank() * k + np.arange(k)            # empty slots: distinct ids past the map
+    ids = np.where(ids >= 0, ids, pad)
+    _, merged = distributed.all_gather_topk(torch.as_tensor(d), torch.as_tensor(ids), k, n_windows)
+    merged = merged.numpy()
+    if (merged >= n_windows).any():
+        raise RuntimeError("the shortlist shards returned fewer candidates than windows indexed")
+    return merged
+
+
 def new_window_index(config: SearchConfig, desc, model: SeqMatchModel, device: torch.device,
                      db_starts: np.ndarray, seq_len: int, choice, rng: np.random.Generator):
     """An empty ``shortlist.WindowIndex`` of ``choice``'s kind, trained (IVF) on the window means of a
@@ -426,27 +449,33 @@ def shortlist_search(config: SearchConfig, desc, model: SeqMatchModel, device: t
              else new_window_index(config, desc, model, device, db_starts, seq_len, choice, rng))
     clock["index_load_s" if loaded else "index_build_s"] = time.perf_counter() - t0
 
+    share = DatabaseShare.of(db_starts, seq_len)      # the windows the chunks bring (all outside torchrun)
+
     def add(windows: np.ndarray, local: np.ndarray, feats: torch.Tensor) -> None:
         t = time.perf_counter()
-        index.add(window_means(feats, torch.as_tensor(local, device=feats.device), seq_len).cpu().numpy(), windows)
+        index.add(window_means(feats, torch.as_tensor(local, device=feats.device), seq_len).cpu().numpy(),
+                  windows + share.windows.start)
         clock["index_build_s"] += time.perf_counter() - t
 
     if loaded and n_check == 0:
         keep = None                        # nothing streams by: no database features for the figures
     else:
         t1, before = time.perf_counter(), clock.get("index_build_s", 0.0)
-        exact, _ = rank_streamed(chunks, q_feats, db_starts, q_starts[check], seq_len, 1, c.query_chunk,
-                                 c.db_chunk, on_chunk=None if loaded else add)
+        exact, exact_d = rank_streamed(chunks, q_feats, db_starts[share.windows], q_starts[check], seq_len, 1,
+                                       c.query_chunk, c.db_chunk, on_chunk=None if loaded else add)
+        exact, _ = share.gather(exact, exact_d, 1)       # under torchrun: the best of all shares
         spent = clock.get("index_build_s", 0.0) - before
         clock["shortlist_check_s"] = time.perf_counter() - t1 - clock["features_s"] - spent
     if path is not None and not loaded:
         shortlist.save_index(index, path, fingerprint)
     t2 = time.perf_counter()
-    candidates = index.search(window_means(q.feats, q.starts, seq_len).cpu().numpy(), c.shortlist, c.nprobe)
+    candidates = shortlist_candidates(index, window_means(q.feats, q.starts, seq_len).cpu().numpy(), c, len(db_starts))
     clock["shortlist_search_s"] = time.perf_counter() - t2
     if rerank is None:
-        idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts, candidates, seq_len, device,
-                                        c.batch_size, c.feat_dtype, c.map_chunk)
+        rows = distributed.shard(len(candidates))          # under torchrun each rank re-ranks a share of queries
+        idx, dists = rerank_from_source(model, desc, db_starts, q_feats, q_starts[rows], candidates[rows], seq_len,
+                                        device, c.batch_size, c.feat_dtype, c.map_chunk)
+        idx, dists = distributed.all_gather_arrays(idx, dists, what="gathering the re-ranked shortlists")
         vel = None
     else:
         idx, dists, vel = rerank(candidates)

@@ -125,26 +125,41 @@ class WindowIndex:
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
         """Ids of the ``k`` nearest windows per query ``[Nq, k]`` (``k`` at most the windows indexed);
         rows that an IVF search left short are searched again with more lists."""
+        _, out = self.search_scored(queries, min(k, self.count), nprobe)
+        if (out < 0).any():          # cannot happen with every list searched; refuse rather than guess
+            raise RuntimeError("the shortlist index returned fewer candidates than windows indexed")
+        return out
+
+    def search_scored(self, queries: np.ndarray, k: int, nprobe: int,
+                      global_counts=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(squared distances, ids)`` ``[Nq, k]`` of the ``k`` nearest windows per query (-1: none). A row
+        with fewer than ``k`` valid ids is searched again with twice the lists until full or every list is
+        searched. With ``global_counts`` (this index holds one shard of a map divided between processes:
+        each rank's valid counts per row -> the counts over all shards) a row counts as full when the
+        shards together fill it, so every shard probes the same lists as one index of the whole map."""
         import faiss
 
-        k = min(k, self.count)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         index = self.index
         if self.use_gpu:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        out = np.empty((len(queries), k), dtype=np.int64)
+        out_d = np.full((len(queries), k), np.inf, dtype=np.float32)
+        out_i = np.full((len(queries), k), -1, dtype=np.int64)
         rows, probe = np.arange(len(queries)), min(nprobe, self.choice.nlist or 1)
         while len(rows):
             if self.choice.needs_training:
                 (faiss.GpuParameterSpace() if self.use_gpu else faiss.ParameterSpace()).set_index_parameter(
                     index, "nprobe", probe)
-            _, ids = index.search(queries[rows], k)
-            full = (ids >= 0).all(axis=1) | (probe >= (self.choice.nlist or 1))
-            out[rows[full]] = ids[full]
+            if self.count:
+                d, ids = index.search(queries[rows], k)
+            else:
+                d, ids = np.full((len(rows), k), np.inf, np.float32), np.full((len(rows), k), -1, np.int64)
+            counts = (ids >= 0).sum(axis=1)
+            counts = counts if global_counts is None else global_counts(counts)
+            full = (counts >= k) | (probe >= (self.choice.nlist or 1))
+            out_d[rows[full]], out_i[rows[full]] = np.where(ids[full] >= 0, d[full], np.inf), ids[full]
             rows, probe = rows[~full], probe * 2
-        if (out < 0).any():          # cannot happen with every list searched; refuse rather than guess
-            raise RuntimeError("the shortlist index returned fewer candidates than windows indexed")
-        return out
+        return out_d, out_i
 
 
 def shortlist_recall(exact_top1: np.ndarray, candidates: np.ndarray) -> float:

@@ -284,3 +284,42 @@ def test_database_shares_cover_the_windows_once_and_keep_tied_starts_together(mo
         mine = starts[sh.windows]
         if len(mine):
             assert sh.frames == slice(int(mine.min()), int(mine.max()) + 5)
+
+
+IVF_MAIN = """
+import sys
+sys.path.insert(0, {root!r})
+import shortlist
+shortlist.choose_index = lambda n, dim: shortlist.IndexChoice("ivf-flat", {nlist})
+import main
+sys.exit(main.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nlist", [0, 16, 150], ids=["flat", "ivf-flat", "ivf-re-searched"])
+def test_shortlist_with_two_ranks_equals_one_process(reference_copy, tmp_path, monkeypatch, nlist):
+    """--shortlist on a streamed map under torchrun: each rank indexes and streams its share of the
+    windows (the same trained quantiser on both), the shards' candidates are merged, the queries'
+    re-ranking is divided: predictions, distances and the shortlist's recall equal one process's (with 150
+    lists of about 20 windows, 40 candidates need more than one list: the shards re-search together)."""
+    if nlist:
+        script = tmp_path / "ivf_main.py"
+        script.write_text(textwrap.dedent(IVF_MAIN.format(root=str(ROOT), nlist=nlist)))
+    else:
+        script = MAIN
+    args = ("--mode test --dataset nordland-sw --seqL 5 --pooling --split test --resume "
+            "data/runs/ref_oxford_l5_1epoch --figures none --mapChunk 700 --shortlist 40 --nprobe 1").split()
+    one = subprocess.run([sys.executable, str(script), *args, "--resultsPath", str(tmp_path / "one"), "--nocuda",
+                          "--threads", "0", "--quiet"], cwd=reference_copy, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    rc, out, err, _ = torchrun(args + ["--resultsPath", str(tmp_path / "two")], reference_copy, script=script)
+    assert rc == 0, err[-3000:]
+    a, b = np.load(tmp_path / "one" / "results.npz"), np.load(tmp_path / "two" / "results.npz")
+    for name in ("preds", "dists", "recalls"):
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())["shortlist"]
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())["shortlist"]
+    assert s1["recall"] == s2["recall"] and s1["index"] == s2["index"]
+    assert ("ivf-flat" in s1["index"]) == bool(nlist)

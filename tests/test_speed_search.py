@@ -283,7 +283,9 @@ def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
     monkeypatch.setattr(distributed, "active", lambda: True)
     model = SeqMatchModel(4, False, 4)
     search.check_distributed(search.SearchConfig(), model, None)               # divided: accepted
-    cases = [({}, None, True, "--velocities"), ({"shortlist": 5}, None, False, "--shortlist"),
+    search.check_distributed(search.SearchConfig(shortlist=5), model, None)   # divided too
+    cases = [({}, None, True, "--velocities"), ({"shortlist": 5, "shortlist_index": "x.index"}, None, False,
+                                                "--shortlistIndex"),
              ({}, np.zeros((2, 20), dtype=np.int64), False, "--predictionsFile")]
     for kwargs, preds, across, flag in cases:
         with pytest.raises(UserError, match=f"{flag} is searched in one process"):
