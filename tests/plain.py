@@ -81,6 +81,16 @@ def plain_windows(bounds, seq_len: int) -> np.ndarray:
     return out
 
 
+def segments_of(lengths) -> np.ndarray:
+    """Per-frame sequence bounds ``[N, 2]`` (``[lo, hi)`` of its sequence) of consecutive sequences of the
+    given lengths."""
+    rows, lo = [], 0
+    for n in lengths:
+        rows += [[lo, lo + n]] * n
+        lo += n
+    return np.array(rows, dtype=np.int64)
+
+
 def plain_valid(bounds, seq_len: int) -> np.ndarray:
     """(N,) bool: frame n is valid for length L when step 2 adds nothing."""
     bounds = np.asarray(bounds)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import plain
 from conftest import ROOT, unit_rows
 from localize import CSV_COLUMNS, Localizer, Match, run_localize
 from utils import UserError
@@ -61,13 +62,7 @@ def plain_confidence(scores: dict, chosen: int, radius: float, positions: np.nda
     return scores[chosen] / min(others) if min(others) > 0 else 1.0
 
 
-def bounds_of(lengths: list[int]) -> np.ndarray:
-    """Per-frame segment bounds ``[N, 2]`` of consecutive segments of the given lengths."""
-    rows, lo = [], 0
-    for n in lengths:
-        rows += [[lo, lo + n]] * n
-        lo += n
-    return np.array(rows, dtype=np.int64)
+bounds_of = plain.segments_of
 
 
 def replay_with_resets(loc: Localizer, q: np.ndarray, q_bounds: np.ndarray) -> list[Match | None]:
@@ -179,9 +174,11 @@ def test_no_match_until_the_window_is_full_and_after_reset():
     assert [loc.step(f) is None for f in q[5:]] == [True, True, True, False, False]
 
 
-def test_step_uses_one_matrix_vector_product(monkeypatch):
+@pytest.mark.parametrize("velocities", [(1.0,), (0.5, 1.0, 2.0)], ids=["diagonal", "speeds"])
+def test_step_uses_one_matrix_vector_product(monkeypatch, velocities):
+    """Each step costs one matrix-vector product over the database, with or without trajectories."""
     db, q = route(5, 50, 8, 4)
-    loc = Localizer(db, seq_len=5)
+    loc = Localizer(db, seq_len=5, velocities=velocities)
     calls = []
     real_addmv, real_mm = torch.addmv, torch.Tensor.__matmul__
     monkeypatch.setattr(torch, "addmv", lambda *a, **k: (calls.append("mv"), real_addmv(*a, **k))[1])
@@ -468,13 +465,3 @@ def test_default_and_diagonal_velocities_are_todays_localizer():
     assert all(loc._traj is None for loc in runs)
 
 
-def test_velocities_keep_one_matrix_vector_product_per_step(monkeypatch):
-    db, q = route(9, 50, 8, 4)
-    loc = Localizer(db, seq_len=5, velocities=(0.5, 1.0, 2.0))
-    calls = []
-    real_addmv, real_mm = torch.addmv, torch.Tensor.__matmul__
-    monkeypatch.setattr(torch, "addmv", lambda *a, **k: (calls.append("mv"), real_addmv(*a, **k))[1])
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda *a: (calls.append("mm"), real_mm(*a))[1])
-    for f in q:
-        loc.step(f)
-    assert calls == ["mv"] * 8

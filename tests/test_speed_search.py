@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import plain
 import search
 import speeds
 import velocity
@@ -22,13 +23,7 @@ def unit(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
     return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
 
 
-def bounds_of(lengths: list[int]) -> np.ndarray:
-    out = []
-    lo = 0
-    for n in lengths:
-        out += [(lo, lo + n)] * n
-        lo += n
-    return np.array(out, dtype=np.int64)
+bounds_of = plain.segments_of
 
 
 def half_away(x: float) -> int:

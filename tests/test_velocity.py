@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import plain
 import velocity as V
 from conftest import unit_rows
 from datasets import sequence_windows
@@ -118,13 +119,7 @@ def plain_search(d: np.ndarray, rule: V.ScoringRule, seg: np.ndarray, traj: V.Tr
     return np.array(ids), np.array(scores), np.array(vels)
 
 
-def segments(sizes: list[int]) -> np.ndarray:
-    """Per-frame ``[lo, hi)`` of consecutive sequences of the given sizes."""
-    out, lo = [], 0
-    for s in sizes:
-        out += [[lo, lo + s]] * s
-        lo += s
-    return np.array(out, dtype=np.int64)
+segments = plain.segments_of
 
 
 def windows(bounds: np.ndarray, seq_len: int) -> np.ndarray:
