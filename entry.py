@@ -53,7 +53,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.mode = mode
 
     def error(self, message: str):
-        raise UserError(f"{message} (see python main.py --mode {self.mode} --help)")
+        where = f"--mode {self.mode} --help" if self.mode else "--help"
+        raise UserError(f"{message} (see python main.py {where})")
 
 
 def parse_own_options(parse: Callable[[list[str]], argparse.Namespace], argv: list[str]):

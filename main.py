@@ -90,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     if known.mode in OWN_PARSER:
         return mode_function(known.mode)(rest)
     if known.mode not in MODES:     # the full parser names the choices
+        from entry import error
         from options import build_parser
-        build_parser().parse_args(argv)
+        from utils import UserError
+        try:
+            build_parser().parse_args(argv)
+        except UserError as exc:
+            error(exc)
+            return 2
     try:
         return run_mode(known.mode, argv)
     finally:    # under torchrun: leave the process group, whatever happened

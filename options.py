@@ -10,7 +10,7 @@ import math
 import re
 
 import velocity
-from entry import HelpFormatter
+from entry import HelpFormatter, OneLineParser
 from get_models import METHODS
 from seqMatchNet import DISTANCES
 from synthetic import SyntheticParams
@@ -26,8 +26,9 @@ OPTIMISERS = ("SGD", "ADAM")
 def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
     """Every option of train/test/localize (each mode accepts them all); with ``mode``, ``--help``
     lists only the options that mode reads (``READ_BY``), each default once."""
-    p = argparse.ArgumentParser(
-        prog="main.py" if mode is None else f"main.py --mode {mode}", formatter_class=HelpFormatter,
+    p = OneLineParser(
+        mode=mode or "", prog="main.py" if mode is None else f"main.py --mode {mode}",
+        formatter_class=HelpFormatter,
         usage=None if mode is None else f"python main.py --mode {mode} --seqL L [options]",
         description=MODE_HELP.get(mode, "SeqMatchNet: contrastive learning with sequence matching for place "
                                          "recognition."),
