@@ -35,7 +35,7 @@ from torch import nn
 import image_models
 from entry import OneLineParser, run_own_mode
 from image_models import CHECKPOINT_URL, IMAGENET_MEAN, IMAGENET_STD, MODELS, ImageModel  # noqa: F401 (re-exported)
-from utils import UserError
+from utils import UserError, atomic_write, get_device, progress_enabled, setup_logging, write_json_atomic
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -250,14 +250,12 @@ def _resume_point(partial: Path, progress: Path, key: str, row_bytes: int, n: in
 
 
 def _write_progress(progress: Path, key: str, done: int, n: int, dim: int) -> None:
-    from utils import write_json_atomic
 
     write_json_atomic({"key": key, "rows_done": done, "rows": n, "dim": dim}, progress)
 
 
 def _write_final(out: Path, rows: np.ndarray) -> None:
     """``rows`` [N, P] float32 to ``out`` (.npy, or HDF5 dataset ``descriptors``), atomically."""
-    from utils import atomic_write
 
     if out.suffix.lower() == ".npy":
         atomic_write(out, lambda f: np.save(f, rows))
@@ -366,7 +364,6 @@ def _forward_batch(network: nn.Module, dim: int, groups: list[tuple[list[int], t
 def _write_sidecars(out: Path, paths: Sequence[Path], model: ImageModel, size: tuple[int, int] | None,
                     checkpoint_id: str, weights: Path | None) -> None:
     """``OUT.images.txt`` and ``OUT.model.json`` (atomically, before ``OUT`` itself)."""
-    from utils import atomic_write, write_json_atomic
 
     images_file = side_files(out)[0]
     atomic_write(images_file, lambda f: f.write("".join(f"{p}\n" for p in paths).encode()))
@@ -480,7 +477,6 @@ def run_extract(argv: list[str]) -> int:
 
 
 def _extract(opt: argparse.Namespace) -> None:
-    from utils import get_device, progress_enabled, setup_logging
 
     setup_logging(quiet=opt.quiet)
     device = get_device(opt.nocuda, opt.device)

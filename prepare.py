@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets import open_descriptors
 from entry import OneLineParser, run_own_mode
 from positions import Positions, latlon_origin, latlon_to_local, read_positions
-from utils import UserError
+from utils import UserError, atomic_write, get_device, progress_enabled, write_json_atomic
 
 SPLITS = ("train", "val", "test")
 SIDES = ("database", "query")
@@ -145,7 +146,7 @@ def check_image_options(opt: argparse.Namespace) -> None:
         raise UserError("--db_images/--q_images need --model and --weights (or --netvladCkpt): the checkpoint to "
                         f"extract with ({'|'.join(IMAGE_MODELS)})")
     if opt.imageSize is not None:
-        from extract import parse_image_size
+        from extract import parse_image_size  # extract loads torchvision: only when images are given
 
         parse_image_size(opt.imageSize)
 
@@ -352,7 +353,6 @@ def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bo
     """Everything atomically, the JSON config (which makes the dataset usable) last."""
     import scipy.io
 
-    from utils import atomic_write, write_json_atomic
 
     (struct_dir / names["config"]).unlink(missing_ok=True)     # a half-rewritten dataset must not look complete
     for s in SPLITS:
@@ -378,7 +378,6 @@ def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
     if not opt.weights:
         return [Path(opt.db_descriptors), Path(opt.q_descriptors)]
     import extract
-    from utils import get_device, progress_enabled
 
     out_dir = struct_dir / f"custom_{opt.name}_descriptors"
     jobs = []
@@ -412,7 +411,6 @@ def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
 def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], list, np.ndarray, np.ndarray, tuple]:
     """Descriptor files, position tables and positions in metres, all checked against each other:
     ``(desc_paths, tables, db_pos, q_pos, latlon origin or None)``."""
-    from datasets import open_descriptors
 
     desc_paths = descriptor_files(opt, struct_dir)
     for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):

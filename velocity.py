@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqMatchNet import topk_by_value_then_index
+from seqMatchNet import sequence_distance, topk_by_value_then_index
 from utils import UserError
 
 FLAG = "--velocities"
@@ -498,7 +498,6 @@ def trajectory_sequence_distance(fq: torch.Tensor, fdb: torch.Tensor, valid: tor
     gradient flows through the best one) or the soft minimum ``-tau * logsumexp(-d / tau)`` (``tau > 0``).
     ``+inf`` where no trajectory is valid. With the diagonal alone this is ``sequence_distance``.
     """
-    from seqMatchNet import sequence_distance
 
     d = sequence_distance(fq[..., None, :, :], fdb, method)                        # [..., T]
     if valid is not None:
