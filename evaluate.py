@@ -226,6 +226,10 @@ def format_recalls(result: EvalResult, title: str = "", unit: str = "m") -> str:
         lines.append(f"{f'radius {r} {unit}':>14}" + "".join(f"{v:>8.4f}" for v in row) + f"{n:>9}")
     lines.append(f"({len(result.q_frames)} queries, {len(result.db_frames)} database frames; each row counts the "
                  f"queries with a positive within its radius; R@N counts only the {result.preds.shape[1]} retrieved)")
+    if result.velocities is not None and len(result.velocities):
+        v, n = np.unique(result.velocities[:, 0], return_counts=True)
+        lines.append("top-1 matches by velocity (database frames per query frame): "
+                     + ", ".join(f"{x:g} {c / n.sum():.0%}" for x, c in zip(v, n)))
     if result.shortlist:
         s = result.shortlist
         recall = (f"the exact top-1 is among them for {s['recall']:.4f} of {s['sampled_queries']} sampled queries"

@@ -135,9 +135,12 @@ def test_method_label_names_method_checkpoint_and_reranking():
         "smooth": report.method_label({**base, "method": "smooth"}),
         "delta": report.method_label({**base, "method": "delta", "pooling": True}, ckpt),
         "hvpr": report.method_label({**base, "predictionsFile": "results/shortlist/results.npz"}),
+        "speeds": report.method_label({**base, "velocities": "0.5:2:0.1"}),
     }
     assert len(set(labels.values())) == len(labels)                     # every result reads differently
     assert labels["learned"] == "sequence matching, learned projection (run Nov27_10-00-00_l5_x, epoch 3, best)"
     assert labels["seqnet"].startswith("SeqNet w=3, learned (run Nov27_10-00-00_l5_x, epoch 3")
     assert "raw descriptors" in labels["raw"] and "single frame" in labels["single"]
     assert labels["hvpr"].endswith("re-ranks the top 20 of results/shortlist/results.npz")
+    assert labels["speeds"] == "sequence matching, raw descriptors, across speeds 0.5:2:0.1"
+    assert report.method_label({**base, "velocities": "1"}) == labels["raw"]

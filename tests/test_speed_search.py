@@ -189,7 +189,7 @@ def test_rerank_across_speeds_equals_plain_loops(seq_len):
 
 
 @pytest.mark.slow
-def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch):
+def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch, capsys):
     """The synthetic route driven at twice the database's speed: --mode test and --mode localize with
     --velocities find the places the diagonal misses, and name the velocity of each match
     (results.npz ``velocities``, the CSV's ``velocity`` column, summary.json's setting)."""
@@ -207,6 +207,7 @@ def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch):
         assert main.main(["--mode", "test", *common, "--velocities", v, "--resultsPath", str(out),
                           "--figures", "none"]) == 0
         recalls[name] = json.loads((out / "summary.json").read_text())["recalls"]["1"]
+    assert "top-1 matches by velocity (database frames per query frame): " in capsys.readouterr().out
     z = np.load(tmp_path / "speeds" / "results.npz")
     # 1.8 and 2 give one trajectory for L = 5 (offsets -4, -2, 0, 2, 4), named by the velocity nearest 1
     assert velocity.trajectories((1.8,), 5).steps.tolist() == velocity.trajectories((2.0,), 5).steps.tolist()
