@@ -288,3 +288,23 @@ def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
             search.check_distributed(search.SearchConfig(**kwargs), model, preds, across_speeds=across)
     with pytest.raises(UserError, match="--method smooth"):
         search.check_distributed(search.SearchConfig(), SeqMatchModel(4, False, 4, method="smooth"), None)
+
+
+@pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "default"])
+def test_equal_trajectories_report_the_velocity_nearest_one(rule):
+    """A route of identical frames: every trajectory of every window scores the same, so each match
+    must name the velocity nearest 1 of those asked for (0.8 here, written from the definition, not
+    from the order the trajectories are kept in)."""
+    db_bounds, q_bounds = bounds_of([40]), bounds_of([20])
+    db = torch.nn.functional.normalize(torch.ones(40, 4), dim=1)
+    q = torch.nn.functional.normalize(torch.ones(20, 4), dim=1)
+    db_starts, q_starts = sequence_windows(db_bounds, 3)[0], sequence_windows(q_bounds, 3)[0]
+    asked = (2.0, 0.5, 1.5, 0.8)
+    nearest = min(asked, key=lambda v: (abs(v - 1), v))
+    traj = velocity.trajectories(asked, 3)
+    for result in (speeds.rank_across_speeds([(0, db, np.arange(40))], q, db_starts, q_starts, db_bounds, q_bounds,
+                                             traj, rule, 10),
+                   speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule,
+                                                       10)):
+        assert (result[2] == np.float32(nearest)).all()
+        np.testing.assert_array_equal(result[0], np.tile(np.arange(10), (20, 1)))     # ties: ascending frame
