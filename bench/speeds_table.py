@@ -1,7 +1,7 @@
 """The README's "Different speeds" table from the project's own CLI: Recall@1 per query speed profile for
 single frames, the diagonal and ``--velocities``, on raw descriptors and after training.
 
-    python bench/speeds_table.py [--velocities 0.5:2:0.1] [--nEpochs 8] [--workdir DIR]
+    python bench/speeds_table.py [--velocities 0.5:2:0.1] [--nEpochs 8] [--seed 0] [--workdir DIR]
 
 The profiles are those of ``bench/bench_speeds.py`` (the synthetic route with a constant-speed database,
 64-D descriptors, a query traversal at 0.5x, 1x, 1.5x and 2x the database's speed, and one with stops and
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speeds import BASE, PROFILES  # noqa: E402  (after the path set-up)
 
 
-def synth_flags(profile: str) -> list[str]:
-    values = {**BASE, **PROFILES[profile]}
+def synth_flags(profile: str, seed: int) -> list[str]:
+    values = {**BASE, **PROFILES[profile], "seed": seed}
     return [x for k, v in values.items() for x in (f"--synth_{k}", str(v))]
 
 
@@ -35,6 +35,7 @@ def main() -> int:
     p.add_argument("--velocities", default="0.5:2:0.1")
     p.add_argument("--nEpochs", type=int, default=8)
     p.add_argument("--seqL", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="the synthetic route's seed (--synth_seed)")
     p.add_argument("--workdir", default=".", help="folder for the generated data and runs")
     a = p.parse_args()
     os.chdir(a.workdir)
@@ -48,7 +49,7 @@ def main() -> int:
 
     def common(profile: str) -> list[str]:
         return ["--dataset", "synthetic", "--dataPath", f"data_{profile}", "--structPath", f"structs_{profile}",
-                "--runsPath", "runs", "--nocuda", "--quiet", "--split", "test", *synth_flags(profile)]
+                "--runsPath", "runs", "--nocuda", "--quiet", "--split", "test", *synth_flags(profile, a.seed)]
 
     def recall(profile: str, extra: list[str]) -> float:
         args = ["--mode", "test", *common(profile), *extra]
@@ -71,7 +72,8 @@ def main() -> int:
             rows.append((f"diagonal, {name}", trained))
         rows.append((f"--velocities, {name}", trained + ["--velocities", a.velocities]))
     table = {label: {prof: recall(prof, extra) for prof in PROFILES} for label, extra in rows}
-    print(f"\nRecall@1 (test split, seqL {a.seqL}, within 10 m); --velocities {a.velocities}; training on the "
+    print(f"\nRecall@1 (test split, seqL {a.seqL}, within 10 m, seed {a.seed}); --velocities {a.velocities}; "
+          f"training on the "
           f"stops-and-speed-changes route, {a.nEpochs} epochs\n")
     print("| | " + " | ".join(PROFILES) + " |")
     print("| --- |" + " --- |" * len(PROFILES))
