@@ -340,6 +340,20 @@ def save_checkpoint_atomic(obj: dict, path: Path) -> None:
 
 
 
+def nothing_to_do(run_dir: Path, ckpt: dict, n_epochs: int, patience: int, eval_every: int) -> str | None:
+    """Why resuming ``run_dir`` from ``ckpt`` would train nothing (it has its ``n_epochs``, or it stopped
+    early by ``patience``), as the line to print; None when there is work left."""
+    epoch, not_improved = int(ckpt["epoch"]), int(ckpt.get("not_improved", 0))
+    if epoch >= n_epochs:
+        return (f"{run_dir} has finished its {epoch} epochs: nothing to do (give --nEpochs above {epoch} to "
+                "train it further)")
+    if patience > 0 and not_improved > patience / eval_every:
+        return (f"{run_dir} stopped early after epoch {epoch} ({not_improved} validations without improvement, "
+                f"--patience {patience}, restored from the run): nothing to do (to train on, start a new run "
+                f"from its weights: --init {run_dir})")
+    return None
+
+
 def log_interrupted(ckpt_dir: Path, epoch: int, command: str) -> None:
     """What Ctrl-C during training prints: where the last checkpoint is and how to continue."""
     last = Path(ckpt_dir) / "checkpoint.pth.tar"

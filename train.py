@@ -604,9 +604,9 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     resumed, initial = None, None
     if opt.resume:      # the run's flags.json restores --pooling / --method before they are checked
         opt, *resumed = runs.open_run(opt)
-        if resumed[2]["epoch"] >= opt.nEpochs:
-            say(opt.quiet, f"{resumed[0]} has finished its {resumed[2]['epoch']} epochs: nothing to do (give "
-                           f"--nEpochs above {resumed[2]['epoch']} to train it further)")
+        done = runs.nothing_to_do(resumed[0], resumed[2], opt.nEpochs, opt.patience, opt.evalEvery)
+        if done:
+            say(opt.quiet, done)
             return resumed[0]
         runs.remove_stale_temporaries(resumed[0] / opt.savePath)
     elif opt.init not in INITS:

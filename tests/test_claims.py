@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +356,30 @@ def test_option_combinations_that_cannot_work_are_refused(tmp_path, monkeypatch,
         assert flag in lines[0], lines[0]
     assert not any(tmp_path.iterdir())                            # refused before anything was written
     assert re.search(r"Traceback", captured.out + captured.err) is None
+
+
+@pytest.mark.slow
+def test_resuming_a_run_stopped_by_patience_does_nothing(tiny_oxford, monkeypatch, capsys):
+    """A run that stopped early (--patience, restored from its flags.json on --resume, as the reference)
+    resumed with the same command trains no further epoch, changes no file and says why."""
+    ControlledValidation(monkeypatch, r5=lambda epoch: 0.5 if epoch == 1 else 0.4)
+    args = TRAIN + ["--seqL", "3", "--nEpochs", "10", "--patience", "1"]
+    assert run_main(args, tiny_oxford, monkeypatch) == 0
+    run = only_run(tiny_oxford)
+    ckpt_file = run / "checkpoints" / "checkpoint.pth.tar"
+    stamp = ckpt_file.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_main(args + ["--resume", str(run)], tiny_oxford, monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "stopped early after epoch 3" in out and f"--init {run}" in out
+    assert ckpt_file.stat().st_mtime_ns == stamp
+
+
+def test_nothing_to_do_names_why():
+    import runs
+
+    ckpt = {"epoch": 3, "not_improved": 2}
+    assert "finished its 3 epochs" in runs.nothing_to_do(Path("r"), ckpt, 3, 0, 1)
+    assert "stopped early after epoch 3" in runs.nothing_to_do(Path("r"), ckpt, 10, 1, 1)
+    assert runs.nothing_to_do(Path("r"), ckpt, 10, 2, 1) is None          # 2 validations do not exceed 2
+    assert runs.nothing_to_do(Path("r"), ckpt, 10, 0, 1) is None          # no patience: continue
