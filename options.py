@@ -163,7 +163,7 @@ MODE_HELP = {
 READ_BY = {
     "training": ("train",), "large maps": ("train", "test"), "online localisation": ("localize",),
     "nGPU": ("train", "test"), "wandb": ("train",), "split": ("test", "localize"),
-    "seqL_filterData": ("train", "test"), "velocities": ("train", "test"), "init": ("train",),
+    "seqL_filterData": ("train", "test"), "velocities": ("train", "test", "localize"), "init": ("train",),
     "expName": ("train",), "runsPath": ("train",), "cachePath": ("train",), "resultsPath": ("test", "localize"),
     "numSamples2Project": ("test",), "extractOnly": ("test",), "predictionsFile": ("test",),
     "figures": ("train", "test"), "queryChunk": ("train", "test"), "dbChunk": ("train", "test"),
