@@ -170,11 +170,12 @@ def help_entries(text: str) -> dict[str, str]:
 
 
 MODE_READS = {  # a few options each mode reads, and a few it does not
-    "train": ({"--nEpochs", "--lr", "--expName", "--init", "--patience", "--shortlist", "--pooling"},
+    "train": ({"--nEpochs", "--lr", "--expName", "--init", "--patience", "--shortlist", "--pooling", "--velocities"},
               {"--resultsPath", "--output", "--predictionsFile", "--split", "--extractOnly"}),
-    "test": ({"--resultsPath", "--predictionsFile", "--split", "--extractOnly", "--shortlist", "--resume"},
+    "test": ({"--resultsPath", "--predictionsFile", "--split", "--extractOnly", "--shortlist", "--resume",
+              "--velocities"},
              {"--nEpochs", "--lr", "--expName", "--output", "--confRadius", "--wandb"}),
-    "localize": ({"--output", "--stream", "--dim", "--confRadius", "--resume", "--split"},
+    "localize": ({"--output", "--stream", "--dim", "--confRadius", "--resume", "--split", "--velocities"},
                  {"--nEpochs", "--lr", "--shortlist", "--predictionsFile", "--figures"}),
 }
 
