@@ -227,6 +227,29 @@ def time_epoch(gpu: torch.device, n: int) -> None:
           f"{losses['cpu']:.5f}, GPU {losses['gpu']:.5f}")
 
 
+def check_speeds(rep: Report, gpu: torch.device) -> None:
+    """The search across speeds (``--velocities 0.5:2:0.1``) kept in memory: the device's top-100 scores
+    against the CPU's, and the top-1 velocity (ties aside)."""
+    from common import route_features
+
+    import speeds
+    import velocity
+    from datasets import segment_bounds, sequence_windows
+
+    db, q = route_features(3000, 1500, 512, seed=4)
+    b_db, b_q = segment_bounds(len(db)), segment_bounds(len(q))
+    ds, qs = sequence_windows(b_db, 5)[0], sequence_windows(b_q, 5)[0]
+    traj = velocity.trajectories(velocity.parse_velocities("0.5:2:0.1"), 5)
+    i_c, d_c, v_c = speeds.rank_across_speeds_in_memory(db, q, ds, qs, b_db, b_q, traj, velocity.DEFAULT_RULE)
+    i_g, d_g, v_g = speeds.rank_across_speeds_in_memory(db.to(gpu), q.to(gpu), ds, qs, b_db, b_q, traj,
+                                                        velocity.DEFAULT_RULE)
+    same = (v_c[:, 0] == v_g[:, 0]) | (np.abs(d_c[:, 0] - d_g[:, 0]) <= 1e-5)
+    rep.check("--velocities top-100 scores (in memory)", float(np.abs(d_c - d_g).max()),
+              extra=f"; top-1 velocity agrees on {same.mean():.4f} of queries (ties aside)")
+    if not same.all():
+        rep.failed.append("--velocities top-1 velocity")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--self-test", action="store_true", help="run every step with the CPU standing in for the GPU")
@@ -250,6 +273,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         check_distances(rep, gpu)
         check_rank(rep, gpu)
+        check_speeds(rep, gpu)
     check_batch(rep, gpu)
     check_faiss(rep, gpu)
     with torch.no_grad():
