@@ -383,3 +383,14 @@ def test_nothing_to_do_names_why():
     assert "stopped early after epoch 3" in runs.nothing_to_do(Path("r"), ckpt, 10, 1, 1)
     assert runs.nothing_to_do(Path("r"), ckpt, 10, 2, 1) is None          # 2 validations do not exceed 2
     assert runs.nothing_to_do(Path("r"), ckpt, 10, 0, 1) is None          # no patience: continue
+
+
+@pytest.mark.slow
+def test_gpu_check_self_test_passes():
+    """``bench/gpu_check.py --self-test`` runs every device check with the CPU standing in (the GPU run
+    needs a CUDA machine), so the script stays runnable as the code moves."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py"), "--self-test", "--rank-size", "400",
+                           "--rank-dim", "32", "--epoch-frames", "500"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "all checks passed" in proc.stdout and "--velocities top-100 scores" in proc.stdout
