@@ -81,7 +81,7 @@ def test_triplet_loss_across_speeds_equals_plain_loops():
         d_pos = dist(pos[b])
         hinges += [max(0.0, d_pos - dist(n) + math.sqrt(margin)) for n in negs[b] if n >= 0 and
                    math.isfinite(dist(n)) and math.isfinite(d_pos)]
-    assert abs(float(loss) - np.mean(hinges)) < 1e-5
+    assert abs(loss.item() - np.mean(hinges)) < 1e-5
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -95,7 +95,7 @@ def test_one_velocity_is_the_diagonal_loss():
     want = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"))
     got = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"),
                            traj=velocity.trajectories((1.0,), 5))
-    assert abs(float(got) - float(want)) < 1e-6
+    assert abs(got.item() - want.item()) < 1e-6
 
 
 def test_training_across_speeds_runs(tiny_oxford, monkeypatch):
