@@ -15,7 +15,7 @@ import torch
 
 import velocity
 from datasets import Split, sequence_windows
-from seqMatchNet import frame_distances, window_distances
+from seqMatchNet import window_distances
 from utils import UserError
 
 N_NEG = 10                 # negatives kept per query
@@ -89,17 +89,17 @@ def cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: Trainin
 
 @torch.no_grad()
 def trajectory_cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: TrainingSet,
-                               q_starts: np.ndarray, traj: velocity.Trajectories) -> torch.Tensor:
+                               q_starts: np.ndarray, traj: velocity.Trajectories,
+                               query_chunk: int = 1024) -> torch.Tensor:
     """The mining matrix across speeds ``[Nd, len(q_starts)]``: for every valid database window and query
     window, the smallest meanOfPairs distance over the trajectories ``traj`` (``velocity``). ``db_feats``
     holds every database frame of the split (row = frame), ``q_feats`` the query frames with the windows
-    starting at rows ``q_starts``."""
-    half = tset.seq_len // 2
-    frames = frame_distances(db_feats, q_feats)
-    d = velocity.trajectory_distances(frames, tset.db_starts + half, tset.split.db_bounds[tset.db_frames],
-                                      np.asarray(q_starts) + half, traj)
-    del frames
-    return d.amin(dim=0)
+    starting at rows ``q_starts``; ``query_chunk`` query windows at a time."""
+    anchors, bounds = tset.db_starts + tset.seq_len // 2, tset.split.db_bounds[tset.db_frames]
+    out = torch.empty((len(anchors), len(q_starts)), dtype=torch.float32, device=db_feats.device)
+    for lo, d in velocity.chunk_distances(db_feats, q_feats, anchors, bounds, q_starts, traj, query_chunk):
+        out[:, lo:lo + d.shape[2]] = d.amin(dim=0)       # one chunk of [T, Nd, chunk] at a time: bounded memory
+    return out
 
 
 def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,

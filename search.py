@@ -92,9 +92,9 @@ def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndar
     check_distributed(config, model, predictions)
     if config.streams(model, len(db_desc)):
         return search_streamed(config, db_desc, model, device, db_starts, q, seq_len, predictions)
-    t0 = time.perf_counter()
-    if distributed.active() and not model.compares_descriptors and predictions is None:
+    if distributed.active():        # check_distributed refused what is not divided
         return find_share(config, model, db_desc, db_starts, q, seq_len, device)
+    t0 = time.perf_counter()
     db = model.embed_windows(db_desc, db_starts, seq_len, device, config.batch_size, "database", config.quiet,
                              all_frames=True, dtype=config.feat_dtype)
     t1 = time.perf_counter()

@@ -26,7 +26,7 @@ from search import (
     database_chunks,
     shortlist_search,
 )
-from seqMatchNet import frame_distances, topk_by_value_then_index
+from seqMatchNet import topk_by_value_then_index
 from utils import UserError, progress_enabled
 
 
@@ -54,22 +54,21 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
         chunks = database_chunks(model, db_desc, seq_len, device, config.batch_size, config.map_chunk,
                                  config.feat_dtype, clock, None, config.quiet)
         return shortlist_search(config, db_desc, model, device, db_starts, q, seq_len, chunks, clock, None, rerank)
+    search_args = (q_feats, db_starts, q_starts, db_bounds, q_bounds, traj, config.rule, TOP_K, config.query_chunk)
     if config.streams(model, len(db_desc)):
+        kept = None
         blocks = trajectory_blocks(model, db_desc, db_starts, traj, device, config.batch_size, config.map_chunk,
                                    config.feat_dtype, clock, config.quiet)
-        kept = None
+        idx, dists, vel = rank_across_speeds(blocks, *search_args, config.quiet)
     else:
         db = model.embed_windows(db_desc, db_starts, seq_len, device, config.batch_size, "database", config.quiet,
                                  all_frames=True, dtype=config.feat_dtype)
         clock["features_s"] = time.perf_counter() - t0
-        blocks, kept = [(0, db.feats.float(), np.arange(len(db_starts)))], db.feats
+        kept, feats = db.feats, db.feats.float()
         if fits_in_memory(traj, len(db_starts), len(q_starts)):
-            idx, dists, vel = rank_across_speeds_in_memory(blocks[0][1], q_feats, db_starts, q_starts, db_bounds,
-                                                           q_bounds, traj, config.rule, TOP_K, config.query_chunk)
-            clock["matching_s"] = time.perf_counter() - t0 - clock["features_s"]
-            return Found(idx, dists, clock, kept, velocities=vel)
-    idx, dists, vel = rank_across_speeds(blocks, q_feats, db_starts, q_starts, db_bounds, q_bounds, traj,
-                                         config.rule, TOP_K, config.query_chunk, config.quiet)
+            idx, dists, vel = rank_across_speeds_in_memory(feats, *search_args)
+        else:
+            idx, dists, vel = rank_across_speeds([(0, feats, np.arange(len(db_starts)))], *search_args, config.quiet)
     clock["matching_s"] = time.perf_counter() - t0 - clock["features_s"]
     return Found(idx, dists, clock, kept, velocities=vel)
 
@@ -111,8 +110,8 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
     the statistics, and applies ``rule``. Returns ``(indices into db_starts [Nq, k], scores [Nq, k],
     velocity [Nq, k])``, ties by ascending index, then the velocity nearest 1.
     """
-    n_db, n_q, half = len(db_starts), len(q_starts), traj.seq_len // 2
-    anchors, db_bounds = np.asarray(db_starts) + half, np.asarray(db_bounds)
+    n_db, n_q = len(db_starts), len(q_starts)
+    anchors, db_bounds = np.asarray(db_starts) + traj.seq_len // 2, np.asarray(db_bounds)
     top = velocity.TrajectoryTopK(n_q, traj, min(k, n_db), q_feats.device)
     with tqdm(desc="matching across speeds", unit="block", disable=not progress_enabled(quiet), leave=False) as bar:
         for row0, feats, windows in blocks:
@@ -120,13 +119,9 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
             per_query = 4 * (len(feats) + (traj.count + 1) * len(windows))
             step = max(1, min(query_chunk, DENSE_LIMIT_BYTES // max(per_query, 1)))
             block_bounds = np.clip(db_bounds[windows] - row0, 0, len(feats))
-            for lo in range(0, n_q, step):
-                starts = np.asarray(q_starts[lo:lo + step])
-                f_lo, f_hi = int(starts.min()), int(starts.max()) + traj.seq_len
-                frames = frame_distances(feats, q_feats[f_lo:f_hi])
-                dists = velocity.trajectory_distances(frames, anchors[windows] - row0, block_bounds,
-                                                      starts + half - f_lo, traj)
-                del frames
+            chunks = velocity.chunk_distances(feats, q_feats, anchors[windows] - row0, block_bounds, q_starts,
+                                              traj, step)
+            for lo, dists in chunks:
                 top.add(lo, dists, torch.as_tensor(windows, device=q_feats.device))
                 bar.update()
     ids, scores, vel = top.finish(q_bounds, rule)
@@ -141,15 +136,10 @@ def rank_across_speeds_in_memory(db_feats: torch.Tensor, q_feats: torch.Tensor, 
     ``DENSE_LIMIT_BYTES`` (``fits_in_memory``): they are kept, the rule's statistics gathered on the way,
     and each query's windows are then ranked once by their best adjusted score (one top-k per query
     chunk instead of one per trajectory). The same result as ``rank_across_speeds``."""
-    n_db, n_q, half = len(db_starts), len(q_starts), traj.seq_len // 2
-    anchors = np.asarray(db_starts) + half
+    n_db, n_q = len(db_starts), len(q_starts)
+    anchors = np.asarray(db_starts) + traj.seq_len // 2
     acc, kept = velocity.TrajectoryTopK(n_q, traj, 1, q_feats.device), []
-    for lo in range(0, n_q, query_chunk):
-        starts = np.asarray(q_starts[lo:lo + query_chunk])
-        f_lo, f_hi = int(starts.min()), int(starts.max()) + traj.seq_len
-        frames = frame_distances(db_feats, q_feats[f_lo:f_hi])
-        dists = velocity.trajectory_distances(frames, anchors, db_bounds, starts + half - f_lo, traj)
-        del frames
+    for lo, dists in velocity.chunk_distances(db_feats, q_feats, anchors, db_bounds, q_starts, traj, query_chunk):
         acc.add_stats(lo, dists)
         kept.append((lo, dists))
     a, b = acc.coefficients(q_bounds, rule)                                                # [Nq, T]
@@ -185,7 +175,7 @@ def rerank_across_speeds(model: SeqMatchModel, desc, db_starts: np.ndarray, db_b
     at a time (at most about ``group_bytes`` of gathered features), only the frames their candidates'
     trajectories use are read and projected."""
     cand = np.asarray(candidates)
-    d = torch.empty((*cand.shape, traj.count), dtype=torch.float64, device=device)       # [Nq, C, T]
+    d = torch.empty((*cand.shape, traj.count), dtype=torch.float32, device=device)       # [Nq, C, T]
     group = max(1, group_bytes // max(4 * cand.shape[1] * traj.count * q_feats.shape[1], 1))
     for lo in range(0, len(cand), group):
         d[lo:lo + group] = candidate_trajectory_distances(
@@ -211,23 +201,24 @@ def candidate_trajectory_distances(model: SeqMatchModel, desc, starts: np.ndarra
     for j in range(traj.seq_len):
         dot = torch.einsum("nctd,nd->nct", feats[inverse[..., j]], q_feats[q_rows[:, j]])
         d += torch.sqrt(torch.clamp(2.0 - 2.0 * dot, min=0.0))
-    return d.div_(traj.seq_len).masked_fill_(~torch.as_tensor(valid, device=device), torch.inf).double()
+    return d.div_(traj.seq_len).masked_fill_(~torch.as_tensor(valid, device=device), torch.inf)
 
 
 def combine_candidates(d: torch.Tensor, cand: np.ndarray, traj: velocity.Trajectories, rule: velocity.ScoringRule,
                        q_bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``d`` ``[Nq, C, T]`` trajectory distances of each query's candidates -> ``(candidates, scores,
-    velocity)`` ``[Nq, C]`` by the rule's adjusted score, then index, then the velocity nearest 1."""
+    velocity)`` ``[Nq, C]`` by the rule's adjusted score (float32, as the other paths), then index, then the
+    velocity nearest 1. The rule's statistics are taken over each query's candidates."""
     finite = torch.isfinite(d)
-    z = torch.where(finite, d, 0.0)
-    stats = {"best": d.amin(dim=1).cpu().numpy(), "sum": z.sum(dim=1).cpu().numpy(),
+    z = torch.where(finite, d, 0.0).double()
+    stats = {"best": d.amin(dim=1).double().cpu().numpy(), "sum": z.sum(dim=1).cpu().numpy(),
              "sumsq": z.square().sum(dim=1).cpu().numpy(), "count": finite.sum(dim=1).double().cpu().numpy()}
     a, b = velocity.rule_coefficients(rule, stats, q_bounds)                              # [Nq, T]
-    adj = torch.as_tensor(a, device=d.device)[:, None] * d + torch.as_tensor(b, device=d.device)[:, None]
-    adj = adj.where(finite, torch.inf)
+    a_t = torch.as_tensor(a, dtype=torch.float32, device=d.device)[:, None]
+    b_t = torch.as_tensor(b, dtype=torch.float32, device=d.device)[:, None]
+    adj = (a_t * d + b_t).where(finite, torch.inf)
     best, t = adj.min(dim=2)                   # the first of equal minima: the trajectory nearest 1
     ids = torch.as_tensor(cand, device=d.device)
     top, pos = topk_by_value_then_index(best, best.shape[1], ids=ids)
     vel = torch.as_tensor(traj.velocities, device=d.device)[torch.gather(t, 1, pos)]
-    return (torch.gather(ids, 1, pos).cpu().numpy(), top.float().cpu().numpy(),
-            vel.float().cpu().numpy())
+    return torch.gather(ids, 1, pos).cpu().numpy(), top.cpu().numpy(), vel.float().cpu().numpy()

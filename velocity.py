@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqMatchNet import sequence_distance, topk_by_value_then_index
+from seqMatchNet import frame_distances, sequence_distance, topk_by_value_then_index
 from utils import UserError
 
 FLAG = "--velocities"
@@ -237,6 +237,22 @@ def trajectory_distances(frame_dists: torch.Tensor, anchors, bounds, q_cols, tra
     for t in torch.nonzero(~valid.all(dim=0)).flatten().tolist():
         out[t].masked_fill_(~valid[:, t, None], torch.inf)
     return out
+
+
+def chunk_distances(feats: torch.Tensor, q_feats: torch.Tensor, anchors: np.ndarray, bounds: np.ndarray,
+                    q_starts: np.ndarray, traj: Trajectories, query_chunk: int):
+    """Yields ``(first query, trajectory distances [T, A, B])`` per chunk of ``query_chunk`` query windows
+    (centred, starting at ``q_starts``): the frame distances of the chunk's frames to the database rows
+    ``feats`` once (one product), then every trajectory of the ``anchors`` (rows of ``feats``, sequences
+    ``bounds``) as shifted sums of them (``trajectory_distances``)."""
+    half = traj.seq_len // 2
+    for lo in range(0, len(q_starts), query_chunk):
+        starts = np.asarray(q_starts[lo:lo + query_chunk])
+        f_lo, f_hi = int(starts.min()), int(starts.max()) + traj.seq_len
+        frames = frame_distances(feats, q_feats[f_lo:f_hi])
+        dists = trajectory_distances(frames, anchors, bounds, starts + half - f_lo, traj)
+        del frames
+        yield lo, dists
 
 
 # ---------------------------------------------------------------- scoring rules
