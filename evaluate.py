@@ -23,7 +23,7 @@ from search import SearchConfig, find
 from seqMatchNet import window_distances
 from speeds import find_across_speeds
 from utils import UserError, atomic_write
-from velocity import parse_velocities
+from velocity import GRIDS, parse_velocities
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class EvalConfig:
                               feat_dtype=dtype, shortlist=opt.shortlist or 0, nprobe=opt.nprobe,
                               shortlist_index=Path(opt.shortlistIndex) if opt.shortlistIndex else None,
                               shortlist_check=opt.shortlistCheck, batch_size=opt.cacheBatchSize, seed=opt.seed,
-                              quiet=opt.quiet, velocities=parse_velocities(opt.velocities))
+                              quiet=opt.quiet, velocities=parse_velocities(opt.velocities),
+                              grid=GRIDS[opt.trajectoryGrid])
         return cls(opt.seqL, opt.seqL_filterData, search, opt.cacheBatchSize, opt.quiet)
 
     def filter_for(self, split_name: str) -> int | None:

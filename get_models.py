@@ -205,18 +205,20 @@ class FrameModel(SeqMatchModel):
 
     def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
                           n_idx: torch.Tensor, distance: str = "meanOfPairs", p_valid: torch.Tensor | None = None,
-                          n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          n_valid: torch.Tensor | None = None, weights: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d(q, p) [B], d(q, n) [B, K])`` with gradients, for windows given as rows of ``frames``
         ``[R, C]`` (raw descriptors, each distinct frame once, projected once): ``q_idx``, ``p_idx``
         ``[B, L]`` and ``n_idx`` ``[B, K, L]``. Across speeds (``p_valid`` ``[B, T]``, ``n_valid``
         ``[B, K, T]``) ``p_idx`` ``[B, T, L]`` and ``n_idx`` ``[B, K, T, L]`` hold each trajectory's frames,
-        and a distance is the smallest over the valid trajectories (``velocity``; inf when none is)."""
+        and a distance is the smallest over the valid trajectories (``velocity``; inf when none is); with
+        midpoints the indices gain a last axis of 2 frames weighted by ``weights`` ``[T, L, 2]``."""
         feats = self.encode(frames)
         fq, fp, fn = feats[q_idx], feats[p_idx], feats[n_idx]
         if p_valid is None:
             return sequence_distance(fq, fp, distance), sequence_distance(fq[:, None], fn, distance)
-        return (trajectory_sequence_distance(fq, fp, p_valid, distance),
-                trajectory_sequence_distance(fq[:, None], fn, n_valid, distance))
+        return (trajectory_sequence_distance(fq, fp, p_valid, distance, weights=weights),
+                trajectory_sequence_distance(fq[:, None], fn, n_valid, distance, weights=weights))
 
 
 class WindowModel(SeqMatchModel):

@@ -127,9 +127,12 @@ class Localizer:
     ``velocities`` (database frames per query frame, ``velocity.py``): with
     the default ``(1.0,)`` the diagonal above. Otherwise the trailing query
     window (offsets ``k = -(L-1)..0``) is compared with every database
-    trajectory ending at ``j`` (frames ``j + round(v k)``, inside ``j``'s
-    segment): still one matrix-vector product per step, then shifted sums of
-    the ring buffer's rows per trajectory. ``rule`` (``velocity.ScoringRule``,
+    trajectory ending at ``j`` (on ``grid`` 1 the frames ``j + round(v k)``;
+    on the half grid, 2, also the trajectories ending at ``j + 1/2``, positions
+    rounded to half frames, a midpoint the mean of its two neighbours'
+    distances; all inside ``j``'s segment, see ``velocity.trajectories``):
+    still one matrix-vector product per step, then shifted sums of the ring
+    buffer's rows per trajectory. ``rule`` (``velocity.ScoringRule``,
     default ``velocity.DEFAULT_RULE``) combines the trajectories causally: its
     statistics come from the current and the previous ``rule.window`` query
     frames of the current sequence only. ``Match.distance`` is then the mean
@@ -142,7 +145,7 @@ class Localizer:
     def __init__(self, db_descriptors: np.ndarray | torch.Tensor, model=None, seq_len: int = 5,
                  positions: np.ndarray | None = None, db_bounds: np.ndarray | None = None,
                  conf_radius: float | None = None, device: torch.device | str = "cpu",
-                 batch_size: int = PROJECT_BATCH, velocities=(1.0,), rule=None) -> None:
+                 batch_size: int = PROJECT_BATCH, velocities=(1.0,), rule=None, grid: int = 2) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
         self.seq_len = int(seq_len)
@@ -189,12 +192,12 @@ class Localizer:
         self._alt = torch.empty(n_ends, dtype=torch.float32, device=self.device) if positions is not None else None
         self._query = torch.empty(self.db_feats.shape[1], dtype=torch.float32, device=self.device)
         self._count = 0
-        self._setup_trajectories(velocities, rule, db_bounds)
+        self._setup_trajectories(velocities, rule, db_bounds, grid)
 
-    def _setup_trajectories(self, velocities, rule, db_bounds: np.ndarray | None) -> None:
+    def _setup_trajectories(self, velocities, rule, db_bounds: np.ndarray | None, grid: int) -> None:
         """Trailing trajectories of ``velocities`` (None: the diagonal path) and their validity per end frame."""
         self.last_velocity = 1.0
-        traj = velocity.trajectories(velocities, self.seq_len, anchor="end")
+        traj = velocity.trajectories(velocities, self.seq_len, anchor="end", grid=grid)
         self._traj = None if traj.is_diagonal else traj
         if self._traj is None:
             return
@@ -202,9 +205,10 @@ class Localizer:
         velocity.causal_coefficients(self.rule, np.zeros((1, traj.count)), np.zeros((1, traj.count)),
                                      np.ones((1, traj.count)))            # refuses a rule without a causal form
         nd = self.num_db
-        lo = np.zeros(nd, dtype=np.int64) if db_bounds is None else np.asarray(db_bounds)[:, 0]
-        span = -traj.steps.min(axis=1)                                         # [T] frames before the end
-        valid = np.arange(nd)[None, :] - span[:, None] >= lo[None, :]          # [T, Nd]
+        seg = np.tile([[0, nd]], (nd, 1)) if db_bounds is None else np.asarray(db_bounds)
+        first, last = traj.reach                                               # [T] frames around the end
+        ends = np.arange(nd)[None, :]
+        valid = (ends + first[:, None] >= seg[None, :, 0]) & (ends + last[:, None] < seg[None, :, 1])   # [T, Nd]
         if not valid.any():
             raise ValueError(f"no database segment holds a trajectory of {self.seq_len} frames")
         self._traj_valid = torch.as_tensor(valid, device=self.device)
@@ -287,12 +291,18 @@ class Localizer:
         L, traj, sums = self.seq_len, self._traj, self._traj_scores
         nd = self.num_db
         rows = [self._ring[(slot + 1 + i) % L] for i in range(L)]              # query offsets -(L-1)..0
+        mids = [(r[:-1] + r[1:]).mul_(0.5) for r in rows] if traj.weights.any() else rows   # midpoint distances
+        first, last = traj.reach
         for t in range(traj.count):
-            span = int(-traj.steps[t].min())
-            acc = sums[t, span:]
-            acc.copy_(rows[0][span + int(traj.steps[t, 0]):nd + int(traj.steps[t, 0])])
-            for i in range(1, L):
-                acc.add_(rows[i][span + int(traj.steps[t, i]):nd + int(traj.steps[t, i])])
+            lo, hi = int(-first[t]), nd - max(int(last[t]), 0)                # end frames inside the database
+            acc = sums[t, lo:hi]
+            for i, (st, w) in enumerate(zip(traj.steps[t], traj.weights[t])):
+                src = rows[i] if w == 0 else mids[i]
+                part = src[lo + int(st):hi + int(st)]
+                if i == 0:
+                    acc.copy_(part)
+                else:
+                    acc.add_(part)
         dist = sums.div(L).masked_fill_(~self._traj_valid, torch.inf)          # [T, Nd] mean distances
         finite = torch.where(self._traj_valid, dist, 0.0).double()
         count = self._traj_valid.sum(dim=1).clamp(min=1).double()
@@ -489,7 +499,8 @@ def run_localize(opt: argparse.Namespace) -> dict:
     try:
         localizer = Localizer(split.db_desc, model=model, seq_len=opt.seqL, positions=split.db_positions,
                               db_bounds=split.db_bounds, conf_radius=radius, device=device,
-                              batch_size=opt.cacheBatchSize, velocities=velocity.parse_velocities(opt.velocities))
+                              batch_size=opt.cacheBatchSize, velocities=velocity.parse_velocities(opt.velocities),
+                              grid=velocity.GRIDS[opt.trajectoryGrid])
     except ValueError as exc:
         raise UserError(f"split {split.name}: {exc}") from exc
     setup_s = time.perf_counter() - t0
@@ -503,7 +514,8 @@ def run_localize(opt: argparse.Namespace) -> dict:
     done = np.array([m is not None for m in matches])
     stats = latency_stats(latencies, wall)
     result = {"mode": "localize", "queries": split.num_q, "queries_localised": int(done.sum()),
-              "conf_radius": float(radius), "velocities": opt.velocities, **stats}
+              "conf_radius": float(radius), "velocities": opt.velocities,
+              "trajectoryGrid": opt.trajectoryGrid, **stats}
     recall, pr = math.nan, None
     if done.any():
         q_rows = np.flatnonzero(done)

@@ -86,8 +86,12 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--cacheBatchSize", type=int, default=64, help="frames per batch when computing descriptors")
     g.add_argument("--velocities", type=str, default="1", metavar="VMIN:VMAX:VSTEP",
                    help="database frames per query frame to match sequences at (a range or a comma list): 1 is "
-                        "the reference's diagonal; 0.5:2:0.1 matches traversals driven at other speeds "
+                        "the reference's diagonal; 0.5:2:0.5 matches traversals driven at other speeds "
                         "(docs/speeds.md)")
+    g.add_argument("--trajectoryGrid", type=str, default="half", choices=sorted(velocity.GRIDS),
+                   help="with --velocities: where a trajectory may sit between database frames: half (midpoints "
+                        "and half-frame anchors, the mean of the two neighbours' distances) or whole (SeqSLAM's "
+                        "rounding to whole frames)")
     g.add_argument("--init", type=str, default="random", metavar="random|identity|RUN",
                    help="initial projection: random (reference), identity-like (needs --outDims = input dims), "
                         "or the weights of a run folder RUN (--ckpt chooses its checkpoint; its model options are "
@@ -163,7 +167,8 @@ MODE_HELP = {
 READ_BY = {
     "training": ("train",), "large maps": ("train", "test"), "online localisation": ("localize",),
     "nGPU": ("train", "test"), "wandb": ("train",), "split": ("test", "localize"),
-    "seqL_filterData": ("train", "test"), "velocities": ("train", "test", "localize"), "init": ("train",),
+    "seqL_filterData": ("train", "test"), "velocities": ("train", "test", "localize"),
+    "trajectoryGrid": ("train", "test", "localize"), "init": ("train",),
     "expName": ("train",), "runsPath": ("train",), "cachePath": ("train",), "resultsPath": ("test", "localize"),
     "numSamples2Project": ("test",), "extractOnly": ("test",), "predictionsFile": ("test",),
     "figures": ("train", "test"), "queryChunk": ("train", "test"), "dbChunk": ("train", "test"),
@@ -294,7 +299,8 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--shortlistIndex keeps the --shortlist index: give --shortlist K too")
     if getattr(opt, "shortlist", 0) and opt.predictionsFile:
         raise UserError("--shortlist and --predictionsFile both choose the candidates to re-rank: give one of them")
-    speeds = velocity.trajectories(velocity.parse_velocities(opt.velocities), opt.seqL)    # one line if malformed
+    speeds = velocity.trajectories(velocity.parse_velocities(opt.velocities), opt.seqL,  # one line if malformed
+                                   grid=velocity.GRIDS[opt.trajectoryGrid])
     if not speeds.is_diagonal and (opt.method != "seqmatch" or opt.matcher == "None"):
         raise UserError(f"--velocities matches frame sequences: use it with --method seqmatch, not --method "
                         f"{opt.method if opt.matcher != 'None' else 'single'}")

@@ -195,6 +195,8 @@ def method_label(options: dict, checkpoint: dict | None = None) -> str:
         name += ", raw descriptors"
     if str(options.get("velocities", "1")) not in ("1", "1.0"):
         name += f", across speeds {options['velocities']}"
+        if options.get("trajectoryGrid", "half") != "half":
+            name += f" ({options['trajectoryGrid']} frames)"
     if options.get("predictionsFile"):
         name += f"; re-ranks the top 20 of {options['predictionsFile']}"
     return name

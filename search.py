@@ -56,9 +56,10 @@ class SearchConfig:
     quiet: bool = False                      # no progress bars
     velocities: tuple[float, ...] = (1.0,)   # database frames per query frame searched (1: the diagonal)
     rule: velocity.ScoringRule = velocity.DEFAULT_RULE   # how the trajectories of a query combine
+    grid: int = 2                            # trajectory positions per database frame (--trajectoryGrid)
 
     def trajectories(self, seq_len: int) -> velocity.Trajectories:
-        return velocity.trajectories(self.velocities, seq_len, "centre")
+        return velocity.trajectories(self.velocities, seq_len, "centre", self.grid)
 
     def streams(self, model: SeqMatchModel, num_db: int) -> bool:
         """Whether the database is streamed from its file (frame models over a map larger than

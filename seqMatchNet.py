@@ -261,8 +261,13 @@ def sequence_distance(a: torch.Tensor, b: torch.Tensor, method: str = "meanOfPai
     if method == "centerOnly":
         c = a.shape[-2] // 2
         a, b = a[..., c:c + 1, :], b[..., c:c + 1, :]
-    sq = ((a - b) ** 2).sum(dim=-1)
-    return _safe_sqrt(sq).mean(dim=-1)
+    return sequence_frame_distances(a, b).mean(dim=-1)
+
+
+def sequence_frame_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frame Euclidean distances ``[..., D] x [..., D] -> [...]`` (broadcasting), with the loss's safe
+    gradient at 0."""
+    return _safe_sqrt(((a - b) ** 2).sum(dim=-1))
 
 
 def _safe_sqrt(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -29,6 +29,8 @@ from search import (
 from seqMatchNet import topk_by_value_then_index
 from utils import UserError, progress_enabled
 
+TILE_BYTES = 32 * 1024**2   # trajectory distances of one query tile (in memory): about the cache's size
+
 
 def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndarray,
                        q: WindowEmbedding, seq_len: int, device: torch.device, predictions: np.ndarray | None,
@@ -65,7 +67,7 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
                                  all_frames=True, dtype=config.feat_dtype)
         clock["features_s"] = time.perf_counter() - t0
         kept, feats = db.feats, db.feats.float()
-        if fits_in_memory(traj, len(db_starts), len(q_starts)):
+        if fits_in_memory(traj, len(db_starts), len(q_starts), config.rule):
             idx, dists, vel = rank_across_speeds_in_memory(feats, *search_args)
         else:
             idx, dists, vel = rank_across_speeds([(0, feats, np.arange(len(db_starts)))], *search_args, config.quiet)
@@ -116,7 +118,7 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
     with tqdm(desc="matching across speeds", unit="block", disable=not progress_enabled(quiet), leave=False) as bar:
         for row0, feats, windows in blocks:
             # a query chunk's block: frame distances [rows, chunk frames] + T scores per database window
-            per_query = 4 * (len(feats) + (traj.count + 1) * len(windows))
+            per_query = 4 * (len(feats) * (2 if traj.weights.any() else 1) + (traj.count + 1) * len(windows))
             step = max(1, min(query_chunk, DENSE_LIMIT_BYTES // max(per_query, 1)))
             block_bounds = np.clip(db_bounds[windows] - row0, 0, len(feats))
             chunks = velocity.chunk_distances(feats, q_feats, anchors[windows] - row0, block_bounds, q_starts,
@@ -132,36 +134,70 @@ def rank_across_speeds_in_memory(db_feats: torch.Tensor, q_feats: torch.Tensor, 
                                  q_starts: np.ndarray, db_bounds: np.ndarray, q_bounds: np.ndarray,
                                  traj: velocity.Trajectories, rule: velocity.ScoringRule, k: int = TOP_K,
                                  query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``rank_across_speeds`` for a database in memory whose trajectory distances fit in
-    ``DENSE_LIMIT_BYTES`` (``fits_in_memory``): they are kept, the rule's statistics gathered on the way,
-    and each query's windows are then ranked once by their best adjusted score (one top-k per query
-    chunk instead of one per trajectory). The same result as ``rank_across_speeds``."""
+    """``rank_across_speeds`` for a database in memory: a few query windows at a time (at most
+    ``query_chunk``, and about ``TILE_BYTES`` of trajectory distances), every trajectory distance of the
+    whole database, the rule's statistics, then each query's windows ranked once by their best adjusted
+    score (one top-k per chunk instead of one per trajectory) as soon as the statistics of the neighbours
+    the rule reads are known; only those chunks are held. The same result as ``rank_across_speeds``."""
     n_db, n_q = len(db_starts), len(q_starts)
     anchors = np.asarray(db_starts) + traj.seq_len // 2
-    acc, kept = velocity.TrajectoryTopK(n_q, traj, 1, q_feats.device), []
-    for lo, dists in velocity.chunk_distances(db_feats, q_feats, anchors, db_bounds, q_starts, traj, query_chunk):
-        acc.add_stats(lo, dists)
-        kept.append((lo, dists))
-    a, b = acc.coefficients(q_bounds, rule)                                                # [Nq, T]
-    out_i = np.empty((n_q, min(k, n_db)), dtype=np.int64)
-    out_d = np.empty((n_q, min(k, n_db)), dtype=np.float32)
-    out_v = np.empty((n_q, min(k, n_db)), dtype=np.float32)
+    step = max(1, min(query_chunk, TILE_BYTES // max(4 * traj.count * n_db, 1)))
+    ahead = n_q if rule.neighbours is None else rule.neighbours          # queries past a chunk the rule reads
+    acc, pending = velocity.TrajectoryTopK(n_q, traj, 1, q_feats.device), []
+    width = min(k, n_db)
+    out_i, out_d = np.empty((n_q, width), dtype=np.int64), np.empty((n_q, width), dtype=np.float32)
+    out_v = np.empty((n_q, width), dtype=np.float32)
     velocities = torch.as_tensor(traj.velocities, device=q_feats.device)
-    for lo, dists in kept:
+
+    def rank(lo: int, dists: torch.Tensor) -> None:
         hi = lo + dists.shape[2]
-        a_t = torch.as_tensor(a[lo:hi].T, dtype=torch.float32, device=dists.device)[:, None, :]     # [T, 1, B]
-        b_t = torch.as_tensor(b[lo:hi].T, dtype=torch.float32, device=dists.device)[:, None, :]
-        adj = dists.mul_(a_t).add_(b_t)             # in place; a > 0, so an unscored (inf) trajectory stays inf
-        best, t = adj.min(dim=0)                    # the first of equal minima: the trajectory nearest 1
-        top, pos = topk_by_value_then_index(best.T, min(k, n_db))
+        a, b = acc.coefficients(q_bounds, rule, lo, hi)                                     # [B, T]
+        a_t = torch.as_tensor(a.T, dtype=torch.float32, device=dists.device)[:, None, :]   # [T, 1, B]
+        b_t = torch.as_tensor(b.T, dtype=torch.float32, device=dists.device)[:, None, :]
+        top, pos = topk_by_value_then_index(best_trajectory(dists, a_t, b_t).T, width)
         out_i[lo:hi], out_d[lo:hi] = pos.cpu().numpy(), top.float().cpu().numpy()
-        out_v[lo:hi] = velocities[torch.gather(t.T, 1, pos)].float().cpu().numpy()
+        out_v[lo:hi] = velocities[chosen_trajectory(dists, top, pos)].float().cpu().numpy()
+
+    for lo, dists in velocity.chunk_distances(db_feats, q_feats, anchors, db_bounds, q_starts, traj, step):
+        acc.add_stats(lo, dists)
+        pending.append((lo, dists))
+        known = lo + dists.shape[2]                               # statistics known for queries < known
+        while pending and pending[0][0] + pending[0][1].shape[2] + ahead <= known:
+            rank(*pending.pop(0))
+    for lo, dists in pending:
+        rank(lo, dists)
     return out_i, out_d, out_v
 
 
-def fits_in_memory(traj: velocity.Trajectories, n_db: int, n_q: int) -> bool:
-    """Whether every trajectory distance of a search (``T x Nd x Nq`` float32) fits in ``DENSE_LIMIT_BYTES``."""
-    return traj.count * n_db * n_q * 4 <= DENSE_LIMIT_BYTES
+def best_trajectory(dists: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[A, B]`` the smallest adjusted score ``a * dists + b`` over the trajectories of ``dists`` ``[T, A, B]``
+    (``a``, ``b`` ``[T, 1, B]``; ``a > 0``, so an unscored (inf) trajectory stays inf). Leaves the adjusted
+    scores in ``dists`` (``chosen_trajectory`` reads them). One trajectory at a time: a reduction over the
+    leading axis of ``[T, A, B]`` is slow on the CPU."""
+    best = None
+    for t in range(len(dists)):
+        adj = dists[t].mul_(a[t]).add_(b[t])
+        best = adj.clone() if best is None else torch.minimum(best, adj, out=best)
+    return best
+
+
+def chosen_trajectory(adjusted: torch.Tensor, best: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[B, k]`` the first trajectory (the one nearest 1) whose adjusted score ``adjusted`` ``[T, A, B]`` equals
+    ``best`` ``[B, k]`` at the database windows ``pos`` ``[B, k]`` of each query column."""
+    cols = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+    at = adjusted[:, pos, cols]                                                   # [T, B, k]
+    return (at == best[None]).to(torch.uint8).argmax(dim=0)
+
+
+def fits_in_memory(traj: velocity.Trajectories, n_db: int, n_q: int,
+                   rule: velocity.ScoringRule = velocity.DEFAULT_RULE) -> bool:
+    """Whether the trajectory distances ``rank_across_speeds_in_memory`` holds at once (``T x Nd`` float32 per
+    query: two tiles and the neighbours the rule reads, every query for ``prior``) fit in
+    ``DENSE_LIMIT_BYTES``."""
+    per_query = traj.count * n_db * 4
+    tile = max(1, TILE_BYTES // max(per_query, 1))
+    held = n_q if rule.neighbours is None else min(n_q, 2 * tile + rule.neighbours)
+    return per_query * held <= DENSE_LIMIT_BYTES
 
 
 def rerank_across_speeds(model: SeqMatchModel, desc, db_starts: np.ndarray, db_bounds: np.ndarray,
@@ -190,18 +226,25 @@ def candidate_trajectory_distances(model: SeqMatchModel, desc, starts: np.ndarra
     """``[g, C, T]`` mean frame distances of each trajectory of the candidate windows ``starts`` ``[g, C]``
     (sequences ``bounds`` ``[g, C, 2]``) to the query windows ``q_starts`` ``[g]`` (``+inf`` where a
     trajectory leaves its sequence), summed in window order as the diagonal sums are."""
-    frames = (starts + traj.seq_len // 2)[..., None, None] + traj.steps[None, None]       # [g, C, T, L]
-    lo, hi = bounds[..., 0, None, None], bounds[..., 1, None, None]                        # [g, C, 1, 1]
-    valid = ((frames >= lo) & (frames < hi)).all(-1)
-    uniq, inverse = np.unique(np.clip(frames, lo, hi - 1), return_inverse=True)
+    frames, valid = velocity.trajectory_frames(starts + traj.seq_len // 2, bounds, traj)   # [g, C, T, L(, 2)]
+    uniq, inverse = np.unique(frames.numpy(), return_inverse=True)
     feats = project_frames(model, desc[uniq], device, batch_size, "candidates", True).float()
     inverse = torch.as_tensor(inverse.reshape(frames.shape), device=device)
+    taps = velocity.tap_weights(traj)                                                     # [T, L, 2] or None
     q_rows = torch.as_tensor(q_starts[:, None] + np.arange(traj.seq_len), device=device)  # [g, L]
     d = torch.zeros(frames.shape[:3], dtype=torch.float32, device=device)
+
+    def dist(idx: torch.Tensor, j: int) -> torch.Tensor:                                  # [g, C, T]
+        dot = torch.einsum("nctd,nd->nct", feats[idx], q_feats[q_rows[:, j]])
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * dot, min=0.0))
+
     for j in range(traj.seq_len):
-        dot = torch.einsum("nctd,nd->nct", feats[inverse[..., j]], q_feats[q_rows[:, j]])
-        d += torch.sqrt(torch.clamp(2.0 - 2.0 * dot, min=0.0))
-    return d.div_(traj.seq_len).masked_fill_(~torch.as_tensor(valid, device=device), torch.inf)
+        if taps is None:
+            d += dist(inverse[..., j], j)
+        else:                                   # a midpoint: the mean of its neighbours' distances
+            w = taps[:, j].to(device)
+            d += dist(inverse[..., j, 0], j) * w[:, 0] + dist(inverse[..., j, 1], j) * w[:, 1]
+    return d.div_(traj.seq_len).masked_fill_(~valid.to(device), torch.inf)
 
 
 def combine_candidates(d: torch.Tensor, cand: np.ndarray, traj: velocity.Trajectories, rule: velocity.ScoringRule,

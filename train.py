@@ -69,18 +69,19 @@ class TrainConfig:
     patience: int = 0                    # stop after this many epochs without improvement (0: off)
     eval: EvalConfig | None = None       # the validation's settings
     velocities: tuple[float, ...] = (1.0,)   # the loss and the mining match across these speeds too
+    grid: int = 2                            # --trajectoryGrid: positions per database frame
 
     @classmethod
     def from_options(cls, opt: argparse.Namespace) -> TrainConfig:
         return cls(opt.seqL, opt.batchSize, opt.cacheBatchSize, opt.cacheRefreshRate, opt.margin,
                    opt.loss_trip_method, opt.neg_trip_method, opt.negCache == "on", opt.seed, opt.quiet,
                    opt.figures, opt.nEpochs, opt.evalEvery, opt.patience, EvalConfig.from_options(opt),
-                   velocity.parse_velocities(opt.velocities))
+                   velocity.parse_velocities(opt.velocities), velocity.GRIDS[opt.trajectoryGrid])
 
     @property
     def trajectories(self) -> velocity.Trajectories | None:
         """The trajectories of ``velocities`` (centred windows), or None for the diagonal alone."""
-        traj = velocity.trajectories(self.velocities, self.seq_len)
+        traj = velocity.trajectories(self.velocities, self.seq_len, grid=self.grid)
         return None if traj.is_diagonal else traj
 
 
@@ -128,7 +129,8 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: 
         valid = ()
     else:
         (p_rows, p_valid), (n_rows, n_valid) = (_trajectory_rows(tset, w, traj) for w in (pos, np.maximum(negs, 0)))
-        valid = (torch.as_tensor(p_valid, device=device), torch.as_tensor(n_valid, device=device))
+        valid = (torch.as_tensor(p_valid, device=device), torch.as_tensor(n_valid, device=device),
+                 velocity.tap_weights(traj))
     uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]), return_inverse=True)
     inverse = torch.as_tensor(inverse, device=device)
     frames = torch.from_numpy(_stacked_rows(tset, uniq)).to(device)
@@ -146,7 +148,8 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: 
 
 def _trajectory_rows(tset: TrainingSet, windows: np.ndarray, traj: velocity.Trajectories):
     """The database rows of every trajectory of the database windows ``windows`` ``[...]`` (positions in
-    ``tset.db_frames``): ``(rows [..., T, L], valid [..., T])`` (``velocity.trajectory_frames``)."""
+    ``tset.db_frames``): ``(rows [..., T, L] (``[..., T, L, 2]`` with midpoints), valid [..., T])``
+    (``velocity.trajectory_frames``)."""
     split = tset.split
     frames, valid = velocity.trajectory_frames(tset.db_starts[windows] + tset.seq_len // 2,
                                                split.db_bounds[tset.db_frames[windows]], traj)

@@ -1,19 +1,14 @@
 """Sequence matching across speeds: trajectories and their scores.
 
 Sequence matching along the diagonal assumes that both traversals advance one frame per frame. Here a
-database *trajectory* may advance ``v`` database frames per query frame (the SeqSLAM idea):
-
-- a query window has offsets ``k`` (``Trajectories.q_offsets``): centred windows (``--mode test``,
-  ``anchor="centre"``) ``k = -(L // 2) .. L - 1 - L // 2`` around the window's centre ``start + L // 2``;
-  trailing windows (``--mode localize``, ``anchor="end"``) ``k = -(L - 1) .. 0`` back from the newest frame;
-- a database trajectory anchored (centred, or ending) at database frame ``j`` with velocity ``v`` uses the
-  database frames ``j + round(v * k)``, ``round`` half away from zero (``round_half_away``);
-- velocities that give the same offsets are one trajectory (``Trajectories.steps`` ``[T, L]``), represented
-  by the velocity nearest 1 among them; trajectories are ordered by closeness to 1, so index 0 wins ties;
-- a trajectory with a frame outside its anchor's database sequence is not scored (``+inf``);
-- the distance of a trajectory is the mean of its ``L`` frame distances, summed in ascending ``k`` as
-  ``seqMatchNet.diagonal_sums`` does: with ``velocities=(1,)`` and anchors at the window centres every
-  distance equals ``seqMatchNet.window_distances`` exactly.
+database *trajectory* may advance ``v`` database frames per query frame (the SeqSLAM idea): a query window
+with offsets ``k`` (``query_offsets``: centred for ``--mode test``, trailing for ``--mode localize``) is
+compared with the database positions ``j + s + v * k`` of each anchor frame ``j``, rounded to whole frames
+(``grid`` 1, SeqSLAM's ``j + round(v * k)``, ``s = 0``) or to half frames (``grid`` 2: anchors ``s = 0`` and
+``1/2``, a midpoint's distance the mean of its two neighbours'); see ``trajectories``. A trajectory's
+distance is the mean of its ``L`` position distances, summed in ascending ``k`` as
+``seqMatchNet.diagonal_sums`` does, so the diagonal equals ``seqMatchNet.window_distances`` exactly; one
+that leaves its anchor's database sequence is not scored (``+inf``).
 
 Scoring across trajectories (``ScoringRule``). Every rule is of the form
 ``score(q, j) = min_t [a(q, t) * d_t(q, j) + b(q, t)]`` with ``a > 0``, where ``a`` and ``b`` depend only on
@@ -32,15 +27,15 @@ API (shapes: ``T`` trajectories, ``L`` sequence length, ``A`` database anchors, 
 
 - ``parse_velocities(text) -> tuple[float, ...]``: ``"VMIN:VMAX:VSTEP"`` (VMAX included) or ``"a,b,c"``;
   ``UserError`` naming ``--velocities`` on malformed input.
-- ``round_half_away(x)``; ``trajectories(velocities, seq_len, anchor) -> Trajectories`` (``UserError`` when
-  more than ``MAX_TRAJECTORIES`` distinct trajectories); ``anchor_margin(traj) -> (before, after)``.
+- ``round_half_away(x)``; ``trajectories(velocities, seq_len, anchor, grid) -> Trajectories`` (``UserError``
+  when more than ``MAX_TRAJECTORIES`` distinct trajectories); ``anchor_margin(traj) -> (before, after)``.
 - ``trajectory_distances(frame_dists [M, N], anchors [A], bounds [A, 2], q_cols [B], traj) -> [T, A, B]``.
 - ``TrajectoryTopK(num_queries, traj, k)``: ``add(q_lo, dists [T, A, B], db_ids [A])``, then
   ``finish(q_segments, rule) -> (ids [Nq, k], scores [Nq, k] float32, velocity [Nq, k])``.
 - ``rule_coefficients(rule, stats, q_segments) -> (a, b)`` ``[Nq, T]`` (non-causal: neighbours both sides);
   ``causal_coefficients(rule, best, mean, std [W, T]) -> (a, b) [T]`` is the causal form for localisation.
-- Training: ``trajectory_frames(anchors [...], bounds [..., 2], traj) -> (frames [..., T, L], valid [..., T])``
-  and ``trajectory_sequence_distance(fq [..., L, D], fdb [..., T, L, D], valid [..., T]) -> [...]``.
+- Training: ``trajectory_frames(anchors [...], bounds [..., 2], traj) -> (frames [..., T, L(, 2)], valid)``,
+  ``tap_weights(traj)`` and ``trajectory_sequence_distance(fq [..., L, D], fdb, valid, ..., weights) -> [...]``.
 """
 from __future__ import annotations
 
@@ -50,14 +45,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqMatchNet import frame_distances, sequence_distance, topk_by_value_then_index
+import blocks
+from seqMatchNet import frame_distances, sequence_distance, sequence_frame_distances, topk_by_value_then_index
 from utils import UserError
 
 FLAG = "--velocities"
 MAX_VELOCITY = 8.0          # database frames per query frame; a faster trajectory spans > 8 L frames
 MAX_LISTED = 1000           # velocities a range or list may name before they are snapped to trajectories
 MAX_TRAJECTORIES = 16       # distinct trajectories searched: the cost of a search grows with each one
-RECOMMENDED = "0.5:2:0.1"   # the range docs/speeds.md recommends
+RECOMMENDED = "0.5:2:0.5"   # the range docs/speeds.md recommends (on the half grid)
 SNAP = 1e-9                 # v * k within this of a half counts as the half (decimal velocities)
 
 
@@ -114,16 +110,22 @@ def round_half_away(x) -> np.ndarray:
 class Trajectories:
     """Distinct database trajectories of one sequence length.
 
-    ``q_offsets`` ``[L]`` the query window's frames relative to its anchor; ``steps`` ``[T, L]`` the
-    database frames relative to the database anchor, one row per distinct trajectory; ``velocities``
-    ``[T]`` the velocity nearest 1 giving each row, ordered by ``|v - 1|`` then ``v`` (row 0 wins ties);
-    ``anchor`` ``"centre"`` or ``"end"``; ``listed`` how many velocities were asked for.
+    ``q_offsets`` ``[L]`` the query window's frames relative to its anchor. Each row ``t`` is one trajectory
+    whose ``k``-th frame sits at the database position ``anchor + steps[t, k] + weights[t, k]``: ``steps``
+    ``[T, L]`` whole frames (the floor), ``weights`` ``[T, L]`` the fraction in ``[0, 1)`` (0 on whole frames,
+    ``1/2`` at the midpoint of two frames on the half grid). ``velocities`` ``[T]`` the velocity nearest 1
+    giving each row and ``phases`` ``[T]`` its anchor's sub-frame phase (``0`` or ``1/2``), ordered by
+    ``|v - 1|``, then ``v``, then the phase (row 0 wins ties); ``anchor`` ``"centre"`` or ``"end"``; ``grid``
+    positions per frame (1 whole frames, 2 half frames); ``listed`` how many velocities were asked for.
     """
 
     q_offsets: np.ndarray
     steps: np.ndarray
+    weights: np.ndarray
     velocities: np.ndarray
+    phases: np.ndarray
     anchor: str
+    grid: int
     listed: int
 
     @property
@@ -137,7 +139,16 @@ class Trajectories:
     @property
     def is_diagonal(self) -> bool:
         """One trajectory, the diagonal: scores are today's sequence distances."""
-        return self.count == 1 and bool(np.array_equal(self.steps[0], self.q_offsets))
+        return self.count == 1 and bool(np.array_equal(self.steps[0], self.q_offsets)) and not self.weights.any()
+
+    @property
+    def reach(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(first, last)`` ``[T]``: the lowest and highest database frame of each trajectory relative to its
+        anchor (a sub-frame position needs both of its neighbours)."""
+        return self.steps.min(axis=1), (self.steps + (self.weights > 0)).max(axis=1)
+
+
+GRIDS = {"half": 2, "whole": 1}     # --trajectoryGrid: positions per database frame
 
 
 def query_offsets(seq_len: int, anchor: str = "centre") -> np.ndarray:
@@ -149,37 +160,53 @@ def query_offsets(seq_len: int, anchor: str = "centre") -> np.ndarray:
     raise ValueError(f"anchor must be 'centre' or 'end', got {anchor!r}")
 
 
-def trajectories(velocities, seq_len: int, anchor: str = "centre") -> Trajectories:
-    """The distinct trajectories that ``velocities`` give for windows of ``seq_len`` frames.
+def trajectories(velocities, seq_len: int, anchor: str = "centre", grid: int = 1) -> Trajectories:
+    """The distinct trajectories that ``velocities`` give for windows of ``seq_len`` frames on ``grid``.
 
-    Raises ``UserError`` naming ``--velocities`` when they give more than ``MAX_TRAJECTORIES``.
+    ``grid`` 1 (whole frames, SeqSLAM): the trajectory of velocity ``v`` anchored at frame ``j`` uses the
+    frames ``j + round(v * k)``. ``grid`` 2 (half frames): trajectories are anchored at ``j`` and at
+    ``j + 1/2`` (phase ``s``), their positions ``j + s + v * k`` are rounded to the nearest half frame, and a
+    midpoint's frame distance is the mean of its two neighbours'; either anchor reports frame ``j``. Rounding
+    is half away from zero in grid units. Velocities ``{1}`` alone are the diagonal on any grid. Raises
+    ``UserError`` naming ``--velocities`` when they give more than ``MAX_TRAJECTORIES``.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+    if grid not in GRIDS.values():
+        raise ValueError(f"grid must be one of {sorted(GRIDS.values())}, got {grid}")
     v = np.asarray(list(velocities), dtype=np.float64)
     if v.ndim != 1 or len(v) == 0 or not np.isfinite(v).all() or (v < 0).any():
         raise UserError(f"{FLAG} needs at least one finite velocity >= 0, got {list(velocities)}")
+    grid = 1 if bool((v == 1.0).all()) else grid
     k = query_offsets(seq_len, anchor)
-    order = np.lexsort((v, np.abs(v - 1.0)))               # nearest 1 first; equal distance: the smaller
-    steps = round_half_away(np.round(v[order, None] * k[None, :] / SNAP) * SNAP)
-    _, first = np.unique(steps, axis=0, return_index=True)
+    phase = np.repeat(np.arange(grid) / grid, len(v))                      # [P * V]
+    vel = np.tile(v, grid)
+    order = np.lexsort((phase, vel, np.abs(vel - 1.0)))   # nearest 1 first; then the smaller; then phase 0
+    phase, vel = phase[order], vel[order]
+    units = round_half_away(np.round((phase[:, None] + vel[:, None] * k[None, :]) * grid / SNAP) * SNAP)
+    _, first = np.unique(units, axis=0, return_index=True)
     keep = np.sort(first)                                   # first occurrence = the velocity nearest 1
     if len(keep) > MAX_TRAJECTORIES:
         raise UserError(f"{FLAG} gives {len(keep)} distinct trajectories for seqL {seq_len} (at most "
-                        f"{MAX_TRAJECTORIES}: each one adds to the search time and to the false matches): "
-                        f"narrow the range or use a larger step, e.g. {RECOMMENDED}")
-    return Trajectories(q_offsets=k, steps=steps[keep], velocities=v[order][keep], anchor=anchor, listed=len(v))
+                        f"{MAX_TRAJECTORIES}: each one adds to the search time and to the false matches): narrow the "
+                        f"range or use a larger step, e.g. {RECOMMENDED}{' or --trajectoryGrid whole' * (grid > 1)}")
+    units = units[keep]
+    return Trajectories(q_offsets=k, steps=np.floor_divide(units, grid), weights=np.remainder(units, grid) / grid,
+                        velocities=vel[keep], phases=phase[keep], anchor=anchor, grid=grid, listed=len(v))
 
 
 def anchor_margin(traj: Trajectories) -> tuple[int, int]:
     """``(before, after)``: database frames a trajectory may reach before and after its anchor."""
-    return int(max(0, -traj.steps.min())), int(max(0, traj.steps.max()))
+    first, last = traj.reach
+    return int(max(0, -first.min())), int(max(0, last.max()))
 
 
 def describe(traj: Trajectories) -> str:
     """One line for logs: how many velocities and trajectories, and their velocities."""
-    vs = ", ".join(f"{v:g}" for v in sorted(traj.velocities))
-    return f"{traj.listed} velocities -> {traj.count} distinct trajectories of seqL {traj.seq_len} (v = {vs})"
+    vs = ", ".join(f"{v:g}" for v in sorted(set(traj.velocities.tolist())))
+    grid = "half-frame" if traj.grid == 2 else "whole-frame"
+    return (f"{traj.listed} velocities -> {traj.count} distinct {grid} trajectories of seqL {traj.seq_len} "
+            f"(v = {vs})")
 
 
 # ---------------------------------------------------------------- the kernel
@@ -190,53 +217,92 @@ def trajectory_distances(frame_dists: torch.Tensor, anchors, bounds, q_cols, tra
     ``frame_dists`` ``[M, N]``: database rows x query columns of one block (any float dtype).
     ``anchors`` ``[A]``: database anchor rows in the block; ``bounds`` ``[A, 2]``: each anchor's allowed rows
     ``[lo, hi)`` (its database sequence, in block rows); ``q_cols`` ``[B]``: query anchor columns, whose
-    frames ``q_cols + q_offsets`` must lie in the block. Entry ``[t, a, b]`` is
-    ``mean_k frame_dists[anchors[a] + steps[t, k], q_cols[b] + q_offsets[k]]``, summed in ascending ``k``, or
-    ``+inf`` when a frame of the trajectory is outside ``bounds[a]``. Rows inside the bounds must lie in the
-    block (``ValueError`` otherwise): size the block with ``anchor_margin``. No loop over anchors: ``L``
-    column gathers, then ``T x L`` shifted slices (or row gathers for scattered anchors).
+    frames ``q_cols + q_offsets`` must lie in the block. Entry ``[t, a, b]`` is the mean over ``k`` (summed in
+    ascending ``k``) of the distance at the position ``anchors[a] + steps[t, k] + weights[t, k]`` to the query
+    frame ``q_cols[b] + q_offsets[k]``: the frame distance on a whole frame, the mean of the two neighbours'
+    at a midpoint; ``+inf`` when a frame of the trajectory is outside ``bounds[a]``. Rows inside the bounds
+    must lie in the block (``ValueError`` otherwise): size the block with ``anchor_margin``. No loop over
+    anchors: ``L`` column gathers, then ``T x L`` shifted slices (or row gathers for scattered anchors).
     """
     device = frame_dists.device
     anchors = torch.as_tensor(anchors, dtype=torch.long, device=device)
     bounds = torch.as_tensor(bounds, dtype=torch.long, device=device).reshape(-1, 2)
     q_cols = torch.as_tensor(q_cols, dtype=torch.long, device=device)
     m, _ = frame_dists.shape
-    steps = torch.as_tensor(traj.steps, device=device)
-    first = anchors[:, None] + steps.min(dim=1).values[None, :]           # [A, T]
-    last = anchors[:, None] + steps.max(dim=1).values[None, :]
+    reach_lo, reach_hi = (torch.as_tensor(r, device=device) for r in traj.reach)
+    first, last = anchors[:, None] + reach_lo[None, :], anchors[:, None] + reach_hi[None, :]        # [A, T]
     valid = (first >= bounds[:, :1]) & (last < bounds[:, 1:])           # [A, T]
     if bool(((first < 0) | (last >= m))[valid].any()):
         raise ValueError("a trajectory inside its database bounds reaches outside the frame-distance block: "
                          "extend the block by velocity.anchor_margin rows")
+    if not set(np.unique(traj.weights).tolist()) <= {0.0, 0.5}:
+        raise ValueError(f"sub-frame weights other than 1/2 are not supported: {np.unique(traj.weights)}")
     out = torch.empty((traj.count, len(anchors), len(q_cols)), dtype=torch.float32, device=device)
     if len(anchors) == 0 or len(q_cols) == 0:
         return out
     lo, hi = int(anchors.min()), int(anchors.max()) + 1
     c_lo, c_hi = int(q_cols.min()), int(q_cols.max()) + 1
     if len(anchors) * 2 >= hi - lo and len(q_cols) * 2 >= c_hi - c_lo:      # compact: 2-D shifted slices
-        fd = frame_dists if frame_dists.dtype == torch.float32 else frame_dists.to(torch.float32)
-        cols = [(c_lo + int(k), c_hi + int(k)) for k in traj.q_offsets]
-        for t in range(traj.count):
-            st = traj.steps[t]
-            base = max(lo, -int(st.min()))                    # anchors base..top-1 keep all frames in the block
-            top = max(min(hi, m - int(st.max())), base)
-            acc = fd[base + int(st[0]):top + int(st[0]), cols[0][0]:cols[0][1]].clone()
-            for i in range(1, len(st)):
-                acc += fd[base + int(st[i]):top + int(st[i]), cols[i][0]:cols[i][1]]
-            acc.div_(traj.seq_len)
-            rows = (anchors - base).clamp(0, max(top - base - 1, 0))
-            out[t] = acc[rows[:, None], (q_cols - c_lo)[None, :]] if top > base else torch.inf
+        _shifted_sums(frame_dists, anchors, q_cols, traj, out)
     else:
+        halves = bool(traj.weights.any())
         cols = [frame_dists[:, q_cols + int(k)].to(torch.float32) for k in traj.q_offsets]   # L x [M, B]
+        mids = [blocks.midpoints(c) if halves else None for c in cols]
         for t in range(traj.count):
-            idx = [(anchors + int(s)).clamp(0, m - 1) for s in traj.steps[t]]
-            acc = cols[0][idx[0]].clone()
-            for j in range(1, len(idx)):
-                acc += cols[j][idx[j]]
+            acc = None
+            for j, (st, w) in enumerate(zip(traj.steps[t], traj.weights[t])):
+                src = cols[j] if w == 0 else mids[j]
+                part = src[(anchors + int(st)).clamp(0, len(src) - 1)]
+                acc = part if acc is None else acc.add_(part)
             out[t] = acc.div_(traj.seq_len)
     for t in torch.nonzero(~valid.all(dim=0)).flatten().tolist():
-        out[t].masked_fill_(~valid[:, t, None], torch.inf)
+        out[t].index_fill_(0, torch.nonzero(~valid[:, t]).flatten(), torch.inf)
     return out
+
+
+def _shifted_sums(frame_dists: torch.Tensor, anchors: torch.Tensor, q_cols: torch.Tensor, traj: Trajectories,
+                  out: torch.Tensor) -> None:
+    """``trajectory_distances`` for anchors and columns that fill most of their ranges: per trajectory ``L``
+    added slices of the block (or of its midpoints), written straight into ``out[t]`` when anchors and
+    columns are exactly ranges, else into one buffer and placed by runs (``blocks.place_by_runs``)."""
+    device, m = frame_dists.device, frame_dists.shape[0]
+    lo, hi = int(anchors.min()), int(anchors.max()) + 1
+    c_lo, c_hi = int(q_cols.min()), int(q_cols.max()) + 1
+    k_lo = int(traj.q_offsets.min())
+    fd = frame_dists if frame_dists.dtype == torch.float32 else frame_dists.to(torch.float32)
+    fd = fd[:, c_lo + k_lo:c_hi + int(traj.q_offsets.max())]
+    mid = blocks.midpoints(fd) if traj.weights.any() else None                  # [M - 1, ...] neighbour means
+    row_runs, col_runs = blocks.index_runs(anchors), blocks.index_runs(q_cols)
+    buf = None
+    for t in range(traj.count):
+        r_lo, r_hi = int(traj.reach[0][t]), int(traj.reach[1][t])
+        base = max(lo, -r_lo)                                # anchors base..top-1 keep all frames in the block
+        top = max(min(hi, m - r_hi), base)
+        if top <= base:
+            out[t] = torch.inf
+            continue
+        main = blocks.main_block(row_runs, col_runs, base, top)
+        if main is not None:            # most anchors and columns in one run: sum straight into out[t]
+            (i0, v0, n0), (j0, w0, m0) = main
+            acc, a_lo, c_lo_t = out[t, i0:i0 + n0, j0:j0 + m0], v0, w0
+        else:                           # scattered: sum into a buffer, then place by runs
+            buf = torch.empty((hi - lo, c_hi - c_lo), dtype=torch.float32, device=device) if buf is None else buf
+            acc, a_lo, c_lo_t, n0, m0 = buf[:top - base], base, c_lo, top - base, c_hi - c_lo
+        parts = [(fd if w == 0 else mid)[a_lo + int(st):a_lo + n0 + int(st),
+                                          c_lo_t - c_lo + int(k) - k_lo:c_lo_t - c_lo + int(k) - k_lo + m0]
+                 for k, st, w in zip(traj.q_offsets, traj.steps[t], traj.weights[t])]
+        if len(parts) == 1:
+            acc.copy_(parts[0])
+        else:
+            torch.add(parts[0], parts[1], out=acc)
+            for part in parts[2:]:
+                acc.add_(part)
+        acc.div_(traj.seq_len)
+        if main is None:
+            rows = blocks.index_runs((anchors - base).clamp(0, top - base - 1))
+            blocks.place_by_runs(acc, rows, blocks.index_runs(q_cols - c_lo), out[t])
+        else:
+            blocks.fill_repeats(out[t], row_runs, col_runs, main)
 
 
 def chunk_distances(feats: torch.Tensor, q_feats: torch.Tensor, anchors: np.ndarray, bounds: np.ndarray,
@@ -274,6 +340,11 @@ class ScoringRule:
     window: int = 20
     weight: float = 3.0
     normalise: bool = True
+
+    @property
+    def neighbours(self) -> int | None:
+        """Query windows each side whose statistics a query's coefficients read (None: its whole sequence)."""
+        return None if self.kind == "prior" else self.window if self.kind == "consensus" else 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("min", "consensus", "prior", "zscore"):
@@ -431,14 +502,23 @@ class TrajectoryTopK:
         self.stats["best"][sl] = np.minimum(self.stats["best"][sl], dists.amin(dim=1).double().cpu().numpy())
         finite = torch.isfinite(dists[:, :, 0])                                  # [T, A]
         for t in range(dists.shape[0]):
-            d = dists[t] if bool(finite[t].all()) else dists[t][finite[t]]
-            self.stats["sum"][t, sl[1]] += d.sum(dim=0, dtype=torch.float64).cpu().numpy()
-            self.stats["sumsq"][t, sl[1]] += d.to(torch.float64).square_().sum(dim=0).cpu().numpy()
+            rows = blocks.index_runs(torch.nonzero(finite[t]).flatten())
+            d = dists[t, rows[0][1]:rows[0][1] + rows[0][2]] if len(rows) == 1 else dists[t][finite[t]]
+            total, squares = blocks.float64_column_sums(d)
+            self.stats["sum"][t, sl[1]] += total.cpu().numpy()
+            self.stats["sumsq"][t, sl[1]] += squares.cpu().numpy()
             self.stats["count"][t, sl[1]] += len(d)
 
-    def coefficients(self, q_segments, rule: ScoringRule = DEFAULT_RULE) -> tuple[np.ndarray, np.ndarray]:
-        """``(a, b)`` ``[Nq, T]`` of ``rule`` from the statistics gathered so far (``rule_coefficients``)."""
-        return rule_coefficients(rule, {key: v.T for key, v in self.stats.items()}, q_segments)
+    def coefficients(self, q_segments, rule: ScoringRule = DEFAULT_RULE, lo: int = 0,
+                     hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)`` ``[hi - lo, T]`` of ``rule`` for the queries ``lo .. hi - 1`` (default: all) from the
+        statistics gathered so far (``rule_coefficients``), which must include the neighbours it reads."""
+        hi = self.num_queries if hi is None else hi
+        reach = self.num_queries if rule.neighbours is None else rule.neighbours
+        s_lo, s_hi = max(0, lo - reach), min(self.num_queries, hi + reach)
+        a, b = rule_coefficients(rule, {key: v[:, s_lo:s_hi].T for key, v in self.stats.items()},
+                                 np.asarray(q_segments)[s_lo:s_hi])
+        return a[lo - s_lo:hi - s_lo], b[lo - s_lo:hi - s_lo]
 
     def _merge(self, t: int, q_lo: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
         """Merge ``[B, k']`` new entries of trajectory ``t`` into the lists of queries ``q_lo..``."""
@@ -490,32 +570,59 @@ def trajectory_frames(anchors, bounds, traj: Trajectories) -> tuple[torch.Tensor
     """Database frames of every trajectory of every anchor, for gathering descriptors in the loss.
 
     ``anchors`` ``[...]`` database anchor frames (for centred windows: window start + ``L // 2``), ``bounds``
-    ``[..., 2]`` their sequences ``[lo, hi)``. Returns ``(frames [..., T, L], valid [..., T])``: the frames
-    ``anchor + steps[t]``, clamped into the bounds where the trajectory leaves them (``valid`` False there), so
-    ``feats[frames]`` is always defined. The caller must hold the descriptors of all those frames (the anchor's
-    frames ``-before .. +after`` of ``anchor_margin``, within its sequence), not only the window's ``L``.
+    ``[..., 2]`` their sequences ``[lo, hi)``. Returns ``(frames, valid [..., T])``: ``frames`` ``[..., T, L]``
+    the frames ``anchor + steps[t]`` on the whole grid, and ``[..., T, L, 2]`` (the lower and the upper frame
+    of each position, weighted by ``tap_weights``; the upper is the lower on a whole frame) when ``traj``
+    has midpoints. Frames are clamped into the bounds where the trajectory leaves them (``valid`` False
+    there), so ``feats[frames]`` is always defined. The caller must hold the descriptors of all those frames
+    (the anchor's frames ``-before .. +after`` of ``anchor_margin``, within its sequence).
     """
     anchors = torch.as_tensor(anchors, dtype=torch.long)
     bounds = torch.as_tensor(bounds, dtype=torch.long, device=anchors.device)
     steps = torch.as_tensor(traj.steps, device=anchors.device)                     # [T, L]
-    frames = anchors[..., None, None] + steps                                      # [..., T, L]
     lo, hi = bounds[..., 0, None, None], bounds[..., 1, None, None]
-    valid = ((frames >= lo) & (frames < hi)).all(dim=-1)
+    if traj.weights.any():
+        upper = steps + torch.as_tensor(traj.weights > 0, device=anchors.device)
+        steps, lo, hi = torch.stack([steps, upper], dim=-1), lo[..., None], hi[..., None]      # [T, L, 2]
+    frames = anchors.reshape(*anchors.shape, *([1] * steps.ndim)) + steps          # [..., T, L(, 2)]
+    valid = ((frames >= lo) & (frames < hi)).flatten(start_dim=anchors.ndim + 1).all(dim=-1)
     return torch.minimum(torch.maximum(frames, lo), hi - 1), valid
 
 
+def tap_weights(traj: Trajectories) -> torch.Tensor | None:
+    """``[T, L, 2]`` float32 weights ``(1 - w, w)`` of the lower and upper frames of ``trajectory_frames``;
+    None on the whole grid (one frame per position)."""
+    if not traj.weights.any():
+        return None
+    w = torch.as_tensor(traj.weights, dtype=torch.float32)
+    return torch.stack([1.0 - w, w], dim=-1)
+
+
 def trajectory_sequence_distance(fq: torch.Tensor, fdb: torch.Tensor, valid: torch.Tensor | None = None,
-                                 method: str = "meanOfPairs", temperature: float = 0.0) -> torch.Tensor:
+                                 method: str = "meanOfPairs", temperature: float = 0.0,
+                                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable sequence distance across trajectories: ``[..., L, D] x [..., T, L, D] -> [...]``.
 
     ``fq`` the query window's frames (in ``q_offsets`` order), ``fdb`` each trajectory's database frames
     (``trajectory_frames``), ``valid`` ``[..., T]`` (default: all). Per trajectory the aligned
     ``seqMatchNet.sequence_distance``; then the minimum over the valid trajectories (``temperature`` 0: the
     gradient flows through the best one) or the soft minimum ``-tau * logsumexp(-d / tau)`` (``tau > 0``).
-    ``+inf`` where no trajectory is valid. With the diagonal alone this is ``sequence_distance``.
+    With midpoints, ``fdb`` is ``[..., T, L, 2, D]`` and ``weights`` ``[T, L, 2]`` (``tap_weights``): a
+    position's distance is the weighted sum of its two frames' distances. ``+inf`` where no trajectory is
+    valid. With the diagonal alone this is ``sequence_distance``.
     """
-
-    d = sequence_distance(fq[..., None, :, :], fdb, method)                        # [..., T]
+    if weights is None:
+        d = sequence_distance(fq[..., None, :, :], fdb, method)                    # [..., T]
+    else:
+        if method not in ("meanOfPairs", "centerOnly"):
+            raise ValueError(f"unknown sequence distance {method!r}")
+        weights = weights.to(fdb.device, fdb.dtype)
+        per_tap = sequence_frame_distances(fq[..., None, :, None, :], fdb)           # [..., T, L, 2]
+        per_pos = (per_tap * weights).sum(dim=-1)                                  # [..., T, L]
+        if method == "centerOnly":
+            c = per_pos.shape[-1] // 2
+            per_pos = per_pos[..., c:c + 1]
+        d = per_pos.mean(dim=-1)
     if valid is not None:
         d = d.masked_fill(~valid, torch.inf)
     if temperature > 0:

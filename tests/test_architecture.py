@@ -81,7 +81,7 @@ def test_help_shows_every_default(capsys):
 # ---------------------------------------------------------------- where the options travel
 
 ENGINE = ("evaluate", "search", "shortlist", "seqMatchNet", "datasets", "distributed", "metrics", "mining",
-          "velocity", "speeds")
+          "velocity", "speeds", "blocks")
 MODE_FILES = ("train", "test", "localize", "extract", "prepare", "demo", "report")
 MAX_MODULE_LINES = 650
 

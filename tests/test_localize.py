@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_velocity as twins
 import torch
 
 import plain
@@ -174,11 +175,12 @@ def test_no_match_until_the_window_is_full_and_after_reset():
     assert [loc.step(f) is None for f in q[5:]] == [True, True, True, False, False]
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("velocities", [(1.0,), (0.5, 1.0, 2.0)], ids=["diagonal", "speeds"])
-def test_step_uses_one_matrix_vector_product(monkeypatch, velocities):
+def test_step_uses_one_matrix_vector_product(monkeypatch, velocities, grid):
     """Each step costs one matrix-vector product over the database, with or without trajectories."""
     db, q = route(5, 50, 8, 4)
-    loc = Localizer(db, seq_len=5, velocities=velocities)
+    loc = Localizer(db, seq_len=5, velocities=velocities, grid=grid)
     calls = []
     real_addmv, real_mm = torch.addmv, torch.Tensor.__matmul__
     monkeypatch.setattr(torch, "addmv", lambda *a, **k: (calls.append("mv"), real_addmv(*a, **k))[1])
@@ -391,14 +393,18 @@ def test_main_dispatches_localize_when_wired(tiny_oxford, tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------- across speeds (velocities)
 
-def plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule) -> list[tuple | None]:
+def plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule, grid=1,
+                               traj=None) -> list[tuple | None]:
     """From the definition: per query frame, None before its window is full; else (db frame, velocity,
-    distance) of the best adjusted score over every trailing trajectory ending at j (frames j + round(v k),
-    k = -(L-1)..0, inside j's segment), with a, b from the current and previous ``rule.window`` full
-    windows of the query's segment (consensus of each trajectory's best score, z-normalised per step)."""
-    import velocity as V
-
-    traj = V.trajectories(velocities, seq_len, anchor="end")
+    distance) of the best adjusted score over every trailing trajectory reported at j (positions
+    j + s + v k rounded to the grid, k = -(L-1)..0, phases s = 0 and, on the half grid, 1/2; a midpoint's
+    distance the mean of its two frames'; every frame it touches inside j's segment), with a, b from the
+    current and previous ``rule.window`` full windows of the query's segment (consensus of each trajectory's
+    best score, z-normalised per step); ties by the smallest j, then the trajectory order (velocity nearest 1,
+    then phase 0). The enumeration (``test_velocity.plain_trajectories``) is checked against ``traj``."""
+    plain = twins.plain_trajectories(velocities, seq_len, "end", grid)
+    if traj is not None:
+        twins.assert_same_trajectories(traj, plain, grid)
     dbn = [np.asarray(r, np.float64) / np.linalg.norm(r) for r in db]
     qn = [np.asarray(r, np.float64) / np.linalg.norm(r) for r in q]
     out, history = [], []
@@ -408,30 +414,36 @@ def plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, r
         if t - seq_len + 1 < q_bounds[t][0]:
             out.append(None)
             continue
+        dist = [float(np.linalg.norm(qn[t + k] - f)) for k in plain.offsets for f in dbn]   # [L * Nd]
         d = {}
-        for tr in range(traj.count):
+        for tr, pos in enumerate(plain.positions):
             for j in range(len(db)):
-                frames = [j + int(s) for s in traj.steps[tr]]
-                if frames[0] < db_bounds[j][0] or min(frames) < 0:
+                lo, hi = db_bounds[j]
+                if not all(lo <= f < hi for f in twins.touched(j, pos)):
                     continue
-                d[tr, j] = sum(float(np.linalg.norm(qn[t + int(k)] - dbn[f]))
-                               for k, f in zip(traj.q_offsets, frames)) / seq_len
+                total = 0.0
+                for i, p in enumerate(pos):
+                    f = math.floor(j + p)
+                    row = i * len(db)
+                    total += dist[row + f] if j + p == f else (dist[row + f] + dist[row + f + 1]) / 2
+                d[tr, j] = total / seq_len
         stats = []
-        for tr in range(traj.count):
+        for tr in range(plain.count):
             vals = [v for (u, _), v in d.items() if u == tr]
             mean = sum(vals) / len(vals)
             std = math.sqrt(max(sum(v * v for v in vals) / len(vals) - mean * mean, 0.0)) or 1.0
             stats.append((min(vals), mean, std))
         history = (history + [stats])[-(rule.window + 1):]
-        cons = [sum((h[tr][0] - h[tr][1]) / h[tr][2] for h in history) / len(history) for tr in range(traj.count)]
+        cons = [sum((h[tr][0] - h[tr][1]) / h[tr][2] for h in history) / len(history) for tr in range(plain.count)]
         best = min((((v - stats[tr][1]) / stats[tr][2] + rule.weight * (cons[tr] - min(cons)), j, tr, v)
                     for (tr, j), v in d.items()))
-        out.append((best[1], float(traj.velocities[best[2]]), best[3]))
+        out.append((best[1], float(plain.velocities[best[2]]), best[3]))
     return out
 
 
-@pytest.mark.parametrize("seq_len", [2, 4, 5])
-def test_velocities_match_plain_causal_loop_with_bounds(seq_len):
+@pytest.mark.parametrize("grid", [1, 2])
+@pytest.mark.parametrize("seq_len", [1, 2, 4, 5])
+def test_velocities_match_plain_causal_loop_with_bounds(seq_len, grid):
     import velocity as V
 
     rng = np.random.default_rng(seq_len)
@@ -441,8 +453,10 @@ def test_velocities_match_plain_causal_loop_with_bounds(seq_len):
     db_bounds, q_bounds = bounds_of([21, 3, 26]), bounds_of([4, 12, 14])
     rule = V.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
     velocities = (0.5, 1.0, 1.5, 2.0)
-    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, conf_radius=2)
-    plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule)
+    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, conf_radius=2,
+                    grid=grid)
+    plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule, grid, loc._traj)
+    frames = []
     for t in range(len(q)):
         if t == q_bounds[t, 0]:
             loc.reset()
@@ -451,17 +465,47 @@ def test_velocities_match_plain_causal_loop_with_bounds(seq_len):
             assert m is None
             continue
         assert (m.db_frame, loc.last_velocity) == plain[t][:2], t
+        assert m.velocity == loc.last_velocity
         assert m.distance == pytest.approx(plain[t][2], abs=1e-5)
         assert m.confidence > 0
+        frames.append(m.db_frame)
+    assert len(set(frames)) > 5             # matches spread over the map, not one frame
+
+
+@pytest.mark.parametrize("grid, seq_len, velocities", [
+    (1, 4, (2.0, 0.5, 1.5, 0.8)),     # 0.5 and 0.8 both reach 2 frames back: (-2, -1, -1, 0), (-2, -2, -1, 0)
+    (1, 3, (2.0, 0.5, 1.5, 0.8)),
+    (2, 3, (2.0, 0.0, 1.0, 0.25)),    # at the first frame: 0.25 at phase 1/2 (0, 1/2, 1/2), 0 at both phases
+    (2, 4, (2.0, 0.5, 1.5, 0.8))])
+def test_equal_trajectories_localize_to_the_smallest_frame_then_the_velocity_nearest_one(grid, seq_len, velocities):
+    """A route of identical frames: every trajectory scores exactly 0, so the match is the smallest end frame
+    that some trajectory may use, with the first of those trajectories in the order nearest 1 (then phase 0)."""
+    import velocity as V
+
+    db, q = np.ones((30, 4), np.float32), np.ones((9, 4), np.float32)
+    db_bounds, q_bounds = bounds_of([11, 19]), bounds_of([9])
+    rule = V.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
+    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, grid=grid)
+    plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule, grid, loc._traj)
+    got = [loc.step(f) for f in q]
+    assert [m is None for m in got] == [p is None for p in plain]
+    want = [p for p in plain if p is not None]
+    assert [(m.db_frame, m.velocity, m.distance) for m in got if m is not None] == want
+    j = want[0][0]
+    tied = [v for v, _, pos in twins.plain_trajectories(velocities, seq_len, "end", grid).rows
+            if all(db_bounds[j][0] <= f < db_bounds[j][1] for f in twins.touched(j, pos))]
+    assert want[0][1] == tied[0] and all(m[:2] == want[0][:2] for m in want)
+    assert len(tied) >= 2 or (grid, seq_len) in ((1, 3), (2, 4))     # exact ties between trajectories at frame j
 
 
 def test_default_and_diagonal_velocities_are_todays_localizer():
     db, q = route(8, 40, 12, 6)
-    runs = [Localizer(db, seq_len=4, conf_radius=3, **kw) for kw in ({}, {"velocities": (1.0,)},
-                                                                      {"velocities": (0.9, 1.1)})]
+    runs = [Localizer(db, seq_len=4, conf_radius=3, **kw) for kw in (
+        {}, {"velocities": (1.0,)}, {"velocities": (1.0,), "grid": 2}, {"velocities": (1.0,), "grid": 1},
+        {"velocities": (0.9, 1.1), "grid": 1})]          # 0.9 and 1.1 round to the diagonal on whole frames
     for f in q:
         matches = [loc.step(f) for loc in runs]
-        assert matches[0] == matches[1] == matches[2]
+        assert all(m == matches[0] for m in matches[1:])
     assert all(loc._traj is None for loc in runs)
 
 

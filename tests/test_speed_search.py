@@ -1,13 +1,16 @@
 """``--velocities`` in the search (``speeds.rank_across_speeds``, docs/speeds.md) against plain loops written
-from the definition: a window's trajectories are anchored at its centre ``start + L // 2``, use database
-frames ``anchor + round_half_away(v * k)`` for query offsets ``k``, are not scored when they leave the
-database sequence, and a window's score is the best adjusted score over its trajectories."""
+from the definition: a window's trajectories are anchored at its centre ``start + L // 2``, sit at the
+database positions ``anchor + s + v * k`` for query offsets ``k`` rounded to the grid (whole frames: ``s = 0``,
+``anchor + round_half_away(v * k)``; half frames: ``s`` in ``{0, 1/2}``, a midpoint's distance the mean of
+its two frames'), are not scored when they touch a frame outside the database sequence, and a window's score
+is the best adjusted score over its trajectories (equal ones: the velocity nearest 1, then phase 0)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+import test_velocity as twins
 import torch
 
 import plain
@@ -26,50 +29,52 @@ def unit(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
 bounds_of = plain.segments_of
 
 
-def half_away(x: float) -> int:
-    return int(math.copysign(math.floor(abs(x) + 0.5), x))
-
-
-def plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule):
-    """Adjusted score of every (query window, database window) and the velocity giving it, by loops."""
-    traj = velocity.trajectories(velocities, seq_len)
+def plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule, grid=1, traj=None):
+    """Adjusted score ``[Nq, T, Ndb]`` of every (query window, trajectory, database window) by loops (float64),
+    and the velocity of each trajectory; the trajectories enumerated from the definition
+    (``test_velocity.plain_trajectories``) and checked against ``traj`` when given."""
+    plain = twins.plain_trajectories(velocities, seq_len, "centre", grid)
+    if traj is not None:
+        twins.assert_same_trajectories(traj, plain, grid)
     d = frame_distances(db.double(), q.double()).numpy()
     half = seq_len // 2
-    offsets = [k - half for k in range(seq_len)]
-    n_t, n_q, n_db = traj.count, len(q_starts), len(db_starts)
+    n_t, n_q, n_db = plain.count, len(q_starts), len(db_starts)
     raw = np.full((n_q, n_t, n_db), np.inf)
-    for i in range(n_q):
-        qa = q_starts[i] + half
-        for t in range(n_t):
-            v = traj.velocities[t]
-            for j in range(n_db):
-                a = db_starts[j] + half
-                frames = [a + half_away(round(v * k, 9)) for k in offsets]
-                lo, hi = db_bounds[j]
-                if all(lo <= f < hi for f in frames):
-                    raw[i, t, j] = sum(d[f, qa + k] for f, k in zip(frames, offsets)) / seq_len
+    qa = np.asarray(q_starts) + half                     # every query window at once (a vector per loop step)
+    for t, pos in enumerate(plain.positions):
+        for j in range(n_db):
+            a = int(db_starts[j]) + half
+            lo, hi = db_bounds[j]
+            if all(lo <= f < hi for f in twins.touched(a, pos)):
+                total = np.zeros(n_q)
+                for k, p in zip(plain.offsets, pos):
+                    f = math.floor(a + p)
+                    total += d[f, qa + k] if a + p == f else (d[f, qa + k] + d[f + 1, qa + k]) / 2
+                raw[:, t, j] = total / seq_len
     finite = np.isfinite(raw)
     stats = {"best": raw.min(axis=2), "sum": np.where(finite, raw, 0).sum(axis=2),
              "sumsq": np.where(finite, raw ** 2, 0).sum(axis=2), "count": finite.sum(axis=2).astype(float)}
     a, b = velocity.rule_coefficients(rule, stats, q_bounds)
-    return a[:, :, None] * raw + b[:, :, None], traj.velocities
+    return a[:, :, None] * raw + b[:, :, None], plain.velocities
 
 
 def plain_top(adj, velocities, k):
-    """Per query: database windows by (best adjusted score, index), each with its velocity nearest 1."""
+    """Per query: database windows by (best adjusted score, index), each with the velocity of its best
+    trajectory, the first in the trajectory order (velocity nearest 1, then phase 0) among equal scores."""
     out = []
     for i in range(adj.shape[0]):
         best = []
         for j in range(adj.shape[2]):
-            t = min(range(adj.shape[1]), key=lambda t: (adj[i, t, j], abs(velocities[t] - 1), velocities[t]))
+            t = min(range(adj.shape[1]), key=lambda t: (adj[i, t, j], t))
             best.append((adj[i, t, j], j, velocities[t]))
         out.append(sorted(best, key=lambda x: (x[0], x[1]))[:k])
     return out
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "consensus"])
-def test_rank_across_speeds_equals_plain_loops(seq_len, rule):
+def test_rank_across_speeds_equals_plain_loops(seq_len, rule, grid):
     rng = np.random.default_rng(seq_len)
     db_bounds, q_bounds = bounds_of([23, 17]), bounds_of([11, 14])
     db, q = unit(rng, len(db_bounds), 6), unit(rng, len(q_bounds), 6)
@@ -77,10 +82,10 @@ def test_rank_across_speeds_equals_plain_loops(seq_len, rule):
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     velocities = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     k = 12
+    traj = velocity.trajectories(velocities, seq_len, grid=grid)
     idx, scores, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
-                                                 db_bounds, q_bounds,
-                                                 velocity.trajectories(velocities, seq_len), rule, k, query_chunk=4)
-    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule)
+                                                 db_bounds, q_bounds, traj, rule, k, query_chunk=4)
+    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule, grid, traj)
     want = plain_top(adj, vels, k)
     for i, row in enumerate(want):
         finite = [r for r in row if np.isfinite(r[0])]
@@ -92,8 +97,9 @@ def test_rank_across_speeds_equals_plain_loops(seq_len, rule):
         np.testing.assert_array_equal(vel[i, :len(finite)][close], np.array([r[2] for r in finite])[close])
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 3, 4, 5])
-def test_one_velocity_equals_the_diagonal_search(seq_len):
+def test_one_velocity_equals_the_diagonal_search(seq_len, grid):
     """With the single trajectory v = 1 the search across speeds is today's ``search.rank``."""
     rng = np.random.default_rng(7)
     db_bounds, q_bounds = bounds_of([30, 25]), bounds_of([40])
@@ -102,14 +108,16 @@ def test_one_velocity_equals_the_diagonal_search(seq_len):
     want_i, want_d = search.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
     got_i, got_d, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                                   db_bounds, q_bounds,
-                                                  velocity.trajectories((1.0,), seq_len), velocity.PLAIN_MIN, 20,
+                                                  velocity.trajectories((1.0,), seq_len, grid=grid),
+                                                  velocity.PLAIN_MIN, 20,
                                                   query_chunk=7)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_d, want_d, rtol=0, atol=1e-6)
     assert (vel == 1).all()
 
 
-def test_faster_query_is_found_at_its_speed():
+@pytest.mark.parametrize("grid", [1, 2])
+def test_faster_query_is_found_at_its_speed(grid):
     """A query traversal driven at twice the database's speed: its windows match their places along
     the v = 2 trajectory, which the diagonal cannot follow."""
     rng = np.random.default_rng(3)
@@ -121,7 +129,7 @@ def test_faster_query_is_found_at_its_speed():
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     idx, _, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                             db_bounds, q_bounds,
-                                            velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len),
+                                            velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid),
                                             velocity.DEFAULT_RULE, 5)
     inner = np.arange(5, 95)
     assert (idx[inner, 0] == 2 * inner).mean() > 0.95
@@ -136,15 +144,16 @@ def route(seed: int, seq_len: int):
     return db, q, db_starts, q_starts, db_bounds, q_bounds
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 3, 4, 6])
 @pytest.mark.parametrize("chunk", [5, 16, 1000])
-def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk):
+def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk, grid):
     """``trajectory_blocks`` (the map read ``chunk`` frames at a time, each block reaching the trajectories'
     margin) gives the predictions, scores and velocities of one block holding every frame."""
     from get_models import SeqMatchModel
 
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(seq_len, seq_len)
-    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len)
+    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len, grid=grid)
     model = SeqMatchModel(6, False, 6)
     want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
                                      q_bounds, traj, velocity.DEFAULT_RULE, 15, query_chunk=5)
@@ -161,8 +170,9 @@ def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk):
     assert apart.mean() > 0.7          # (exact ties of the shifted end windows count as near-ties here)
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
-def test_rerank_across_speeds_equals_plain_loops(seq_len):
+def test_rerank_across_speeds_equals_plain_loops(seq_len, grid):
     """Each query's own candidates re-ranked across speeds (plain minimum over trajectories) against the
     plain loop over the same candidates; ties by candidate index."""
     from get_models import SeqMatchModel
@@ -171,20 +181,23 @@ def test_rerank_across_speeds_equals_plain_loops(seq_len):
     velocities = (0.5, 1.0, 1.5, 2.0)
     rng = np.random.default_rng(seq_len)
     cand = np.stack([rng.choice(len(db_starts), 9, replace=False) for _ in q_starts])
+    traj = velocity.trajectories(velocities, seq_len, grid=grid)
     idx, scores, vel = speeds.rerank_across_speeds(SeqMatchModel(6, False, 6), db.numpy(), db_starts, db_bounds, q,
-                                                   q_starts, q_bounds, cand, velocity.trajectories(velocities, seq_len),
+                                                   q_starts, q_bounds, cand, traj,
                                                    velocity.PLAIN_MIN, torch.device("cpu"), 64, group_bytes=2000)
-    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, velocity.PLAIN_MIN)
+    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, velocity.PLAIN_MIN,
+                             grid, traj)
     for i in range(len(q_starts)):
         rows = []
         for j in cand[i]:
-            t = min(range(len(vels)), key=lambda t: (adj[i, t, j], abs(vels[t] - 1), vels[t]))
+            t = min(range(len(vels)), key=lambda t: (adj[i, t, j], t))
             rows.append((adj[i, t, j], j, vels[t]))
         rows.sort(key=lambda r: (r[0], r[1]))
         finite = [r for r in rows if np.isfinite(r[0])]
         np.testing.assert_allclose(scores[i, :len(finite)], [r[0] for r in finite], atol=1e-5)
         close = np.r_[np.diff([r[0] for r in finite]) > 1e-6, True]     # positions not tied with the next one
         np.testing.assert_array_equal(idx[i, :len(finite)][close], np.array([r[1] for r in finite])[close])
+        np.testing.assert_array_equal(vel[i, :len(finite)][close], np.array([r[2] for r in finite])[close])
         assert np.isinf(scores[i, len(finite):]).all()
 
 
@@ -199,8 +212,9 @@ def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch, capsys):
     import main
 
     monkeypatch.chdir(tmp_path)
+    # the whole-frame grid, which these numbers were measured on (0.5:2:0.1 gives 20 > 16 half-grid trajectories)
     common = ["--dataset", "synthetic", "--seqL", "5", "--split", "test", "--nocuda", "--quiet",
-              "--synth_frames", "2000", "--synth_query_speed", "2"]
+              "--synth_frames", "2000", "--synth_query_speed", "2", "--trajectoryGrid", "whole"]
     recalls = {}
     for name, v in (("diagonal", "1"), ("speeds", "0.5:2:0.1")):
         out = tmp_path / name
@@ -222,13 +236,14 @@ def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch, capsys):
     assert np.median(chosen) >= 1.5           # trailing windows: 1.7, 1.8, 1.9 and 2 are distinct trajectories
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 3, 4, 5])
 @pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "default"])
-def test_in_memory_search_equals_the_block_search(seq_len, rule):
+def test_in_memory_search_equals_the_block_search(seq_len, rule, grid):
     """The search that keeps every trajectory distance (one top-k per query chunk) gives exactly the
     per-trajectory top-k lists' result: ids, scores and velocities."""
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(20 + seq_len, seq_len)
-    traj = velocity.trajectories((0.5, 0.8, 1.0, 1.5, 2.0), seq_len)
+    traj = velocity.trajectories((0.5, 0.8, 1.0, 1.5, 2.0), seq_len, grid=grid)
     want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
                                      q_bounds, traj, rule, 20, query_chunk=4)
     got = speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule, 20,
@@ -239,8 +254,9 @@ def test_in_memory_search_equals_the_block_search(seq_len, rule):
     assert search.DENSE_LIMIT_BYTES and speeds.fits_in_memory(traj, len(db_starts), len(q_starts))
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [3, 5])
-def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len):
+def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len, grid):
     """--shortlist K with K >= every database window, re-ranked across speeds (the rule's statistics then
     cover every window), gives the full search's predictions, velocities and scores up to the last bits
     of the distances (per-candidate products instead of one matrix product)."""
@@ -255,10 +271,10 @@ def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len
                   non_triv_pos_dist_sq_thr=9.0, db_bounds=db_bounds, q_bounds=q_bounds)
     model = SeqMatchModel(6, False, 6)
     speeds_ = (0.5, 1.0, 1.5, 2.0)
-    full = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_)), split, model,
+    full = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_, grid=grid)), split, model,
                     torch.device("cpu"))
     short = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_, shortlist=1000,
-                                                                     map_chunk=20)), split, model,
+                                                                     map_chunk=20, grid=grid)), split, model,
                      torch.device("cpu"))
     assert short.shortlist["candidates"] == len(full.db_frames) and short.velocities is not None
     np.testing.assert_allclose(short.dists, full.dists, atol=1e-5)
@@ -290,8 +306,9 @@ def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
         search.check_distributed(search.SearchConfig(), SeqMatchModel(4, False, 4, method="smooth"), None)
 
 
+@pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "default"])
-def test_equal_trajectories_report_the_velocity_nearest_one(rule):
+def test_equal_trajectories_report_the_velocity_nearest_one(rule, grid):
     """A route of identical frames: every trajectory of every window scores the same, so each match
     must name the velocity nearest 1 of those asked for (0.8 here, written from the definition, not
     from the order the trajectories are kept in)."""
@@ -301,7 +318,8 @@ def test_equal_trajectories_report_the_velocity_nearest_one(rule):
     db_starts, q_starts = sequence_windows(db_bounds, 3)[0], sequence_windows(q_bounds, 3)[0]
     asked = (2.0, 0.5, 1.5, 0.8)
     nearest = min(asked, key=lambda v: (abs(v - 1), v))
-    traj = velocity.trajectories(asked, 3)
+    traj = velocity.trajectories(asked, 3, grid=grid)
+    twins.assert_same_trajectories(traj, twins.plain_trajectories(asked, 3, "centre", grid), grid)
     for result in (speeds.rank_across_speeds([(0, db, np.arange(40))], q, db_starts, q_starts, db_bounds, q_bounds,
                                              traj, rule, 10),
                    speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule,

@@ -1,11 +1,14 @@
 """``--velocities`` in training: the mining matrix and the triplet loss across speeds against plain loops
 written from the definition (a window's distance is the smallest over its trajectories that stay in the
-database sequence, each the mean of its frame distances), and a training run."""
+database sequence, each the mean of its position distances: on the half grid a midpoint's is the mean of
+its two frames' distances), on both grids, and a training run."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
+import test_velocity as twins
 import torch
 
 import mining
@@ -28,40 +31,63 @@ def small_tset(seq_len: int) -> mining.TrainingSet:
     return mining.TrainingSet.build(split, seq_len)
 
 
-def plain_window_distance(fq: np.ndarray, fdb: np.ndarray, q_start: int, db_start: int, bounds, traj) -> float:
-    """min over trajectories inside ``bounds`` of the mean frame distance along them (plain loops)."""
-    half, best = traj.seq_len // 2, math.inf
-    for t in range(traj.count):
-        frames = [db_start + half + int(s) for s in traj.steps[t]]
-        if not all(bounds[0] <= f < bounds[1] for f in frames):
+def pair_distances(fq: np.ndarray, fdb: np.ndarray) -> np.ndarray:
+    """``[Nq, Ndb]`` float64: ||fq_i - fdb_f|| of every query and database frame."""
+    fq, fdb = fq.astype(np.float64), fdb.astype(np.float64)
+    return np.linalg.norm(fq[:, None, :] - fdb[None, :, :], axis=2)
+
+
+def plain_window_distance(dist: np.ndarray, q_start: int, db_start: int, bounds,
+                          plain: twins.PlainTrajectories) -> float:
+    """min over trajectories inside ``bounds`` (every frame they touch) of the mean position distance along
+    them (plain loops over ``dist`` = ``pair_distances``); ``plain`` from ``test_velocity.plain_trajectories``."""
+    anchor, best = db_start + plain.seq_len // 2, math.inf
+    for pos in plain.positions:
+        if not all(bounds[0] <= f < bounds[1] for f in twins.touched(anchor, pos)):
             continue
-        d = sum(float(np.linalg.norm(fq[q_start + k] - fdb[f])) for k, f in enumerate(frames)) / traj.seq_len
-        best = min(best, d)
+        total = 0.0
+        for i, p in enumerate(pos):
+            x, f = anchor + p, math.floor(anchor + p)
+            taps = [dist[q_start + i, g] for g in ((f,) if x == f else (f, f + 1))]
+            total += sum(taps) / len(taps)
+        best = min(best, total / plain.seq_len)
     return best
 
 
-def test_mining_matrix_across_speeds_equals_plain_loops():
+@pytest.mark.parametrize("grid", [1, 2])
+def test_mining_matrix_across_speeds_equals_plain_loops(grid):
     for seq_len in (1, 3, 4, 5):
         tset = small_tset(seq_len)
-        traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len)
+        traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid)
+        plain = twins.plain_trajectories((0.5, 1.0, 1.5, 2.0), seq_len, "centre", grid)
+        twins.assert_same_trajectories(traj, plain, grid)
         model = SeqMatchModel(6, True, 5)
-        config = train.TrainConfig(seq_len=seq_len, quiet=True, velocities=(0.5, 1.0, 1.5, 2.0))
+        config = train.TrainConfig(seq_len=seq_len, quiet=True, velocities=(0.5, 1.0, 1.5, 2.0), grid=grid)
+        assert (config.trajectories is None) == traj.is_diagonal        # the diagonal alone: today's matrix
+        if config.trajectories is not None:
+            assert config.trajectories.steps.tolist() == traj.steps.tolist()
+            assert config.trajectories.weights.tolist() == traj.weights.tolist()
         queries = tset.queries[::3]
         got = train.model_cache_distances(model, tset, queries, config, torch.device("cpu")).numpy()
         with torch.no_grad():
             fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
             fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
+        dist = pair_distances(fq, fdb)
         for j, qi in enumerate(queries):
             for i in range(len(tset.db_frames)):
-                want = plain_window_distance(fq, fdb, tset.q_starts[qi], tset.db_starts[i],
-                                             tset.split.db_bounds[tset.db_frames[i]], traj)
+                want = plain_window_distance(dist, tset.q_starts[qi], tset.db_starts[i],
+                                             tset.split.db_bounds[tset.db_frames[i]], plain)
                 assert (got[i, j] == want == math.inf) or abs(got[i, j] - want) < 1e-5, (seq_len, i, j)
 
 
-def test_triplet_loss_across_speeds_equals_plain_loops():
-    seq_len, margin = 3, 0.1
+@pytest.mark.parametrize("grid", [1, 2])
+@pytest.mark.parametrize("seq_len", [3, 4])
+def test_triplet_loss_across_speeds_equals_plain_loops(seq_len, grid):
+    margin = 0.1
     tset = small_tset(seq_len)
-    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len)
+    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid)
+    plain = twins.plain_trajectories((0.5, 1.0, 1.5, 2.0), seq_len, "centre", grid)
+    twins.assert_same_trajectories(traj, plain, grid)
     torch.manual_seed(1)
     model = SeqMatchModel(6, True, 5)
     rng = np.random.default_rng(0)
@@ -73,20 +99,22 @@ def test_triplet_loss_across_speeds_equals_plain_loops():
     with torch.no_grad():
         fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
         fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
+    dist_qdb = pair_distances(fq, fdb)
     hinges = []
     for b, qi in enumerate(q_idx):
         def dist(w, qi=qi):
-            return plain_window_distance(fq, fdb, tset.q_starts[qi], tset.db_starts[w],
-                                         tset.split.db_bounds[tset.db_frames[w]], traj)
+            return plain_window_distance(dist_qdb, tset.q_starts[qi], tset.db_starts[w],
+                                         tset.split.db_bounds[tset.db_frames[w]], plain)
         d_pos = dist(pos[b])
         hinges += [max(0.0, d_pos - dist(n) + math.sqrt(margin)) for n in negs[b] if n >= 0 and
                    math.isfinite(dist(n)) and math.isfinite(d_pos)]
-    assert abs(loss.item() - np.mean(hinges)) < 1e-5
+    assert len(hinges) > 10 and abs(loss.item() - np.mean(hinges)) < 1e-5
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_one_velocity_is_the_diagonal_loss():
+@pytest.mark.parametrize("grid", [1, 2])
+def test_one_velocity_is_the_diagonal_loss(grid):
     tset = small_tset(5)
     model = SeqMatchModel(6, True, 5)
     q_idx = tset.queries[:5]
@@ -94,7 +122,7 @@ def test_one_velocity_is_the_diagonal_loss():
     negs = np.tile(np.arange(3), (5, 1)) + 20
     want = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"))
     got = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"),
-                           traj=velocity.trajectories((1.0,), 5))
+                           traj=velocity.trajectories((1.0,), 5, grid=grid))
     assert abs(got.item() - want.item()) < 1e-6
 
 

@@ -1,15 +1,19 @@
 """Sequence matching across speeds (velocity.py) against plain loops written from the definition.
 
 The definition (velocity.py's docstring, docs/speeds.md): a query window with offsets ``k`` around its
-anchor; a database trajectory at anchor ``j`` with velocity ``v`` uses frames ``j + round(v k)``, ``round``
-half away from zero; a trajectory with a frame outside its anchor's sequence is not scored; its distance is
-the mean of the frame distances in ascending ``k``; the window's score is the best adjusted score
-``a(q, t) d_t + b(q, t)`` over its trajectories; ties by ascending database frame, then the velocity
-nearest 1.
+anchor; a database trajectory at anchor ``j`` with velocity ``v`` and phase ``s`` sits at the positions
+``j + s + v k`` rounded to the grid (``grid`` 1: whole frames, ``s = 0``, SeqSLAM's ``j + round(v k)``;
+``grid`` 2: half frames, ``s`` in ``{0, 1/2}``), ``round`` half away from zero in grid units; the distance
+at a midpoint ``f + 1/2`` is the mean of the distances at ``f`` and ``f + 1``; a trajectory that touches a
+frame outside its anchor's sequence is not scored; its distance is the mean of its position distances in
+ascending ``k``; the window's score is the best adjusted score ``a(q, t) d_t + b(q, t)`` over its
+trajectories; equal position patterns are one trajectory, named by the (velocity, phase) first by
+``(|v - 1|, v, phase)``; ties by ascending database frame, then that order.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ from utils import UserError
 
 LENGTHS = [1, 2, 3, 4, 5, 6]
 SPEEDS = (0.0, 0.4, 0.5, 0.7, 1.0, 1.3, 2.0, 2.5)     # below and above 1, v = 0 and exact halves
+GRIDS = [1, 2]                                        # whole frames, half frames
 
 
 # ---------------------------------------------------------------- plain twins
@@ -34,35 +39,94 @@ def plain_round(x: float) -> int:
     return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
 
 
-def plain_trajectories(velocities, seq_len: int, anchor: str) -> list[tuple[float, tuple[int, ...]]]:
-    """``[(representative velocity, steps)]``: distinct step tuples, each with the velocity nearest 1
-    (the smaller on equal distance) giving it, ordered by that velocity's distance to 1, then the velocity."""
-    offsets = [k - seq_len // 2 for k in range(seq_len)] if anchor == "centre" else \
-        [k - (seq_len - 1) for k in range(seq_len)]
-    best: dict[tuple[int, ...], float] = {}
+def plain_offsets(seq_len: int, anchor: str) -> list[int]:
+    """Query offsets: centred windows ``-(L // 2) .. L - 1 - L // 2``, trailing windows ``-(L - 1) .. 0``."""
+    first = -(seq_len // 2) if anchor == "centre" else -(seq_len - 1)
+    return [first + i for i in range(seq_len)]
+
+
+def plain_position(v: float, s: float, k: int, grid: int) -> float:
+    """``s + v k`` rounded to the nearest ``1 / grid`` frame, halves away from zero (exact in binary)."""
+    return plain_round(grid * (s + v * k)) / grid
+
+
+@dataclass
+class PlainTrajectories:
+    """The distinct trajectories from the definition: ``rows`` ``[(velocity, phase, positions)]``, positions
+    relative to the anchor (whole or half frames), in the order ``(|v - 1|, v, phase)``."""
+
+    offsets: list[int]
+    rows: list[tuple[float, float, tuple[float, ...]]]
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def velocities(self) -> list[float]:
+        return [v for v, _, _ in self.rows]
+
+    @property
+    def phases(self) -> list[float]:
+        return [s for _, s, _ in self.rows]
+
+    @property
+    def positions(self) -> list[tuple[float, ...]]:
+        return [p for _, _, p in self.rows]
+
+
+def plain_trajectories(velocities, seq_len: int, anchor: str = "centre", grid: int = 1) -> PlainTrajectories:
+    """Every (velocity, phase) pair, its rounded positions; equal position patterns kept once, named by the
+    pair first by ``(|v - 1|, v, phase)``. Velocities ``{1}`` alone: the diagonal (phase 0 only)."""
+    offsets = plain_offsets(seq_len, anchor)
+    phases = [0.0] if all(v == 1.0 for v in velocities) else [i / grid for i in range(grid)]
+    best: dict[tuple[float, ...], tuple[float, float]] = {}
     for v in velocities:
-        steps = tuple(plain_round(v * k) for k in offsets)
-        if steps not in best or (abs(v - 1), v) < (abs(best[steps] - 1), best[steps]):
-            best[steps] = v
-    return sorted(((v, s) for s, v in best.items()), key=lambda p: (abs(p[0] - 1), p[0]))
+        for s in phases:
+            pos = tuple(plain_position(v, s, k, grid) for k in offsets)
+            if pos not in best or (abs(v - 1), v, s) < (abs(best[pos][0] - 1), *best[pos]):
+                best[pos] = (v, s)
+    rows = sorted(((v, s, pos) for pos, (v, s) in best.items()), key=lambda r: (abs(r[0] - 1), r[0], r[1]))
+    return PlainTrajectories(offsets, rows)
 
 
-def plain_distances(fd: np.ndarray, anchors, bounds, q_cols, traj: V.Trajectories) -> np.ndarray:
-    """``[T, A, B]`` float32 from loops: the frame distances along each trajectory, summed in ascending k."""
-    out = np.empty((traj.count, len(anchors), len(q_cols)), dtype=np.float32)
-    for t in range(traj.count):
+def touched(j: int, pos: tuple[float, ...]) -> list[int]:
+    """Database frames a trajectory at anchor ``j`` reads: each whole position, both neighbours of a midpoint."""
+    return sorted({f for p in pos for f in (math.floor(j + p), math.ceil(j + p))})
+
+
+def assert_same_trajectories(traj: V.Trajectories, plain: PlainTrajectories, grid: int) -> None:
+    """``traj`` is the plain enumeration: offsets, velocities, phases, positions as floor + weight."""
+    assert traj.q_offsets.tolist() == plain.offsets
+    assert traj.velocities.tolist() == plain.velocities
+    assert traj.phases.tolist() == plain.phases
+    assert traj.steps.tolist() == [[math.floor(p) for p in pos] for pos in plain.positions]
+    assert traj.weights.tolist() == [[p - math.floor(p) for p in pos] for pos in plain.positions]
+    assert traj.grid == grid or (plain.count == 1 and not traj.weights.any())
+
+
+def plain_distances(fd: np.ndarray, anchors, bounds, q_cols, plain: PlainTrajectories) -> np.ndarray:
+    """``[T, A, B]`` float32 from loops: the distances at each trajectory's positions (a midpoint: the mean
+    of its two frames', ``(d(f) + d(f + 1)) * 0.5``), summed in ascending k in float32, then / L."""
+    fd = np.asarray(fd, dtype=np.float32)
+    cols = np.asarray(q_cols)
+    out = np.empty((plain.count, len(anchors), len(q_cols)), dtype=np.float32)
+    for t, pos in enumerate(plain.positions):
         for a, j in enumerate(anchors):
-            frames = [j + int(s) for s in traj.steps[t]]
-            inside = all(bounds[a][0] <= f < bounds[a][1] for f in frames)
-            for b, c in enumerate(q_cols):
-                if not inside:
-                    out[t, a, b] = np.inf
-                    continue
-                acc = np.float32(0.0)
-                for i, f in enumerate(frames):
-                    term = np.float32(fd[f, c + traj.q_offsets[i]])
-                    acc = term if i == 0 else np.float32(acc + term)
-                out[t, a, b] = np.float32(acc / np.float32(traj.seq_len))
+            j = int(j)
+            if not all(bounds[a][0] <= f < bounds[a][1] for f in touched(j, pos)):
+                out[t, a] = np.inf
+                continue
+            acc = None
+            for k, p in zip(plain.offsets, pos):
+                f = math.floor(j + p)
+                term = fd[f, cols + k] if j + p == f else (fd[f, cols + k] + fd[f + 1, cols + k]) * np.float32(0.5)
+                acc = term if acc is None else acc + term
+            out[t, a] = acc / np.float32(plain.seq_len)
     return out
 
 
@@ -99,9 +163,9 @@ def plain_coefficients(rule: V.ScoringRule, d: np.ndarray, seg: np.ndarray) -> t
     return a, b
 
 
-def plain_search(d: np.ndarray, rule: V.ScoringRule, seg: np.ndarray, traj: V.Trajectories, k: int):
-    """Per query the ``k`` best database windows by (score, id, |v - 1|): ``(ids, scores, velocities)``; scores
-    in float32 like the search's."""
+def plain_search(d: np.ndarray, rule: V.ScoringRule, seg: np.ndarray, plain: PlainTrajectories, k: int):
+    """Per query the ``k`` best database windows by (score, id, trajectory order: |v - 1|, v, phase):
+    ``(ids, scores, velocities)``; scores in float32 like the search's."""
     a, b = plain_coefficients(rule, d, seg)
     ids, scores, vels = [], [], []
     for q in range(d.shape[0]):
@@ -115,7 +179,7 @@ def plain_search(d: np.ndarray, rule: V.ScoringRule, seg: np.ndarray, traj: V.Tr
         ranked.sort()
         ids.append([j for _, j, _ in ranked[:k]])
         scores.append([s for s, _, _ in ranked[:k]])
-        vels.append([traj.velocities[t] for _, _, t in ranked[:k]])
+        vels.append([plain.velocities[t] for _, _, t in ranked[:k]])
     return np.array(ids), np.array(scores), np.array(vels)
 
 
@@ -154,23 +218,45 @@ def test_round_half_away_is_not_numpys_half_to_even():
     assert np.round(2.5) == 2.0          # what the definition avoids
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("seq_len", LENGTHS)
 @pytest.mark.parametrize("anchor", ["centre", "end"])
-@pytest.mark.parametrize("text", ["0.5:2:0.1", "0:2:0.25", "0.3,1,1.7,0.9,2.5", "1"])
-def test_trajectories_match_plain_twin(seq_len, anchor, text):
+@pytest.mark.parametrize("text", ["0.5:2:0.1", "0:2:0.25", "0.3,1,1.7,0.9,2.5", "1", "0,0.25,0.5,0.75", "0.5:2:0.5"])
+def test_trajectories_match_plain_twin(seq_len, anchor, text, grid):
     vs = V.parse_velocities(text)
-    traj = V.trajectories(vs, seq_len, anchor)
-    plain = plain_trajectories(vs, seq_len, anchor)
-    assert traj.velocities.tolist() == [v for v, _ in plain]
-    assert traj.steps.tolist() == [list(s) for _, s in plain]
-    assert traj.q_offsets.tolist() == ([k - seq_len // 2 for k in range(seq_len)] if anchor == "centre"
-                                       else [k - seq_len + 1 for k in range(seq_len)])
-    assert traj.is_diagonal == (len(plain) == 1 and list(plain[0][1]) == traj.q_offsets.tolist())
+    plain = plain_trajectories(vs, seq_len, anchor, grid)
+    if plain.count > V.MAX_TRAJECTORIES:
+        with pytest.raises(UserError, match="--velocities gives .* distinct trajectories"):
+            V.trajectories(vs, seq_len, anchor, grid=grid)
+        return
+    traj = V.trajectories(vs, seq_len, anchor, grid=grid)
+    assert_same_trajectories(traj, plain, grid)
+    assert traj.seq_len == seq_len and traj.count == plain.count and traj.anchor == anchor
+    assert traj.is_diagonal == (plain.count == 1 and list(plain.positions[0]) == plain.offsets)
+
+
+def test_half_grid_trajectories_by_hand():
+    """Worked by hand: v = 2 and v = 0.5 on the half grid, both phases, centred and trailing windows."""
+    traj = V.trajectories((2.0,), 3, grid=2)                 # k = -1, 0, 1
+    assert traj.velocities.tolist() == [2.0, 2.0] and traj.phases.tolist() == [0.0, 0.5]
+    assert (traj.steps + traj.weights).tolist() == [[-2, 0, 2], [-1.5, 0.5, 2.5]]
+    traj = V.trajectories((0.5,), 4, grid=2)                 # k = -2, -1, 0, 1
+    assert (traj.steps + traj.weights).tolist() == [[-1, -0.5, 0, 0.5], [-0.5, 0, 0.5, 1]]
+    assert traj.steps.tolist() == [[-1, -1, 0, 0], [-1, 0, 0, 1]]
+    assert traj.weights.tolist() == [[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 0]]
+    traj = V.trajectories((0.25,), 3, anchor="end", grid=2)  # k = -2, -1, 0: 2 * (s + v k) = -1, -0.5, 0 | 0, 0.5, 1
+    assert (traj.steps + traj.weights).tolist() == [[-0.5, -0.5, 0], [0, 0.5, 0.5]]
+    assert V.trajectories((0.25,), 3, anchor="end").steps.tolist() == [[-1, 0, 0]]    # whole grid: round(-0.5) = -1
+    # equal patterns are one trajectory, named by the velocity nearest 1 (then the smaller, then phase 0)
+    traj = V.trajectories((1.1, 0.9, 1.0), 2, grid=2)        # k = -1, 0: 1.0 and 0.9 give (-1, 0); 1.1 too
+    assert traj.velocities.tolist() == [1.0, 1.0] and traj.phases.tolist() == [0.0, 0.5]
 
 
 def test_recommended_range_and_the_diagonal():
-    traj = V.trajectories(V.parse_velocities(V.RECOMMENDED), 5)
-    assert traj.count == 5 and traj.velocities[0] == 1.0            # the count docs/speeds.md states
+    traj = V.trajectories(V.parse_velocities(V.RECOMMENDED), 5, grid=2)
+    assert traj.count == 8 and traj.velocities[0] == 1.0            # the count docs/speeds.md states
+    assert V.trajectories(V.parse_velocities(V.RECOMMENDED), 5).count == 4
+    assert V.trajectories((1.0,), 5, grid=2).is_diagonal             # 1 alone is the diagonal on any grid
     assert V.trajectories((0.8, 1.2), 5).is_diagonal                 # all velocities that round to the diagonal
     assert not V.trajectories((1.3,), 5).is_diagonal
     with pytest.raises(UserError, match="--velocities gives .* distinct trajectories"):
@@ -184,25 +270,63 @@ def random_block(seed: int, m: int, n: int) -> torch.Tensor:
     return frame_distances(torch.from_numpy(unit_rows(rng, m, 8)), torch.from_numpy(unit_rows(rng, n, 8)))
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("seq_len", LENGTHS)
-def test_kernel_equals_plain_twin_with_sequence_bounds(seq_len):
+def test_kernel_equals_plain_twin_with_sequence_bounds(seq_len, grid):
     db_bounds = segments([9, seq_len + 1, 14, 7])
     q_bounds = segments([8, 11])
     fd = random_block(seq_len, len(db_bounds), len(q_bounds))
-    traj = V.trajectories(SPEEDS, seq_len)
+    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
+    assert_same_trajectories(traj, plain, grid)
     anchors, q_cols = windows(db_bounds, seq_len), windows(q_bounds, seq_len)
     got = V.trajectory_distances(fd, anchors, db_bounds, q_cols, traj)
-    want = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, traj)
+    want = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain)
     assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want)
-    assert np.isfinite(want).any() and (seq_len == 1 or np.isinf(want).any())   # some leave their sequence
+    assert np.isfinite(want).any() and (seq_len == 1 and grid == 1 or np.isinf(want).any())   # some leave
+    if grid == 2:     # a midpoint whose lower frame is the sequence's last: not scored, though its floors are in
+        edge = [(t, a) for t, pos in enumerate(plain.positions) for a, j in enumerate(anchors)
+                if all(db_bounds[a][0] <= math.floor(j + p) < db_bounds[a][1] for p in pos)
+                and not all(db_bounds[a][0] <= f < db_bounds[a][1] for f in touched(int(j), pos))]
+        assert edge and all(np.isinf(want[t, a]).all() for t, a in edge)
+        assert (traj.weights == 0.5).any(axis=1).sum() >= min(2, seq_len)    # midpoints in the trajectories
     # scattered anchors take the gather route: the same numbers
     pick = np.array([0, len(anchors) - 1, len(anchors) // 2])
     scattered = V.trajectory_distances(fd, anchors[pick], db_bounds[pick], q_cols, traj)
     assert torch.equal(scattered, got[:, pick])
 
 
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("layout", ["one sequence", "two sequences", "sorted repeats", "scattered"])
+def test_kernel_equals_plain_twin_for_every_anchor_layout(layout, grid):
+    """Anchors and query columns laid out as the searches make them: one sequence with the windows shifted
+    at both ends (summed in place, repeats copied), two sequences (placed by runs), sorted with repeats
+    anywhere, scattered (gathered)."""
+    seq_len = 5
+    rng = np.random.default_rng(len(layout) + grid)
+    if layout == "one sequence":
+        db_bounds, q_bounds = segments([30]), segments([17])
+    else:
+        db_bounds, q_bounds = segments([14, 16]), segments([8, 9])
+    fd = random_block(seq_len, len(db_bounds), len(q_bounds))
+    anchors, q_cols = windows(db_bounds, seq_len), windows(q_bounds, seq_len)
+    if layout == "sorted repeats":
+        anchors = np.sort(rng.choice(anchors, size=len(anchors)))
+    elif layout == "scattered":
+        anchors = rng.permutation(anchors)[:len(anchors) - 4]
+    bounds = np.array([db_bounds[a] for a in anchors])
+    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
+    got = V.trajectory_distances(fd, anchors, bounds, q_cols, traj)
+    want = plain_distances(fd.numpy(), anchors, bounds, q_cols, plain)
+    assert np.array_equal(got.numpy(), want)
+    if layout == "one sequence":      # the shifted windows repeat their anchors and columns
+        assert len(np.unique(anchors)) < len(anchors) and len(np.unique(q_cols)) < len(q_cols)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("seq_len", LENGTHS)
-def test_diagonal_kernel_is_todays_window_distances_exactly(seq_len):
+def test_diagonal_kernel_is_todays_window_distances_exactly(seq_len, grid):
     rng = np.random.default_rng(seq_len)
     db, q = torch.from_numpy(unit_rows(rng, 37, 16)), torch.from_numpy(unit_rows(rng, 23, 16))
     db_bounds, q_bounds = segments([37]), segments([23])
@@ -210,7 +334,7 @@ def test_diagonal_kernel_is_todays_window_distances_exactly(seq_len):
     q_starts, _ = sequence_windows(q_bounds, seq_len)
     today = window_distances(db, q, torch.as_tensor(db_starts), torch.as_tensor(q_starts), seq_len)
     got = V.trajectory_distances(frame_distances(db, q), db_starts + seq_len // 2, db_bounds,
-                                 q_starts + seq_len // 2, V.trajectories((1.0,), seq_len))
+                                 q_starts + seq_len // 2, V.trajectories((1.0,), seq_len, grid=grid))
     assert torch.equal(got[0], today)
 
 
@@ -220,6 +344,23 @@ def test_kernel_refuses_a_block_too_small_for_its_trajectories():
         V.trajectory_distances(fd, [2], [[-5, 20]], [5], V.trajectories((2.0,), 5))
     assert V.anchor_margin(V.trajectories((0.5, 2.0), 5)) == (4, 4)
     assert V.anchor_margin(V.trajectories((0.5, 2.0), 5, anchor="end")) == (8, 0)
+    # the half grid: v = 2 at phase 1/2 reaches j + 2.5 (L = 3), so it needs frame j + 3
+    V.trajectory_distances(fd, [7], [[0, 20]], [5], V.trajectories((2.0,), 3))          # frames 5, 7, 9: fits
+    with pytest.raises(ValueError, match="anchor_margin"):
+        V.trajectory_distances(fd, [7], [[0, 20]], [5], V.trajectories((2.0,), 3, grid=2))
+    assert V.anchor_margin(V.trajectories((0.5, 2.0), 5, grid=2)) == (4, 5)
+    assert V.anchor_margin(V.trajectories((0.5, 2.0), 5, anchor="end", grid=2)) == (8, 1)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("anchor", ["centre", "end"])
+@pytest.mark.parametrize("seq_len", LENGTHS)
+def test_anchor_margin_is_the_plain_reach(seq_len, anchor, grid):
+    """Frames before and after the anchor that some trajectory reads (a midpoint reads both neighbours)."""
+    plain = plain_trajectories(SPEEDS, seq_len, anchor, grid)
+    frames = [f for pos in plain.positions for f in touched(0, pos)]
+    assert V.anchor_margin(V.trajectories(SPEEDS, seq_len, anchor, grid=grid)) == (max(0, -min(frames)),
+                                                                                     max(0, max(frames)))
 
 
 # ---------------------------------------------------------------- the search and its rules
@@ -251,36 +392,43 @@ def run_blocks(fd, db_bounds, anchors, q_cols, traj, k, db_chunk, q_chunk) -> V.
     return acc
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("seq_len", [1, 2, 3, 5, 6])
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.kind}-{r.window}-{r.weight}-{r.normalise}")
-def test_search_equals_dense_plain_loop(seq_len, rule):
+def test_search_equals_dense_plain_loop(seq_len, rule, grid):
     fd, db_bounds, q_bounds, anchors, q_cols = search_case(seq_len, seq_len)
-    traj = V.trajectories(SPEEDS, seq_len)
+    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
+    assert_same_trajectories(traj, plain, grid)
     k = 7
     acc = run_blocks(fd, db_bounds, anchors, q_cols, traj, k, db_chunk=5, q_chunk=8)
     ids, scores, vel = acc.finish(q_bounds, rule)
-    dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, traj).transpose(2, 0, 1)   # [Nq, T, A]
-    p_ids, p_scores, p_vel = plain_search(dense, rule, q_bounds[:, 0], traj, k)
+    dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain).transpose(2, 0, 1)   # [Nq, T, A]
+    p_ids, p_scores, p_vel = plain_search(dense, rule, q_bounds[:, 0], plain, k)
     np.testing.assert_allclose(scores.numpy(), p_scores, rtol=1e-9, atol=1e-9)
     assert np.array_equal(ids.numpy(), p_ids) and np.array_equal(vel.numpy(), p_vel)
 
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("seq_len", [2, 5])
-def test_ties_by_database_frame_then_velocity_nearest_one(seq_len):
+def test_ties_by_database_frame_then_velocity_nearest_one(seq_len, grid):
     fd, db_bounds, q_bounds, anchors, q_cols = search_case(7, seq_len, data="onehot")
-    traj = V.trajectories(SPEEDS, seq_len)
+    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
+    assert_same_trajectories(traj, plain, grid)
     acc = run_blocks(fd, db_bounds, anchors, q_cols, traj, 12, db_chunk=4, q_chunk=5)
     ids, scores, vel = acc.finish(q_bounds, V.PLAIN_MIN)
-    dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, traj).transpose(2, 0, 1)
-    p_ids, p_scores, p_vel = plain_search(dense, V.PLAIN_MIN, q_bounds[:, 0], traj, 12)
+    dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain).transpose(2, 0, 1)
+    p_ids, p_scores, p_vel = plain_search(dense, V.PLAIN_MIN, q_bounds[:, 0], plain, 12)
     assert (np.diff(p_scores, axis=1) == 0).sum() > 50                  # the case is full of exact ties
     assert np.array_equal(ids.numpy(), p_ids) and np.array_equal(vel.numpy(), p_vel)
     assert np.array_equal(scores.numpy(), p_scores)
 
 
-def test_blocks_give_the_same_result_as_one_block():
+@pytest.mark.parametrize("grid, text", [(1, "0.5:2:0.1"), (2, "0.5:2:0.25")])
+def test_blocks_give_the_same_result_as_one_block(grid, text):
     fd, db_bounds, q_bounds, anchors, q_cols = search_case(3, 5)
-    traj = V.trajectories(V.parse_velocities("0.5:2:0.1"), 5)
+    traj = V.trajectories(V.parse_velocities(text), 5, grid=grid)
     whole = run_blocks(fd, db_bounds, anchors, q_cols, traj, 9, db_chunk=1000, q_chunk=1000).finish(q_bounds)
     parts = run_blocks(fd, db_bounds, anchors, q_cols, traj, 9, db_chunk=3, q_chunk=4).finish(q_bounds)
     for a, b in zip(whole, parts):
@@ -312,31 +460,56 @@ def test_causal_coefficients_use_only_the_given_history():
 
 # ---------------------------------------------------------------- training
 
+@pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("seq_len", [1, 3, 5])
-def test_trajectory_frames_and_distance_match_plain_loop(seq_len):
+def test_trajectory_frames_and_distance_match_plain_loop(seq_len, grid):
     rng = np.random.default_rng(seq_len)
     feats = torch.from_numpy(unit_rows(rng, 30, 6)).requires_grad_()
     bounds = segments([12, 18])
-    traj = V.trajectories(SPEEDS, seq_len)
+    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
+    assert_same_trajectories(traj, plain, grid)
     anchors = torch.tensor([2, 6, 11, 15, 27])
     frames, valid = V.trajectory_frames(anchors, torch.as_tensor(bounds[anchors.numpy()]), traj)
+    weights = V.tap_weights(traj)
+    halves = grid == 2
+    assert frames.shape == (len(anchors), plain.count, seq_len, *((2,) if halves else ()))
+    assert valid.shape == (len(anchors), plain.count)
+    if halves:
+        assert weights.shape == (plain.count, seq_len, 2) and weights.dtype == torch.float32
+        assert weights.tolist() == [[[1 - (p - math.floor(p)), p - math.floor(p)] for p in pos]
+                                    for pos in plain.positions]
+    else:
+        assert weights is None
     fq = torch.from_numpy(unit_rows(rng, seq_len, 6))
-    d = V.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid)
+    d = V.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, weights=weights)
+    fdb = feats.detach().double()
+    fq64 = fq.double()
+    n_valid = 0
     for a, j in enumerate(anchors.tolist()):
         lo, hi = bounds[j]
         best = math.inf
-        for t in range(traj.count):
-            fr = [j + int(s) for s in traj.steps[t]]
-            ok = all(lo <= f < hi for f in fr)
-            assert bool(valid[a, t]) == ok
+        for t, pos in enumerate(plain.positions):
+            ok = all(lo <= f < hi for f in touched(j, pos))
+            assert bool(valid[a, t]) == ok, (a, t)
+            lower = [math.floor(j + p) for p in pos]
+            upper = [math.ceil(j + p) for p in pos]
+            want = [[min(max(f, lo), hi - 1) for f in lower], [min(max(f, lo), hi - 1) for f in upper]]
+            got = frames[a, t].tolist()
+            assert (list(map(list, zip(*want))) if halves else want[0]) == got    # clamped into bounds
             if ok:
-                assert frames[a, t].tolist() == fr
-                total = sum(float(torch.linalg.norm(fq[i] - feats.detach()[f])) for i, f in enumerate(fr))
+                n_valid += 1
+                total = 0.0
+                for i in range(seq_len):     # a midpoint: the mean of its two frames' distances
+                    total += (float(torch.linalg.norm(fq64[i] - fdb[lower[i]]))
+                              + float(torch.linalg.norm(fq64[i] - fdb[upper[i]]))) / 2
                 best = min(best, total / seq_len)
         assert float(d[a].detach()) == pytest.approx(best, abs=1e-5)
+    assert n_valid > 0 and (seq_len == 1 and grid == 1 or n_valid < len(anchors) * plain.count)   # some leave
     d[torch.isfinite(d)].sum().backward()
     assert feats.grad is not None and torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
-    soft = V.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, temperature=0.01)
+    soft = V.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, temperature=0.01,
+                                          weights=weights)
     assert (soft <= d + 1e-6).all()
 
 
