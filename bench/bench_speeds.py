@@ -16,7 +16,7 @@ the diagonal's (``search.rank``: the same product, the diagonal sums, one top-10
 in one run, and one localisation step with the trajectories
 against one matrix-vector product. Only ratios are printed as results.
 
-    python bench/bench_speeds.py [--small] [--split test] [--velocities 0.5:2:0.1] [--seeds 0 1]
+    python bench/bench_speeds.py [--small] [--split test] [--velocities 0.5:2:0.5] [--grid half] [--seeds 0 1]
                                  [--rules consensus:10:1 min zscore ...] [--skip-cost] [--skip-recall]
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def recall_rows(args) -> tuple[list[list], dict]:
     names = ["single frame (L 1)", f"diagonal (L {args.seqL})", "oracle (true speed only)"] + [r for r, _ in rules]
     res = {n: {p: [] for p in PROFILES} for n in names}
     velocities = V.parse_velocities(args.velocities)
-    traj = V.trajectories(velocities, args.seqL)
+    traj = V.trajectories(velocities, args.seqL, grid=V.GRIDS[args.grid])
     print(V.describe(traj))
     q_seg = None
     for seed in args.seeds:
@@ -114,7 +114,7 @@ def recall_rows(args) -> tuple[list[list], dict]:
                 res[name][p].append(recall_at_1(search(split, L, tr).finish(q_seg, V.PLAIN_MIN)[0], split))
             speed = PROFILES[p].get("query_speed", 1.0) if "query_stops_per_km" not in PROFILES[p] else None
             oracle = np.nan if speed is None else recall_at_1(search(split, args.seqL, V.trajectories(
-                (speed,), args.seqL)).finish(q_seg, V.PLAIN_MIN)[0], split)
+                (speed,), args.seqL, grid=V.GRIDS[args.grid])).finish(q_seg, V.PLAIN_MIN)[0], split)
             res[names[2]][p].append(oracle)
             acc = search(split, args.seqL, traj)
             for r, rule in rules:
@@ -148,7 +148,7 @@ def cost_ratios(args) -> bool:
     gen = torch.Generator().manual_seed(0)
     db = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
     q = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
-    traj = V.trajectories(V.parse_velocities(args.velocities), L)
+    traj = V.trajectories(V.parse_velocities(args.velocities), L, grid=V.GRIDS[args.grid])
     starts, _ = sequence_windows(segment_bounds(n), L)
     bounds = np.tile([[0, n]], (n, 1))
 
@@ -178,7 +178,7 @@ def localisation_ratio(args, db: torch.Tensor | None) -> bool:
     if db is None:
         db = torch.nn.functional.normalize(torch.randn(args.loc_frames, args.cost_dim, generator=gen), dim=1)
     frames = torch.nn.functional.normalize(torch.randn(64, db.shape[1], generator=gen), dim=1)
-    loc = Localizer(db, seq_len=args.seqL, velocities=V.parse_velocities(args.velocities))
+    loc = Localizer(db, seq_len=args.seqL, velocities=V.parse_velocities(args.velocities), grid=V.GRIDS[args.grid])
     for f in frames[:args.seqL]:
         loc.step(f)
     steps, mvs = [], []
@@ -199,6 +199,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--seqL", type=int, default=5)
     ap.add_argument("--velocities", default=V.RECOMMENDED)
+    ap.add_argument("--grid", default="half", choices=sorted(V.GRIDS), help="--trajectoryGrid")
     ap.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES),
                     help="kind[:window[:weight[:z]]]; the first is the one held to the goals")
     ap.add_argument("--skip-recall", action="store_true")

@@ -228,8 +228,8 @@ def time_epoch(gpu: torch.device, n: int) -> None:
 
 
 def check_speeds(rep: Report, gpu: torch.device) -> None:
-    """The search across speeds (``--velocities 0.5:2:0.1``) kept in memory: the device's top-100 scores
-    against the CPU's, and the top-1 velocity (ties aside)."""
+    """The search across speeds (the recommended ``--velocities`` on the half grid) kept in memory: the
+    device's top-100 scores against the CPU's, and the top-1 velocity (ties aside)."""
     from common import route_features
 
     import speeds
@@ -239,7 +239,7 @@ def check_speeds(rep: Report, gpu: torch.device) -> None:
     db, q = route_features(3000, 1500, 512, seed=4)
     b_db, b_q = segment_bounds(len(db)), segment_bounds(len(q))
     ds, qs = sequence_windows(b_db, 5)[0], sequence_windows(b_q, 5)[0]
-    traj = velocity.trajectories(velocity.parse_velocities("0.5:2:0.1"), 5)
+    traj = velocity.trajectories(velocity.parse_velocities(velocity.RECOMMENDED), 5, grid=2)
     i_c, d_c, v_c = speeds.rank_across_speeds_in_memory(db, q, ds, qs, b_db, b_q, traj, velocity.DEFAULT_RULE)
     i_g, d_g, v_g = speeds.rank_across_speeds_in_memory(db.to(gpu), q.to(gpu), ds, qs, b_db, b_q, traj,
                                                         velocity.DEFAULT_RULE)

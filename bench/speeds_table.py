@@ -1,7 +1,8 @@
 """The README's "Different speeds" table from the project's own CLI: Recall@1 per query speed profile for
 single frames, the diagonal and ``--velocities``, on raw descriptors and after training.
 
-    python bench/speeds_table.py [--velocities 0.5:2:0.1] [--nEpochs 8] [--seed 0] [--workdir DIR]
+    python bench/speeds_table.py [--velocities 0.5:2:0.5] [--trajectoryGrid half] [--nEpochs 8] [--seed 0]
+                                 [--workdir DIR]
 
 The profiles are those of ``bench/bench_speeds.py`` (the synthetic route with a constant-speed database,
 64-D descriptors, a query traversal at 0.5x, 1x, 1.5x and 2x the database's speed, and one with stops and
@@ -32,7 +33,8 @@ def synth_flags(profile: str, seed: int) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--velocities", default="0.5:2:0.1")
+    p.add_argument("--velocities", default="0.5:2:0.5")
+    p.add_argument("--trajectoryGrid", default="half", choices=("half", "whole"))
     p.add_argument("--nEpochs", type=int, default=8)
     p.add_argument("--seqL", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="the synthetic route's seed (--synth_seed)")
@@ -49,7 +51,8 @@ def main() -> int:
 
     def common(profile: str) -> list[str]:
         return ["--dataset", "synthetic", "--dataPath", f"data_{profile}", "--structPath", f"structs_{profile}",
-                "--runsPath", "runs", "--nocuda", "--quiet", "--split", "test", *synth_flags(profile, a.seed)]
+                "--runsPath", "runs", "--nocuda", "--quiet", "--split", "test", "--trajectoryGrid", a.trajectoryGrid,
+                *synth_flags(profile, a.seed)]
 
     def recall(profile: str, extra: list[str]) -> float:
         args = ["--mode", "test", *common(profile), *extra]
@@ -72,7 +75,8 @@ def main() -> int:
             rows.append((f"diagonal, {name}", trained))
         rows.append((f"--velocities, {name}", trained + ["--velocities", a.velocities]))
     table = {label: {prof: recall(prof, extra) for prof in PROFILES} for label, extra in rows}
-    print(f"\nRecall@1 (test split, seqL {a.seqL}, within 10 m, seed {a.seed}); --velocities {a.velocities}; "
+    print(f"\nRecall@1 (test split, seqL {a.seqL}, within 10 m, seed {a.seed}); --velocities {a.velocities} "
+          f"--trajectoryGrid {a.trajectoryGrid}; "
           f"training on the "
           f"stops-and-speed-changes route, {a.nEpochs} epochs\n")
     print("| | " + " | ".join(PROFILES) + " |")
