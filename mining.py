@@ -2,8 +2,8 @@
 
 ``TrainingSet`` says which windows may be queries, positives and negatives; ``cache_distances``
 is the mining matrix (sequence distances of every database window to a chunk of queries);
-``sample_negatives`` draws potential negatives and ``mine`` picks the hard triplets, all at once.
-Pure numpy/torch: nothing here reads the command line.
+``sample_negatives`` draws potential negatives and ``mine`` picks the hard triplets, all at once;
+``stacked_rows`` reads a batch's raw descriptors. Pure numpy/torch: nothing here reads the command line.
 """
 from __future__ import annotations
 
@@ -162,3 +162,29 @@ def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: n
     negatives = np.full((b, n_neg), -1, dtype=np.int64)
     negatives[:, :len(slots)] = np.where(slots[None, :] < take[:, None], chosen, -1)
     return positive, negatives, take > 0
+
+
+def stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
+    """Raw descriptors of rows of the database + query stack (queries offset by numDb): ``[len(rows), D]``.
+
+    Each row is copied once, straight into the result: one gather per run of rows from the same
+    side (the sorted rows of a batch are two runs), else one gather + scatter per side.
+    """
+    split = tset.split
+    num_db, db, q = split.num_db, split.db_desc, split.q_desc
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= num_db + split.num_q):
+        raise IndexError(f"rows must lie in [0, {num_db + split.num_q})")
+    out = np.empty((len(rows), split.dim), dtype=np.result_type(db.dtype, q.dtype))
+    is_q = rows >= num_db
+    cuts = np.flatnonzero(is_q[1:] != is_q[:-1]) + 1
+    if len(cuts) <= 8:
+        bounds = [0, *cuts.tolist(), len(rows)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi > lo:
+                side, offset = (q, num_db) if is_q[lo] else (db, 0)
+                np.take(side, rows[lo:hi] - offset, axis=0, out=out[lo:hi], mode="clip")   # in range: checked above
+    else:
+        out[~is_q] = db[rows[~is_q]]
+        out[is_q] = q[rows[is_q] - num_db]
+    return out

@@ -30,7 +30,7 @@ from evaluate import EvalConfig, evaluate, format_recalls, top1_precision_recall
 from get_datasets import generate_if_synthetic, get_split
 from get_models import SeqMatchModel, get_model, load_state, parallelize
 from metrics import recall_table
-from mining import N_NEG, TrainingSet, mine, sample_negatives, trajectory_cache_distances
+from mining import N_NEG, TrainingSet, mine, sample_negatives, stacked_rows, trajectory_cache_distances
 from seqMatchNet import topk_smallest, triplet_loss
 from utils import (
     MetricsWriter,
@@ -133,7 +133,7 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: 
                  velocity.tap_weights(traj))
     uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]), return_inverse=True)
     inverse = torch.as_tensor(inverse, device=device)
-    frames = torch.from_numpy(_stacked_rows(tset, uniq)).to(device)
+    frames = torch.from_numpy(stacked_rows(tset, uniq)).to(device)
     n_q, n_p = q_rows.size, p_rows.size
     d_pos, d_neg = (forward or model.triplet_distances)(frames, inverse[:n_q].view(q_rows.shape),
                                                         inverse[n_q:n_q + n_p].view(p_rows.shape),
@@ -154,32 +154,6 @@ def _trajectory_rows(tset: TrainingSet, windows: np.ndarray, traj: velocity.Traj
     frames, valid = velocity.trajectory_frames(tset.db_starts[windows] + tset.seq_len // 2,
                                                split.db_bounds[tset.db_frames[windows]], traj)
     return frames.numpy(), valid.numpy()
-
-
-def _stacked_rows(tset: TrainingSet, rows: np.ndarray) -> np.ndarray:
-    """Raw descriptors of rows of the database + query stack (queries offset by numDb): ``[len(rows), D]``.
-
-    Each row is copied once, straight into the result: one gather per run of rows from the same
-    side (the sorted rows of a batch are two runs), else one gather + scatter per side.
-    """
-    split = tset.split
-    num_db, db, q = split.num_db, split.db_desc, split.q_desc
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) and (rows.min() < 0 or rows.max() >= num_db + split.num_q):
-        raise IndexError(f"rows must lie in [0, {num_db + split.num_q})")
-    out = np.empty((len(rows), split.dim), dtype=np.result_type(db.dtype, q.dtype))
-    is_q = rows >= num_db
-    cuts = np.flatnonzero(is_q[1:] != is_q[:-1]) + 1
-    if len(cuts) <= 8:
-        bounds = [0, *cuts.tolist(), len(rows)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            if hi > lo:
-                side, offset = (q, num_db) if is_q[lo] else (db, 0)
-                np.take(side, rows[lo:hi] - offset, axis=0, out=out[lo:hi], mode="clip")   # in range: checked above
-    else:
-        out[~is_q] = db[rows[~is_q]]
-        out[is_q] = q[rows[is_q] - num_db]
-    return out
 
 
 # ---------------------------------------------------------------- one epoch
@@ -453,6 +427,14 @@ class TrainState:
                 "not_improved": int(self.not_improved), "neg_cache": torch.from_numpy(self.neg_cache.copy()),
                 "history": self.history}
 
+    def last_validation(self) -> tuple[int | None, dict]:
+        """``(epoch, {N: Recall@N})`` of the last validation in the history, this session's or a resumed
+        run's (``(None, {})`` when there was none)."""
+        epochs = self.history.get("val_epochs") or []
+        if not epochs:
+            return None, {}
+        return int(epochs[-1]), {int(n): float(r[-1]) for n, r in self.history["val_recalls"].items() if r}
+
     def record_epoch(self, epoch: int, stats: EpochStats, seconds: float) -> None:
         self.epoch = epoch
         self.history["epochs"].append(epoch)
@@ -638,9 +620,11 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
         run.writer.close()
     say(opt.quiet, f"best validation Recall@5 {state.best_score:.4f} after {state.epoch} epochs; checkpoints in "
                    f"{run.ckpt_dir}")
-    summary = report.build_summary("train", runs.options_dict(opt), state.recalls, {}, pr, state.timings,
+    val_epoch, recalls = state.last_validation()   # the last epoch may not be validated (--evalEvery)
+    summary = report.build_summary("train", runs.options_dict(opt), recalls, {}, pr, state.timings,
                                    train_split.files + val_split.files,
                                    extra={"best_recall@5": state.best_score, "epochs": state.epoch,
+                                          "recalls_epoch": val_epoch,
                                           "run_dir": str(run_dir), "training_set": tset.summary()})
     if distributed.is_main():
         write_json_atomic(summary, run_dir / "summary.json")

@@ -1,5 +1,5 @@
 """The projection as one matrix product: same values as the reference's convolutions, same checkpoints;
-the cache refresh on the frames its windows cover; ``train._stacked_rows`` against a plain loop."""
+the cache refresh on the frames its windows cover; ``mining.stacked_rows`` against a plain loop."""
 from __future__ import annotations
 
 import numpy as np
@@ -143,10 +143,10 @@ def test_stacked_rows_equals_plain_loop(order):
     elif order == "queries_first":
         rows = np.concatenate([rows[rows >= split.num_db], rows[rows < split.num_db]])
     plain = np.stack([split.q_desc[r - split.num_db] if r >= split.num_db else split.db_desc[r] for r in rows])
-    np.testing.assert_array_equal(train._stacked_rows(tset, rows), plain)
-    assert train._stacked_rows(tset, rows[:0]).shape == (0, split.dim)
+    np.testing.assert_array_equal(mining.stacked_rows(tset, rows), plain)
+    assert mining.stacked_rows(tset, rows[:0]).shape == (0, split.dim)
     with pytest.raises(IndexError):
-        train._stacked_rows(tset, np.array([split.num_db + split.num_q]))
+        mining.stacked_rows(tset, np.array([split.num_db + split.num_q]))
 
 
 def test_window_frames_keep_windows_contiguous():

@@ -54,6 +54,19 @@ def test_resuming_a_finished_run_does_nothing_and_keeps_every_file(work, monkeyp
     assert snapshot(run) == before                                       # summary.json, log, flags: untouched
 
 
+def test_summary_keeps_the_last_validation_when_the_last_epoch_is_not_validated(work, monkeypatch):
+    """Resumed for a third epoch with --evalEvery 2: that epoch is not validated, so the summary reports
+    the recalls of epoch 2 (and says which epoch they come from) instead of none."""
+    root, run = work
+    before = json.loads((run / "summary.json").read_text())
+    assert before["recalls"] and before["recalls_epoch"] == 2
+    args = TRAIN + ["--seqL", "3", "--nEpochs", "3", "--evalEvery", "2", "--resume", str(run)]
+    assert run_main(args, root, monkeypatch) == 0
+    after = json.loads((run / "summary.json").read_text())
+    assert after["epochs"] == 3 and after["recalls_epoch"] == 2
+    assert after["recalls"] == before["recalls"]
+
+
 # ---------------------------------------------------------------- 2. resuming with other data or length
 
 @pytest.mark.parametrize("change, named", [(["--seqL", "2"], "--seqL 3 (this command: --seqL 2)"),
