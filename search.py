@@ -111,7 +111,7 @@ def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: n
     if not distributed.active():
         return
     what = ("--predictionsFile" if predictions is not None else "--shortlistIndex" if config.shortlist_index
-            else "--velocities" if across_speeds
+            else "--velocities with --shortlist" if across_speeds and config.shortlist
             else f"--method {model.method}" if model.compares_descriptors else None)
     if what:
         raise UserError(f"{what} is searched in one process: start this evaluation with python, not torchrun "

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import velocity
 from get_models import SeqMatchModel, WindowEmbedding, project_frames
 from search import (
     DENSE_LIMIT_BYTES,
     TOP_K,
+    DatabaseShare,
     Found,
     SearchConfig,
     check_distributed,
@@ -57,7 +59,10 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
                                  config.feat_dtype, clock, None, config.quiet)
         return shortlist_search(config, db_desc, model, device, db_starts, q, seq_len, chunks, clock, None, rerank)
     search_args = (q_feats, db_starts, q_starts, db_bounds, q_bounds, traj, config.rule, TOP_K, config.query_chunk)
-    if config.streams(model, len(db_desc)):
+    if distributed.active():      # each rank its share of the windows, with the frames their trajectories reach
+        kept, blocks = None, share_blocks(model, db_desc, db_starts, traj, device, config, clock)
+        idx, dists, vel = rank_across_speeds(blocks, *search_args, config.quiet, len(db_starts))
+    elif config.streams(model, len(db_desc)):
         kept = None
         blocks = trajectory_blocks(model, db_desc, db_starts, traj, device, config.batch_size, config.map_chunk,
                                    config.feat_dtype, clock, config.quiet)
@@ -73,6 +78,18 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
             idx, dists, vel = rank_across_speeds([(0, feats, np.arange(len(db_starts)))], *search_args, config.quiet)
     clock["matching_s"] = time.perf_counter() - t0 - clock["features_s"]
     return Found(idx, dists, clock, kept, velocities=vel)
+
+
+def share_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: velocity.Trajectories,
+                 device: torch.device, config: SearchConfig, clock: dict) -> list:
+    """This rank's share of the database windows (``search.DatabaseShare``) as blocks of
+    ``rank_across_speeds`` (``trajectory_blocks``: the frames of its windows and ``velocity.anchor_margin``
+    frames around them, in chunks of ``config.map_chunk`` frames; window ids of the whole database)."""
+    share = DatabaseShare.of(db_starts, traj.seq_len)
+    windows = np.arange(share.windows.start, share.windows.stop)
+    return [(row0, feats, windows[part]) for row0, feats, part in trajectory_blocks(
+        model, desc, np.asarray(db_starts)[windows], traj, device, config.batch_size, config.map_chunk,
+        config.feat_dtype, clock, config.quiet)]
 
 
 def trajectory_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: velocity.Trajectories,
@@ -99,7 +116,8 @@ def trajectory_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: v
 def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray,
                        db_bounds: np.ndarray, q_bounds: np.ndarray, traj: velocity.Trajectories,
                        rule: velocity.ScoringRule, k: int = TOP_K, query_chunk: int = 1024,
-                       quiet: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       quiet: bool = True, num_windows: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k database windows per query window over all trajectories of ``traj``.
 
     ``blocks`` yields ``(first row, features [rows, D], windows)``: database frames (row = frame) and the
@@ -110,7 +128,8 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
     distances are computed once (one product) and every trajectory is a shifted sum of them
     (``velocity.trajectory_distances``); ``velocity.TrajectoryTopK`` keeps each trajectory's top-k and
     the statistics, and applies ``rule``. Returns ``(indices into db_starts [Nq, k], scores [Nq, k],
-    velocity [Nq, k])``, ties by ascending index, then the velocity nearest 1.
+    velocity [Nq, k])``, ties by ascending index, then the velocity nearest 1. Under torchrun each rank's
+    ``blocks`` hold its share of the ``num_windows`` database windows (``gather_shares`` combines them).
     """
     n_db, n_q = len(db_starts), len(q_starts)
     anchors, db_bounds = np.asarray(db_starts) + traj.seq_len // 2, np.asarray(db_bounds)
@@ -126,8 +145,30 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
             for lo, dists in chunks:
                 top.add(lo, dists, torch.as_tensor(windows, device=q_feats.device))
                 bar.update()
+    if distributed.active():
+        top = gather_shares(top, min(k, n_db if num_windows is None else num_windows))
     ids, scores, vel = top.finish(q_bounds, rule)
     return ids.cpu().numpy(), scores.cpu().numpy().astype(np.float32), vel.cpu().numpy().astype(np.float32)
+
+
+def gather_shares(top: velocity.TrajectoryTopK, k: int) -> velocity.TrajectoryTopK:
+    """Under torchrun, every rank's search of its share of the database windows as one search of them all:
+    the statistics summed (the best distances: their minimum) and the per-trajectory lists merged into
+    ``k``-long ones, on every rank."""
+    n_t, n_q = top.traj.count, top.num_queries
+    out = velocity.TrajectoryTopK(n_q, top.traj, k, top.device)
+    for key in ("sum", "sumsq", "count"):
+        out.stats[key] = distributed.all_reduce_sum(torch.from_numpy(top.stats[key]), "summing the statistics").numpy()
+    best = distributed.all_gather_rows(torch.from_numpy(top.stats["best"])[None], "gathering the best distances")
+    out.stats["best"] = best.amin(dim=0).numpy()
+    out.seen = distributed.all_reduce_sum(torch.from_numpy(top.seen), "counting the windows").numpy()
+    world = distributed.world_size()
+    values = distributed.all_gather_rows(top.values.cpu(), "gathering the ranked lists").view(world, n_t, n_q, -1)
+    ids = distributed.all_gather_rows(top.ids.cpu(), "gathering the ranked lists").view(world, n_t, n_q, -1)
+    for r in range(world):
+        for t in range(n_t):
+            out.add_list(t, 0, values[r, t].to(top.device), ids[r, t].to(top.device))
+    return out
 
 
 def rank_across_speeds_in_memory(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: np.ndarray,

@@ -491,7 +491,7 @@ class TrajectoryTopK:
         keys = db_ids.expand(n_b, n_a)
         for t in range(n_t):
             v, pos = topk_by_value_then_index(dists[t].T, kk, ids=keys)
-            self._merge(t, q_lo, v.to(self.device), db_ids[pos].to(self.device))
+            self.add_list(t, q_lo, v.to(self.device), db_ids[pos].to(self.device))
 
     def add_stats(self, q_lo: int, dists: torch.Tensor) -> None:
         """Per (trajectory, query): best, sum, sum of squares (float64) and count of the finite distances.
@@ -520,8 +520,8 @@ class TrajectoryTopK:
                                  np.asarray(q_segments)[s_lo:s_hi])
         return a[lo - s_lo:hi - s_lo], b[lo - s_lo:hi - s_lo]
 
-    def _merge(self, t: int, q_lo: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        """Merge ``[B, k']`` new entries of trajectory ``t`` into the lists of queries ``q_lo..``."""
+    def add_list(self, t: int, q_lo: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        """Merge ``[B, k']`` new entries of trajectory ``t`` (ids -1: empty) into the lists of queries ``q_lo..``."""
         rows = slice(q_lo, q_lo + len(vals))
         cat_v = torch.cat([self.values[t, rows], vals], dim=1)
         cat_i = torch.cat([self.ids[t, rows], idx], dim=1)

@@ -183,6 +183,27 @@ def test_test_mode_with_two_ranks_equals_one_process(reference_copy, tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("streamed", [False, True], ids=["dense", "streamed"])
+def test_velocities_with_three_ranks_equal_one_process(reference_copy, tmp_path, monkeypatch, streamed):
+    """--velocities under torchrun: each rank scores its share's trajectories (reaching frames beyond the
+    share), the statistics are summed and the lists merged: predictions, scores, velocities and recalls
+    are one process's, dense and streamed."""
+    args = ("--mode test --dataset nordland-sw --seqL 5 --pooling --split test --resume "
+            "data/runs/ref_oxford_l5_1epoch --figures none --velocities 0.5:2:0.5").split()
+    args += ["--mapChunk", "700"] if streamed else []
+    assert one_process(args + ["--resultsPath", str(tmp_path / "one")], reference_copy, monkeypatch) == 0
+    rc, out, err, _ = torchrun(args + ["--resultsPath", str(tmp_path / "two")], reference_copy, nproc=3)
+    assert rc == 0, err[-3000:]
+    one = np.load(tmp_path / "one" / "results.npz")
+    two = np.load(tmp_path / "two" / "results.npz")
+    assert "velocities" in one.files and set(one.files) == set(two.files)
+    np.testing.assert_allclose(two["dists"], one["dists"], rtol=1e-6)
+    for name in one.files:
+        if name != "dists":
+            np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
+@pytest.mark.slow
 def test_training_with_two_ranks_equals_one_process_and_resumes_exactly(tiny_oxford, tmp_path, monkeypatch):
     """One epoch with 2 ranks ends with one process's weights (same triplets, same steps); a run
     resumed under torchrun ends exactly where a straight torchrun run does; one run folder each."""
@@ -216,6 +237,25 @@ def test_training_with_two_ranks_equals_one_process_and_resumes_exactly(tiny_oxf
         torch.testing.assert_close(resumed["state_dict"][key], direct["state_dict"][key], rtol=0, atol=0)
     assert torch.equal(resumed["neg_cache"], direct["neg_cache"])
     assert resumed["recalls"] == direct["recalls"]
+
+
+@pytest.mark.slow
+def test_training_across_speeds_with_two_ranks_equals_one_process(tiny_oxford, tmp_path, monkeypatch):
+    """One epoch with --velocities (the loss, the mining matrix and the validation across speeds) with 2
+    ranks ends with one process's weights, triplets and validation recalls."""
+    two = tmp_path / "two"
+    shutil.copytree(tiny_oxford, two)
+    args = TRAIN_ARGS + ["--nEpochs", "1", "--velocities", "0.5:2:0.5"]
+    assert one_process(args, tiny_oxford, monkeypatch) == 0
+    want = checkpoint(runs_under(tiny_oxford)[0])
+    rc, out, err, _ = torchrun(args, two)
+    assert rc == 0, err[-3000:]
+    got = checkpoint(runs_under(two)[0])
+    for key, w in want["state_dict"].items():
+        rel = ((got["state_dict"][key] - w).abs().max() / w.abs().max()).item()
+        assert rel < 1e-4, (key, rel)
+    assert torch.equal(got["neg_cache"], want["neg_cache"])          # the same triplets were mined
+    assert got["recalls"] == want["recalls"] and want["recalls"]
 
 
 FAULTY = """

@@ -286,8 +286,9 @@ def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len
 
 
 def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
-    """Under torchrun sequence matching along the diagonal is divided between the ranks; a search across
-    speeds (and the other undivided searches) is refused with one line instead of being repeated."""
+    """Under torchrun sequence matching is divided between the ranks, along the diagonal and across speeds;
+    the undivided searches (across speeds with a shortlist among them) are refused with one line instead of
+    being repeated."""
     import distributed
     from get_models import SeqMatchModel
     from utils import UserError
@@ -296,7 +297,9 @@ def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
     model = SeqMatchModel(4, False, 4)
     search.check_distributed(search.SearchConfig(), model, None)               # divided: accepted
     search.check_distributed(search.SearchConfig(shortlist=5), model, None)   # divided too
-    cases = [({}, None, True, "--velocities"), ({"shortlist": 5, "shortlist_index": "x.index"}, None, False,
+    search.check_distributed(search.SearchConfig(), model, None, across_speeds=True)   # divided too
+    cases = [({"shortlist": 5}, None, True, "--velocities with --shortlist"),
+             ({"shortlist": 5, "shortlist_index": "x.index"}, None, False,
                                                 "--shortlistIndex"),
              ({}, np.zeros((2, 20), dtype=np.int64), False, "--predictionsFile")]
     for kwargs, preds, across, flag in cases:
