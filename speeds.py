@@ -138,7 +138,8 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
         for row0, feats, windows in blocks:
             # a query chunk's block: frame distances [rows, chunk frames] + T scores per database window
             per_query = 4 * (len(feats) * (2 if traj.weights.any() else 1) + (traj.count + 1) * len(windows))
-            step = max(1, min(query_chunk, DENSE_LIMIT_BYTES // max(per_query, 1)))
+            step = max(1, min(query_chunk, DENSE_LIMIT_BYTES // max(per_query, 1),
+                              TILE_BYTES // max(4 * traj.count * len(windows), 1)))     # a cache-sized tile
             block_bounds = np.clip(db_bounds[windows] - row0, 0, len(feats))
             chunks = velocity.chunk_distances(feats, q_feats, anchors[windows] - row0, block_bounds, q_starts,
                                               traj, step)

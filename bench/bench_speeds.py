@@ -14,7 +14,8 @@ The cost: ``--mode test`` scoring of 3000 x 3000 frames of 4096-D (``speeds.rank
 frame distances once per query chunk, sums along the trajectories, the rule, one top-100 per chunk) against
 the diagonal's (``search.rank``: the same product, the diagonal sums, one top-100), interleaved repeats
 in one run, and one localisation step with the trajectories
-against one matrix-vector product. Only ratios are printed as results.
+against one matrix-vector product; also the block search of streamed maps (per-trajectory top-k lists,
+no goal). Only ratios are printed as results.
 
     python bench/bench_speeds.py [--small] [--split test] [--velocities 0.5:2:0.5] [--grid half] [--seeds 0 1]
                                  [--rules consensus:10:1 min zscore ...] [--skip-cost] [--skip-recall]
@@ -158,14 +159,20 @@ def cost_ratios(args) -> bool:
     def trajectories():                    # what --mode test runs with --velocities for a map in memory
         return speeds.rank_across_speeds_in_memory(db, q, starts, starts, bounds, bounds, traj, V.DEFAULT_RULE, k)
 
+    def blocks():                          # the same as one streamed block (maps over --mapChunk, torchrun)
+        return speeds.rank_across_speeds([(0, db, np.arange(n))], q, starts, starts, bounds, bounds, traj,
+                                         V.DEFAULT_RULE, k)
+
     def product():
         return frame_distances(db, q)
 
-    t = interleaved({"product": product, "diagonal": diagonal, "trajectories": trajectories}, args.repeats)
+    t = interleaved({"product": product, "diagonal": diagonal, "trajectories": trajectories, "blocks": blocks},
+                    args.repeats)
     search = median(t["trajectories"]) / median(t["diagonal"])
     print(f"\n--mode test scoring, {n} x {n} frames, D {dim}, seqL {L}, {traj.count} trajectories, top-{k} "
           f"(medians of {args.repeats} interleaved repeats): trajectories / diagonal = {search:.2f}, "
-          f"diagonal / product = {median(t['diagonal']) / median(t['product']):.2f}")
+          f"diagonal / product = {median(t['diagonal']) / median(t['product']):.2f}; the block search "
+          f"(streamed maps, torchrun) / diagonal = {median(t['blocks']) / median(t['diagonal']):.2f}")
     ok = goal(search <= 2.0, f"trajectories search <= 2x the diagonal's: {search:.2f}")
     return localisation_ratio(args, db[:args.loc_frames] if args.loc_frames <= n else None) and ok
 
