@@ -104,14 +104,13 @@ def find(config: SearchConfig, model: SeqMatchModel, db_desc, db_starts: np.ndar
     return Found(idx, dists, timings, db.feats if db.starts is not None else None)
 
 
-def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: np.ndarray | None,
-                      across_speeds: bool = False) -> None:
-    """Under torchrun the database windows of sequence matching (dense or streamed) are divided between
-    the ranks; the searches that are not divided are refused with one line rather than repeated."""
+def check_distributed(config: SearchConfig, model: SeqMatchModel, predictions: np.ndarray | None) -> None:
+    """Under torchrun the database windows of sequence matching (dense, streamed or shortlisted; along the
+    diagonal or across speeds) are divided between the ranks; the searches that are not divided are
+    refused with one line rather than repeated."""
     if not distributed.active():
         return
     what = ("--predictionsFile" if predictions is not None else "--shortlistIndex" if config.shortlist_index
-            else "--velocities with --shortlist" if across_speeds and config.shortlist
             else f"--method {model.method}" if model.compares_descriptors else None)
     if what:
         raise UserError(f"{what} is searched in one process: start this evaluation with python, not torchrun "

@@ -40,7 +40,7 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
     """``find`` with ``velocities``: every database trajectory of every window (or of the candidates of
     ``predictions``), scored by ``config.rule``; the database projected whole, or streamed from its file
     in chunks of ``map_chunk`` frames when it is larger."""
-    check_distributed(config, model, predictions, across_speeds=True)
+    check_distributed(config, model, predictions)
     if model.compares_descriptors:
         raise UserError("--velocities matches frame sequences: use it with --method seqmatch (this model compares "
                         "one descriptor per window or frame)")
@@ -251,15 +251,21 @@ def rerank_across_speeds(model: SeqMatchModel, desc, db_starts: np.ndarray, db_b
     trajectory of every candidate, combined by ``rule`` with statistics over the query's candidates
     (instead of the whole map); ordered by score, then index, then the velocity nearest 1. A few queries
     at a time (at most about ``group_bytes`` of gathered features), only the frames their candidates'
-    trajectories use are read and projected."""
-    cand = np.asarray(candidates)
-    d = torch.empty((*cand.shape, traj.count), dtype=torch.float32, device=device)       # [Nq, C, T]
+    trajectories use are read and projected. Under torchrun each rank re-ranks a share of the queries; the
+    statistics the rule reads travel between the ranks, then the re-ranked lists."""
+    rows = distributed.shard(len(candidates))          # every query outside torchrun
+    cand, starts = np.asarray(candidates)[rows], np.asarray(q_starts)[rows]
+    d = torch.empty((*cand.shape, traj.count), dtype=torch.float32, device=device)       # [n, C, T]
     group = max(1, group_bytes // max(4 * cand.shape[1] * traj.count * q_feats.shape[1], 1))
     for lo in range(0, len(cand), group):
         d[lo:lo + group] = candidate_trajectory_distances(
             model, desc, np.asarray(db_starts)[cand[lo:lo + group]], np.asarray(db_bounds)[cand[lo:lo + group]],
-            q_feats, np.asarray(q_starts[lo:lo + group]), traj, device, batch_size)
-    return combine_candidates(d, cand, traj, rule, q_bounds)
+            q_feats, starts[lo:lo + group], traj, device, batch_size)
+    stats = candidate_statistics(d)
+    stats = dict(zip(stats, distributed.all_gather_arrays(*stats.values(), what="gathering the rule's statistics")))
+    a, b = velocity.rule_coefficients(rule, stats, q_bounds)                                  # [Nq, T]
+    out = combine_candidates(d, cand, traj, a[rows], b[rows])
+    return distributed.all_gather_arrays(*out, what="gathering the re-ranked shortlists")
 
 
 def candidate_trajectory_distances(model: SeqMatchModel, desc, starts: np.ndarray, bounds: np.ndarray,
@@ -289,16 +295,21 @@ def candidate_trajectory_distances(model: SeqMatchModel, desc, starts: np.ndarra
     return d.div_(traj.seq_len).masked_fill_(~valid.to(device), torch.inf)
 
 
-def combine_candidates(d: torch.Tensor, cand: np.ndarray, traj: velocity.Trajectories, rule: velocity.ScoringRule,
-                       q_bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``d`` ``[Nq, C, T]`` trajectory distances of each query's candidates -> ``(candidates, scores,
-    velocity)`` ``[Nq, C]`` by the rule's adjusted score (float32, as the other paths), then index, then the
-    velocity nearest 1. The rule's statistics are taken over each query's candidates."""
+def candidate_statistics(d: torch.Tensor) -> dict[str, np.ndarray]:
+    """The rule's statistics of each query's candidates (``d`` ``[Nq, C, T]``): ``best``, ``sum``, ``sumsq``
+    and ``count`` of the finite distances, ``[Nq, T]`` float64."""
     finite = torch.isfinite(d)
     z = torch.where(finite, d, 0.0).double()
-    stats = {"best": d.amin(dim=1).double().cpu().numpy(), "sum": z.sum(dim=1).cpu().numpy(),
-             "sumsq": z.square().sum(dim=1).cpu().numpy(), "count": finite.sum(dim=1).double().cpu().numpy()}
-    a, b = velocity.rule_coefficients(rule, stats, q_bounds)                              # [Nq, T]
+    return {"best": d.amin(dim=1).double().cpu().numpy(), "sum": z.sum(dim=1).cpu().numpy(),
+            "sumsq": z.square().sum(dim=1).cpu().numpy(), "count": finite.sum(dim=1).double().cpu().numpy()}
+
+
+def combine_candidates(d: torch.Tensor, cand: np.ndarray, traj: velocity.Trajectories, a: np.ndarray,
+                       b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``d`` ``[Nq, C, T]`` trajectory distances of each query's candidates and the rule's coefficients ``a``,
+    ``b`` ``[Nq, T]`` -> ``(candidates, scores, velocity)`` ``[Nq, C]`` by the adjusted score (float32, as the
+    other paths), then index, then the velocity nearest 1."""
+    finite = torch.isfinite(d)
     a_t = torch.as_tensor(a, dtype=torch.float32, device=d.device)[:, None]
     b_t = torch.as_tensor(b, dtype=torch.float32, device=d.device)[:, None]
     adj = (a_t * d + b_t).where(finite, torch.inf)

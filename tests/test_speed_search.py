@@ -286,9 +286,8 @@ def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len
 
 
 def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
-    """Under torchrun sequence matching is divided between the ranks, along the diagonal and across speeds;
-    the undivided searches (across speeds with a shortlist among them) are refused with one line instead of
-    being repeated."""
+    """Under torchrun sequence matching is divided between the ranks, along the diagonal and across speeds,
+    dense or shortlisted; the undivided searches are refused with one line instead of being repeated."""
     import distributed
     from get_models import SeqMatchModel
     from utils import UserError
@@ -297,14 +296,12 @@ def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
     model = SeqMatchModel(4, False, 4)
     search.check_distributed(search.SearchConfig(), model, None)               # divided: accepted
     search.check_distributed(search.SearchConfig(shortlist=5), model, None)   # divided too
-    search.check_distributed(search.SearchConfig(), model, None, across_speeds=True)   # divided too
-    cases = [({"shortlist": 5}, None, True, "--velocities with --shortlist"),
-             ({"shortlist": 5, "shortlist_index": "x.index"}, None, False,
-                                                "--shortlistIndex"),
-             ({}, np.zeros((2, 20), dtype=np.int64), False, "--predictionsFile")]
-    for kwargs, preds, across, flag in cases:
+    search.check_distributed(search.SearchConfig(velocities=(0.5, 1.0), shortlist=5), model, None)
+    cases = [({"shortlist": 5, "shortlist_index": "x.index"}, None, "--shortlistIndex"),
+             ({"velocities": (0.5, 1.0)}, np.zeros((2, 20), dtype=np.int64), "--predictionsFile")]
+    for kwargs, preds, flag in cases:
         with pytest.raises(UserError, match=f"{flag} is searched in one process"):
-            search.check_distributed(search.SearchConfig(**kwargs), model, preds, across_speeds=across)
+            search.check_distributed(search.SearchConfig(**kwargs), model, preds)
     with pytest.raises(UserError, match="--method smooth"):
         search.check_distributed(search.SearchConfig(), SeqMatchModel(4, False, 4, method="smooth"), None)
 
