@@ -33,6 +33,7 @@ from typing import BinaryIO, TextIO
 import numpy as np
 import torch
 
+import blocks
 import metrics
 import plots
 import report
@@ -291,7 +292,7 @@ class Localizer:
         L, traj, sums = self.seq_len, self._traj, self._traj_scores
         nd = self.num_db
         rows = [self._ring[(slot + 1 + i) % L] for i in range(L)]              # query offsets -(L-1)..0
-        mids = [(r[:-1] + r[1:]).mul_(0.5) for r in rows] if traj.weights.any() else rows   # midpoint distances
+        mids = [blocks.midpoints(r) for r in rows] if traj.weights.any() else rows    # midpoint distances
         first, last = traj.reach
         for t in range(traj.count):
             lo, hi = int(-first[t]), nd - max(int(last[t]), 0)                # end frames inside the database

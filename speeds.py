@@ -59,13 +59,8 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
                                  config.feat_dtype, clock, None, config.quiet)
         return shortlist_search(config, db_desc, model, device, db_starts, q, seq_len, chunks, clock, None, rerank)
     search_args = (q_feats, db_starts, q_starts, db_bounds, q_bounds, traj, config.rule, TOP_K, config.query_chunk)
-    if distributed.active():      # each rank its share of the windows, with the frames their trajectories reach
+    if distributed.active() or config.streams(model, len(db_desc)):   # under torchrun: this rank's share
         kept, blocks = None, share_blocks(model, db_desc, db_starts, traj, device, config, clock)
-        idx, dists, vel = rank_across_speeds(blocks, *search_args, config.quiet, len(db_starts))
-    elif config.streams(model, len(db_desc)):
-        kept = None
-        blocks = trajectory_blocks(model, db_desc, db_starts, traj, device, config.batch_size, config.map_chunk,
-                                   config.feat_dtype, clock, config.quiet)
         idx, dists, vel = rank_across_speeds(blocks, *search_args, config.quiet)
     else:
         db = model.embed_windows(db_desc, db_starts, seq_len, device, config.batch_size, "database", config.quiet,
@@ -81,15 +76,15 @@ def find_across_speeds(config: SearchConfig, model: SeqMatchModel, db_desc, db_s
 
 
 def share_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: velocity.Trajectories,
-                 device: torch.device, config: SearchConfig, clock: dict) -> list:
-    """This rank's share of the database windows (``search.DatabaseShare``) as blocks of
-    ``rank_across_speeds`` (``trajectory_blocks``: the frames of its windows and ``velocity.anchor_margin``
+                 device: torch.device, config: SearchConfig, clock: dict):
+    """This rank's share of the database windows (``search.DatabaseShare``; all of them outside torchrun) as
+    blocks of ``rank_across_speeds`` (``trajectory_blocks``: the frames of its windows and ``velocity.anchor_margin``
     frames around them, in chunks of ``config.map_chunk`` frames; window ids of the whole database)."""
     share = DatabaseShare.of(db_starts, traj.seq_len)
     windows = np.arange(share.windows.start, share.windows.stop)
-    return [(row0, feats, windows[part]) for row0, feats, part in trajectory_blocks(
+    return ((row0, feats, windows[part]) for row0, feats, part in trajectory_blocks(     # streamed, one at a time
         model, desc, np.asarray(db_starts)[windows], traj, device, config.batch_size, config.map_chunk,
-        config.feat_dtype, clock, config.quiet)]
+        config.feat_dtype, clock, config.quiet))
 
 
 def trajectory_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: velocity.Trajectories,
@@ -116,8 +111,7 @@ def trajectory_blocks(model: SeqMatchModel, desc, db_starts: np.ndarray, traj: v
 def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_starts: np.ndarray,
                        db_bounds: np.ndarray, q_bounds: np.ndarray, traj: velocity.Trajectories,
                        rule: velocity.ScoringRule, k: int = TOP_K, query_chunk: int = 1024,
-                       quiet: bool = True, num_windows: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       quiet: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k database windows per query window over all trajectories of ``traj``.
 
     ``blocks`` yields ``(first row, features [rows, D], windows)``: database frames (row = frame) and the
@@ -129,7 +123,7 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
     (``velocity.trajectory_distances``); ``velocity.TrajectoryTopK`` keeps each trajectory's top-k and
     the statistics, and applies ``rule``. Returns ``(indices into db_starts [Nq, k], scores [Nq, k],
     velocity [Nq, k])``, ties by ascending index, then the velocity nearest 1. Under torchrun each rank's
-    ``blocks`` hold its share of the ``num_windows`` database windows (``gather_shares`` combines them).
+    ``blocks`` hold its share of the database windows (``gather_shares`` combines them).
     """
     n_db, n_q = len(db_starts), len(q_starts)
     anchors, db_bounds = np.asarray(db_starts) + traj.seq_len // 2, np.asarray(db_bounds)
@@ -147,7 +141,7 @@ def rank_across_speeds(blocks, q_feats: torch.Tensor, db_starts: np.ndarray, q_s
                 top.add(lo, dists, torch.as_tensor(windows, device=q_feats.device))
                 bar.update()
     if distributed.active():
-        top = gather_shares(top, min(k, n_db if num_windows is None else num_windows))
+        top = gather_shares(top, top.k)
     ids, scores, vel = top.finish(q_bounds, rule)
     return ids.cpu().numpy(), scores.cpu().numpy().astype(np.float32), vel.cpu().numpy().astype(np.float32)
 

@@ -94,7 +94,7 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
                                           "position_unit": split.position_unit,
                                           "method_label": loaded.label, "checkpoint": loaded.info,
                                           "feat_dtype": opt.featDtype, "velocities": opt.velocities,
-                                          "trajectory_grid": opt.trajectoryGrid,
+                                          "trajectoryGrid": opt.trajectoryGrid,
                                           "shortlist": result.shortlist})
     write_json_atomic(summary, results_dir / "summary.json")
     log.info("results, figures and summary.json written to %s", path.parent)

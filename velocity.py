@@ -273,9 +273,9 @@ def _shifted_sums(frame_dists: torch.Tensor, anchors: torch.Tensor, q_cols: torc
     fd = fd[:, c_lo + k_lo:c_hi + int(traj.q_offsets.max())]
     mid = blocks.midpoints(fd) if traj.weights.any() else None                  # [M - 1, ...] neighbour means
     row_runs, col_runs = blocks.index_runs(anchors), blocks.index_runs(q_cols)
-    buf = None
+    buf, (reach_lo, reach_hi) = None, traj.reach
     for t in range(traj.count):
-        r_lo, r_hi = int(traj.reach[0][t]), int(traj.reach[1][t])
+        r_lo, r_hi = int(reach_lo[t]), int(reach_hi[t])
         base = max(lo, -r_lo)                                # anchors base..top-1 keep all frames in the block
         top = max(min(hi, m - r_hi), base)
         if top <= base:
