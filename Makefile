@@ -12,6 +12,7 @@ install:
 	@$(PYTHON) -c "import torch, torchvision.ops" 2>/dev/null || $(PIP) install -q $(TORCH_PAIR) || \
 		$(PIP) install -q "torch>=2.1,<3" "torchvision>=0.16"
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
 
 demo: install
 	$(PYTHON) main.py --mode demo

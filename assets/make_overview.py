@@ -23,12 +23,12 @@ def overview(run_dir: str, out: Path, frames: int = 250, seq_len: int = 5) -> Pa
     import torch
     from matplotlib.figure import Figure
 
-    from datasets import sequence_windows
-    from get_models import project_frames
-    from options import parse_options
-    from plots import save_figure
-    from seqMatchNet import window_distances
-    from test import load_for_test
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.test import load_for_test
+    from seqmatchnet.data.windows import sequence_windows
+    from seqmatchnet.evaluation.figures import save_figure
+    from seqmatchnet.matching.seqmatch import window_distances
+    from seqmatchnet.models.sequence import project_frames
 
     base = "--mode test --dataset synthetic --split test --nocuda --quiet".split()
     panels = []

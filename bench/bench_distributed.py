@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from common import PeakMemory, add_size_options, machine_line, median, mib, route_features, table
 
-import distributed
+from seqmatchnet.common import distributed
 
 
 def worker(args) -> None:
     """One rank of the job: rank the queries, report time and memory to ``args.out``."""
     import time
 
-    import search as test
+    from seqmatchnet.search import diagonal
 
     distributed.init(cuda=args.cuda)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -45,22 +45,22 @@ def worker(args) -> None:
     starts_q = np.arange(args.queries - args.seqL + 1)
     times, peaks = [], []
     if args.streamed:               # the database streamed from its descriptors, --mapChunk frames at a time
-        from get_models import SeqMatchModel
+        from seqmatchnet.models.sequence import SeqMatchModel
 
         model = SeqMatchModel(args.dim, False, args.dim)
         desc = db.cpu().numpy()
         q_emb = model.embed_windows(q.cpu().numpy(), starts_q, args.seqL, torch.device("cpu"), 4096, quiet=True,
                                     all_frames=True)
-        config = test.SearchConfig(map_chunk=args.map_chunk, quiet=True)
+        config = diagonal.SearchConfig(map_chunk=args.map_chunk, quiet=True)
     for _ in range(args.repeats):
         distributed.barrier()
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             if args.streamed:
-                idx = test.search_streamed(config, desc, model, torch.device("cpu"), starts_db, q_emb,
+                idx = diagonal.search_streamed(config, desc, model, torch.device("cpu"), starts_db, q_emb,
                                            args.seqL).preds
             else:
-                idx, dists = test.rank(db, q, starts_db, starts_q, args.seqL, quiet=True)
+                idx, dists = diagonal.rank(db, q, starts_db, starts_q, args.seqL, quiet=True)
             elapsed = time.perf_counter() - t0
         slowest = distributed.all_reduce_sum(torch.zeros(distributed.world_size()).index_fill_(
             0, torch.tensor(distributed.rank()), elapsed)).max().item()

@@ -79,11 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
-    import evaluate as project_evaluate
-    import search as project_search
-    from datasets import segment_bounds, sequence_windows
-    from get_models import SeqMatchModel
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.evaluation import evaluate
+    from seqmatchnet.models.sequence import SeqMatchModel
+    from seqmatchnet.search import diagonal
 
     L = args.seqL
     print(f"bench_eval: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {L}; {machine_line()}")
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
     split = route_split(db, q, "bench")
     model = SeqMatchModel(args.dim, pooling=False, out_dims=args.dim)
-    config = project_evaluate.EvalConfig.from_options(parse_options(["--mode", "test", "--seqL", str(L), "--nocuda",
+    config = evaluate.EvalConfig.from_options(parse_options(["--mode", "test", "--seqL", str(L), "--nocuda",
                                                                       "--quiet"]))
     cpu = torch.device("cpu")
 
@@ -104,10 +104,10 @@ def main(argv=None) -> int:
     results = {}
 
     def run_rank():
-        results["rank"] = project_search.rank(db, q, db_starts, q_starts, L, quiet=True)
+        results["rank"] = diagonal.rank(db, q, db_starts, q_starts, L, quiet=True)
 
     def run_evaluate():
-        results["evaluate"] = project_evaluate.evaluate(config, split, model, cpu)
+        results["evaluate"] = evaluate.evaluate(config, split, model, cpu)
 
     def run_baseline():
         results["baseline"] = baseline(db_window_frames, q, q_starts, subset, L)

@@ -38,8 +38,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import extract
-import image_models
+from seqmatchnet.images import extraction
+from seqmatchnet.images import base
+from seqmatchnet.images import cosplace
+from seqmatchnet.images import mixvpr
+from seqmatchnet.images import netvlad
+from seqmatchnet.images import registry
 from common import add_threads_option, apply_threads, goal, interleaved, machine_line, table
 
 MIXVPR_RELEASED = {"in_channels": 1024, "cells": 400, "out_channels": 1024, "depth": 4, "hidden": 400, "rows": 4}
@@ -56,18 +60,18 @@ def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[
     return paths
 
 
-def build(name: str, quick: bool, seed: int) -> image_models.ImageModel:
+def build(name: str, quick: bool, seed: int) -> base.ImageModel:
     """A random network of ``name`` with its released layout (smaller NetVLAD with ``quick``)."""
     torch.manual_seed(seed)
     if name == "netvlad":
         k, p = (16, 512) if quick else (64, 4096)
-        return image_models.model_from_state("netvlad", image_models.random_netvlad_state(k, p, seed))
+        return registry.model_from_state("netvlad", netvlad.random_netvlad_state(k, p, seed))
     if name == "mixvpr":
-        net = image_models.MixVPRNet("resnet50", 3, MIXVPR_RELEASED).eval()
-        return image_models.ImageModel("mixvpr", net, 4096, "ResNet-50 to layer3 + MixVPR 4096", (320, 320),
+        net = mixvpr.MixVPRNet("resnet50", 3, MIXVPR_RELEASED).eval()
+        return base.ImageModel("mixvpr", net, 4096, "ResNet-50 to layer3 + MixVPR 4096", (320, 320),
                                        cells=400, stride_steps=4)
-    net = image_models.GeoLocalizationNet("resnet50", 2048, 2048).eval()
-    return image_models.ImageModel(name, net, 2048, "ResNet-50 + GeM + Linear(2048, 2048)", None)
+    net = cosplace.GeoLocalizationNet("resnet50", 2048, 2048).eval()
+    return base.ImageModel(name, net, 2048, "ResNet-50 + GeM + Linear(2048, 2048)", None)
 
 
 def multiply_adds(network: nn.Module, size: tuple[int, int]) -> int:
@@ -88,7 +92,7 @@ def multiply_adds(network: nn.Module, size: tuple[int, int]) -> int:
     finally:
         for h in hooks:
             h.remove()
-    if isinstance(network, image_models.NetVLADModel) and network.WPCA is not None:
+    if isinstance(network, netvlad.NetVLADModel) and network.WPCA is not None:
         total[0] += network.WPCA[0].weight.numel()       # WPCA runs as F.linear, not through the conv module
     del out
     return total[0]
@@ -104,14 +108,14 @@ def matmul_product() -> Callable[[], object]:
     return lambda: torch.mm(a, b)
 
 
-def per_image_loop(model: image_models.ImageModel, paths: list[Path], size, device: torch.device) -> np.ndarray:
+def per_image_loop(model: base.ImageModel, paths: list[Path], size, device: torch.device) -> np.ndarray:
     """The baseline: one image at a time, decoded in this process, default memory format."""
     network = model.network.to(device=device, memory_format=torch.contiguous_format)
     rows = []
     with torch.no_grad():
         for path in paths:
             with Image.open(path) as image:
-                x = extract.preprocess(image, size)[None].to(device)
+                x = extraction.preprocess(image, size)[None].to(device)
             rows.append(network(x).cpu().numpy()[0])
     return np.stack(rows)
 
@@ -119,13 +123,13 @@ def per_image_loop(model: image_models.ImageModel, paths: list[Path], size, devi
 def bench_model(name: str, args: argparse.Namespace, paths: list[Path], tmp: Path, device: torch.device) -> dict:
     """Time one model: the project (and with ``--loop`` the per-image loop) in interleaved rounds."""
     model = build(name, args.quick, args.seed)
-    size = model.default_size if name != "netvlad" else extract.parse_image_size(args.netvladSize)
+    size = model.default_size if name != "netvlad" else extraction.parse_image_size(args.netvladSize)
     image_size = size or Image.open(paths[0]).size
     macs = multiply_adds(model.network, image_size)
     run = {}
 
     def project() -> None:
-        result = extract.extract_descriptors(model, paths, tmp / f"{name}.npy", checkpoint_id="bench",
+        result = extraction.extract_descriptors(model, paths, tmp / f"{name}.npy", checkpoint_id="bench",
                                              image_size=size, batch_size=args.batchSize, threads=args.workers,
                                              device=device)
         run["project"] = np.load(result.path)
@@ -133,7 +137,7 @@ def bench_model(name: str, args: argparse.Namespace, paths: list[Path], tmp: Pat
     def loop() -> None:
         run["loop"] = per_image_loop(model, paths, size, device)
 
-    extract.extract_descriptors(model, paths[:1], tmp / "warm.npy", checkpoint_id="bench", image_size=size,
+    extraction.extract_descriptors(model, paths[:1], tmp / "warm.npy", checkpoint_id="bench", image_size=size,
                                 batch_size=1, threads=0, device=device)
     fns = {"matmul": matmul_product(), "project": project, **({"loop": loop} if args.loop else {})}
     times = interleaved(fns, args.repeats, warmup=False)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 images of 320x240, one round, NetVLAD K=16 512-D")
-    p.add_argument("--models", default=",".join(image_models.MODELS), help="comma-separated models to time")
+    p.add_argument("--models", default=",".join(registry.MODELS), help="comma-separated models to time")
     p.add_argument("--images", type=int, default=4, help="images per model and round")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds; the best round counts")
     p.add_argument("--batchSize", type=int, default=4, help="images per forward pass")
@@ -188,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.repeats, args.netvladSize, jpeg_size = 2, 1, "320,240", (320, 240)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in image_models.MODELS]
+    unknown = [m for m in models if m not in registry.MODELS]
     if unknown:
-        p.error(f"--models: unknown {unknown}; choose from {', '.join(image_models.MODELS)}")
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(registry.MODELS)}")
     apply_threads(args.threads)
     device = torch.device(args.device)
     print(machine_line())

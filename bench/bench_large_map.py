@@ -159,7 +159,7 @@ def dense_top1(opt: argparse.Namespace, work: Path, queries: np.ndarray) -> np.n
     the mean of the frame distances along the diagonal; the lowest window index wins ties."""
     import torch
 
-    from datasets import sequence_windows
+    from seqmatchnet.data.windows import sequence_windows
 
     n, L = opt.frames, opt.seqL
     db_starts = sequence_windows(np.tile([[0, n]], (n, 1)), L)[0]

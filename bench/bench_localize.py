@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def dense_last_match(db_feats: torch.Tensor, frames: torch.Tensor, seq_len: int) -> tuple[int, float]:
     """Best trailing database window for the last ``seq_len`` query frames ``[L, D]`` (unit rows), densely."""
-    from seqMatchNet import frame_distances
+    from seqmatchnet.matching.seqmatch import frame_distances
 
     d = frame_distances(db_feats, frames)                           # [Nd, L]
     n = len(db_feats) - seq_len + 1
@@ -49,7 +49,7 @@ def dense_last_match(db_feats: torch.Tensor, frames: torch.Tensor, seq_len: int)
 
 
 def main(argv=None) -> int:
-    from localize import Localizer
+    from seqmatchnet.online.localizer import Localizer
 
     args = parse_args(argv)
     apply_threads(args.threads)

@@ -73,8 +73,8 @@ def baseline_windows(db_feats: torch.Tensor, db_starts: np.ndarray, seq_len: int
 
 def make_training_set(n_db: int, n_q: int, dim: int, seq_len: int, seed: int):
     """Random unit features (timing and memory do not depend on content) and a TrainingSet over them."""
-    from datasets import Split, segment_bounds
-    from mining import TrainingSet
+    from seqmatchnet.data.windows import Split, segment_bounds
+    from seqmatchnet.training.mining import TrainingSet
 
     db = unit_rows(n_db, dim, seed)
     q = unit_rows(n_q, dim, seed + 1)
@@ -100,8 +100,8 @@ def default_chunks(n_queries: int, refresh: int, seed: int) -> list[np.ndarray]:
 
 
 def child(args: argparse.Namespace) -> None:
-    from mining import cache_distances
-    from seqMatchNet import topk_smallest
+    from seqmatchnet.matching.topk import topk_smallest
+    from seqmatchnet.training.mining import cache_distances
 
     torch.set_grad_enabled(False)
     method, variant = args.method, args.variant

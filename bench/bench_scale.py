@@ -51,26 +51,26 @@ def floor_products(db: torch.Tensor, q: torch.Tensor, query_chunk: int, db_chunk
 
 
 def child(args: argparse.Namespace) -> None:
-    import search as project_search
-    from datasets import segment_bounds, sequence_windows
-    from seqMatchNet import window_distances
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.matching.seqmatch import window_distances
+    from seqmatchnet.search import diagonal
 
     torch.set_grad_enabled(False)
     db, q = route_features(args.db, args.queries, args.dim, seed=args.seed)
     db_starts, _ = sequence_windows(segment_bounds(args.db), args.seqL)
     q_starts, _ = sequence_windows(segment_bounds(args.queries), args.seqL)
     # warm-up on a few frames: library code pages and allocator pools are touched before the measurement
-    project_search.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, db_chunk=16, quiet=True)
+    diagonal.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, db_chunk=16, quiet=True)
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        idx, dists = project_search.rank(db, q, db_starts, q_starts, args.seqL, query_chunk=args.query_chunk,
+        idx, dists = diagonal.rank(db, q, db_starts, q_starts, args.seqL, query_chunk=args.query_chunk,
                                        db_chunk=args.db_chunk, quiet=True)
         rank_s = time.perf_counter() - t0
     # what rank chose (mirrors its rule, for the report)
     block = len(db_starts) * min(args.query_chunk, len(q_starts)) * 12
     chosen = args.db_chunk if args.db_chunk > 0 else (
-        len(db_starts) if block <= project_search.DENSE_LIMIT_BYTES
-        else max(project_search.DENSE_LIMIT_BYTES // (12 * args.query_chunk), 1024))
+        len(db_starts) if block <= diagonal.DENSE_LIMIT_BYTES
+        else max(diagonal.DENSE_LIMIT_BYTES // (12 * args.query_chunk), 1024))
     floor_s = floor_products(db, q, args.query_chunk, chosen)
 
     # exact dense scoring, one query window at a time, on a subset
@@ -120,10 +120,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if ran_as_child(args, child):
         return 0
-    import search as project_search
+    from seqmatchnet.search import diagonal
 
     print(f"bench_scale: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {args.seqL}, "
-          f"query_chunk {args.query_chunk}, search.DENSE_LIMIT_BYTES {gib(project_search.DENSE_LIMIT_BYTES)}; "
+          f"query_chunk {args.query_chunk}, search.DENSE_LIMIT_BYTES {gib(diagonal.DENSE_LIMIT_BYTES)}; "
           f"{machine_line()}")
     child_args = ["--db", str(args.db), "--queries", str(args.queries), "--dim", str(args.dim),
                   "--seqL", str(args.seqL),

@@ -31,14 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import CPU_NOTE, goal, interleaved, median, table, timed
 
-import search as project_search
-import speeds
-import velocity as V
-from datasets import segment_bounds, sequence_windows
-from seqMatchNet import frame_distances
-from synthetic import SyntheticParams, generate
+from common import CPU_NOTE, goal, interleaved, median, table, timed
+from seqmatchnet.data.synthetic import SyntheticParams, generate
+from seqmatchnet.data.windows import segment_bounds, sequence_windows
+from seqmatchnet.matching.seqmatch import frame_distances
+from seqmatchnet.search import diagonal as diagonal_mod
+from seqmatchnet.search import speeds
+from seqmatchnet.speeds import kernel, streaming
+from seqmatchnet.speeds import rules as rules_mod
+from seqmatchnet.speeds import trajectories as trajectories_mod
 
 PROFILES = {                               # name -> SyntheticParams fields of the query traversal
     "0.5x": {"query_speed": 0.5},
@@ -54,7 +56,7 @@ DEFAULT_RULES = ("consensus:20:3:z", "min", "zscore", "consensus:20:3", "consens
 GOALS = {"0.5x": 0.75, "1.5x": 0.75, "2x": 0.75, "stops": 0.65, "1x": 0.9}
 
 
-def parse_rule(text: str) -> V.ScoringRule:
+def parse_rule(text: str) -> rules_mod.ScoringRule:
     """``kind[:window[:weight[:z]]]`` -> ``ScoringRule`` (``z``: z-normalise first)."""
     parts = text.split(":")
     kw = {"kind": parts[0], "window": 0, "weight": 0.0, "normalise": False}
@@ -63,7 +65,7 @@ def parse_rule(text: str) -> V.ScoringRule:
     if len(parts) > 2:
         kw["weight"] = float(parts[2])
     kw["normalise"] = len(parts) > 3 and parts[3] == "z"
-    return V.ScoringRule(**kw)
+    return rules_mod.ScoringRule(**kw)
 
 
 def profile_split(seed: int, frames: int, profile: str, split: str) -> dict:
@@ -75,15 +77,15 @@ def profile_split(seed: int, frames: int, profile: str, split: str) -> dict:
             "db_pos": data["db_pos"][db_rows], "q_pos": data["query_pos"][q_rows], "radius": 10.0}
 
 
-def search(split: dict, seq_len: int, traj: V.Trajectories, k: int = 1) -> V.TrajectoryTopK:
+def search(split: dict, seq_len: int, traj: trajectories_mod.Trajectories, k: int = 1) -> streaming.TrajectoryTopK:
     """Every query window against every database window in one block (one segment each side)."""
     nd, nq = len(split["db"]), len(split["q"])
     db_starts, _ = sequence_windows(segment_bounds(nd), seq_len)
     q_starts, _ = sequence_windows(segment_bounds(nq), seq_len)
     fd = frame_distances(split["db"], split["q"])
-    dists = V.trajectory_distances(fd, db_starts + seq_len // 2, np.tile([[0, nd]], (nd, 1)),
+    dists = kernel.trajectory_distances(fd, db_starts + seq_len // 2, np.tile([[0, nd]], (nd, 1)),
                                    q_starts + seq_len // 2, traj)
-    acc = V.TrajectoryTopK(nq, traj, k)
+    acc = streaming.TrajectoryTopK(nq, traj, k)
     acc.add(0, dists, np.arange(nd))
     return acc
 
@@ -102,20 +104,22 @@ def recall_rows(args) -> tuple[list[list], dict]:
     rules = [(r, parse_rule(r)) for r in args.rules]
     names = ["single frame (L 1)", f"diagonal (L {args.seqL})", "oracle (true speed only)"] + [r for r, _ in rules]
     res = {n: {p: [] for p in PROFILES} for n in names}
-    velocities = V.parse_velocities(args.velocities)
-    traj = V.trajectories(velocities, args.seqL, grid=V.GRIDS[args.grid])
-    print(V.describe(traj))
+    velocities = trajectories_mod.parse_velocities(args.velocities)
+    traj = trajectories_mod.trajectories(velocities, args.seqL, grid=trajectories_mod.GRIDS[args.grid])
+    print(trajectories_mod.describe(traj))
     q_seg = None
     for seed in args.seeds:
         for p in PROFILES:
             split = profile_split(seed, args.frames, p, args.split)
             q_seg = np.zeros(len(split["q"]), dtype=np.int64)
-            for name, L, tr in ((names[0], 1, V.trajectories((1.0,), 1)),
-                                (names[1], args.seqL, V.trajectories((1.0,), args.seqL))):
-                res[name][p].append(recall_at_1(search(split, L, tr).finish(q_seg, V.PLAIN_MIN)[0], split))
+            for name, L, tr in ((names[0], 1, trajectories_mod.trajectories((1.0,), 1)),
+                                (names[1], args.seqL, trajectories_mod.trajectories((1.0,), args.seqL))):
+                res[name][p].append(recall_at_1(search(split, L, tr).finish(q_seg, rules_mod.PLAIN_MIN)[0], split))
             speed = PROFILES[p].get("query_speed", 1.0) if "query_stops_per_km" not in PROFILES[p] else None
-            oracle = np.nan if speed is None else recall_at_1(search(split, args.seqL, V.trajectories(
-                (speed,), args.seqL, grid=V.GRIDS[args.grid])).finish(q_seg, V.PLAIN_MIN)[0], split)
+            true = None if speed is None else trajectories_mod.trajectories(
+                (speed,), args.seqL, grid=trajectories_mod.GRIDS[args.grid])
+            oracle = np.nan if speed is None else recall_at_1(
+                search(split, args.seqL, true).finish(q_seg, rules_mod.PLAIN_MIN)[0], split)
             res[names[2]][p].append(oracle)
             acc = search(split, args.seqL, traj)
             for r, rule in rules:
@@ -149,19 +153,21 @@ def cost_ratios(args) -> bool:
     gen = torch.Generator().manual_seed(0)
     db = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
     q = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
-    traj = V.trajectories(V.parse_velocities(args.velocities), L, grid=V.GRIDS[args.grid])
+    velocities = trajectories_mod.parse_velocities(args.velocities)
+    traj = trajectories_mod.trajectories(velocities, L, grid=trajectories_mod.GRIDS[args.grid])
     starts, _ = sequence_windows(segment_bounds(n), L)
     bounds = np.tile([[0, n]], (n, 1))
 
     def diagonal():                        # what --mode test runs for the diagonal
-        return project_search.rank(db, q, starts, starts, L, k, quiet=True)
+        return diagonal_mod.rank(db, q, starts, starts, L, k, quiet=True)
 
     def trajectories():                    # what --mode test runs with --velocities for a map in memory
-        return speeds.rank_across_speeds_in_memory(db, q, starts, starts, bounds, bounds, traj, V.DEFAULT_RULE, k)
+        return speeds.rank_across_speeds_in_memory(db, q, starts, starts, bounds, bounds, traj,
+                                                   rules_mod.DEFAULT_RULE, k)
 
     def blocks():                          # the same as one streamed block (maps over --mapChunk, torchrun)
         return speeds.rank_across_speeds([(0, db, np.arange(n))], q, starts, starts, bounds, bounds, traj,
-                                         V.DEFAULT_RULE, k)
+                                         rules_mod.DEFAULT_RULE, k)
 
     def product():
         return frame_distances(db, q)
@@ -179,13 +185,14 @@ def cost_ratios(args) -> bool:
 
 def localisation_ratio(args, db: torch.Tensor | None) -> bool:
     """Median ``Localizer.step`` with the trajectories over one matrix-vector product on the same database."""
-    from localize import Localizer
+    from seqmatchnet.online.localizer import Localizer
 
     gen = torch.Generator().manual_seed(1)
     if db is None:
         db = torch.nn.functional.normalize(torch.randn(args.loc_frames, args.cost_dim, generator=gen), dim=1)
     frames = torch.nn.functional.normalize(torch.randn(64, db.shape[1], generator=gen), dim=1)
-    loc = Localizer(db, seq_len=args.seqL, velocities=V.parse_velocities(args.velocities), grid=V.GRIDS[args.grid])
+    loc = Localizer(db, seq_len=args.seqL, velocities=trajectories_mod.parse_velocities(args.velocities),
+                    grid=trajectories_mod.GRIDS[args.grid])
     for f in frames[:args.seqL]:
         loc.step(f)
     steps, mvs = [], []
@@ -205,8 +212,8 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=5000, help="database frames of the whole route")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--seqL", type=int, default=5)
-    ap.add_argument("--velocities", default=V.RECOMMENDED)
-    ap.add_argument("--grid", default="half", choices=sorted(V.GRIDS), help="--trajectoryGrid")
+    ap.add_argument("--velocities", default=trajectories_mod.RECOMMENDED)
+    ap.add_argument("--grid", default="half", choices=sorted(trajectories_mod.GRIDS), help="--trajectoryGrid")
     ap.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES),
                     help="kind[:window[:weight[:z]]]; the first is the one held to the goals")
     ap.add_argument("--skip-recall", action="store_true")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np
 import torch
+
 from common import CPU_NOTE, add_threads_option, apply_threads, goal, machine_line, median, table
 
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -104,8 +105,8 @@ def plain_batch_loss(model, tset, queries, positives, negatives, method: str, ma
 def baseline_epoch_parts(model, tset, optimizer, neg_cache: np.ndarray, opt, epoch: int, n_queries: int,
                          n_batches: int) -> dict:
     """Time the baseline on part of the epoch; return per-unit times and the epoch's unit counts."""
-    from mining import N_NEG_SAMPLE
     from plain import plain_mine_query
+    from seqmatchnet.training.mining import N_NEG_SAMPLE
 
     split, L = tset.split, tset.seq_len
     rng = np.random.default_rng([opt.seed, epoch])
@@ -130,7 +131,7 @@ def baseline_epoch_parts(model, tset, optimizer, neg_cache: np.ndarray, opt, epo
         dists[:, col] = plain_cache_column(db_window_frames, q_feats, int(tset.q_starts[qi]), L, opt.neg_trip_method)
     t2 = time.perf_counter()
     # the rest of the chunk untimed (vectorised), so that mining and batches see a complete cache
-    from mining import cache_distances
+    from seqmatchnet.training.mining import cache_distances
     with torch.no_grad():
         dists[:, len(measured):] = cache_distances(db_feats, q_feats, tset, chunk[len(measured):],
                                                    opt.neg_trip_method).numpy()
@@ -190,10 +191,10 @@ def extrapolate(parts: dict) -> dict:
 def check_equivalence(model, tset, opt) -> tuple[int, int, float, float]:
     """Plain mining and loss against the project's ``mine`` / ``batch_loss`` on one chunk's inputs.
     Returns (queries compared, mismatching queries, |loss difference|, max |gradient difference|)."""
-    from get_models import project_frames
-    from mining import N_NEG, cache_distances, mine, sample_negatives
     from plain import plain_mine_query
-    from train import batch_loss
+    from seqmatchnet.models.sequence import project_frames
+    from seqmatchnet.training.mining import N_NEG, cache_distances, mine, sample_negatives
+    from seqmatchnet.training.steps import batch_loss
 
     model = copy.deepcopy(model)
     cpu = torch.device("cpu")
@@ -250,12 +251,13 @@ def main(argv=None) -> int:
         print(f"bench_train: SKIPPED: the reference fixture {REFERENCE} is absent")
         return 0
     apply_threads(args.threads)
-    from get_datasets import get_split
-    from get_models import get_model
-    from mining import N_NEG, TrainingSet
-    from options import parse_options
-    from train import TrainConfig, make_optimizer, train_epoch
-    from utils import make_deterministic
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.train import make_optimizer
+    from seqmatchnet.common.runtime import make_deterministic
+    from seqmatchnet.data.specs import get_split
+    from seqmatchnet.models.sequence import get_model
+    from seqmatchnet.training.mining import N_NEG, TrainingSet
+    from seqmatchnet.training.steps import TrainConfig, train_epoch
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         fixture = copy_fixture(Path(tmp) / "reference")

@@ -35,9 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch loads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import common  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch loads)
 from common import CPU_NOTE, goal, machine_line, median, route_split, table  # noqa: E402
 
 BATCH_GOAL = 1.3
@@ -65,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def refresh_chunk(train, tset, rate: int, seed: int) -> np.ndarray:
+def refresh_chunk(steps, tset, rate: int, seed: int) -> np.ndarray:
     """The first cache-refresh chunk of an epoch, as ``train_epoch`` forms it."""
-    if hasattr(train, "refresh_chunks"):          # consecutive pieces of the queries in route order
-        return np.asarray(train.refresh_chunks(tset.queries, rate)[0])
+    if hasattr(steps, "refresh_chunks"):          # consecutive pieces of the queries in route order
+        return np.asarray(steps.refresh_chunks(tset.queries, rate)[0])
     gen = torch.Generator().manual_seed(seed * 1000 + 1)          # random order, each chunk sorted
     order = tset.queries[torch.randperm(len(tset.queries), generator=gen).numpy()]
     return np.sort(order[:rate or len(order)])
@@ -77,7 +78,7 @@ def refresh_chunk(train, tset, rate: int, seed: int) -> np.ndarray:
 @contextlib.contextmanager
 def conv1d_projection():
     """The projection computed as the reference's layer: conv1d on ``[N, C, 1]``."""
-    from get_models import WXpB
+    from seqmatchnet.models.sequence import WXpB
 
     fast = WXpB.forward
     WXpB.forward = lambda self, x: self.conv(x.flatten(2)).permute(0, 2, 1)
@@ -90,29 +91,30 @@ def conv1d_projection():
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.apply_threads(args.threads)
-    import mining
-    import train
-    from get_models import get_model
-    from options import parse_options
-    from seqMatchNet import topk_smallest
+    from seqmatchnet.cli import train as train_mod
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.matching.topk import topk_smallest
+    from seqmatchnet.models.sequence import get_model
+    from seqmatchnet.training import mining as mining_mod
+    from seqmatchnet.training import steps
 
     print(machine_line())
     print(CPU_NOTE)
     t0 = time.perf_counter()
     db, q = common.route_features(args.db, args.queries, args.dim, seed=args.seed)
     split = route_split(db, q, "train")
-    tset = mining.TrainingSet.build(split, args.seqL)
+    tset = mining_mod.TrainingSet.build(split, args.seqL)
     opt = parse_options(["--mode", "train", "--pooling", "--seqL", str(args.seqL), "--outDims", str(args.outDims),
                          "--batchSize", str(args.batchSize), "--cacheRefreshRate", str(args.cacheRefreshRate),
                          "--nocuda", "--quiet"])
     torch.manual_seed(args.seed)
     cpu = torch.device("cpu")
     model = get_model(opt, args.dim)
-    optimizer, _ = train.make_optimizer(opt, model)
+    optimizer, _ = train_mod.make_optimizer(opt, model)
     print(f"data: {args.db} + {args.queries} frames, D {args.dim}, outDims {args.outDims}, L {args.seqL}; "
           f"{tset.summary()}; built in {time.perf_counter() - t0:.1f} s")
 
-    chunk = refresh_chunk(train, tset, args.cacheRefreshRate, opt.seed)
+    chunk = refresh_chunk(steps, tset, args.cacheRefreshRate, opt.seed)
     n_chunks = math.ceil(len(tset.queries) / len(chunk))
     seq = np.arange(args.seqL)
     db_rows = np.unique((tset.db_starts[:, None] + seq).ravel())
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     state = {}
 
     def refresh():
-        dists = train.model_cache_distances(model, tset, chunk, train.TrainConfig.from_options(opt), cpu)
+        dists = steps.model_cache_distances(model, tset, chunk, steps.TrainConfig.from_options(opt), cpu)
         topk_smallest(dists, 100)
         state["dists"] = dists.cpu().numpy()
 
@@ -144,9 +146,10 @@ def main(argv=None) -> int:
 
     def mining():
         rng = np.random.default_rng(args.seed)
-        sampled = mining.sample_negatives(tset, chunk, rng)
-        cache = np.full((len(chunk), train.N_NEG), -1, dtype=np.int64)
-        state["mined"] = mining.mine(state["dists"], [tset.nontriv_pos[i] for i in chunk], sampled, cache, opt.margin)
+        sampled = mining_mod.sample_negatives(tset, chunk, rng)
+        cache = np.full((len(chunk), mining_mod.N_NEG), -1, dtype=np.int64)
+        nontriv = [tset.nontriv_pos[i] for i in chunk]
+        state["mined"] = mining_mod.mine(state["dists"], nontriv, sampled, cache, opt.margin)
 
     print(f"\ncache refresh: {len(chunk)} queries -> pools {len(db_rows)} database + {len(q_rows)} query frames; "
           f"mining matrix {len(tset.db_starts)} x {len(chunk)} ({n_chunks} refreshes per epoch)")
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
 
     def batch_step(sel):
         optimizer.zero_grad(set_to_none=True)
-        loss = train.batch_loss(model, tset, chunk[sel], pos[sel], negs[sel], opt.loss_trip_method, opt.margin, cpu)
+        loss = steps.batch_loss(model, tset, chunk[sel], pos[sel], negs[sel], opt.loss_trip_method, opt.margin, cpu)
         loss.backward()
         optimizer.step()
         return loss.item()

@@ -234,7 +234,7 @@ def route_split(db: torch.Tensor, q: torch.Tensor, name: str = "bench"):
     apart, positives within 10 m, non-trivial positives within 5 m."""
     import numpy as np
 
-    from datasets import Split, segment_bounds
+    from seqmatchnet.data.windows import Split, segment_bounds
 
     n_db, n_q = len(db), len(q)
     n_place = max(n_db, n_q)                     # as in route_features

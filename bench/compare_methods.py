@@ -28,10 +28,10 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     os.chdir(a.workdir)
 
-    from options import parse_options
-    from test import evaluate_options, load_for_test
-    from train import train
-    from utils import setup_logging
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.test import evaluate_options, load_for_test
+    from seqmatchnet.cli.train import train
+    from seqmatchnet.common.logs import setup_logging
 
     setup_logging(quiet=True)
     L = str(a.seqL)
@@ -43,7 +43,7 @@ def main() -> int:
         print("  python main.py " + " ".join(args), flush=True)
         _, result = evaluate_options(parse_options(args))
         if results:
-            from evaluate import save_results
+            from seqmatchnet.evaluation.outputs import save_results
             save_results(Path(results), result)
         return result
 

@@ -50,8 +50,7 @@ def timed(fn, device: torch.device, repeats: int = 3) -> float:
 
 def make_split(n: int, dim: int, seed: int):
     from common import route_features
-
-    from datasets import Split, segment_bounds
+    from seqmatchnet.data.windows import Split, segment_bounds
 
     db, q = route_features(n, n, dim, seed=seed)
     pos = np.stack([np.arange(n) * 2.0, np.zeros(n)], axis=1)
@@ -73,9 +72,8 @@ class Report:
 
 def check_distances(rep: Report, gpu: torch.device) -> None:
     from common import route_features
-
-    from datasets import segment_bounds, sequence_windows
-    from seqMatchNet import window_distances
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.matching.seqmatch import window_distances
 
     db, q = route_features(1500, 1200, 256, seed=1)
     for seq_len in (1, 2, 5):
@@ -90,16 +88,15 @@ def check_distances(rep: Report, gpu: torch.device) -> None:
 
 def check_rank(rep: Report, gpu: torch.device) -> None:
     from common import route_features
-
-    import search as project_search
-    from datasets import segment_bounds, sequence_windows
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.search import diagonal
 
     db, q = route_features(3000, 2000, 512, seed=2)
     ds, _ = sequence_windows(segment_bounds(len(db)), 5)
     qs, _ = sequence_windows(segment_bounds(len(q)), 5)
     for db_chunk in (0, 700):
-        i_cpu, d_cpu = project_search.rank(db, q, ds, qs, 5, db_chunk=db_chunk, quiet=True)
-        i_gpu, d_gpu = project_search.rank(db.to(gpu), q.to(gpu), ds, qs, 5, db_chunk=db_chunk, quiet=True)
+        i_cpu, d_cpu = diagonal.rank(db, q, ds, qs, 5, db_chunk=db_chunk, quiet=True)
+        i_gpu, d_gpu = diagonal.rank(db.to(gpu), q.to(gpu), ds, qs, 5, db_chunk=db_chunk, quiet=True)
         same = (i_cpu[:, 0] == i_gpu[:, 0]) | (ds[i_cpu[:, 0]] == ds[i_gpu[:, 0]]) | \
                (np.abs(d_cpu[:, 0] - d_gpu[:, 0]) <= 1e-5)
         rep.check(f"search.rank top-100 distances, db_chunk {db_chunk or 'automatic'}",
@@ -110,8 +107,8 @@ def check_rank(rep: Report, gpu: torch.device) -> None:
 
 
 def batch_inputs(seed: int = 3):
-    from get_models import SeqMatchModel, project_frames
-    from mining import N_NEG, TrainingSet, cache_distances, mine, sample_negatives
+    from seqmatchnet.models.sequence import SeqMatchModel, project_frames
+    from seqmatchnet.training.mining import N_NEG, TrainingSet, cache_distances, mine, sample_negatives
 
     split = make_split(800, 128, seed)
     tset = TrainingSet.build(split, 5)
@@ -131,7 +128,7 @@ def batch_inputs(seed: int = 3):
 
 
 def check_batch(rep: Report, gpu: torch.device) -> None:
-    from train import batch_loss
+    from seqmatchnet.training.steps import batch_loss
 
     model, tset, q_idx, pos, negs = batch_inputs()
     results = {}
@@ -174,8 +171,7 @@ def check_faiss(rep: Report, gpu: torch.device) -> None:
               "(CPU build)" if gpu.type == "cuda" else "skip faiss GPU: no CUDA device (self-test)")
         return
     from common import route_features
-
-    from search import faiss_search
+    from seqmatchnet.search.diagonal import faiss_search
 
     db, q = route_features(5000, 1000, 256, seed=4)
     i_cpu, d_cpu = faiss_search(db, q, 20)
@@ -186,24 +182,24 @@ def check_faiss(rep: Report, gpu: torch.device) -> None:
 
 def time_rank(gpu: torch.device, n: int, dim: int) -> None:
     from common import route_features
-
-    import search as project_search
-    from datasets import segment_bounds, sequence_windows
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.search import diagonal
 
     db, q = route_features(n, n, dim, seed=5)
     s, _ = sequence_windows(segment_bounds(n), 5)
     db_g, q_g = db.to(gpu), q.to(gpu)
-    t_cpu = timed(lambda: project_search.rank(db, q, s, s, 5, quiet=True), torch.device("cpu"))
-    t_gpu = timed(lambda: project_search.rank(db_g, q_g, s, s, 5, quiet=True), gpu)
+    t_cpu = timed(lambda: diagonal.rank(db, q, s, s, 5, quiet=True), torch.device("cpu"))
+    t_gpu = timed(lambda: diagonal.rank(db_g, q_g, s, s, 5, quiet=True), gpu)
     print(f"time search.rank {n} x {n}, D = {dim}, L = 5: CPU {t_cpu:.3f} s, GPU {t_gpu:.3f} s, "
           f"CPU / GPU = {t_cpu / t_gpu:.1f}x")
 
 
 def time_epoch(gpu: torch.device, n: int) -> None:
-    from get_models import SeqMatchModel
-    from mining import N_NEG, TrainingSet
-    from options import parse_options
-    from train import TrainConfig, make_optimizer, train_epoch
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.train import make_optimizer
+    from seqmatchnet.models.sequence import SeqMatchModel
+    from seqmatchnet.training.mining import N_NEG, TrainingSet
+    from seqmatchnet.training.steps import TrainConfig, train_epoch
 
     split = make_split(n, 256, 6)
     tset = TrainingSet.build(split, 5)
@@ -231,18 +227,17 @@ def check_speeds(rep: Report, gpu: torch.device) -> None:
     """The search across speeds (the recommended ``--velocities`` on the half grid) kept in memory: the
     device's top-100 scores against the CPU's, and the top-1 velocity (ties aside)."""
     from common import route_features
-
-    import speeds
-    import velocity
-    from datasets import segment_bounds, sequence_windows
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.search import speeds
+    from seqmatchnet.speeds import rules, trajectories
 
     db, q = route_features(3000, 1500, 512, seed=4)
     b_db, b_q = segment_bounds(len(db)), segment_bounds(len(q))
     ds, qs = sequence_windows(b_db, 5)[0], sequence_windows(b_q, 5)[0]
-    traj = velocity.trajectories(velocity.parse_velocities(velocity.RECOMMENDED), 5, grid=2)
-    i_c, d_c, v_c = speeds.rank_across_speeds_in_memory(db, q, ds, qs, b_db, b_q, traj, velocity.DEFAULT_RULE)
+    traj = trajectories.trajectories(trajectories.parse_velocities(trajectories.RECOMMENDED), 5, grid=2)
+    i_c, d_c, v_c = speeds.rank_across_speeds_in_memory(db, q, ds, qs, b_db, b_q, traj, rules.DEFAULT_RULE)
     i_g, d_g, v_g = speeds.rank_across_speeds_in_memory(db.to(gpu), q.to(gpu), ds, qs, b_db, b_q, traj,
-                                                        velocity.DEFAULT_RULE)
+                                                        rules.DEFAULT_RULE)
     same = (v_c[:, 0] == v_g[:, 0]) | (np.abs(d_c[:, 0] - d_g[:, 0]) <= 1e-5)
     rep.check("--velocities top-100 scores (in memory)", float(np.abs(d_c - d_g).max()),
               extra=f"; top-1 velocity agrees on {same.mean():.4f} of queries (ties aside)")

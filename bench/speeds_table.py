@@ -42,10 +42,10 @@ def main() -> int:
     a = p.parse_args()
     os.chdir(a.workdir)
 
-    from options import parse_options
-    from test import evaluate_options
-    from train import train
-    from utils import setup_logging
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.test import evaluate_options
+    from seqmatchnet.cli.train import train
+    from seqmatchnet.common.logs import setup_logging
 
     setup_logging(quiet=True)
 

@@ -117,14 +117,14 @@ def reference_copy(tmp_path: Path) -> Path:
 @pytest.fixture
 def refreshes(monkeypatch) -> list:
     """Records every mining-matrix refresh of training: ``(the chunk's queries, all training queries)``."""
-    import train
+    from seqmatchnet.training import steps
 
     seen = []
-    real = train.model_cache_distances
+    real = steps.model_cache_distances
 
     def spy(model, tset, queries, opt, device):
         seen.append((np.asarray(queries).copy(), tset.queries.copy()))
         return real(model, tset, queries, opt, device)
 
-    monkeypatch.setattr(train, "model_cache_distances", spy)
+    monkeypatch.setattr(steps, "model_cache_distances", spy)
     return seen

@@ -84,9 +84,11 @@ def _definition(function: str) -> re.Pattern:
 
 
 def find_definitions(root: Path, function: str) -> list[str]:
-    """The project files (top level: not tests/ or bench/) that define ``function`` (or its class)."""
+    """The project files (the top level and the package: not tests/ or bench/) that define ``function``
+    (or its class)."""
     pattern = _definition(function)
-    found = [p.relative_to(root).as_posix() for p in sorted(root.glob("*.py")) if pattern.search(p.read_text())]
+    files = sorted([*root.glob("*.py"), *root.glob("seqmatchnet/**/*.py")])
+    found = [p.relative_to(root).as_posix() for p in files if pattern.search(p.read_text())]
     if not found:
         raise LookupError(f"no project file defines {function}()")
     return found

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import TRAIN, only_run, run_main
 
 import plain
 from conftest import ROOT, needs_reference, unit_rows
+from test_train import TRAIN, only_run, run_main
 
 N_VALUES = (1, 5, 10, 20, 100)
 
@@ -27,10 +27,10 @@ class BlockSpy:
     """Records the shape of every frame-distance block and window-distance block scoring allocates."""
 
     def __init__(self, monkeypatch):
-        import seqMatchNet
+        from seqmatchnet.matching import seqmatch
 
         self.frames, self.windows = [], []
-        real_frames, real_windows = seqMatchNet.frame_distances, seqMatchNet.window_distances
+        real_frames, real_windows = seqmatch.frame_distances, seqmatch.window_distances
 
         def frames(a, b):
             out = real_frames(a, b)
@@ -42,8 +42,8 @@ class BlockSpy:
             self.windows.append(tuple(out.shape))
             return out
 
-        monkeypatch.setattr(seqMatchNet, "frame_distances", frames)
-        monkeypatch.setattr(seqMatchNet, "window_distances", windows)
+        monkeypatch.setattr(seqmatch, "frame_distances", frames)
+        monkeypatch.setattr(seqmatch, "window_distances", windows)
 
     def largest(self) -> int:
         return max(a * b for a, b in self.frames + self.windows)
@@ -54,14 +54,14 @@ class BlockSpy:
 
 
 def score(n_db: int, n_q: int, seq_len: int, query_chunk: int, db_chunk: int = 0):
-    import search as project_search
-    from datasets import segment_bounds, sequence_windows
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
+    from seqmatchnet.search import diagonal
 
     rng = np.random.default_rng(n_q)
     db, q = torch.from_numpy(unit_rows(rng, n_db, 8)), torch.from_numpy(unit_rows(rng, n_q, 8))
     db_starts, _ = sequence_windows(segment_bounds(n_db), seq_len)
     q_starts, _ = sequence_windows(segment_bounds(n_q), seq_len)
-    return project_search.rank(db, q, db_starts, q_starts, seq_len, k=10, query_chunk=query_chunk,
+    return diagonal.rank(db, q, db_starts, q_starts, seq_len, k=10, query_chunk=query_chunk,
                                db_chunk=db_chunk, quiet=True)
 
 
@@ -143,7 +143,7 @@ def test_demo_table_orders_trained_over_raw_sequences_over_single_frames(tmp_pat
 @pytest.mark.slow
 @needs_reference
 def test_oxford_pnv_loads_its_own_files_and_threshold(reference_copy, monkeypatch, tmp_path):
-    from datasets import load_split_indices, load_struct
+    from seqmatchnet.data.structs import load_split_indices, load_struct
 
     out = tmp_path / "pnv"
     args = ["--mode", "test", "--dataset", "oxford-pnv", "--split", "test", "--seqL", "1", "--matcher", "None",
@@ -215,7 +215,7 @@ class ControlledValidation:
     k-th validation (Recall@1 set to ``r1[k]`` where given), so that the test chooses the best one."""
 
     def __init__(self, monkeypatch, r5: dict, r1: dict | None = None):
-        import train as project_train
+        from seqmatchnet.training import epochs as project_train
 
         self.calls, self.real = [], {}
         real = project_train.evaluate
@@ -299,11 +299,11 @@ def test_eval_every_validates_only_on_its_epochs(tiny_oxford, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("figures", ["end", "epoch"])
 def test_figures_end_draws_once_after_the_last_epoch(tiny_oxford, monkeypatch, figures):
-    import plots
-    import train as project_train
+    from seqmatchnet.evaluation import figures as figures_mod
+    from seqmatchnet.training import epochs as project_train
 
     drawn, saved = [], []
-    real_write, real_save = project_train.write_figures, plots.save_figure
+    real_write, real_save = project_train.write_figures, figures_mod.save_figure
 
     def write_figures(result, split, seq_len, out_dir, label, *args, **kwargs):
         drawn.append(label)
@@ -314,7 +314,7 @@ def test_figures_end_draws_once_after_the_last_epoch(tiny_oxford, monkeypatch, f
         return real_save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(project_train, "write_figures", write_figures)
-    monkeypatch.setattr(plots, "save_figure", save_figure)
+    monkeypatch.setattr(figures_mod, "save_figure", save_figure)
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "2", "--figures", figures], tiny_oxford, monkeypatch) == 0
     run = only_run(tiny_oxford)
     if figures == "end":
@@ -376,13 +376,13 @@ def test_resuming_a_run_stopped_by_patience_does_nothing(tiny_oxford, monkeypatc
 
 
 def test_nothing_to_do_names_why():
-    import runs
+    from seqmatchnet.runs import folders
 
     ckpt = {"epoch": 3, "not_improved": 2}
-    assert "finished its 3 epochs" in runs.nothing_to_do(Path("r"), ckpt, 3, 0, 1)
-    assert "stopped early after epoch 3" in runs.nothing_to_do(Path("r"), ckpt, 10, 1, 1)
-    assert runs.nothing_to_do(Path("r"), ckpt, 10, 2, 1) is None          # 2 validations do not exceed 2
-    assert runs.nothing_to_do(Path("r"), ckpt, 10, 0, 1) is None          # no patience: continue
+    assert "finished its 3 epochs" in folders.nothing_to_do(Path("r"), ckpt, 3, 0, 1)
+    assert "stopped early after epoch 3" in folders.nothing_to_do(Path("r"), ckpt, 10, 1, 1)
+    assert folders.nothing_to_do(Path("r"), ckpt, 10, 2, 1) is None          # 2 validations do not exceed 2
+    assert folders.nothing_to_do(Path("r"), ckpt, 10, 0, 1) is None          # no patience: continue
 
 
 @pytest.mark.slow

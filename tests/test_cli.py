@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+
 from test_train import run_main
 
 TEST = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test"]
@@ -86,7 +87,8 @@ def test_device_selection():
     import pytest
     import torch
 
-    from utils import UserError, get_device
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.common.runtime import get_device
 
     assert get_device(True, "cuda") == torch.device("cpu")
     assert get_device(False, "cpu") == torch.device("cpu")

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import plain
-import positions
-import prepare
 from conftest import ROOT, unit_rows
-from datasets import load_split_indices, load_struct, sequence_windows
+from seqmatchnet.cli import prepare
+from seqmatchnet.data import positions
+from seqmatchnet.data.positions import latlon_to_local
+from seqmatchnet.data.structs import load_split_indices, load_struct
+from seqmatchnet.data.windows import sequence_windows
 
 SYNTH = {"frames": 400, "dim": 16}
 EARTH_R = positions.EARTH_RADIUS_M
@@ -34,7 +36,7 @@ def write_csv(path: Path, header: str, rows) -> Path:
 
 
 def run_prepare(capsys, *args: str) -> tuple[int, str, str]:
-    rc = prepare.run_prepare(list(args))
+    rc = prepare.main(list(args))
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -100,7 +102,7 @@ def train_then_test(cwd: Path, data_args: list[str], monkeypatch) -> tuple[dict,
 
 @pytest.mark.slow
 def test_prepared_synthetic_data_gives_the_builtin_results(tmp_path, monkeypatch, capsys):
-    from synthetic import SyntheticParams, generate
+    from seqmatchnet.data.synthetic import SyntheticParams, generate
 
     builtin = tmp_path / "builtin"
     builtin.mkdir()
@@ -172,7 +174,7 @@ def test_latlon_becomes_local_metres(tmp_path, capsys):
     s = load_struct(tmp_path / "structFiles" / "custom_road_train.db")
     np.testing.assert_allclose(s.db_positions, db_m[rows], atol=2e-3)
     np.testing.assert_allclose(s.q_positions - s.db_positions, np.tile([4.0, 3.0], (50, 1)), atol=1e-4)
-    np.testing.assert_allclose(prepare.latlon_to_local(np.array([[lat0, lon0 + 1e-3]]), (lat0, lon0)),
+    np.testing.assert_allclose(latlon_to_local(np.array([[lat0, lon0 + 1e-3]]), (lat0, lon0)),
                                [[EARTH_R * np.cos(np.radians(lat0)) * np.radians(1e-3), 0.0]], rtol=1e-9)
 
 
@@ -196,8 +198,8 @@ def plain_run_bounds(rows: np.ndarray, seq_ids: np.ndarray) -> np.ndarray:
 def test_sequence_ids_bound_the_windows(tmp_path, capsys):
     """Sequences split the traversals; windows stay inside one sequence and match the plain loop.
     The database cut at row 120 leaves a 2-frame piece of sequence 'c' in val: it is dropped (seqL 5)."""
-    from get_datasets import get_split
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
 
     db_lengths, q_lengths = [50, 30, 42, 28, 50], [60, 45, 55, 40]
     db_ids = np.repeat(list("abcde"), db_lengths)
@@ -401,7 +403,7 @@ def test_missing_and_mismatched_files(tmp_path, capsys):
 
 def test_help_and_main_dispatch(tmp_path, capsys, monkeypatch):
     import main
-    assert prepare.run_prepare(["--help"]) == 0
+    assert prepare.main(["--help"]) == 0
     assert "--db_descriptors" in capsys.readouterr().out
     files = straight_route(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -414,8 +416,8 @@ def test_hdf5_descriptors_and_moved_files(tmp_path, monkeypatch, capsys):
     import h5py
 
     import main
-    from get_datasets import get_split
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
 
     files = straight_route(tmp_path)
     with h5py.File(tmp_path / "db.h5", "w") as f:
@@ -502,7 +504,7 @@ def test_prepare_next_commands_run_as_printed(tmp_path):
     files = straight_route(tmp_path / "in", dim=6)
     work = tmp_path / "work"
     work.mkdir()
-    main_py = str(Path(prepare.__file__).with_name("main.py"))
+    main_py = str(Path(__file__).resolve().parents[1] / "main.py")
     args = [sys.executable, main_py, "--mode", "prepare", *map(str, args_for(files, struct=work / "structFiles"))]
     out = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

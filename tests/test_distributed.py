@@ -68,7 +68,7 @@ def checkpoint(run: Path) -> dict:
 # ---------------------------------------------------------------- a world of one (no torchrun)
 
 def test_world_of_one_helpers_are_identities():
-    import distributed
+    from seqmatchnet.common import distributed
 
     assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.is_main()
@@ -84,7 +84,7 @@ def test_world_of_one_helpers_are_identities():
 
 
 def test_shard_bounds_cover_everything_and_keep_window_starts_together():
-    from distributed import shard_bounds
+    from seqmatchnet.common.distributed import shard_bounds
 
     assert shard_bounds(10, 3) == [0, 3, 6, 10]
     assert shard_bounds(1, 2) == [0, 0, 1]
@@ -97,8 +97,8 @@ def test_shard_bounds_cover_everything_and_keep_window_starts_together():
 
 
 def test_timeout_comes_from_the_environment(monkeypatch):
-    from distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, timeout_s
-    from utils import UserError
+    from seqmatchnet.common.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, timeout_s
+    from seqmatchnet.common.errors import UserError
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert timeout_s() == DEFAULT_TIMEOUT_S
@@ -121,8 +121,8 @@ def test_single_process_modes_refuse_torchrun(monkeypatch, capsys):
 def _merge_worker(rank: int, store: str, values: torch.Tensor, ks: list[int], out: str) -> None:
     import torch.distributed as dist
 
-    import distributed
-    from seqMatchNet import topk_by_value_then_index
+    from seqmatchnet.common import distributed
+    from seqmatchnet.matching.topk import topk_by_value_then_index
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -145,7 +145,7 @@ def test_merged_top_k_equals_one_process_with_ties_across_ranks(tmp_path):
     than one rank's share)."""
     import torch.multiprocessing as mp
 
-    from seqMatchNet import topk_by_value_then_index
+    from seqmatchnet.matching.topk import topk_by_value_then_index
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randint(0, 4, (6, 11), generator=gen).float()
@@ -264,8 +264,8 @@ def test_training_across_speeds_with_two_ranks_equals_one_process(tiny_oxford, t
 FAULTY = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import search
-from utils import UserError
+from seqmatchnet.common.errors import UserError
+from seqmatchnet.search import diagonal
 
 def bad_input(*args, **kwargs):
     raise UserError("descriptor file damaged on this machine")
@@ -277,7 +277,7 @@ def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if os.environ["RANK"] == "1":
-    search.chunked_topk = {{"bad_input": bad_input, "hang": hang, "killed": killed}}[{fault!r}]
+    diagonal.chunked_topk = {{"bad_input": bad_input, "hang": hang, "killed": killed}}[{fault!r}]
 import main
 sys.exit(main.main())
 """
@@ -307,9 +307,9 @@ def test_database_shares_cover_the_windows_once_and_keep_tied_starts_together(mo
     """``search.DatabaseShare``: the ranks' shares are consecutive, disjoint and cover every window;
     no share splits the windows of one start (the shifted ones at a traversal's ends); each share's
     frames are those its windows cover."""
-    import distributed
-    import search
-    from datasets import sequence_windows
+    from seqmatchnet.common import distributed
+    from seqmatchnet.data.windows import sequence_windows
+    from seqmatchnet.search import diagonal
 
     bounds = np.array([(0, 40)] * 40 + [(40, 75)] * 35)
     starts = sequence_windows(bounds, 5)[0]
@@ -317,7 +317,7 @@ def test_database_shares_cover_the_windows_once_and_keep_tied_starts_together(mo
     for r in range(world):
         monkeypatch.setattr(distributed, "world_size", lambda w=world: w)
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
-        shares.append(search.DatabaseShare.of(starts, 5))
+        shares.append(diagonal.DatabaseShare.of(starts, 5))
     assert shares[0].windows.start == 0 and shares[-1].windows.stop == len(starts)
     for a, b in zip(shares, shares[1:]):
         assert a.windows.stop == b.windows.start

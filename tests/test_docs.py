@@ -126,17 +126,13 @@ def shown_commands() -> list[tuple[str, str]]:
 
 def parse_command(command: str) -> None:
     """Parse ``command`` (from ``main.py`` on) as main.py would, raising on an unknown or bad option."""
-    import demo
-    import extract
-    import options
-    import prepare
-    import report
+    from seqmatchnet.cli import compare, demo, extract, options, prepare
 
     words = shlex.split(re.sub(r"<[^>]*>", "PLACEHOLDER", command))[1:]     # <seqnet run>: one word
     mode = words[words.index("--mode") + 1]
     rest = [w for i, w in enumerate(words) if words[i - 1:i + 1] != ["--mode", mode] and w != "--mode"]
     own = {"extract": extract.parse_args, "prepare": prepare.parse_args, "demo": demo.parse_args,
-           "compare": report._parse_compare}
+           "compare": compare._parse_compare}
     parsers = {"extract": extract.build_parser, "prepare": prepare.build_parser}
     known = parsers.get(mode, options.build_parser)()._option_string_actions
     if mode in ("demo", "compare"):

@@ -17,26 +17,27 @@ import pytest
 import torch
 from PIL import Image
 
-import extract
-import image_models
 from conftest import ROOT
+from seqmatchnet.cli import extract
+from seqmatchnet.images import extraction, registry
+from seqmatchnet.images import netvlad as netvlad_mod
 
 K, P = 4, 32                  # small NetVLAD: 4 clusters, 32-D WPCA
 SIZE = (64, 48)               # tiny images keep VGG16 fast
 SIZE_ARG = "64,48"
 
 
-def netvlad(state: dict, source: str = "checkpoint") -> image_models.NetVLADModel:
-    return image_models.model_from_state("netvlad", state, source).network
+def netvlad(state: dict, source: str = "checkpoint") -> netvlad_mod.NetVLADModel:
+    return registry.model_from_state("netvlad", state, source).network
 
 
 @pytest.fixture(scope="module")
 def state() -> dict:
-    return image_models.random_netvlad_state(K, P, seed=1)
+    return netvlad_mod.random_netvlad_state(K, P, seed=1)
 
 
 @pytest.fixture(scope="module")
-def model(state) -> image_models.NetVLADModel:
+def model(state) -> netvlad_mod.NetVLADModel:
     return netvlad(state)
 
 
@@ -61,7 +62,7 @@ def write_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (8
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    rc = extract.run_extract([str(a) for a in args])
+    rc = extract.main([str(a) for a in args])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -151,9 +152,9 @@ def test_folder_in_natural_order_and_filtered(tmp_path):
     for name in names:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.jpg").mkdir()
-    got = [p.name for p in extract.list_images(tmp_path)]
+    got = [p.name for p in extraction.list_images(tmp_path)]
     assert got == ["Frame_1.jpeg", "frame_2.PNG", "frame_2b.bmp", "frame_10.jpg", "frame_100.JPG"]
-    assert all(p.is_absolute() for p in extract.list_images(tmp_path))
+    assert all(p.is_absolute() for p in extraction.list_images(tmp_path))
 
 
 def test_list_file_order_and_relative_paths(tmp_path, monkeypatch):
@@ -164,18 +165,18 @@ def test_list_file_order_and_relative_paths(tmp_path, monkeypatch):
     listing.parent.mkdir()
     listing.write_text(f"../imgs/b.jpg\n\n{tmp_path / 'imgs' / 'c.png'}\n../imgs/a.jpg\n")
     monkeypatch.chdir(tmp_path / "imgs")           # relative to the list file, not the working folder
-    assert [p.name for p in extract.list_images(listing)] == ["b.jpg", "c.png", "a.jpg"]
+    assert [p.name for p in extraction.list_images(listing)] == ["b.jpg", "c.png", "a.jpg"]
     listing.write_text("../imgs/b.jpg\n../imgs/missing.jpg\n")
     with pytest.raises(extract.UserError, match="line 2: image .*missing.jpg not found"):
-        extract.list_images(listing)
+        extraction.list_images(listing)
     with pytest.raises(extract.UserError, match="no .jpg"):
-        extract.list_images(tmp_path / "lists")
+        extraction.list_images(tmp_path / "lists")
 
 
 def test_normalisation_by_hand():
     pixels = np.array([[[0, 128, 255], [10, 20, 30], [200, 100, 50]],
                        [[255, 255, 255], [1, 2, 3], [90, 180, 45]]], dtype=np.uint8)     # [H=2, W=3, 3]
-    got = extract.preprocess(Image.fromarray(pixels), None).numpy()
+    got = extraction.preprocess(Image.fromarray(pixels), None).numpy()
     assert got.shape == (3, 2, 3) and got.dtype == np.float32
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     for c in range(3):
@@ -190,7 +191,7 @@ def test_resize_is_bilinear_to_width_height_by_hand():
     weights 3:3:1 (triangle of radius 2 input pixels), nearest to the edge clipped."""
     x = np.arange(8) * 30 + 5                        # a horizontal ramp, the same on every row
     pixels = np.repeat(np.repeat(x[None, :, None], 4, axis=0), 3, axis=2).astype(np.uint8)   # [H=4, W=8, 3]
-    got = extract.preprocess(Image.fromarray(pixels), (4, 2)).numpy()
+    got = extraction.preprocess(Image.fromarray(pixels), (4, 2)).numpy()
     assert got.shape == (3, 2, 4)
     taps = {0: [(0, 3), (1, 3), (2, 1)], 1: [(1, 1), (2, 3), (3, 3), (4, 1)],
             2: [(3, 1), (4, 3), (5, 3), (6, 1)], 3: [(5, 1), (6, 3), (7, 3)]}
@@ -203,15 +204,15 @@ def test_resize_is_bilinear_to_width_height_by_hand():
 def test_grey_and_rgba_become_rgb():
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (6, 8), dtype=np.uint8)
-    from_grey = extract.preprocess(Image.fromarray(grey, "L"), (8, 6))
-    from_rgb = extract.preprocess(Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)), (8, 6))
+    from_grey = extraction.preprocess(Image.fromarray(grey, "L"), (8, 6))
+    from_rgb = extraction.preprocess(Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)), (8, 6))
     assert from_grey.shape == (3, 6, 8) and torch.equal(from_grey, from_rgb)
     rgb = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
     rgba = np.concatenate([rgb, rng.integers(0, 256, (6, 8, 1), dtype=np.uint8)], axis=2)
-    assert torch.equal(extract.preprocess(Image.fromarray(rgba, "RGBA"), None),
-                       extract.preprocess(Image.fromarray(rgb), None))
+    assert torch.equal(extraction.preprocess(Image.fromarray(rgba, "RGBA"), None),
+                       extraction.preprocess(Image.fromarray(rgb), None))
     palette = Image.fromarray(rgb).quantize(8)
-    assert torch.equal(extract.preprocess(palette, None), extract.preprocess(palette.convert("RGB"), None))
+    assert torch.equal(extraction.preprocess(palette, None), extraction.preprocess(palette.convert("RGB"), None))
 
 
 # ---------------------------------------------------------------- the forward pass against plain loops
@@ -239,7 +240,7 @@ def netvlad_loop(feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
 @pytest.mark.parametrize("hw", [(1, 1), (3, 4), (2, 5)])
 def test_netvlad_pool_against_loop(with_bias, hw):
     gen = torch.Generator().manual_seed(hw[0] * 10 + hw[1])
-    pool = image_models.NetVLADPool(3, dim=16, assignment_bias=with_bias)
+    pool = netvlad_mod.NetVLADPool(3, dim=16, assignment_bias=with_bias)
     with torch.no_grad():
         pool.centroids.copy_(torch.randn(3, 16, generator=gen))
         pool.conv.weight.copy_(torch.randn(3, 16, 1, 1, generator=gen) * 3)
@@ -281,12 +282,12 @@ def test_npy_and_h5_outputs_one_row_per_image_in_order(tmp_path, capsys, ckpt, m
     assert rows.dtype == np.float32 and rows.shape == (3, P)
     listed = (tmp_path / "d.npy.images.txt").read_text().splitlines()
     assert listed == [str(p.resolve()) for p in paths]
-    x = torch.stack([extract.preprocess(Image.open(p), SIZE) for p in reversed(paths)])
+    x = torch.stack([extraction.preprocess(Image.open(p), SIZE) for p in reversed(paths)])
     with torch.inference_mode():
         np.testing.assert_allclose(rows[::-1], model(x).numpy(), atol=1e-5)   # the order is the images' order
     assert sorted(f.name for f in tmp_path.iterdir()) == ["d.npy", "d.npy.images.txt", "d.npy.model.json", "img"]
 
-    from datasets import load_descriptors
+    from seqmatchnet.data.descriptors import load_descriptors
     listing = tmp_path / "list.txt"
     listing.write_text("img/frame_2.jpg\nimg/frame_0.jpg\n")
     rc, _, _ = run_cli(capsys, "--images", listing, "--netvladCkpt", ckpt, "--out", tmp_path / "d.h5",
@@ -304,7 +305,7 @@ def test_original_sizes_batch_by_size(tmp_path, capsys, ckpt, model):
     rows = np.load(tmp_path / "o.npy")
     with torch.inference_mode():
         for row, path in zip(rows, paths):
-            x = extract.preprocess(Image.open(path), None)
+            x = extraction.preprocess(Image.open(path), None)
             assert x.shape[1:] == Image.open(path).size[::-1]
             np.testing.assert_allclose(row, model(x[None])[0].numpy(), atol=1e-5)
 
@@ -312,16 +313,17 @@ def test_original_sizes_batch_by_size(tmp_path, capsys, ckpt, model):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import extract
+from seqmatchnet.cli import extract
+from seqmatchnet.images import extraction
 calls = []
-write = extract._write_progress
+write = extraction._write_progress
 def killed_on_third(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:     # rows of batch 3 are on disk, its progress record is not
         os.kill(os.getpid(), signal.SIGKILL)
     return write(*args, **kwargs)
-extract._write_progress = killed_on_third
-sys.exit(extract.run_extract(sys.argv[1:]))
+extraction._write_progress = killed_on_third
+sys.exit(extract.main(sys.argv[1:]))
 """
 
 
@@ -335,7 +337,7 @@ def test_resume_after_kill_gives_the_same_file(tmp_path, capsys, ckpt):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -9, proc.stderr
     assert not out.exists()
-    _, partial, progress = extract.side_files(out)
+    _, partial, progress = extraction.side_files(out)
     assert partial.stat().st_size == 6 * P * 4                       # 3 batches written, 2 recorded
     assert '"rows_done": 4' in progress.read_text()
     rc, printed, _ = run_cli(capsys, *common, "--out", out)
@@ -356,11 +358,11 @@ def test_progress_of_another_run_is_not_reused(tmp_path, ckpt, model):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        extract.extract_descriptors(model, paths, out, on_batch=stop_after_first, **kwargs)
-    _, partial, progress = extract.side_files(out)
+        extraction.extract_descriptors(model, paths, out, on_batch=stop_after_first, **kwargs)
+    _, partial, progress = extraction.side_files(out)
     partial.write_bytes(b"\0" * partial.stat().st_size)           # rows that a resume would keep
     kwargs["checkpoint_id"] = "b"                                  # ... but the checkpoint differs
-    result = extract.extract_descriptors(model, paths, out, **kwargs)
+    result = extraction.extract_descriptors(model, paths, out, **kwargs)
     assert result.resumed_from == 0 and np.all(np.linalg.norm(np.load(out), axis=1) > 0.99)
 
 
@@ -533,7 +535,7 @@ def route_checkpoint(name: str, folder: Path, netvlad_ckpt: Path) -> tuple[list[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", image_models.MODELS)
+@pytest.mark.parametrize("name", registry.MODELS)
 def test_images_to_prepare_train_test(tmp_path, capsys, ckpt, name, monkeypatch):
     """For each model: extract (database) -> prepare extracting the queries itself -> train -> test."""
     import main
@@ -598,20 +600,20 @@ def test_images_to_prepare_train_test(tmp_path, capsys, ckpt, name, monkeypatch)
     (["--db_descriptors", "d.npy", "--q_images", "q", "--model", "vlad", "--weights", "w.pth"], "--model"),
 ])
 def test_prepare_images_options(capsys, args, needle):
-    import prepare
+    from seqmatchnet.cli import prepare
 
-    rc = prepare.run_prepare(["--name", "r", "--db_positions", "db.csv", "--q_positions", "q.csv", *args])
+    rc = prepare.main(["--name", "r", "--db_positions", "db.csv", "--q_positions", "q.csv", *args])
     assert rc == 2 and needle in one_error_line(capsys.readouterr().err)
 
 
 def test_prepare_checks_image_count_before_extracting(tmp_path, capsys, ckpt):
-    import prepare
+    from seqmatchnet.cli import prepare
 
     write_images(tmp_path / "q", 3)
     (tmp_path / "q.csv").write_text("x,y\n0,0\n2,0\n")
     np.save(tmp_path / "db.npy", np.ones((2, P), np.float32))
     (tmp_path / "db.csv").write_text("x,y\n0,0\n2,0\n")
-    rc = prepare.run_prepare(["--name", "r", "--db_descriptors", str(tmp_path / "db.npy"), "--db_positions",
+    rc = prepare.main(["--name", "r", "--db_descriptors", str(tmp_path / "db.npy"), "--db_positions",
                               str(tmp_path / "db.csv"), "--q_images", str(tmp_path / "q"), "--q_positions",
                               str(tmp_path / "q.csv"), "--netvladCkpt", str(ckpt), "--structPath", str(tmp_path / "s")])
     line = one_error_line(capsys.readouterr().err)

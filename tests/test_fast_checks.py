@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import unit_rows
-from datasets import Split, segment_bounds
+from seqmatchnet.data.windows import Split, segment_bounds
 
 # ---------------------------------------------------------------- one batch split over ranks
 
 def small_training_set(seq_len: int = 3):
-    from mining import TrainingSet
+    from seqmatchnet.training.mining import TrainingSet
 
     rng = np.random.default_rng(2)
     n_db, n_q, dim = 60, 55, 6
@@ -28,8 +28,8 @@ def small_training_set(seq_len: int = 3):
 
 def mined_chunk(tset, counts: list[int]):
     """A mined chunk of ``len(counts)`` queries, query ``i`` with ``counts[i]`` negatives (-1 padded)."""
-    from mining import N_NEG
-    from train import MinedChunk
+    from seqmatchnet.training.mining import N_NEG
+    from seqmatchnet.training.steps import MinedChunk
 
     rng = np.random.default_rng(5)
     queries = tset.queries[:len(counts)]
@@ -51,9 +51,9 @@ def test_ranks_parts_of_a_batch_average_to_the_loss_of_one_process(monkeypatch, 
     DistributedDataParallel averages the ranks' gradients: the average of the parts (values and
     gradients) is the loss of the whole batch in one process, also when the ranks' shares hold
     different numbers of valid triplets, and when a rank has no share at all (3 ranks, 2 queries)."""
-    import distributed
-    from get_models import SeqMatchModel
-    from train import TrainConfig, batch_loss, part_loss
+    from seqmatchnet.common import distributed
+    from seqmatchnet.models.sequence import SeqMatchModel
+    from seqmatchnet.training.steps import TrainConfig, batch_loss, part_loss
 
     tset = small_training_set()
     mined = mined_chunk(tset, [3, 10, 1, 6, 2, 8, 5])
@@ -90,24 +90,24 @@ def test_ranks_parts_of_a_batch_average_to_the_loss_of_one_process(monkeypatch, 
 def test_ckpt_best_and_latest_open_the_best_and_the_last_checkpoint(tmp_path):
     """A run folder as training leaves it (epoch 1 the best, epoch 2 the last): ``--ckpt best``
     opens ``model_best.pth.tar`` (epoch 1), ``--ckpt latest`` ``checkpoint.pth.tar`` (epoch 2)."""
-    import runs
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.runs import checkpoints, folders, loading
 
     run = tmp_path / "Jan01_00-00-00_l3_x"
     train_opt = parse_options(["--mode", "train", "--pooling", "--seqL", "3", "--outDims", "8",
                                "--runsPath", str(tmp_path)])
     ckpt_dir = run / train_opt.savePath
     ckpt_dir.mkdir(parents=True)
-    runs.write_flags(train_opt, ckpt_dir)
+    folders.write_flags(train_opt, ckpt_dir)
     for epoch in (1, 2):
         state = {"epoch": epoch, "state_dict": {"pool.1.conv.weight": torch.full((8, 4, 1), float(epoch))}}
-        runs.save_checkpoint_atomic(state, ckpt_dir / "checkpoint.pth.tar")
+        checkpoints.save_checkpoint_atomic(state, ckpt_dir / "checkpoint.pth.tar")
         if epoch == 1:
-            runs.copy_as_best(ckpt_dir)
+            folders.copy_as_best(ckpt_dir)
     assert {p.name for p in ckpt_dir.iterdir()} >= {"checkpoint.pth.tar", "model_best.pth.tar", "flags.json"}
     for which, epoch, name in (("best", 1, "model_best.pth.tar"), ("latest", 2, "checkpoint.pth.tar")):
         opt = parse_options(["--mode", "test", "--seqL", "3", "--resume", str(run), "--ckpt", which])
-        _, run_dir, path, ckpt = runs.open_run(opt)
+        _, run_dir, path, ckpt = loading.open_run(opt)
         assert (run_dir, path.name, ckpt["epoch"]) == (run, name, epoch), which
         assert float(ckpt["state_dict"]["pool.1.conv.weight"][0, 0, 0]) == epoch
 
@@ -128,7 +128,7 @@ def test_confidence_radius_includes_a_window_exactly_at_the_radius(units):
     """The confidence is the best distance over the best one of the windows farther than the radius:
     a window ending exactly at the radius (frame 5, two frames from the best) is near and not
     compared; with a radius just below its distance it is compared."""
-    from localize import Localizer
+    from seqmatchnet.online.localizer import Localizer
 
     db, q, d3, d5, d_other = near_and_far_database()
     spacing = 2.0 if units == "positions" else 1.0

@@ -201,7 +201,7 @@ def temp_files(ckpt_dir: Path) -> list[Path]:
 
 
 def checkpoint_epoch(path: Path):
-    from runs import load_checkpoint
+    from seqmatchnet.runs.checkpoints import load_checkpoint
     return load_checkpoint(path)["epoch"]
 
 
@@ -713,9 +713,9 @@ def test_unknown_keys_in_flags_json_are_ignored(outcomes, name):
                                        ("seed", -5), ("optim", "LBFGS"), ("lr", float("nan")),
                                        ("margin", float("inf")), ("savePath", "../../outside"), ("savePath", "/tmp/x")])
 def test_hostile_flags_json_values(tmp_path, key, value):
-    from options import parse_options
-    from runs import restore_flags
-    from utils import UserError
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.runs.folders import restore_flags
 
     flags = tmp_path / "flags.json"
     flags.write_text(json.dumps({"lr": 0.001, "outDims": 16, key: value}))
@@ -727,9 +727,9 @@ def test_hostile_flags_json_values(tmp_path, key, value):
 
 @pytest.mark.parametrize("content", ["[" * 200000 + "]" * 200000, '["lr", 0.1]', "\xff\xfe binary", ""])
 def test_unreadable_flags_json(tmp_path, content):
-    from options import parse_options
-    from runs import restore_flags
-    from utils import UserError
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.runs.folders import restore_flags
 
     flags = tmp_path / "flags.json"
     flags.write_bytes(content.encode("latin-1"))
@@ -755,8 +755,8 @@ def test_bad_options_in_process(tmp_path, monkeypatch, capsys, args, needles):
 @pytest.mark.parametrize("damage", ["no epoch", "epoch is text", "optimizer is empty", "state_dict of strings",
                                     "state_dict is a list"])
 def test_malformed_checkpoint_structure(tmp_path, damage):
-    from runs import load_checkpoint
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.runs.checkpoints import load_checkpoint
 
     ckpt = {"epoch": 1, "state_dict": {"pool.1.conv.weight": torch.zeros(2, 2, 1)},
             "optimizer": {"state": {}, "param_groups": [{"params": [0, 1]}]}}
@@ -779,8 +779,8 @@ def test_malformed_checkpoint_structure(tmp_path, damage):
 
 @pytest.mark.parametrize("bad", ["float", "missing key", "not npz", "object array", "one row", "rows", "range"])
 def test_bad_predictions_file(tmp_path, bad):
-    from evaluate import check_predictions, load_predictions
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.evaluation.evaluate import check_predictions, load_predictions
 
     path = tmp_path / "preds.npz"
     preds = np.tile(np.arange(20), (70, 1))
@@ -807,8 +807,8 @@ def test_hdf5_descriptors(tmp_path):
     """HDF5 is chosen by suffix, which no built-in dataset uses, so the loader is tested directly."""
     import h5py
 
-    from datasets import load_descriptors
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.data.descriptors import load_descriptors
 
     good = tmp_path / "good.h5"
     x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
@@ -881,16 +881,16 @@ def test_same_second_gets_two_run_folders(tmp_path, monkeypatch):
     import datetime as dt
     from argparse import Namespace
 
-    import runs
+    from seqmatchnet.runs import folders
 
     class Frozen(dt.datetime):
         @classmethod
         def now(cls, tz=None):
             return dt.datetime(2024, 3, 1, 12, 0, 0)
 
-    monkeypatch.setattr(runs, "datetime", Frozen)
+    monkeypatch.setattr(folders, "datetime", Frozen)
     opt = Namespace(runsPath=str(tmp_path / "runs"), seqL=5, expName="same")
-    a, b = runs.make_run_dir(opt), runs.make_run_dir(opt)
+    a, b = folders.make_run_dir(opt), folders.make_run_dir(opt)
     assert a != b and a.is_dir() and b.is_dir()
     assert a.name.startswith("Mar01_12-00-00_l5_same") and b.name.startswith("Mar01_12-00-00_l5_same")
 
@@ -913,8 +913,8 @@ def test_concurrent_training_runs(outcomes, name):
 
 @pytest.mark.parametrize("how", ["OSError", "torch RuntimeError"])
 def test_enospc_keeps_the_previous_checkpoint(tmp_path, monkeypatch, how):
-    from runs import save_checkpoint_atomic
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.runs.checkpoints import save_checkpoint_atomic
 
     path = tmp_path / "checkpoints" / "checkpoint.pth.tar"
     save_checkpoint_atomic({"epoch": 1, "state_dict": {"w": torch.ones(4)}}, path)
@@ -958,7 +958,7 @@ REFERENCE_CKPT = REFERENCE / "data/runs/ref_oxford_l5_1epoch/checkpoints/checkpo
 
 @pytest.mark.skipif(not REFERENCE_CKPT.is_file(), reason="the reference checkpoint is absent")
 def test_reference_checkpoint_loads_weights_only():
-    from runs import load_checkpoint
+    from seqmatchnet.runs.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(REFERENCE_CKPT)
     assert any(k.endswith("1.conv.weight") for k in ckpt["state_dict"])
@@ -981,8 +981,8 @@ class CustomObject:
 
 @pytest.mark.parametrize("kind", ["os.system reduce", "custom class"])
 def test_code_execution_is_refused(tmp_path, kind):
-    from runs import load_checkpoint
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.runs.checkpoints import load_checkpoint
 
     marker = tmp_path / MARKER
     path = tmp_path / "evil.pth.tar"

@@ -17,8 +17,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-import extract
-import image_models
+from seqmatchnet.common.errors import UserError
+from seqmatchnet.images import cosplace, extraction, mixvpr, registry
 from test_extract import min_cosine, one_error_line, photo_list, photographs, run_cli
 
 # ---------------------------------------------------------------- the authors' definitions
@@ -203,8 +203,8 @@ def compare_on_photographs(tmp_path, capsys, name: str, variant: str, size_arg: 
                                tmp_path / "o.npy", *size_args, "--threads", "0", "--nocuda", "--quiet")
     assert rc == 0, err
     ours = np.load(tmp_path / "o.npy")
-    model_default = image_models.load_model(name, path).default_size
-    size = extract.parse_image_size(size_arg) if size_arg else model_default
+    model_default = registry.load_model(name, path).default_size
+    size = extraction.parse_image_size(size_arg) if size_arg else model_default
     cosine = min_cosine(ours, reference_descriptors(net, size))
     print(f"{name} {variant} at {size or 'full size'}: minimum cosine to the authors' definition {cosine:.8f}")
     return cosine
@@ -249,7 +249,7 @@ def meta_state(net_factory) -> dict:
                                                 ("ResNet152", 2048), ("VGG16", 512)])
 def test_geolocalization_backbone_from_keys(backbone, channels):
     state = meta_state(lambda: RefGeoLocalizationNet(backbone, 96))
-    got = image_models.geolocalization_layout(state, "cosplace", "ckpt")
+    got = cosplace.geolocalization_layout(state, "cosplace", "ckpt")
     assert got == (backbone.lower(), channels, 96)
 
 
@@ -261,7 +261,7 @@ def test_geolocalization_backbone_from_keys(backbone, channels):
 ])
 def test_mixvpr_settings_from_shapes(arch, crop, config):
     state = meta_state(lambda: RefVPRModel(arch, crop, config))
-    name, layers, agg = image_models.mixvpr_layout(state, "ckpt")
+    name, layers, agg = mixvpr.mixvpr_layout(state, "ckpt")
     hw = config["in_h"] * config["in_w"]
     assert (name, layers) == (arch, 3 if 4 in crop else 4)
     assert agg == {"in_channels": config["in_channels"], "cells": hw, "out_channels": config["out_channels"],
@@ -270,7 +270,7 @@ def test_mixvpr_settings_from_shapes(arch, crop, config):
 
 def test_released_mixvpr_defaults_to_320x320():
     net, _ = reference("mixvpr", "released")
-    model = image_models.model_from_state("mixvpr", net.state_dict())
+    model = registry.model_from_state("mixvpr", net.state_dict())
     assert model.default_size == (320, 320) and model.dim == 4096
     assert "mix_depth 4" in model.architecture and "ResNet-50 to layer3" in model.architecture
 
@@ -294,14 +294,14 @@ def test_wrong_shape_or_missing_key_named():
     net, _ = reference("cosplace", "ResNet18_32")
     state = net.state_dict()
     bad = {**state, "aggregation.3.weight": torch.zeros(32, 256)}
-    with pytest.raises(image_models.UserError, match=r"'aggregation.3.weight' has shape \[32, 256\], expected "
+    with pytest.raises(UserError, match=r"'aggregation.3.weight' has shape \[32, 256\], expected "
                                                      r"\[32, 512\]"):
-        image_models.model_from_state("cosplace", bad)
+        registry.model_from_state("cosplace", bad)
     missing = {k: v for k, v in state.items() if k != "backbone.5.1.bn2.running_var"}
-    with pytest.raises(image_models.UserError, match="'backbone.5.1.bn2.running_var' .* is missing"):
-        image_models.model_from_state("cosplace", missing)
+    with pytest.raises(UserError, match="'backbone.5.1.bn2.running_var' .* is missing"):
+        registry.model_from_state("cosplace", missing)
     no_counts = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    assert image_models.model_from_state("cosplace", no_counts).dim == 32        # not needed in eval mode
+    assert registry.model_from_state("cosplace", no_counts).dim == 32        # not needed in eval mode
 
 
 def test_mixvpr_image_size_must_fit_its_aggregator(tmp_path, capsys):
@@ -335,11 +335,11 @@ def test_metadata_names_model_checkpoint_and_preprocessing(tmp_path, capsys):
     meta = json.loads((tmp_path / "o.h5.model.json").read_text())
     assert meta["model"] == "cosplace" and meta["dim"] == dim == 32 and meta["rows"] == 3
     assert meta["architecture"] == "ResNet-18 + GeM + Linear(512, 32)"
-    assert meta["weights_sha256"] == extract.file_digest(path) and meta["weights"] == str(path.resolve())
+    assert meta["weights_sha256"] == extraction.file_digest(path) and meta["weights"] == str(path.resolve())
     pre = meta["preprocessing"]
     assert pre["image_size"] == [96, 64] and pre["mean"] == [0.485, 0.456, 0.406] and pre["std"] == [0.229, 0.224,
                                                                                                       0.225]
-    assert extract.read_metadata(tmp_path / "o.h5") == meta and meta["images"] == "o.h5.images.txt"
+    assert extraction.read_metadata(tmp_path / "o.h5") == meta and meta["images"] == "o.h5.images.txt"
 
 
 def fake_extraction(folder, side: str, model: str, sha: str, size) -> None:
@@ -356,11 +356,11 @@ def fake_extraction(folder, side: str, model: str, sha: str, size) -> None:
     (("cosplace", "a" * 64, None), None),
 ])
 def test_prepare_refuses_traversals_of_different_models(tmp_path, capsys, query, needle):
-    import prepare
+    from seqmatchnet.cli import prepare
 
     fake_extraction(tmp_path, "db", "cosplace", "a" * 64, None)
     fake_extraction(tmp_path, "q", *query)
-    rc = prepare.run_prepare(["--name", "r", "--db_descriptors", str(tmp_path / "db.npy"), "--db_positions",
+    rc = prepare.main(["--name", "r", "--db_descriptors", str(tmp_path / "db.npy"), "--db_positions",
                               str(tmp_path / "db.csv"), "--q_descriptors", str(tmp_path / "q.npy"), "--q_positions",
                               str(tmp_path / "q.csv"), "--structPath", str(tmp_path / "s"), "--seqL", "2",
                               "--splits", "0.5,0.25,0.25", "--posDistThr", "1", "--evalPosDistThr", "1",

@@ -11,8 +11,9 @@ import torch
 
 import plain
 from conftest import make_tiny_oxford, unit_rows
-from datasets import DescriptorSource, Split, load_descriptors, open_descriptors, segment_bounds, sequence_windows
-from utils import UserError
+from seqmatchnet.common.errors import UserError
+from seqmatchnet.data.descriptors import DescriptorSource, load_descriptors, open_descriptors
+from seqmatchnet.data.windows import Split, segment_bounds, sequence_windows
 
 LENGTHS = [1, 2, 3, 5]
 
@@ -28,10 +29,10 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def evaluate_with(args: list[str], lazy: bool, model=None):
-    from evaluate import EvalConfig, evaluate
-    from get_datasets import get_split
-    from get_models import get_model
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
+    from seqmatchnet.evaluation.evaluate import EvalConfig, evaluate
+    from seqmatchnet.models.sequence import get_model
 
     opt = parse_options(args)
     split = get_split(opt, "test", lazy=lazy)
@@ -82,7 +83,7 @@ def test_source_reads_like_the_array(tmp_path, kind):
 def test_scattered_rows_of_a_c_order_file_are_read_without_a_map(tmp_path, monkeypatch):
     """A map of the file would count the cached pages around every row read as resident memory (the
     kernel's fault-around: 16 pages a row), so C-order rows are read with plain reads."""
-    from datasets import DescriptorSource
+    from seqmatchnet.data.descriptors import DescriptorSource
 
     x = np.random.default_rng(2).standard_normal((500, 8)).astype(np.float32)
     src = open_descriptors(write(tmp_path / "d.npy", x), None)
@@ -101,9 +102,9 @@ def test_scattered_rows_of_a_c_order_file_are_read_without_a_map(tmp_path, monke
 def test_bad_row_far_into_the_file_is_found(tmp_path, suffix, value, monkeypatch):
     """A NaN/Inf or all-zero row many chunks in is reported with the file and its row (also through a
     row selection, which reports the file's row)."""
-    import datasets
+    from seqmatchnet.data import descriptors
 
-    monkeypatch.setattr(datasets, "CHECK_CHUNK_BYTES", 4 * 8 * 64)       # chunks of 64 rows
+    monkeypatch.setattr(descriptors, "CHECK_CHUNK_BYTES", 4 * 8 * 64)       # chunks of 64 rows
     x = unit_rows(np.random.default_rng(1), 5000, 8)
     bad = 4321
     x[bad] = 0.0 if value == 0 else x[bad]
@@ -165,7 +166,7 @@ def onehot_split(n_db: int, n_q: int, dim: int, seed: int) -> Split:
 def test_rank_streamed_orders_ties_like_the_plain_oracle(seq_len):
     """``rank_streamed`` over chunks of every size gives the plain loop's top-k (equal distances by
     ascending database window), on data where most distances are tied."""
-    from search import rank_streamed
+    from seqmatchnet.search.diagonal import rank_streamed
 
     split = onehot_split(60, 25, 8, seq_len)
     db_s = sequence_windows(split.db_bounds, seq_len)[0]
@@ -184,8 +185,8 @@ def test_rank_streamed_orders_ties_like_the_plain_oracle(seq_len):
 @pytest.mark.slow
 def test_float16_features_change_recall_little(tmp_path):
     """--featDtype float16 on the synthetic benchmark: Recall@N within 0.005 of float32."""
-    from options import parse_options
-    from test import evaluate_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.test import evaluate_options
 
     base = ["--mode", "test", "--dataset", "synthetic", "--split", "test", "--seqL", "5", "--nocuda", "--quiet",
             "--dataPath", str(tmp_path / "data"), "--structPath", str(tmp_path / "structFiles")]
@@ -202,9 +203,9 @@ def test_float16_features_change_recall_little(tmp_path):
 def test_shortlist_covering_the_map_equals_exact(seq_len):
     """--shortlist K with K >= every database window re-ranks all of them: exact matching's predictions,
     tie order included (one-hot frames: most distances exactly tied)."""
-    from evaluate import EvalConfig, evaluate
-    from get_models import get_model
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.evaluation.evaluate import EvalConfig, evaluate
+    from seqmatchnet.models.sequence import get_model
 
     split = onehot_split(90, 40, 8, 10 + seq_len)
     base = ["--mode", "test", "--seqL", str(seq_len), "--nocuda", "--quiet"]
@@ -257,20 +258,19 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
     refused with one line that says what to do."""
     import copy
 
-    import evaluate as evaluate_module
-    import search as test_module
-    import shortlist
+    from seqmatchnet.evaluation import evaluate
+    from seqmatchnet.search import diagonal, shortlist
 
     if kind != "flat":                   # an IVF index (trained on a sample) on this small map too
         monkeypatch.setattr(shortlist, "choose_index", lambda n, dim: shortlist.IndexChoice(kind, 4))
     checked = []                         # the query windows each run matches exactly (the recall check)
-    real_rank_streamed = test_module.rank_streamed
+    real_rank_streamed = diagonal.rank_streamed
 
     def spy(chunks, q_feats, db_starts, q_starts, *a, **k):
         checked.append(np.asarray(q_starts).copy())
         return real_rank_streamed(chunks, q_feats, db_starts, q_starts, *a, **k)
 
-    monkeypatch.setattr(test_module, "rank_streamed", spy)
+    monkeypatch.setattr(diagonal, "rank_streamed", spy)
     path = tmp_path / "map.index"
     args = ("--shortlist", "10", "--shortlistIndex", str(path), "--pooling", "--outDims", "8")
     built, model, _ = evaluate_with(oxford_args(tiny, 3, *args), True)
@@ -286,11 +286,11 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
         raise AssertionError("the database was streamed")
 
     with monkeypatch.context() as m:
-        m.setattr(test_module, "rank_streamed", no_stream)
+        m.setattr(diagonal, "rank_streamed", no_stream)
         quick, _, _ = evaluate_with(oxford_args(tiny, 3, *args, "--shortlistCheck", "0"), True, model)
     np.testing.assert_array_equal(quick.preds, built.preds)
     assert quick.shortlist["sampled_queries"] == 0 and np.isnan(quick.shortlist["recall"])
-    assert "not measured" in evaluate_module.format_recalls(quick)
+    assert "not measured" in evaluate.format_recalls(quick)
 
     with pytest.raises(UserError, match=r"another map, model or settings \(differs in: model\).*delete"):
         other = copy.deepcopy(model)
@@ -305,7 +305,7 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
 
 
 def test_index_choice_by_size():
-    from shortlist import FLAT_MAX, INDEX_BYTES, choose_index
+    from seqmatchnet.search.shortlist import FLAT_MAX, INDEX_BYTES, choose_index
 
     assert choose_index(1000, 128).kind == "flat"
     assert choose_index(FLAT_MAX + 1, 64).kind == "ivf-flat"
@@ -325,7 +325,7 @@ def test_index_choice_by_size():
 def test_every_index_kind_returns_valid_candidates(memory):
     """Each index kind (forced by a small memory budget) returns k distinct window ids per query; the
     flat index returns the exact nearest descriptors (plain loop)."""
-    from shortlist import WindowIndex, choose_index, shortlist_recall
+    from seqmatchnet.search.shortlist import WindowIndex, choose_index, shortlist_recall
 
     x = unit_rows(np.random.default_rng(3), 3000, 32)
     q = x[::97] + 0.01
@@ -342,8 +342,8 @@ def test_every_index_kind_returns_valid_candidates(memory):
 
 
 def test_window_means_and_shortlist_recall_match_plain_loops():
-    from get_models import window_means
-    from shortlist import shortlist_recall
+    from seqmatchnet.models.sequence import window_means
+    from seqmatchnet.search.shortlist import shortlist_recall
 
     feats = torch.from_numpy(unit_rows(np.random.default_rng(4), 40, 6))
     dense = np.r_[2, 2, np.arange(2, 34), 34, 34]              # windows at most frames (a streamed chunk)
@@ -367,7 +367,7 @@ def test_window_means_and_shortlist_recall_match_plain_loops():
     (["--shortlistIndex", "x.index"], "--shortlist K"),
     (["--shortlist", "5", "--shortlistCheck", "-1"], "--shortlistCheck")])
 def test_bad_large_map_options_are_refused(args, message):
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
 
     with pytest.raises(UserError, match=message):
         parse_options(["--mode", "test", "--seqL", "3", *args])
@@ -378,7 +378,7 @@ def test_bad_large_map_options_are_refused(args, message):
 def test_fast_positions_reader_equals_the_row_by_row_reader(tmp_path, monkeypatch):
     """The vectorised CSV path gives what the csv-module path gives (values, ids, timestamps, line
     numbers with blank lines), and hands irregular files to it."""
-    import positions
+    from seqmatchnet.data import positions
 
     text = ("x,y,timestamp,sequence_id\n1.5, 2,10,a\n\n3,4,11,a\n , ,\n5,6e1,12.5,b\n")
     path = tmp_path / "p.csv"

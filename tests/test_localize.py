@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_velocity as twins
 import torch
 
 import plain
+import test_velocity as twins
 from conftest import ROOT, unit_rows
-from localize import CSV_COLUMNS, Localizer, Match, run_localize
-from utils import UserError
+from seqmatchnet.cli.localize import run_localize
+from seqmatchnet.common.errors import UserError
+from seqmatchnet.online.localizer import CSV_COLUMNS, Localizer, Match
 
 N_TEST = 400 - int(400 * 0.65)          # query and database frames of the tiny Oxford test split
 TEST_ROWS = np.arange(int(400 * 0.65), 400)
@@ -137,7 +138,7 @@ def test_confidence_in_position_units_matches_plain_loop(seq_len):
 
 
 def test_projection_model_matches_plain_loop_on_projected_frames():
-    from get_models import SeqMatchModel
+    from seqmatchnet.models.sequence import SeqMatchModel
 
     torch.manual_seed(0)
     model = SeqMatchModel(16, pooling=True, out_dims=8).eval()
@@ -207,7 +208,7 @@ def test_bad_frames_and_databases_are_refused():
 
 def localize_options(root: Path, *extra: str):
     """Options as the main parser gives them (localisation flags added when it lacks them)."""
-    import options
+    from seqmatchnet.cli import options
 
     parser = options.build_parser()
     argv = ["--mode", "localize", "--dataset", "oxford-v1.0",
@@ -258,16 +259,16 @@ def test_replay_writes_csv_recall_and_summary(tiny_oxford, tmp_path, capsys):
 
 
 def test_replay_resets_at_query_sequence_bounds(tiny_oxford, monkeypatch, tmp_path):
-    import runs
+    from seqmatchnet.runs import loading
 
-    real = runs.get_split
+    real = loading.get_split
 
     def two_segments(opt, name, **kwargs):
         split = real(opt, name, **kwargs)
         split.q_bounds = bounds_of([50, N_TEST - 50])
         return split
 
-    monkeypatch.setattr(runs, "get_split", two_segments)
+    monkeypatch.setattr(loading, "get_split", two_segments)
     out = tmp_path / "m.csv"
     run_localize(localize_options(tiny_oxford, "--seqL", "4", "--output", str(out)))
     empty = [int(r["query_frame"]) for r in read_csv(out) if r["db_frame"] == ""]
@@ -345,7 +346,7 @@ def test_localize_options_are_checked(tiny_oxford):
 CHILD = """
 import sys
 sys.path.insert(0, {root!r})
-import options, localize
+from seqmatchnet.cli import localize, options
 p = options.build_parser()
 opt = options.check_options(p.parse_args(["--mode", "localize", "--nocuda", "--quiet", "--dataset", "oxford-v1.0",
     "--split", "test", "--seqL", "2", "--stream", "-", "--dim", "16", "--dataPath", {data!r},
@@ -376,7 +377,7 @@ def test_stream_pipe_answers_each_frame_before_the_next_arrives(tiny_oxford):
 
 
 def test_main_dispatches_localize_when_wired(tiny_oxford, tmp_path, monkeypatch):
-    import options
+    from seqmatchnet.cli import options
 
     parser = options.build_parser()
     mode = next(a for a in parser._actions if "--mode" in a.option_strings)
@@ -444,14 +445,14 @@ def plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, r
 @pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 2, 4, 5])
 def test_velocities_match_plain_causal_loop_with_bounds(seq_len, grid):
-    import velocity as V
+    from seqmatchnet.speeds import rules
 
     rng = np.random.default_rng(seq_len)
     db = unit_rows(rng, 50, 8)
     q_rows = np.round(np.arange(30) * 1.5).astype(int) % 50           # the query drives 1.5x as fast
     q = db[q_rows] + 0.3 * rng.standard_normal((30, 8)).astype(np.float32)
     db_bounds, q_bounds = bounds_of([21, 3, 26]), bounds_of([4, 12, 14])
-    rule = V.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
+    rule = rules.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
     velocities = (0.5, 1.0, 1.5, 2.0)
     loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, conf_radius=2,
                     grid=grid)
@@ -480,11 +481,11 @@ def test_velocities_match_plain_causal_loop_with_bounds(seq_len, grid):
 def test_equal_trajectories_localize_to_the_smallest_frame_then_the_velocity_nearest_one(grid, seq_len, velocities):
     """A route of identical frames: every trajectory scores exactly 0, so the match is the smallest end frame
     that some trajectory may use, with the first of those trajectories in the order nearest 1 (then phase 0)."""
-    import velocity as V
+    from seqmatchnet.speeds import rules
 
     db, q = np.ones((30, 4), np.float32), np.ones((9, 4), np.float32)
     db_bounds, q_bounds = bounds_of([11, 19]), bounds_of([9])
-    rule = V.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
+    rule = rules.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
     loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, grid=grid)
     plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule, grid, loc._traj)
     got = [loc.step(f) for f in q]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from test_train import TRAIN, only_run, run_main
 
 

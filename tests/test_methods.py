@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import unit_rows
-from get_models import SeqMatchModel
+from seqmatchnet.models.sequence import SeqMatchModel
 
 
 def plain_smooth(window: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import plain
-from metrics import RADII, radius_table, recall_table
+from seqmatchnet.evaluation.recall import RADII, radius_table, recall_table
 
 
 @pytest.mark.parametrize("width", [1, 5, 20, 100])
@@ -50,7 +50,7 @@ def test_radius_table_rows_have_their_own_denominators():
 def test_one_nearest_distance_serves_every_radius():
     """``nearest_db_distance`` equals a plain loop's minimum; passing it gives the same tables as
     building the tree per call."""
-    from metrics import nearest_db_distance
+    from seqmatchnet.evaluation.recall import nearest_db_distance
 
     rng = np.random.default_rng(2)
     db_pos = rng.uniform(0, 200, (150, 2))

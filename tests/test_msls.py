@@ -29,7 +29,7 @@ def bounds_file(root: Path, city: str, side: str) -> Path:
 def msls_root(tmp_path_factory) -> Path:
     """The real struct and bounds files in the project layout, and descriptors that follow the positions:
     random Fourier features of the place (about 15 m scale), a per-traversal offset and noise."""
-    from datasets import load_struct
+    from seqmatchnet.data.structs import load_struct
 
     root = tmp_path_factory.mktemp("msls")
     structs = root / "structFiles"
@@ -54,7 +54,7 @@ def msls_root(tmp_path_factory) -> Path:
 
 
 def msls_opt(root: Path, seq_len: int, mode: str = "train"):
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
 
     return parse_options(["--mode", mode, "--dataset", "msls", "--msls_trainCity", TRAIN_CITY, "--msls_valCity",
                           VAL_CITY, "--seqL", str(seq_len), "--nocuda", "--dataPath", str(root / "data"),
@@ -78,8 +78,8 @@ def plain_valid_count(path: Path, seq_len: int) -> int:
 def test_bounds_are_read_per_traversal(msls_root, split, city):
     """Each traversal keeps its own bounds (relative to its own file); stacking db + query with the query bounds
     offset by numDb gives the same windows."""
-    from datasets import sequence_windows
-    from get_datasets import get_split
+    from seqmatchnet.data.specs import get_split
+    from seqmatchnet.data.windows import sequence_windows
 
     sp = get_split(msls_opt(msls_root, 3), split)
     db_text = np.array(read_bounds_text(bounds_file(msls_root, city, "database")))
@@ -97,9 +97,9 @@ def test_bounds_are_read_per_traversal(msls_root, split, city):
 @pytest.mark.parametrize("seq_len", [1, 2, 3])
 @pytest.mark.parametrize("split,city", [("train", TRAIN_CITY), ("test", VAL_CITY)])
 def test_windows_stay_inside_their_sequence(msls_root, split, city, seq_len):
-    from datasets import sequence_windows
-    from get_datasets import get_split
-    from mining import TrainingSet
+    from seqmatchnet.data.specs import get_split
+    from seqmatchnet.data.windows import sequence_windows
+    from seqmatchnet.training.mining import TrainingSet
 
     sp = get_split(msls_opt(msls_root, seq_len), split)
     for side, bounds in (("database", sp.db_bounds), ("query", sp.q_bounds)):
@@ -145,10 +145,9 @@ def test_download_script_fetches_the_msls_files_where_the_loader_finds_them(msls
     bounds file arrives byte for byte, and --dataset msls then reads the downloaded files."""
     import subprocess
 
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
     from test_download import Server
-
-    from get_datasets import get_split
-    from options import parse_options
 
     server = Server(tmp_path / "served")
     try:
@@ -178,9 +177,9 @@ def test_download_script_fetches_the_msls_files_where_the_loader_finds_them(msls
 
 @pytest.mark.parametrize("city,seq_len", [("austin", 3), ("melbourne", 5)])
 def test_short_capture_sequences_do_not_block_a_split(msls_root, city, seq_len):
-    from datasets import sequence_windows
-    from get_datasets import get_split
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
+    from seqmatchnet.data.windows import sequence_windows
 
     opt = parse_options(["--mode", "test", "--dataset", "msls", "--msls_valCity", city, "--seqL", str(seq_len),
                          "--nocuda", "--dataPath", str(msls_root / "data"), "--structPath",

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-import metrics
-import plots
+from seqmatchnet.evaluation import figures, recall
 
 N_VALUES = [1, 5, 10, 20, 100]
 RADII = [1, 5, 10, 20, 40, 100, 200]
@@ -17,7 +16,7 @@ RADII = [1, 5, 10, 20, 40, 100, 200]
 
 def pixel_size(figsize: tuple[float, float]) -> tuple[int, int]:
     """(height, width) of a saved PNG."""
-    return round(figsize[1] * plots.FIG_DPI), round(figsize[0] * plots.FIG_DPI)
+    return round(figsize[1] * figures.FIG_DPI), round(figsize[0] * figures.FIG_DPI)
 
 
 def check_png(path: Path, figsize: tuple[float, float]) -> None:
@@ -35,22 +34,22 @@ def rng() -> np.random.Generator:
 
 def test_recall_at_n_figure(tmp_path, rng):
     recalls = {"seqL 5": np.sort(rng.uniform(size=5)), "seqL 1": [0.2, 0.4, np.nan, 0.7, None]}
-    path = plots.save_figure(plots.recall_at_n_figure(N_VALUES, recalls), tmp_path / "recall.png")
-    check_png(path, plots.SMALL)
+    path = figures.save_figure(figures.recall_at_n_figure(N_VALUES, recalls), tmp_path / "recall.png")
+    check_png(path, figures.SMALL)
     with pytest.raises(ValueError, match="recalls for 5 values"):
-        plots.recall_at_n_figure(N_VALUES, {"short": [0.1, 0.2]})
+        figures.recall_at_n_figure(N_VALUES, {"short": [0.1, 0.2]})
 
 
 def test_radius_recall_figure(tmp_path, rng):
     rr = np.sort(rng.uniform(size=(len(RADII), len(N_VALUES))), axis=0)
-    check_png(plots.save_figure(plots.radius_recall_figure(RADII, N_VALUES, rr), tmp_path / "r.png"), plots.SMALL)
+    check_png(figures.save_figure(figures.radius_recall_figure(RADII, N_VALUES, rr), tmp_path / "r.png"), figures.SMALL)
     with pytest.raises(ValueError, match="shape"):
-        plots.radius_recall_figure(RADII, N_VALUES, rr.T)
+        figures.radius_recall_figure(RADII, N_VALUES, rr.T)
 
 
 def test_precision_recall_hand_example():
     # sorted by distance: correct, correct, wrong, correct, wrong (query 5 has no positive)
-    pr = metrics.precision_recall(np.array([0.4, 0.1, 0.3, 0.2, 0.5]), np.array([1, 1, 0, 1, 0], bool),
+    pr = recall.precision_recall(np.array([0.4, 0.1, 0.3, 0.2, 0.5]), np.array([1, 1, 0, 1, 0], bool),
                                 np.array([1, 1, 1, 1, 0], bool))
     assert pr["thresholds"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert pr["precision"] == pytest.approx([1, 1, 2 / 3, 3 / 4, 3 / 5])
@@ -62,7 +61,7 @@ def test_precision_recall_hand_example():
 
 def test_precision_recall_ties_and_first_wrong():
     # the two queries at 0.2 are accepted together; the curve starts at the first precision (0), not 1
-    pr = metrics.precision_recall([0.1, 0.2, 0.2, np.inf], [False, True, True, True], [True, True, True, True])
+    pr = recall.precision_recall([0.1, 0.2, 0.2, np.inf], [False, True, True, True], [True, True, True, True])
     assert pr["thresholds"] == pytest.approx([0.1, 0.2])
     assert pr["precision"] == pytest.approx([0, 2 / 3])
     assert pr["recall"] == pytest.approx([0, 0.5])
@@ -71,27 +70,27 @@ def test_precision_recall_ties_and_first_wrong():
 
 
 def test_precision_recall_no_correct_match(tmp_path):
-    pr = metrics.precision_recall([0.3, 0.1, 0.2], [False, False, False], [True, True, False])
+    pr = recall.precision_recall([0.3, 0.1, 0.2], [False, False, False], [True, True, False])
     assert pr["precision"] == [0.0, 0.0, 0.0] and pr["recall"] == [0.0, 0.0, 0.0]
     assert pr["auc"] == 0.0 and pr["recall_at_100_precision"] == 0.0
-    check_png(plots.save_figure(plots.pr_figure(pr), tmp_path / "pr_none.png"), plots.SMALL)
+    check_png(figures.save_figure(figures.pr_figure(pr), tmp_path / "pr_none.png"), figures.SMALL)
 
 
 def test_precision_recall_correct_without_positive_is_not_counted():
-    pr = metrics.precision_recall([0.1, 0.2], [True, True], [False, True])
+    pr = recall.precision_recall([0.1, 0.2], [True, True], [False, True])
     assert pr["precision"] == pytest.approx([0.0, 0.5]) and pr["recall"] == pytest.approx([0.0, 1.0])
 
 
 def test_precision_recall_no_positive_is_nan():
-    pr = metrics.precision_recall([0.1], [False], [False])
+    pr = recall.precision_recall([0.1], [False], [False])
     assert np.isnan(pr["auc"]) and np.isnan(pr["recall_at_100_precision"]) and pr["recall"] == []
 
 
 def test_pr_figure(tmp_path, rng):
     d = rng.uniform(size=200)
     has = rng.uniform(size=200) < 0.9
-    pr = metrics.precision_recall(d, (rng.uniform(size=200) > d) & has, has)
-    check_png(plots.save_figure(plots.pr_figure(pr), tmp_path / "pr.png"), plots.SMALL)
+    pr = recall.precision_recall(d, (rng.uniform(size=200) > d) & has, has)
+    check_png(figures.save_figure(figures.pr_figure(pr), tmp_path / "pr.png"), figures.SMALL)
 
 
 @pytest.mark.slow
@@ -102,36 +101,36 @@ def test_distance_matrix_figure(tmp_path, rng):
     mask = np.abs(i - j - 10) <= 3
     top1 = block.argmin(axis=0)
     top1[::10] = -1
-    path = plots.save_figure(plots.distance_matrix_figure(block, 500, 200, mask, top1), tmp_path / "d.png")
-    check_png(path, plots.SQUARE)
+    path = figures.save_figure(figures.distance_matrix_figure(block, 500, 200, mask, top1), tmp_path / "d.png")
+    check_png(path, figures.SQUARE)
     pairs = np.argwhere(mask)        # the same ground truth as (row, column) pairs
-    check_png(plots.save_figure(plots.distance_matrix_figure(block, 0, 0, pairs, top1), tmp_path / "d2.png"),
-              plots.SQUARE)
+    check_png(figures.save_figure(figures.distance_matrix_figure(block, 0, 0, pairs, top1), tmp_path / "d2.png"),
+              figures.SQUARE)
     with pytest.raises(ValueError, match="mask has shape"):
-        plots.distance_matrix_figure(block, 0, 0, mask.T, top1)
+        figures.distance_matrix_figure(block, 0, 0, mask.T, top1)
 
 
 def test_training_curves_figure(tmp_path):
     epochs = np.arange(1, 7)
-    fig = plots.training_curves_figure(epochs, 0.2 * np.exp(-epochs / 3), {1: [0.5, 0.6, 0.7], 5: [0.7, 0.8, 0.9]},
+    fig = figures.training_curves_figure(epochs, 0.2 * np.exp(-epochs / 3), {1: [0.5, 0.6, 0.7], 5: [0.7, 0.8, 0.9]},
                                        val_epochs=[2, 4, 6])
-    check_png(plots.save_figure(fig, tmp_path / "t.png"), plots.WIDE)
+    check_png(figures.save_figure(fig, tmp_path / "t.png"), figures.WIDE)
     with pytest.raises(ValueError, match="validation epochs"):
-        plots.training_curves_figure(epochs, epochs, {1: [0.5]})
+        figures.training_curves_figure(epochs, epochs, {1: [0.5]})
 
 
 def test_save_figure_replaces_and_creates_folder(tmp_path):
     target = tmp_path / "new" / "f.png"
-    plots.save_figure(plots.recall_at_n_figure(N_VALUES, {"a": [0.1] * 5}), target)
-    plots.save_figure(plots.recall_at_n_figure(N_VALUES, {"b": [0.9] * 5}), target)
-    check_png(target, plots.SMALL)
+    figures.save_figure(figures.recall_at_n_figure(N_VALUES, {"a": [0.1] * 5}), target)
+    figures.save_figure(figures.recall_at_n_figure(N_VALUES, {"b": [0.9] * 5}), target)
+    check_png(target, figures.SMALL)
     assert [p.name for p in target.parent.iterdir()] == ["f.png"]
 
 
 def test_top1_outcomes():
     db = np.array([[0.0, 0], [10, 0], [20, 0]])
     q = np.array([[0.0, 0], [19, 0], [100, 0]])
-    correct, has_pos = metrics.top1_outcomes(np.array([0, 1, 2]), db, q, radius=2.0)
+    correct, has_pos = recall.top1_outcomes(np.array([0, 1, 2]), db, q, radius=2.0)
     assert correct.tolist() == [True, False, False]
     assert has_pos.tolist() == [True, True, False]
 
@@ -141,7 +140,7 @@ def test_distance_section_equals_plain_sequence_distances(rng):
     ground truth within posDistThr and the top-1 rows of the evaluated queries."""
     torch = pytest.importorskip("torch")
     import plain
-    from evaluate import distance_section
+    from seqmatchnet.evaluation.outputs import distance_section
 
     n, dim, seq_len = 60, 8, 3
     pos = np.stack([np.arange(n) * 2.0, np.zeros(n)], axis=1)
@@ -169,15 +168,15 @@ def test_distance_section_equals_plain_sequence_distances(rng):
 @pytest.mark.slow
 def test_evaluation_figures_draw_what_they_are_given(tmp_path, rng):
     n = 40
-    section = plots.DistanceSection(rng.uniform(size=(n, n)), 10, 5, np.eye(n, dtype=bool),
+    section = figures.DistanceSection(rng.uniform(size=(n, n)), 10, 5, np.eye(n, dtype=bool),
                                     np.arange(n) % 7 - 1, 3)
-    pr = metrics.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
-    figs = plots.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr, "tiny", section,
+    pr = recall.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
+    figs = figures.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr, "tiny", section,
                                     N_VALUES, RADII, radius_unit="frames")
     assert set(figs) == {"recall_at_n", "radius_recall", "precision_recall", "distance_matrix"}
     assert "frames" in figs["radius_recall"].axes[0].get_xlabel()
-    sizes = {"distance_matrix": plots.SQUARE}
+    sizes = {"distance_matrix": figures.SQUARE}
     for name, fig in figs.items():
-        check_png(plots.save_figure(fig, tmp_path / f"{name}.png"), sizes.get(name, plots.SMALL))
-    assert set(plots.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr,
+        check_png(figures.save_figure(fig, tmp_path / f"{name}.png"), sizes.get(name, figures.SMALL))
+    assert set(figures.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr,
                                         "tiny")) == {"recall_at_n", "radius_recall", "precision_recall"}

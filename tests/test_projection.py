@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import get_models
-import mining
-import train
-from datasets import Split, segment_bounds
-from get_models import SeqMatchModel, SeqNetConv, WXpB, load_state
+from seqmatchnet.data.windows import Split, segment_bounds
+from seqmatchnet.models import sequence
+from seqmatchnet.models.sequence import SeqMatchModel, SeqNetConv, WXpB, load_state
+from seqmatchnet.training import mining, steps
 
 
 @pytest.mark.parametrize("n, c, out", [(1, 3, 2), (7, 16, 16), (64, 33, 5), (5, 8, 40)])
@@ -80,7 +79,7 @@ def test_encode_in_place_equals_normalize_and_spares_the_input(pooling):
 
 @pytest.mark.parametrize("pooling", [False, True])
 def test_extract_features_one_block_equals_blocks_and_spares_arrays(pooling, monkeypatch):
-    from get_models import project_frames
+    from seqmatchnet.models.sequence import project_frames
 
     torch.manual_seed(4)
     model = SeqMatchModel(16, pooling, 8)
@@ -88,7 +87,7 @@ def test_extract_features_one_block_equals_blocks_and_spares_arrays(pooling, mon
     keep = desc.copy()
     cpu = torch.device("cpu")
     with monkeypatch.context() as m:
-        m.setattr(get_models, "FEATURE_BLOCK_BYTES", 1)              # blocks of batch_size = 7 rows
+        m.setattr(sequence, "FEATURE_BLOCK_BYTES", 1)              # blocks of batch_size = 7 rows
         blocks = project_frames(model, desc, cpu, 7, quiet=True)
     np.testing.assert_array_equal(desc, keep)
     model.eval()
@@ -151,7 +150,7 @@ def test_stacked_rows_equals_plain_loop(order):
 
 def test_window_frames_keep_windows_contiguous():
     starts = np.array([7, 0, 2, 20, 21])
-    frames, local = get_models.window_frames(starts, 3)
+    frames, local = sequence.window_frames(starts, 3)
     np.testing.assert_array_equal(frames, [0, 1, 2, 3, 4, 7, 8, 9, 20, 21, 22, 23])
     np.testing.assert_array_equal(frames[local[:, None] + np.arange(3)], starts[:, None] + np.arange(3))
 
@@ -160,15 +159,15 @@ def test_window_frames_keep_windows_contiguous():
 def test_model_cache_distances_equal_all_frame_features(method):
     """Pooling only the frames the windows cover gives the matrix of features of every frame."""
 
-    from get_models import project_frames
+    from seqmatchnet.models.sequence import project_frames
 
     tset = _tset(seq_len=3)
     torch.manual_seed(4)
     model = SeqMatchModel(tset.split.dim, True, 5)
-    config = train.TrainConfig(seq_len=3, cache_batch_size=4, quiet=True, mining_distance=method)
+    config = steps.TrainConfig(seq_len=3, cache_batch_size=4, quiet=True, mining_distance=method)
     queries = tset.queries[[1, 4, 5, 9, 20]]
     cpu = torch.device("cpu")
-    got = train.model_cache_distances(model, tset, queries, config, cpu)
+    got = steps.model_cache_distances(model, tset, queries, config, cpu)
     db_feats = project_frames(model, tset.split.db_desc, cpu, 64, quiet=True)
     q_feats = project_frames(model, tset.split.q_desc, cpu, 64, quiet=True)
     ref = mining.cache_distances(db_feats, q_feats, tset, queries, method)

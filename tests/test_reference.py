@@ -37,15 +37,15 @@ REL = 1e-6          # scores this close (relative) count as one tied score
 
 def recall_table(*args, **kwargs):
     """The project's Recall@N, as ``evaluate.evaluate`` computes it."""
-    import evaluate
+    from seqmatchnet.evaluation import recall
 
-    return evaluate.recall_table(*args, **kwargs)
+    return recall.recall_table(*args, **kwargs)
 
 
 def load_case(args: list[str]):
     """``(options, split, model, device)`` that ``--mode test`` evaluates for ``args``."""
-    import test
-    from options import parse_options
+    from seqmatchnet.cli import test
+    from seqmatchnet.cli.options import parse_options
 
     loaded = test.load_for_test(parse_options(args))
     return loaded.opt, loaded.split, loaded.model, loaded.device
@@ -68,9 +68,9 @@ def tie_groups(dists: np.ndarray) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("case", sorted(CASES) or ["none"])
 def test_reference_case(case, tmp_path, monkeypatch):
     import main
-    from datasets import sequence_windows
-    from get_models import project_frames
-    from seqMatchNet import candidate_distances
+    from seqmatchnet.data.windows import sequence_windows
+    from seqmatchnet.matching.seqmatch import candidate_distances
+    from seqmatchnet.models.sequence import project_frames
 
     spec = CASES[case]
     monkeypatch.chdir(REFERENCE)          # read-only: every output goes to tmp_path

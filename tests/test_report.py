@@ -9,19 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import report
-from utils import UserError
+from seqmatchnet.cli import compare as compare_mode
+from seqmatchnet.common.errors import UserError
+from seqmatchnet.evaluation import compare
+from seqmatchnet.evaluation import summary as summary_mod
 
 OPTIONS = {"mode": "test", "dataset": "nordland-sw", "split": "test", "seqL": 5, "matcher": "seqMatchNet",
            "pooling": True, "resultsPath": Path("/tmp/x"), "seed": np.int64(123)}
 
 
 def test_environment_info_keys(tmp_path):
-    info = report.environment_info()
+    info = summary_mod.environment_info()
     for key in ("python", "torch", "numpy", "faiss", "platform", "cuda_available", "git_commit", "git_dirty"):
         assert key in info
     assert isinstance(info["cuda_available"], bool)
-    outside = report.environment_info(tmp_path)       # not a git checkout
+    outside = summary_mod.environment_info(tmp_path)       # not a git checkout
     assert outside["git_commit"] is None and outside["git_dirty"] is None
 
 
@@ -29,7 +31,7 @@ def test_file_info_checksum(tmp_path):
     f = tmp_path / "desc.npy"
     data = os.urandom(3 * 1024 * 1024 + 17)             # spans several 1 MiB blocks
     f.write_bytes(data)
-    (info,) = report.file_info([f])
+    (info,) = summary_mod.file_info([f])
     assert info["name"] == "desc.npy" and info["size"] == len(data)
     assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["partial"] is False
 
@@ -38,7 +40,7 @@ def test_file_info_partial_and_missing(tmp_path):
     f = tmp_path / "big.bin"
     data = os.urandom(5000)
     f.write_bytes(data)
-    info, missing = report.file_info([f, tmp_path / "absent.npy"], full_limit=4096, part=1000)
+    info, missing = summary_mod.file_info([f, tmp_path / "absent.npy"], full_limit=4096, part=1000)
     expected = hashlib.sha256(data[:1000] + data[-1000:] + b"5000").hexdigest()
     assert info["partial"] is True and info["sha256"] == expected
     assert missing["missing"] is True and missing["sha256"] is None
@@ -51,7 +53,7 @@ def test_build_summary_is_json_serialisable(tmp_path):
     radius = dict(zip((1, 5), np.array([[0.1, 0.2], [0.3, 0.4]])))
     pr = {"precision": [1.0], "recall": [0.5], "thresholds": [0.1], "auc": np.float64(0.42),
           "recall_at_100_precision": np.float64(0.3)}
-    summary = report.build_summary("test", OPTIONS, recalls, radius, pr, {"matching_s": np.float64(1.5)}, [f],
+    summary = summary_mod.build_summary("test", OPTIONS, recalls, radius, pr, {"matching_s": np.float64(1.5)}, [f],
                                    extra={"queries": np.int64(7)})
     text = json.dumps(summary, allow_nan=False)
     back = json.loads(text)
@@ -63,9 +65,9 @@ def test_build_summary_is_json_serialisable(tmp_path):
     assert back["queries"] == 7 and back["dataset"] == "nordland-sw"
     assert back["method"] == "sequence matching, learned projection"
     assert back["created_utc"].endswith("+00:00") and "torch" in back["environment"]
-    assert report.build_summary("test", OPTIONS, {}, {}, None, {}, [])["precision_recall"] is None
+    assert summary_mod.build_summary("test", OPTIONS, {}, {}, None, {}, [])["precision_recall"] is None
     with pytest.raises(ValueError, match="replace"):
-        report.build_summary("test", OPTIONS, {}, {}, None, {}, [], extra={"recalls": 1})
+        summary_mod.build_summary("test", OPTIONS, {}, {}, None, {}, [], extra={"recalls": 1})
 
 
 def write_summary(folder: Path, name: str = "summary.json", **fields) -> Path:
@@ -83,7 +85,7 @@ def test_compare_runs_two_summaries(tmp_path):
     write_summary(tmp_path / "runB" / "results", split="val", recalls={"1": 0.5, "5": 0.6},
                   options={"dataset": "oxford-v1.0", "seqL": 10, "matcher": "None", "pooling": False},
                   timings={})
-    table = report.compare_runs([tmp_path / "runA", tmp_path / "runB"])
+    table = compare.compare_runs([tmp_path / "runA", tmp_path / "runB"])
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].split()[:5] == ["run", "dataset", "split", "seqL", "method"]
     a = lines[2].split()
@@ -98,29 +100,29 @@ def test_compare_runs_accepts_summary_file_and_newest(tmp_path):
     old = write_summary(tmp_path / "run" / "a", recalls={"1": 0.1})
     new = write_summary(tmp_path / "run" / "b", recalls={"1": 0.2})
     os.utime(old, (1, 1))
-    assert report.find_summary(tmp_path / "run") == new
-    table = report.compare_runs([old])
+    assert compare.find_summary(tmp_path / "run") == new
+    table = compare.compare_runs([old])
     assert table.splitlines()[2].split()[:6] == ["a", "-", "-", "-", "-", "0.1000"]
 
 
 def test_compare_runs_missing_summary(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no summary.json"):
-        report.compare_runs([tmp_path / "empty"])
+        compare.compare_runs([tmp_path / "empty"])
     with pytest.raises(UserError, match="does not exist"):
-        report.compare_runs([tmp_path / "nowhere"])
+        compare.compare_runs([tmp_path / "nowhere"])
     bad = tmp_path / "bad" / "summary.json"
     bad.parent.mkdir()
     bad.write_text("{not json")
     with pytest.raises(UserError, match="not a readable JSON"):
-        report.compare_runs([bad.parent])
+        compare.compare_runs([bad.parent])
 
 
 def test_main_compare(tmp_path, capsys):
     write_summary(tmp_path / "r1", recalls={"1": 0.25})
-    assert report.main_compare(["--mode", "compare", str(tmp_path / "r1")]) == 0
+    assert compare_mode.main([str(tmp_path / "r1")]) == 0
     assert "0.2500" in capsys.readouterr().out
-    assert report.main_compare([str(tmp_path / "missing")]) == 1
+    assert compare_mode.main([str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err
 
 
@@ -128,14 +130,14 @@ def test_method_label_names_method_checkpoint_and_reranking():
     base = {"matcher": "seqMatchNet", "pooling": False, "method": "seqmatch", "w": 5, "predictionsFile": None}
     ckpt = {"run": "Nov27_10-00-00_l5_x", "epoch": 3, "which": "best"}
     labels = {
-        "raw": report.method_label(base),
-        "learned": report.method_label({**base, "pooling": True}, ckpt),
-        "single": report.method_label({**base, "matcher": "None"}),
-        "seqnet": report.method_label({**base, "method": "seqnet", "w": 3}, ckpt),
-        "smooth": report.method_label({**base, "method": "smooth"}),
-        "delta": report.method_label({**base, "method": "delta", "pooling": True}, ckpt),
-        "hvpr": report.method_label({**base, "predictionsFile": "results/shortlist/results.npz"}),
-        "speeds": report.method_label({**base, "velocities": "0.5:2:0.1"}),
+        "raw": summary_mod.method_label(base),
+        "learned": summary_mod.method_label({**base, "pooling": True}, ckpt),
+        "single": summary_mod.method_label({**base, "matcher": "None"}),
+        "seqnet": summary_mod.method_label({**base, "method": "seqnet", "w": 3}, ckpt),
+        "smooth": summary_mod.method_label({**base, "method": "smooth"}),
+        "delta": summary_mod.method_label({**base, "method": "delta", "pooling": True}, ckpt),
+        "hvpr": summary_mod.method_label({**base, "predictionsFile": "results/shortlist/results.npz"}),
+        "speeds": summary_mod.method_label({**base, "velocities": "0.5:2:0.1"}),
     }
     assert len(set(labels.values())) == len(labels)                     # every result reads differently
     assert labels["learned"] == "sequence matching, learned projection (run Nov27_10-00-00_l5_x, epoch 3, best)"
@@ -143,4 +145,4 @@ def test_method_label_names_method_checkpoint_and_reranking():
     assert "raw descriptors" in labels["raw"] and "single frame" in labels["single"]
     assert labels["hvpr"].endswith("re-ranks the top 20 of results/shortlist/results.npz")
     assert labels["speeds"] == "sequence matching, raw descriptors, across speeds 0.5:2:0.1"
-    assert report.method_label({**base, "velocities": "1"}) == labels["raw"]
+    assert summary_mod.method_label({**base, "velocities": "1"}) == labels["raw"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import TRAIN, only_run, run_main
 
 from conftest import make_tiny_oxford
+from test_train import TRAIN, only_run, run_main
 
 TEST = ["--mode", "test", "--dataset", "oxford-v1.0", "--split", "test", "--figures", "none"]
 
@@ -233,7 +233,7 @@ def test_help_says_what_the_options_without_default_do(capsys):
 def test_run_folder_without_exp_name_has_no_suffix(tmp_path):
     from argparse import Namespace
 
-    from runs import make_run_dir
+    from seqmatchnet.runs.folders import make_run_dir
 
     plain = make_run_dir(Namespace(runsPath=str(tmp_path), seqL=5, expName=""))
     named = make_run_dir(Namespace(runsPath=str(tmp_path), seqL=5, expName="x"))
@@ -270,15 +270,14 @@ def drawn(fig):
 
 def test_test_mode_figures_keep_titles_inside_and_plots_wide():
     """Every title line, however long the run label, lies inside the image; no legend squeezes the plot."""
-    import metrics
-    import plots
+    from seqmatchnet.evaluation import figures, recall
 
     rng = np.random.default_rng(0)
-    pr = metrics.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
-    section = plots.DistanceSection(rng.uniform(size=(30, 30)), 0, 0, np.eye(30, dtype=bool), np.arange(30), 5)
-    figs = plots.evaluation_figures({n: 0.5 for n in plots.N_VALUES}, np.full((len(plots.RADII), 5), 0.5), pr,
+    pr = recall.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
+    section = figures.DistanceSection(rng.uniform(size=(30, 30)), 0, 0, np.eye(30, dtype=bool), np.arange(30), 5)
+    figs = figures.evaluation_figures({n: 0.5 for n in recall.N_VALUES}, np.full((len(recall.RADII), 5), 0.5), pr,
                                     LONG_LABEL, section, radius_unit="m", radius_counts=[3, 9, 40, 80, 90, 95, 99])
-    figs["tsne"] = plots.embedding_figure(rng.normal(size=(20, 2)), rng.normal(size=(20, 2)), detail=LONG_LABEL)
+    figs["tsne"] = figures.embedding_figure(rng.normal(size=(20, 2)), rng.normal(size=(20, 2)), detail=LONG_LABEL)
     for name, fig in figs.items():
         renderer = drawn(fig)
         ax = fig.axes[0]
@@ -290,9 +289,9 @@ def test_test_mode_figures_keep_titles_inside_and_plots_wide():
 
 
 def test_radius_figure_shows_each_radius_query_count():
-    import plots
+    from seqmatchnet.evaluation import figures
 
-    fig = plots.radius_recall_figure([1, 5, 10], [1, 5], np.full((3, 2), 0.5), unit="m", counts=[12, 140, 300])
+    fig = figures.radius_recall_figure([1, 5, 10], [1, 5], np.full((3, 2), 0.5), unit="m", counts=[12, 140, 300])
     drawn(fig)
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert ticks == ["1\n12", "5\n140", "10\n300"]
@@ -300,9 +299,9 @@ def test_radius_figure_shows_each_radius_query_count():
 
 
 def test_training_loss_axis_starts_at_zero_and_states_the_change():
-    import plots
+    from seqmatchnet.evaluation import figures
 
-    fig = plots.training_curves_figure([1, 2, 3, 4, 5, 6], [0.283, 0.279, 0.275, 0.272, 0.270, 0.268],
+    fig = figures.training_curves_figure([1, 2, 3, 4, 5, 6], [0.283, 0.279, 0.275, 0.272, 0.270, 0.268],
                                        {1: [0.5, 0.55, 0.6, 0.62, 0.63, 0.64]})
     ax = fig.axes[0]
     assert ax.get_ylim()[0] == 0
@@ -321,10 +320,9 @@ def test_localize_prints_the_threshold_with_its_unit(trained, monkeypatch, capsy
 def test_no_training_query_error_gives_the_distances_with_their_unit():
     import dataclasses
 
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.training.mining import TrainingSet
     from test_train import tiny_split
-
-    from mining import TrainingSet
-    from utils import UserError
 
     split = tiny_split()                                  # positives within 2 m, negatives farther than 3 m
     split = dataclasses.replace(split, q_positions=split.q_positions + [0.0, 5.0])   # the query drives 5 m aside
@@ -333,7 +331,7 @@ def test_no_training_query_error_gives_the_distances_with_their_unit():
 
 
 def test_shortlist_line_names_nprobe_only_for_an_ivf_index():
-    from evaluate import EvalResult, format_recalls
+    from seqmatchnet.evaluation.evaluate import EvalResult, format_recalls
 
     base = {"candidates": 50, "nprobe": 16, "recall": 1.0, "sampled_queries": 5}
     result = EvalResult({n: 0.5 for n in (1, 5, 10, 20, 100)}, np.full((7, 5), 0.5), np.zeros((3, 50), int),
@@ -346,8 +344,8 @@ def test_shortlist_line_names_nprobe_only_for_an_ivf_index():
 def test_missing_msls_files_name_what_fetches_them(tmp_path):
     from argparse import Namespace
 
-    from get_datasets import load_split
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.data.specs import load_split
 
     opt = Namespace(dataset="msls", msls_trainCity="melbourne", msls_valCity="austin", structPath=str(tmp_path),
                     dataPath=str(tmp_path), descType="netvlad-pytorch", seqL=3, oxfordHonestVal=False)
@@ -359,8 +357,8 @@ def test_missing_msls_files_name_what_fetches_them(tmp_path):
 
 
 def test_positions_csv_given_as_descriptors_says_so(tmp_path):
-    from datasets import load_descriptors
-    from utils import UserError
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.data.descriptors import load_descriptors
 
     csv = tmp_path / "db.csv"
     csv.write_text("x,y\n" + "".join(f"{i * 2.0},0\n" for i in range(50)))

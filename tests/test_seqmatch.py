@@ -15,18 +15,17 @@ import torch
 
 import plain
 from conftest import unit_rows
-from datasets import segment_bounds, sequence_windows
-from metrics import recall_table
-from search import faiss_search, rerank
-from seqMatchNet import (
+from seqmatchnet.data.windows import segment_bounds, sequence_windows
+from seqmatchnet.evaluation.recall import recall_table
+from seqmatchnet.matching.seqmatch import (
     candidate_distances,
-    chunked_topk,
     diagonal_sums,
     frame_distances,
     sequence_distance,
-    topk_by_value_then_index,
     window_distances,
 )
+from seqmatchnet.matching.topk import chunked_topk, topk_by_value_then_index
+from seqmatchnet.search.diagonal import faiss_search, rerank
 
 LENGTHS = [1, 2, 3, 4, 5, 6]
 
@@ -326,7 +325,7 @@ def test_chunked_topk_orders_ties_like_plain(seq_len, method, topk, data, monkey
 def test_rank_ties_do_not_depend_on_chunks(seq_len, query_chunk, data):
     """``search.rank`` (what --mode test runs) on a contiguous traversal: the plain oracle's predictions
     for every --queryChunk / --dbChunk."""
-    from search import rank
+    from seqmatchnet.search.diagonal import rank
 
     rng = np.random.default_rng(60 + seq_len)
     db, q = tied_features(rng, 45, 30, 12, data)

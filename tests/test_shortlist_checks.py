@@ -15,7 +15,7 @@ from conftest import make_tiny_oxford, unit_rows
 def ivf_flat_index(n: int = 3000, dim: int = 32):
     """An IVF-flat index of ``n`` random unit vectors (forced: the map is above ``flat_max``), about
     ``n / nlist`` vectors per list, and the vectors."""
-    from shortlist import WindowIndex, choose_index
+    from seqmatchnet.search.shortlist import WindowIndex, choose_index
 
     x = unit_rows(np.random.default_rng(3), n, dim)
     choice = choose_index(n, dim, memory_bytes=10**9, flat_max=n // 2)
@@ -80,10 +80,10 @@ def tiny(tmp_path_factory) -> Path:
 
 def evaluate_tiny(root: Path, *extra: str, model=None):
     """An evaluation of the tiny route's test split with ``extra`` options: ``(result, split)``."""
-    from evaluate import EvalConfig, evaluate
-    from get_datasets import get_split
-    from get_models import get_model
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
+    from seqmatchnet.evaluation.evaluate import EvalConfig, evaluate
+    from seqmatchnet.models.sequence import get_model
 
     opt = parse_options(["--mode", "test", "--dataset", "oxford-v1.0", "--dataPath", str(root / "data"),
                          "--structPath", str(root / "structFiles"), "--seqL", "3", "--split", "test", "--nocuda",
@@ -100,17 +100,17 @@ def test_shortlist_recall_is_measured_on_exactly_the_sampled_queries(tiny, monke
     """The reported recall is the fraction of the sampled queries (fewer than the queries, drawn at
     random) whose exact top-1 window is among their own K candidates: recomputed here from exact
     matching of every query (no shortlist) and each query's shortlist (its K re-ranked candidates)."""
-    import search
-    from datasets import sequence_windows
+    from seqmatchnet.data.windows import sequence_windows
+    from seqmatchnet.search import diagonal
 
     sampled = []                      # the query windows the recall check matches exactly
-    real = search.rank_streamed
+    real = diagonal.rank_streamed
 
     def spy(chunks, q_feats, db_starts, q_starts, *a, **kw):
         sampled.append(np.asarray(q_starts).copy())
         return real(chunks, q_feats, db_starts, q_starts, *a, **kw)
 
-    monkeypatch.setattr(search, "rank_streamed", spy)
+    monkeypatch.setattr(diagonal, "rank_streamed", spy)
     got, split = evaluate_tiny(tiny, "--shortlist", "10", "--shortlistCheck", str(sample))
     exact, _ = evaluate_tiny(tiny)                                     # the same model (seeded), every window
     assert len(sampled) == 1 and len(sampled[0]) == sample < len(got.preds)

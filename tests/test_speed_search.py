@@ -10,15 +10,14 @@ import math
 
 import numpy as np
 import pytest
-import test_velocity as twins
 import torch
 
 import plain
-import search
-import speeds
-import velocity
-from datasets import sequence_windows
-from seqMatchNet import frame_distances
+import test_velocity as twins
+from seqmatchnet.data.windows import sequence_windows
+from seqmatchnet.matching.seqmatch import frame_distances
+from seqmatchnet.search import diagonal, speeds
+from seqmatchnet.speeds import rules, trajectories
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
@@ -54,7 +53,7 @@ def plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, veloc
     finite = np.isfinite(raw)
     stats = {"best": raw.min(axis=2), "sum": np.where(finite, raw, 0).sum(axis=2),
              "sumsq": np.where(finite, raw ** 2, 0).sum(axis=2), "count": finite.sum(axis=2).astype(float)}
-    a, b = velocity.rule_coefficients(rule, stats, q_bounds)
+    a, b = rules.rule_coefficients(rule, stats, q_bounds)
     return a[:, :, None] * raw + b[:, :, None], plain.velocities
 
 
@@ -73,7 +72,7 @@ def plain_top(adj, velocities, k):
 
 @pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 2, 3, 4, 5, 6])
-@pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "consensus"])
+@pytest.mark.parametrize("rule", [rules.PLAIN_MIN, rules.DEFAULT_RULE], ids=["min", "consensus"])
 def test_rank_across_speeds_equals_plain_loops(seq_len, rule, grid):
     rng = np.random.default_rng(seq_len)
     db_bounds, q_bounds = bounds_of([23, 17]), bounds_of([11, 14])
@@ -82,7 +81,7 @@ def test_rank_across_speeds_equals_plain_loops(seq_len, rule, grid):
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     velocities = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     k = 12
-    traj = velocity.trajectories(velocities, seq_len, grid=grid)
+    traj = trajectories.trajectories(velocities, seq_len, grid=grid)
     idx, scores, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                                  db_bounds, q_bounds, traj, rule, k, query_chunk=4)
     adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule, grid, traj)
@@ -105,11 +104,11 @@ def test_one_velocity_equals_the_diagonal_search(seq_len, grid):
     db_bounds, q_bounds = bounds_of([30, 25]), bounds_of([40])
     db, q = unit(rng, len(db_bounds), 8), unit(rng, len(q_bounds), 8)
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
-    want_i, want_d = search.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
+    want_i, want_d = diagonal.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
     got_i, got_d, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                                   db_bounds, q_bounds,
-                                                  velocity.trajectories((1.0,), seq_len, grid=grid),
-                                                  velocity.PLAIN_MIN, 20,
+                                                  trajectories.trajectories((1.0,), seq_len, grid=grid),
+                                                  rules.PLAIN_MIN, 20,
                                                   query_chunk=7)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_d, want_d, rtol=0, atol=1e-6)
@@ -129,8 +128,8 @@ def test_faster_query_is_found_at_its_speed(grid):
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
     idx, _, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
                                             db_bounds, q_bounds,
-                                            velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid),
-                                            velocity.DEFAULT_RULE, 5)
+                                            trajectories.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid),
+                                            rules.DEFAULT_RULE, 5)
     inner = np.arange(5, 95)
     assert (idx[inner, 0] == 2 * inner).mean() > 0.95
     assert (vel[inner, 0] == 2).mean() > 0.95
@@ -150,17 +149,17 @@ def route(seed: int, seq_len: int):
 def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk, grid):
     """``trajectory_blocks`` (the map read ``chunk`` frames at a time, each block reaching the trajectories'
     margin) gives the predictions, scores and velocities of one block holding every frame."""
-    from get_models import SeqMatchModel
+    from seqmatchnet.models.sequence import SeqMatchModel
 
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(seq_len, seq_len)
-    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len, grid=grid)
+    traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len, grid=grid)
     model = SeqMatchModel(6, False, 6)
     want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
-                                     q_bounds, traj, velocity.DEFAULT_RULE, 15, query_chunk=5)
+                                     q_bounds, traj, rules.DEFAULT_RULE, 15, query_chunk=5)
     blocks = speeds.trajectory_blocks(model, db.numpy(), db_starts, traj, torch.device("cpu"), 64, chunk,
                                       torch.float32, {})
     got = speeds.rank_across_speeds(blocks, q, db_starts, q_starts, db_bounds, q_bounds, traj,
-                                    velocity.DEFAULT_RULE, 15, query_chunk=5)
+                                    rules.DEFAULT_RULE, 15, query_chunk=5)
     # the products of differently sized blocks may differ in the last bits: equal up to such near-ties
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
     apart = np.c_[np.diff(want[1], axis=1) > 1e-5, np.ones(len(want[1]), bool)]
@@ -175,17 +174,17 @@ def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk, grid):
 def test_rerank_across_speeds_equals_plain_loops(seq_len, grid):
     """Each query's own candidates re-ranked across speeds (plain minimum over trajectories) against the
     plain loop over the same candidates; ties by candidate index."""
-    from get_models import SeqMatchModel
+    from seqmatchnet.models.sequence import SeqMatchModel
 
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(10 + seq_len, seq_len)
     velocities = (0.5, 1.0, 1.5, 2.0)
     rng = np.random.default_rng(seq_len)
     cand = np.stack([rng.choice(len(db_starts), 9, replace=False) for _ in q_starts])
-    traj = velocity.trajectories(velocities, seq_len, grid=grid)
+    traj = trajectories.trajectories(velocities, seq_len, grid=grid)
     idx, scores, vel = speeds.rerank_across_speeds(SeqMatchModel(6, False, 6), db.numpy(), db_starts, db_bounds, q,
                                                    q_starts, q_bounds, cand, traj,
-                                                   velocity.PLAIN_MIN, torch.device("cpu"), 64, group_bytes=2000)
-    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, velocity.PLAIN_MIN,
+                                                   rules.PLAIN_MIN, torch.device("cpu"), 64, group_bytes=2000)
+    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rules.PLAIN_MIN,
                              grid, traj)
     for i in range(len(q_starts)):
         rows = []
@@ -224,7 +223,7 @@ def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch, capsys):
     assert "top-1 matches by velocity (database frames per query frame): " in capsys.readouterr().out
     z = np.load(tmp_path / "speeds" / "results.npz")
     # 1.8 and 2 give one trajectory for L = 5 (offsets -4, -2, 0, 2, 4), named by the velocity nearest 1
-    assert velocity.trajectories((1.8,), 5).steps.tolist() == velocity.trajectories((2.0,), 5).steps.tolist()
+    assert trajectories.trajectories((1.8,), 5).steps.tolist() == trajectories.trajectories((2.0,), 5).steps.tolist()
     assert (z["velocities"][:, 0] == np.float32(1.8)).mean() > 0.5
     assert json.loads((tmp_path / "speeds" / "summary.json").read_text())["velocities"] == "0.5:2:0.1"
     assert recalls["speeds"] > recalls["diagonal"] + 0.05          # 0.749 vs 0.661 when written
@@ -238,12 +237,12 @@ def test_a_query_driven_twice_as_fast_end_to_end(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [1, 3, 4, 5])
-@pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "default"])
+@pytest.mark.parametrize("rule", [rules.PLAIN_MIN, rules.DEFAULT_RULE], ids=["min", "default"])
 def test_in_memory_search_equals_the_block_search(seq_len, rule, grid):
     """The search that keeps every trajectory distance (one top-k per query chunk) gives exactly the
     per-trajectory top-k lists' result: ids, scores and velocities."""
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(20 + seq_len, seq_len)
-    traj = velocity.trajectories((0.5, 0.8, 1.0, 1.5, 2.0), seq_len, grid=grid)
+    traj = trajectories.trajectories((0.5, 0.8, 1.0, 1.5, 2.0), seq_len, grid=grid)
     want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
                                      q_bounds, traj, rule, 20, query_chunk=4)
     got = speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule, 20,
@@ -251,7 +250,7 @@ def test_in_memory_search_equals_the_block_search(seq_len, rule, grid):
     finite = np.isfinite(want[1])
     for w, g in zip(want, got):
         np.testing.assert_array_equal(g[finite], w[finite])
-    assert search.DENSE_LIMIT_BYTES and speeds.fits_in_memory(traj, len(db_starts), len(q_starts))
+    assert diagonal.DENSE_LIMIT_BYTES and speeds.fits_in_memory(traj, len(db_starts), len(q_starts))
 
 
 @pytest.mark.parametrize("grid", [1, 2])
@@ -260,9 +259,9 @@ def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len
     """--shortlist K with K >= every database window, re-ranked across speeds (the rule's statistics then
     cover every window), gives the full search's predictions, velocities and scores up to the last bits
     of the distances (per-candidate products instead of one matrix product)."""
-    from datasets import Split
-    from evaluate import EvalConfig, evaluate
-    from get_models import SeqMatchModel
+    from seqmatchnet.data.windows import Split
+    from seqmatchnet.evaluation.evaluate import EvalConfig, evaluate
+    from seqmatchnet.models.sequence import SeqMatchModel
 
     db, q, _, _, db_bounds, q_bounds = route(30 + seq_len, seq_len)
     split = Split(name="test", db_desc=db.numpy(), q_desc=q.numpy(),
@@ -271,9 +270,9 @@ def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len
                   non_triv_pos_dist_sq_thr=9.0, db_bounds=db_bounds, q_bounds=q_bounds)
     model = SeqMatchModel(6, False, 6)
     speeds_ = (0.5, 1.0, 1.5, 2.0)
-    full = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_, grid=grid)), split, model,
+    full = evaluate(EvalConfig(seq_len, search=diagonal.SearchConfig(velocities=speeds_, grid=grid)), split, model,
                     torch.device("cpu"))
-    short = evaluate(EvalConfig(seq_len, search=search.SearchConfig(velocities=speeds_, shortlist=1000,
+    short = evaluate(EvalConfig(seq_len, search=diagonal.SearchConfig(velocities=speeds_, shortlist=1000,
                                                                      map_chunk=20, grid=grid)), split, model,
                      torch.device("cpu"))
     assert short.shortlist["candidates"] == len(full.db_frames) and short.velocities is not None
@@ -288,26 +287,26 @@ def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len
 def test_torchrun_refuses_the_searches_it_does_not_divide(monkeypatch):
     """Under torchrun sequence matching is divided between the ranks, along the diagonal and across speeds,
     dense or shortlisted; the undivided searches are refused with one line instead of being repeated."""
-    import distributed
-    from get_models import SeqMatchModel
-    from utils import UserError
+    from seqmatchnet.common import distributed
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.models.sequence import SeqMatchModel
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     model = SeqMatchModel(4, False, 4)
-    search.check_distributed(search.SearchConfig(), model, None)               # divided: accepted
-    search.check_distributed(search.SearchConfig(shortlist=5), model, None)   # divided too
-    search.check_distributed(search.SearchConfig(velocities=(0.5, 1.0), shortlist=5), model, None)
+    diagonal.check_distributed(diagonal.SearchConfig(), model, None)               # divided: accepted
+    diagonal.check_distributed(diagonal.SearchConfig(shortlist=5), model, None)   # divided too
+    diagonal.check_distributed(diagonal.SearchConfig(velocities=(0.5, 1.0), shortlist=5), model, None)
     cases = [({"shortlist": 5, "shortlist_index": "x.index"}, None, "--shortlistIndex"),
              ({"velocities": (0.5, 1.0)}, np.zeros((2, 20), dtype=np.int64), "--predictionsFile")]
     for kwargs, preds, flag in cases:
         with pytest.raises(UserError, match=f"{flag} is searched in one process"):
-            search.check_distributed(search.SearchConfig(**kwargs), model, preds)
+            diagonal.check_distributed(diagonal.SearchConfig(**kwargs), model, preds)
     with pytest.raises(UserError, match="--method smooth"):
-        search.check_distributed(search.SearchConfig(), SeqMatchModel(4, False, 4, method="smooth"), None)
+        diagonal.check_distributed(diagonal.SearchConfig(), SeqMatchModel(4, False, 4, method="smooth"), None)
 
 
 @pytest.mark.parametrize("grid", [1, 2])
-@pytest.mark.parametrize("rule", [velocity.PLAIN_MIN, velocity.DEFAULT_RULE], ids=["min", "default"])
+@pytest.mark.parametrize("rule", [rules.PLAIN_MIN, rules.DEFAULT_RULE], ids=["min", "default"])
 def test_equal_trajectories_report_the_velocity_nearest_one(rule, grid):
     """A route of identical frames: every trajectory of every window scores the same, so each match
     must name the velocity nearest 1 of those asked for (0.8 here, written from the definition, not
@@ -318,7 +317,7 @@ def test_equal_trajectories_report_the_velocity_nearest_one(rule, grid):
     db_starts, q_starts = sequence_windows(db_bounds, 3)[0], sequence_windows(q_bounds, 3)[0]
     asked = (2.0, 0.5, 1.5, 0.8)
     nearest = min(asked, key=lambda v: (abs(v - 1), v))
-    traj = velocity.trajectories(asked, 3, grid=grid)
+    traj = trajectories.trajectories(asked, 3, grid=grid)
     twins.assert_same_trajectories(traj, twins.plain_trajectories(asked, 3, "centre", grid), grid)
     for result in (speeds.rank_across_speeds([(0, db, np.arange(40))], q, db_starts, q_starts, db_bounds, q_bounds,
                                              traj, rule, 10),

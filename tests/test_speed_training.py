@@ -8,14 +8,13 @@ import math
 
 import numpy as np
 import pytest
-import test_velocity as twins
 import torch
 
-import mining
-import train
-import velocity
-from datasets import Split, segment_bounds
-from get_models import SeqMatchModel
+import test_velocity as twins
+from seqmatchnet.data.windows import Split, segment_bounds
+from seqmatchnet.models.sequence import SeqMatchModel
+from seqmatchnet.speeds import trajectories
+from seqmatchnet.training import mining, steps
 
 
 def small_tset(seq_len: int) -> mining.TrainingSet:
@@ -58,17 +57,17 @@ def plain_window_distance(dist: np.ndarray, q_start: int, db_start: int, bounds,
 def test_mining_matrix_across_speeds_equals_plain_loops(grid):
     for seq_len in (1, 3, 4, 5):
         tset = small_tset(seq_len)
-        traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid)
+        traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid)
         plain = twins.plain_trajectories((0.5, 1.0, 1.5, 2.0), seq_len, "centre", grid)
         twins.assert_same_trajectories(traj, plain, grid)
         model = SeqMatchModel(6, True, 5)
-        config = train.TrainConfig(seq_len=seq_len, quiet=True, velocities=(0.5, 1.0, 1.5, 2.0), grid=grid)
+        config = steps.TrainConfig(seq_len=seq_len, quiet=True, velocities=(0.5, 1.0, 1.5, 2.0), grid=grid)
         assert (config.trajectories is None) == traj.is_diagonal        # the diagonal alone: today's matrix
         if config.trajectories is not None:
             assert config.trajectories.steps.tolist() == traj.steps.tolist()
             assert config.trajectories.weights.tolist() == traj.weights.tolist()
         queries = tset.queries[::3]
-        got = train.model_cache_distances(model, tset, queries, config, torch.device("cpu")).numpy()
+        got = steps.model_cache_distances(model, tset, queries, config, torch.device("cpu")).numpy()
         with torch.no_grad():
             fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
             fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
@@ -85,7 +84,7 @@ def test_mining_matrix_across_speeds_equals_plain_loops(grid):
 def test_triplet_loss_across_speeds_equals_plain_loops(seq_len, grid):
     margin = 0.1
     tset = small_tset(seq_len)
-    traj = velocity.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid)
+    traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid)
     plain = twins.plain_trajectories((0.5, 1.0, 1.5, 2.0), seq_len, "centre", grid)
     twins.assert_same_trajectories(traj, plain, grid)
     torch.manual_seed(1)
@@ -95,7 +94,7 @@ def test_triplet_loss_across_speeds_equals_plain_loops(seq_len, grid):
     pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
     negs = rng.integers(0, len(tset.db_frames), (6, 4))
     negs[1, 2:] = -1
-    loss = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", margin, torch.device("cpu"), traj=traj)
+    loss = steps.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", margin, torch.device("cpu"), traj=traj)
     with torch.no_grad():
         fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
         fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
@@ -120,9 +119,9 @@ def test_one_velocity_is_the_diagonal_loss(grid):
     q_idx = tset.queries[:5]
     pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
     negs = np.tile(np.arange(3), (5, 1)) + 20
-    want = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"))
-    got = train.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"),
-                           traj=velocity.trajectories((1.0,), 5, grid=grid))
+    want = steps.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"))
+    got = steps.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"),
+                           traj=trajectories.trajectories((1.0,), 5, grid=grid))
     assert abs(got.item() - want.item()) < 1e-6
 
 

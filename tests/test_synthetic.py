@@ -15,8 +15,8 @@ import scipy.io
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import synthetic  # noqa: E402
-from synthetic import SYNTHETIC_FILES, SyntheticParams, ensure_synthetic, generate  # noqa: E402
+from seqmatchnet.data import synthetic  # noqa: E402
+from seqmatchnet.data.synthetic import SYNTHETIC_FILES, SyntheticParams, ensure_synthetic, generate  # noqa: E402
 
 # A small route for the file-handling tests (about 0.1 s to generate).
 SMALL = SyntheticParams(frames=600, dim=16)
@@ -298,8 +298,8 @@ def test_project_evaluation_agrees_with_the_recall_oracle(default_data: dict, de
                                                           seq_len: int) -> None:
     """--mode test on the synthetic test split finds the same top-1 matches as ``_recall_at_1`` (a float64
     oracle over the whole distance matrix), on the queries the oracle counts."""
-    from options import parse_options
-    from test import evaluate_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.cli.test import evaluate_options
 
     args = ['--mode', 'test', '--dataset', 'synthetic', '--split', 'test', '--seqL', str(seq_len), '--nocuda',
             '--quiet', '--dataPath', str(default_files / 'data'), '--structPath', str(default_files / 'structFiles')]

@@ -11,10 +11,10 @@ import torch
 
 import plain
 from conftest import REFERENCE, needs_reference, unit_rows
-from datasets import Split, segment_bounds
-from get_models import SeqMatchModel
-from mining import TrainingSet, cache_distances, mine, sample_negatives
-from train import batch_loss
+from seqmatchnet.data.windows import Split, segment_bounds
+from seqmatchnet.models.sequence import SeqMatchModel
+from seqmatchnet.training.mining import TrainingSet, cache_distances, mine, sample_negatives
+from seqmatchnet.training.steps import batch_loss
 
 
 def tiny_split(n_db=60, n_q=55, dim=8, seed=0, pos_thr=3.0, non_triv_sq=4.0) -> Split:
@@ -42,8 +42,8 @@ def test_training_set_matches_spec(seq_len):
 
 @needs_reference
 def test_training_set_sizes_on_reference_fixture(monkeypatch):
-    from get_datasets import get_split
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
 
     monkeypatch.chdir(REFERENCE)
     opt = parse_options("--mode train --seqL 5 --pooling --dataset oxford-v1.0 --nocuda".split())
@@ -183,10 +183,11 @@ def test_all_method_combinations_train(tiny_oxford, monkeypatch, loss_m, neg_m):
 @pytest.mark.parametrize("extra", [["--seqL", "1", "--matcher", "None"], ["--seqL", "1"], ["--seqL", "2"]])
 def test_single_frame_and_short_sequences_train(tiny_oxford, monkeypatch, extra):
     """Every batch loss is finite, and the weights moved away from their initial values."""
-    import train as train_mod
+    from seqmatchnet.cli import train as train_mod
+    from seqmatchnet.training import steps
 
     initial, batch_losses = {}, []
-    real_get_model, real_step = train_mod.get_model, train_mod.step_batches
+    real_get_model, real_step = train_mod.get_model, steps.step_batches
 
     def get_model(*args, **kwargs):
         model = real_get_model(*args, **kwargs)
@@ -199,7 +200,7 @@ def test_single_frame_and_short_sequences_train(tiny_oxford, monkeypatch, extra)
         return losses
 
     monkeypatch.setattr(train_mod, "get_model", get_model)
-    monkeypatch.setattr(train_mod, "step_batches", step_batches)
+    monkeypatch.setattr(steps, "step_batches", step_batches)
     assert run_main(TRAIN + ["--nEpochs", "1"] + extra, tiny_oxford, monkeypatch) == 0
     run = only_run(tiny_oxford)
     assert batch_losses and np.isfinite(batch_losses).all() and max(batch_losses) > 0
@@ -267,8 +268,8 @@ def test_reference_fixture_three_epochs_within_seed_band(reference_copy, monkeyp
 def test_oxford_honest_validation_is_disjoint_from_training(monkeypatch):
     from sklearn.neighbors import NearestNeighbors
 
-    from get_datasets import get_split
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
 
     monkeypatch.chdir(REFERENCE)
     opt = parse_options("--mode train --seqL 5 --pooling --dataset oxford-v1.0 --oxfordHonestVal --nocuda".split())
@@ -291,7 +292,7 @@ def test_refresh_chunks_are_consecutive_array_split_pieces(tiny_oxford, monkeypa
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "1", "--cacheRefreshRate", "70"], tiny_oxford,
                     monkeypatch) == 0
     queries = seen[0][1]
-    from datasets import segment_bounds, sequence_windows
+    from seqmatchnet.data.windows import segment_bounds, sequence_windows
 
     n_valid = int(sequence_windows(segment_bounds(int(400 * 0.6)), 3)[1].sum())   # tiny_oxford's training route
     pieces = np.array_split(np.arange(n_valid), int(np.ceil(n_valid / 70)))
@@ -303,7 +304,7 @@ def test_refresh_chunks_are_consecutive_array_split_pieces(tiny_oxford, monkeypa
 
 
 def test_refresh_chunks_helper_sizes():
-    from train import refresh_chunks
+    from seqmatchnet.training.steps import refresh_chunks
 
     q = np.arange(2885) * 2 + 1
     chunks = refresh_chunks(q, 1000)
@@ -327,16 +328,17 @@ def test_negative_cache_on_and_off_train_and_resume(tiny_oxford, monkeypatch, ne
 
 def test_mining_without_cache_ignores_previous_negatives(tiny_oxford, monkeypatch):
     """--negCache off: the previous negatives are not offered to mine()."""
-    import train as train_mod
+
+    from seqmatchnet.training import steps
 
     offered = []
-    real = train_mod.mine
+    real = steps.mine
 
     def spy(dists, nontriv, sampled, neg_cache, margin, *a, **k):
         offered.append(np.asarray(neg_cache).copy())
         return real(dists, nontriv, sampled, neg_cache, margin, *a, **k)
 
-    monkeypatch.setattr(train_mod, "mine", spy)
+    monkeypatch.setattr(steps, "mine", spy)
     assert run_main(TRAIN + ["--seqL", "3", "--nEpochs", "2", "--negCache", "off"], tiny_oxford, monkeypatch) == 0
     assert len(offered) > 2 and all((c == -1).all() for c in offered)
 
@@ -354,8 +356,8 @@ def test_queries_with_few_potential_negatives_train_quickly(tiny_oxford, monkeyp
     q_pos = np.stack([np.arange(n_train) * 0.05, np.zeros(n_train)], 1)
     write_struct(tiny_oxford / "structFiles" / f"{OX_PREFIX}_train_d-20_d2-5.db", "train", db_pos, q_pos, 20.0, 25.0)
 
-    from get_datasets import get_split
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.data.specs import get_split
     monkeypatch.chdir(tiny_oxford)
     tset = TrainingSet.build(get_split(parse_options(TRAIN + ["--seqL", "5", "--nocuda"]), "train"), 5)
     n_neg = len(tset.db_frames) - np.array([len(c) for c in tset.close])[tset.queries]

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from datasets import Split, segment_bounds
-from get_models import SeqMatchModel
-from mining import N_NEG, TrainingSet
+from seqmatchnet.cli import train
+from seqmatchnet.data.windows import Split, segment_bounds
+from seqmatchnet.models.sequence import SeqMatchModel
+from seqmatchnet.training import steps
+from seqmatchnet.training.mining import N_NEG, TrainingSet
 
 
 class Steps:
@@ -45,21 +46,21 @@ def test_chunks_cut_all_valid_queries_and_steps_never_repeat(monkeypatch, rate):
     n_valid = len(tset.q_frames)
     assert len(tset.queries) < n_valid                    # some valid queries have no positive
     chunks = []
-    real = train.model_cache_distances
+    real = steps.model_cache_distances
 
     def spy(model, tset_, queries, config, device):
         chunks.append(np.asarray(queries).copy())
         return real(model, tset_, queries, config, device)
 
-    monkeypatch.setattr(train, "model_cache_distances", spy)
+    monkeypatch.setattr(steps, "model_cache_distances", spy)
     torch.manual_seed(0)
     model = SeqMatchModel(8, True, 8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = train.TrainConfig(seq_len=3, batch_size=4, refresh_rate=rate, quiet=True)
+    config = steps.TrainConfig(seq_len=3, batch_size=4, refresh_rate=rate, quiet=True)
     writers = []
     for epoch in (1, 2):
         writers.append(Steps())
-        stats = train.train_epoch(model, tset, optimizer, np.full((n_valid, N_NEG), -1), config, epoch,
+        stats = steps.train_epoch(model, tset, optimizer, np.full((n_valid, N_NEG), -1), config, epoch,
                                   torch.device("cpu"), writers[-1])
         assert stats.avg_loss == pytest.approx(sum(writers[-1].losses) / math.ceil(n_valid / 4))
     pieces = np.array_split(np.arange(n_valid), math.ceil(n_valid / rate) if rate else 1)
@@ -74,7 +75,7 @@ def test_chunks_cut_all_valid_queries_and_steps_never_repeat(monkeypatch, rate):
 
 def test_lr_step_is_passed_as_given():
     """--lrStep 2.5: StepLR decays after epochs 5 and 10 (the reference), not after 2 and 4 (truncated)."""
-    from options import parse_options
+    from seqmatchnet.cli.options import parse_options
 
     opt = parse_options(["--mode", "train", "--seqL", "3", "--pooling", "--lrStep", "2.5", "--lr", "1.0",
                          "--lrGamma", "0.5"])
@@ -89,8 +90,8 @@ def test_lr_step_is_passed_as_given():
 
 
 def test_lr_step_must_be_positive():
-    from options import parse_options
-    from utils import UserError
+    from seqmatchnet.cli.options import parse_options
+    from seqmatchnet.common.errors import UserError
 
     with pytest.raises(UserError, match="--lrStep must be a positive"):
         parse_options(["--mode", "train", "--seqL", "3", "--pooling", "--lrStep", "0"])

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import plain
-import velocity as V
 from conftest import unit_rows
-from datasets import sequence_windows
-from seqMatchNet import frame_distances, sequence_distance, window_distances
-from utils import UserError
+from seqmatchnet.common.errors import UserError
+from seqmatchnet.data.windows import sequence_windows
+from seqmatchnet.matching.seqmatch import frame_distances, sequence_distance, window_distances
+from seqmatchnet.speeds import kernel, loss, rules, streaming, trajectories
 
 LENGTHS = [1, 2, 3, 4, 5, 6]
 SPEEDS = (0.0, 0.4, 0.5, 0.7, 1.0, 1.3, 2.0, 2.5)     # below and above 1, v = 0 and exact halves
@@ -99,7 +99,7 @@ def touched(j: int, pos: tuple[float, ...]) -> list[int]:
     return sorted({f for p in pos for f in (math.floor(j + p), math.ceil(j + p))})
 
 
-def assert_same_trajectories(traj: V.Trajectories, plain: PlainTrajectories, grid: int) -> None:
+def assert_same_trajectories(traj: trajectories.Trajectories, plain: PlainTrajectories, grid: int) -> None:
     """``traj`` is the plain enumeration: offsets, velocities, phases, positions as floor + weight."""
     assert traj.q_offsets.tolist() == plain.offsets
     assert traj.velocities.tolist() == plain.velocities
@@ -130,7 +130,7 @@ def plain_distances(fd: np.ndarray, anchors, bounds, q_cols, plain: PlainTraject
     return out
 
 
-def plain_coefficients(rule: V.ScoringRule, d: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def plain_coefficients(rule: rules.ScoringRule, d: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(a, b)`` ``[Nq, T]`` by loops over queries and trajectories, ``d`` ``[Nq, T, A]``."""
     nq, nt, _ = d.shape
     a, b, best = np.ones((nq, nt)), np.zeros((nq, nt)), np.full((nq, nt), np.inf)
@@ -163,7 +163,7 @@ def plain_coefficients(rule: V.ScoringRule, d: np.ndarray, seg: np.ndarray) -> t
     return a, b
 
 
-def plain_search(d: np.ndarray, rule: V.ScoringRule, seg: np.ndarray, plain: PlainTrajectories, k: int):
+def plain_search(d: np.ndarray, rule: rules.ScoringRule, seg: np.ndarray, plain: PlainTrajectories, k: int):
     """Per query the ``k`` best database windows by (score, id, trajectory order: |v - 1|, v, phase):
     ``(ids, scores, velocities)``; scores in float32 like the search's."""
     a, b = plain_coefficients(rule, d, seg)
@@ -198,7 +198,7 @@ def windows(bounds: np.ndarray, seq_len: int) -> np.ndarray:
     ("1", (1.0,)), ("0.5,1,2", (0.5, 1.0, 2.0)), ("0.5:1:0.25", (0.5, 0.75, 1.0)),
     ("0.5:2:0.1", tuple(round(0.5 + 0.1 * i, 10) for i in range(16))), (" 1:1:0.5 ", (1.0,)), ("0,0", (0.0,))])
 def test_parse_velocities(text, expected):
-    assert V.parse_velocities(text) == expected
+    assert trajectories.parse_velocities(text) == expected
 
 
 @pytest.mark.parametrize("text, words", [
@@ -207,14 +207,14 @@ def test_parse_velocities(text, expected):
     ("", "empty"), ("nan", "non-finite"), ("0:100:0.01", "at most"), ("9", "outside")])
 def test_malformed_velocities_are_one_line_errors_naming_the_flag(text, words):
     with pytest.raises(UserError) as err:
-        V.parse_velocities(text)
+        trajectories.parse_velocities(text)
     msg = str(err.value)
     assert msg.startswith("--velocities") and words in msg and "\n" not in msg
 
 
 def test_round_half_away_is_not_numpys_half_to_even():
     x = np.array([-2.5, -1.5, -0.5, -0.4, 0.0, 0.4, 0.5, 1.5, 2.5, 2.6])
-    assert V.round_half_away(x).tolist() == [plain_round(v) for v in x] == [-3, -2, -1, 0, 0, 0, 1, 2, 3, 3]
+    assert trajectories.round_half_away(x).tolist() == [plain_round(v) for v in x] == [-3, -2, -1, 0, 0, 0, 1, 2, 3, 3]
     assert np.round(2.5) == 2.0          # what the definition avoids
 
 
@@ -223,13 +223,13 @@ def test_round_half_away_is_not_numpys_half_to_even():
 @pytest.mark.parametrize("anchor", ["centre", "end"])
 @pytest.mark.parametrize("text", ["0.5:2:0.1", "0:2:0.25", "0.3,1,1.7,0.9,2.5", "1", "0,0.25,0.5,0.75", "0.5:2:0.5"])
 def test_trajectories_match_plain_twin(seq_len, anchor, text, grid):
-    vs = V.parse_velocities(text)
+    vs = trajectories.parse_velocities(text)
     plain = plain_trajectories(vs, seq_len, anchor, grid)
-    if plain.count > V.MAX_TRAJECTORIES:
+    if plain.count > trajectories.MAX_TRAJECTORIES:
         with pytest.raises(UserError, match="--velocities gives .* distinct trajectories"):
-            V.trajectories(vs, seq_len, anchor, grid=grid)
+            trajectories.trajectories(vs, seq_len, anchor, grid=grid)
         return
-    traj = V.trajectories(vs, seq_len, anchor, grid=grid)
+    traj = trajectories.trajectories(vs, seq_len, anchor, grid=grid)
     assert_same_trajectories(traj, plain, grid)
     assert traj.seq_len == seq_len and traj.count == plain.count and traj.anchor == anchor
     assert traj.is_diagonal == (plain.count == 1 and list(plain.positions[0]) == plain.offsets)
@@ -237,30 +237,32 @@ def test_trajectories_match_plain_twin(seq_len, anchor, text, grid):
 
 def test_half_grid_trajectories_by_hand():
     """Worked by hand: v = 2 and v = 0.5 on the half grid, both phases, centred and trailing windows."""
-    traj = V.trajectories((2.0,), 3, grid=2)                 # k = -1, 0, 1
+    traj = trajectories.trajectories((2.0,), 3, grid=2)                 # k = -1, 0, 1
     assert traj.velocities.tolist() == [2.0, 2.0] and traj.phases.tolist() == [0.0, 0.5]
     assert (traj.steps + traj.weights).tolist() == [[-2, 0, 2], [-1.5, 0.5, 2.5]]
-    traj = V.trajectories((0.5,), 4, grid=2)                 # k = -2, -1, 0, 1
+    traj = trajectories.trajectories((0.5,), 4, grid=2)                 # k = -2, -1, 0, 1
     assert (traj.steps + traj.weights).tolist() == [[-1, -0.5, 0, 0.5], [-0.5, 0, 0.5, 1]]
     assert traj.steps.tolist() == [[-1, -1, 0, 0], [-1, 0, 0, 1]]
     assert traj.weights.tolist() == [[0, 0.5, 0, 0.5], [0.5, 0, 0.5, 0]]
-    traj = V.trajectories((0.25,), 3, anchor="end", grid=2)  # k = -2, -1, 0: 2 * (s + v k) = -1, -0.5, 0 | 0, 0.5, 1
+    # k = -2, -1, 0: 2 * (s + v k) = -1, -0.5, 0 | 0, 0.5, 1
+    traj = trajectories.trajectories((0.25,), 3, anchor="end", grid=2)
     assert (traj.steps + traj.weights).tolist() == [[-0.5, -0.5, 0], [0, 0.5, 0.5]]
-    assert V.trajectories((0.25,), 3, anchor="end").steps.tolist() == [[-1, 0, 0]]    # whole grid: round(-0.5) = -1
+    # whole grid: round(-0.5) = -1
+    assert trajectories.trajectories((0.25,), 3, anchor="end").steps.tolist() == [[-1, 0, 0]]
     # equal patterns are one trajectory, named by the velocity nearest 1 (then the smaller, then phase 0)
-    traj = V.trajectories((1.1, 0.9, 1.0), 2, grid=2)        # k = -1, 0: 1.0 and 0.9 give (-1, 0); 1.1 too
+    traj = trajectories.trajectories((1.1, 0.9, 1.0), 2, grid=2)        # k = -1, 0: 1.0 and 0.9 give (-1, 0); 1.1 too
     assert traj.velocities.tolist() == [1.0, 1.0] and traj.phases.tolist() == [0.0, 0.5]
 
 
 def test_recommended_range_and_the_diagonal():
-    traj = V.trajectories(V.parse_velocities(V.RECOMMENDED), 5, grid=2)
+    traj = trajectories.trajectories(trajectories.parse_velocities(trajectories.RECOMMENDED), 5, grid=2)
     assert traj.count == 8 and traj.velocities[0] == 1.0            # the count docs/speeds.md states
-    assert V.trajectories(V.parse_velocities(V.RECOMMENDED), 5).count == 4
-    assert V.trajectories((1.0,), 5, grid=2).is_diagonal             # 1 alone is the diagonal on any grid
-    assert V.trajectories((0.8, 1.2), 5).is_diagonal                 # all velocities that round to the diagonal
-    assert not V.trajectories((1.3,), 5).is_diagonal
+    assert trajectories.trajectories(trajectories.parse_velocities(trajectories.RECOMMENDED), 5).count == 4
+    assert trajectories.trajectories((1.0,), 5, grid=2).is_diagonal             # 1 alone is the diagonal on any grid
+    assert trajectories.trajectories((0.8, 1.2), 5).is_diagonal      # all velocities that round to the diagonal
+    assert not trajectories.trajectories((1.3,), 5).is_diagonal
     with pytest.raises(UserError, match="--velocities gives .* distinct trajectories"):
-        V.trajectories(V.parse_velocities("0:8:0.05"), 6)
+        trajectories.trajectories(trajectories.parse_velocities("0:8:0.05"), 6)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -276,11 +278,11 @@ def test_kernel_equals_plain_twin_with_sequence_bounds(seq_len, grid):
     db_bounds = segments([9, seq_len + 1, 14, 7])
     q_bounds = segments([8, 11])
     fd = random_block(seq_len, len(db_bounds), len(q_bounds))
-    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    traj = trajectories.trajectories(SPEEDS, seq_len, grid=grid)
     plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
     assert_same_trajectories(traj, plain, grid)
     anchors, q_cols = windows(db_bounds, seq_len), windows(q_bounds, seq_len)
-    got = V.trajectory_distances(fd, anchors, db_bounds, q_cols, traj)
+    got = kernel.trajectory_distances(fd, anchors, db_bounds, q_cols, traj)
     want = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain)
     assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want)
     assert np.isfinite(want).any() and (seq_len == 1 and grid == 1 or np.isinf(want).any())   # some leave
@@ -292,7 +294,7 @@ def test_kernel_equals_plain_twin_with_sequence_bounds(seq_len, grid):
         assert (traj.weights == 0.5).any(axis=1).sum() >= min(2, seq_len)    # midpoints in the trajectories
     # scattered anchors take the gather route: the same numbers
     pick = np.array([0, len(anchors) - 1, len(anchors) // 2])
-    scattered = V.trajectory_distances(fd, anchors[pick], db_bounds[pick], q_cols, traj)
+    scattered = kernel.trajectory_distances(fd, anchors[pick], db_bounds[pick], q_cols, traj)
     assert torch.equal(scattered, got[:, pick])
 
 
@@ -315,9 +317,9 @@ def test_kernel_equals_plain_twin_for_every_anchor_layout(layout, grid):
     elif layout == "scattered":
         anchors = rng.permutation(anchors)[:len(anchors) - 4]
     bounds = np.array([db_bounds[a] for a in anchors])
-    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    traj = trajectories.trajectories(SPEEDS, seq_len, grid=grid)
     plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
-    got = V.trajectory_distances(fd, anchors, bounds, q_cols, traj)
+    got = kernel.trajectory_distances(fd, anchors, bounds, q_cols, traj)
     want = plain_distances(fd.numpy(), anchors, bounds, q_cols, plain)
     assert np.array_equal(got.numpy(), want)
     if layout == "one sequence":      # the shifted windows repeat their anchors and columns
@@ -333,23 +335,23 @@ def test_diagonal_kernel_is_todays_window_distances_exactly(seq_len, grid):
     db_starts, _ = sequence_windows(db_bounds, seq_len)
     q_starts, _ = sequence_windows(q_bounds, seq_len)
     today = window_distances(db, q, torch.as_tensor(db_starts), torch.as_tensor(q_starts), seq_len)
-    got = V.trajectory_distances(frame_distances(db, q), db_starts + seq_len // 2, db_bounds,
-                                 q_starts + seq_len // 2, V.trajectories((1.0,), seq_len, grid=grid))
+    got = kernel.trajectory_distances(frame_distances(db, q), db_starts + seq_len // 2, db_bounds,
+                                 q_starts + seq_len // 2, trajectories.trajectories((1.0,), seq_len, grid=grid))
     assert torch.equal(got[0], today)
 
 
 def test_kernel_refuses_a_block_too_small_for_its_trajectories():
     fd = random_block(0, 10, 10)
     with pytest.raises(ValueError, match="anchor_margin"):
-        V.trajectory_distances(fd, [2], [[-5, 20]], [5], V.trajectories((2.0,), 5))
-    assert V.anchor_margin(V.trajectories((0.5, 2.0), 5)) == (4, 4)
-    assert V.anchor_margin(V.trajectories((0.5, 2.0), 5, anchor="end")) == (8, 0)
+        kernel.trajectory_distances(fd, [2], [[-5, 20]], [5], trajectories.trajectories((2.0,), 5))
+    assert trajectories.anchor_margin(trajectories.trajectories((0.5, 2.0), 5)) == (4, 4)
+    assert trajectories.anchor_margin(trajectories.trajectories((0.5, 2.0), 5, anchor="end")) == (8, 0)
     # the half grid: v = 2 at phase 1/2 reaches j + 2.5 (L = 3), so it needs frame j + 3
-    V.trajectory_distances(fd, [7], [[0, 20]], [5], V.trajectories((2.0,), 3))          # frames 5, 7, 9: fits
+    kernel.trajectory_distances(fd, [7], [[0, 20]], [5], trajectories.trajectories((2.0,), 3))    # frames 5, 7, 9: fits
     with pytest.raises(ValueError, match="anchor_margin"):
-        V.trajectory_distances(fd, [7], [[0, 20]], [5], V.trajectories((2.0,), 3, grid=2))
-    assert V.anchor_margin(V.trajectories((0.5, 2.0), 5, grid=2)) == (4, 5)
-    assert V.anchor_margin(V.trajectories((0.5, 2.0), 5, anchor="end", grid=2)) == (8, 1)
+        kernel.trajectory_distances(fd, [7], [[0, 20]], [5], trajectories.trajectories((2.0,), 3, grid=2))
+    assert trajectories.anchor_margin(trajectories.trajectories((0.5, 2.0), 5, grid=2)) == (4, 5)
+    assert trajectories.anchor_margin(trajectories.trajectories((0.5, 2.0), 5, anchor="end", grid=2)) == (8, 1)
 
 
 @pytest.mark.parametrize("grid", GRIDS)
@@ -359,14 +361,14 @@ def test_anchor_margin_is_the_plain_reach(seq_len, anchor, grid):
     """Frames before and after the anchor that some trajectory reads (a midpoint reads both neighbours)."""
     plain = plain_trajectories(SPEEDS, seq_len, anchor, grid)
     frames = [f for pos in plain.positions for f in touched(0, pos)]
-    assert V.anchor_margin(V.trajectories(SPEEDS, seq_len, anchor, grid=grid)) == (max(0, -min(frames)),
-                                                                                     max(0, max(frames)))
+    margin = trajectories.anchor_margin(trajectories.trajectories(SPEEDS, seq_len, anchor, grid=grid))
+    assert margin == (max(0, -min(frames)), max(0, max(frames)))
 
 
 # ---------------------------------------------------------------- the search and its rules
 
-RULES = [V.PLAIN_MIN, V.DEFAULT_RULE, V.ScoringRule("consensus", window=2, weight=0.5, normalise=False),
-         V.ScoringRule("zscore", normalise=True), V.ScoringRule("prior", window=0, weight=0.1, normalise=False)]
+RULES = [rules.PLAIN_MIN, rules.DEFAULT_RULE, rules.ScoringRule("consensus", window=2, weight=0.5, normalise=False),
+         rules.ScoringRule("zscore", normalise=True), rules.ScoringRule("prior", window=0, weight=0.1, normalise=False)]
 
 
 def search_case(seed: int, seq_len: int, data: str = "random"):
@@ -381,14 +383,14 @@ def search_case(seed: int, seq_len: int, data: str = "random"):
     return fd, db_bounds, q_bounds, windows(db_bounds, seq_len), windows(q_bounds, seq_len)
 
 
-def run_blocks(fd, db_bounds, anchors, q_cols, traj, k, db_chunk, q_chunk) -> V.TrajectoryTopK:
+def run_blocks(fd, db_bounds, anchors, q_cols, traj, k, db_chunk, q_chunk) -> streaming.TrajectoryTopK:
     """The search in blocks of ``db_chunk`` database windows x ``q_chunk`` queries (global ids)."""
-    acc = V.TrajectoryTopK(len(q_cols), traj, k)
+    acc = streaming.TrajectoryTopK(len(q_cols), traj, k)
     for q_lo in range(0, len(q_cols), q_chunk):
         cols = q_cols[q_lo:q_lo + q_chunk]
         for d_lo in range(0, len(anchors), db_chunk):
             ids = np.arange(d_lo, min(d_lo + db_chunk, len(anchors)))
-            acc.add(q_lo, V.trajectory_distances(fd, anchors[ids], db_bounds[ids], cols, traj), ids)
+            acc.add(q_lo, kernel.trajectory_distances(fd, anchors[ids], db_bounds[ids], cols, traj), ids)
     return acc
 
 
@@ -397,7 +399,7 @@ def run_blocks(fd, db_bounds, anchors, q_cols, traj, k, db_chunk, q_chunk) -> V.
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.kind}-{r.window}-{r.weight}-{r.normalise}")
 def test_search_equals_dense_plain_loop(seq_len, rule, grid):
     fd, db_bounds, q_bounds, anchors, q_cols = search_case(seq_len, seq_len)
-    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    traj = trajectories.trajectories(SPEEDS, seq_len, grid=grid)
     plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
     assert_same_trajectories(traj, plain, grid)
     k = 7
@@ -413,13 +415,13 @@ def test_search_equals_dense_plain_loop(seq_len, rule, grid):
 @pytest.mark.parametrize("seq_len", [2, 5])
 def test_ties_by_database_frame_then_velocity_nearest_one(seq_len, grid):
     fd, db_bounds, q_bounds, anchors, q_cols = search_case(7, seq_len, data="onehot")
-    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    traj = trajectories.trajectories(SPEEDS, seq_len, grid=grid)
     plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
     assert_same_trajectories(traj, plain, grid)
     acc = run_blocks(fd, db_bounds, anchors, q_cols, traj, 12, db_chunk=4, q_chunk=5)
-    ids, scores, vel = acc.finish(q_bounds, V.PLAIN_MIN)
+    ids, scores, vel = acc.finish(q_bounds, rules.PLAIN_MIN)
     dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain).transpose(2, 0, 1)
-    p_ids, p_scores, p_vel = plain_search(dense, V.PLAIN_MIN, q_bounds[:, 0], plain, 12)
+    p_ids, p_scores, p_vel = plain_search(dense, rules.PLAIN_MIN, q_bounds[:, 0], plain, 12)
     assert (np.diff(p_scores, axis=1) == 0).sum() > 50                  # the case is full of exact ties
     assert np.array_equal(ids.numpy(), p_ids) and np.array_equal(vel.numpy(), p_vel)
     assert np.array_equal(scores.numpy(), p_scores)
@@ -428,7 +430,7 @@ def test_ties_by_database_frame_then_velocity_nearest_one(seq_len, grid):
 @pytest.mark.parametrize("grid, text", [(1, "0.5:2:0.1"), (2, "0.5:2:0.25")])
 def test_blocks_give_the_same_result_as_one_block(grid, text):
     fd, db_bounds, q_bounds, anchors, q_cols = search_case(3, 5)
-    traj = V.trajectories(V.parse_velocities(text), 5, grid=grid)
+    traj = trajectories.trajectories(trajectories.parse_velocities(text), 5, grid=grid)
     whole = run_blocks(fd, db_bounds, anchors, q_cols, traj, 9, db_chunk=1000, q_chunk=1000).finish(q_bounds)
     parts = run_blocks(fd, db_bounds, anchors, q_cols, traj, 9, db_chunk=3, q_chunk=4).finish(q_bounds)
     for a, b in zip(whole, parts):
@@ -440,7 +442,7 @@ def test_neighbour_mean_stays_in_its_segment():
     x = rng.standard_normal((15, 3))
     x[4, 1] = np.inf
     seg = np.repeat([0, 5, 9], [5, 4, 6])
-    got = V.neighbour_mean(x, seg, 2)
+    got = rules.neighbour_mean(x, seg, 2)
     for q in range(15):
         near = [p for p in range(q - 2, q + 3) if 0 <= p < 15 and seg[p] == seg[q]]
         for t in range(3):
@@ -450,12 +452,12 @@ def test_neighbour_mean_stays_in_its_segment():
 
 def test_causal_coefficients_use_only_the_given_history():
     best = np.array([[0.5, 0.7], [0.6, 0.4], [0.8, 0.3]])
-    a, b = V.causal_coefficients(V.ScoringRule("consensus", window=5, weight=2.0, normalise=False), best,
+    a, b = rules.causal_coefficients(rules.ScoringRule("consensus", window=5, weight=2.0, normalise=False), best,
                                  np.zeros_like(best), np.ones_like(best))
     assert a.tolist() == [1.0, 1.0]
     assert b == pytest.approx([2.0 * (0.6333333333 - 0.4666666667), 0.0])
     with pytest.raises(ValueError):
-        V.causal_coefficients(V.ScoringRule("prior"), best, best, best)
+        rules.causal_coefficients(rules.ScoringRule("prior"), best, best, best)
 
 
 # ---------------------------------------------------------------- training
@@ -466,12 +468,12 @@ def test_trajectory_frames_and_distance_match_plain_loop(seq_len, grid):
     rng = np.random.default_rng(seq_len)
     feats = torch.from_numpy(unit_rows(rng, 30, 6)).requires_grad_()
     bounds = segments([12, 18])
-    traj = V.trajectories(SPEEDS, seq_len, grid=grid)
+    traj = trajectories.trajectories(SPEEDS, seq_len, grid=grid)
     plain = plain_trajectories(SPEEDS, seq_len, "centre", grid)
     assert_same_trajectories(traj, plain, grid)
     anchors = torch.tensor([2, 6, 11, 15, 27])
-    frames, valid = V.trajectory_frames(anchors, torch.as_tensor(bounds[anchors.numpy()]), traj)
-    weights = V.tap_weights(traj)
+    frames, valid = loss.trajectory_frames(anchors, torch.as_tensor(bounds[anchors.numpy()]), traj)
+    weights = loss.tap_weights(traj)
     halves = grid == 2
     assert frames.shape == (len(anchors), plain.count, seq_len, *((2,) if halves else ()))
     assert valid.shape == (len(anchors), plain.count)
@@ -482,7 +484,7 @@ def test_trajectory_frames_and_distance_match_plain_loop(seq_len, grid):
     else:
         assert weights is None
     fq = torch.from_numpy(unit_rows(rng, seq_len, 6))
-    d = V.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, weights=weights)
+    d = loss.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, weights=weights)
     fdb = feats.detach().double()
     fq64 = fq.double()
     n_valid = 0
@@ -508,7 +510,7 @@ def test_trajectory_frames_and_distance_match_plain_loop(seq_len, grid):
     assert n_valid > 0 and (seq_len == 1 and grid == 1 or n_valid < len(anchors) * plain.count)   # some leave
     d[torch.isfinite(d)].sum().backward()
     assert feats.grad is not None and torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
-    soft = V.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, temperature=0.01,
+    soft = loss.trajectory_sequence_distance(fq.expand(len(anchors), -1, -1), feats[frames], valid, temperature=0.01,
                                           weights=weights)
     assert (soft <= d + 1e-6).all()
 
@@ -516,5 +518,5 @@ def test_trajectory_frames_and_distance_match_plain_loop(seq_len, grid):
 def test_diagonal_training_distance_is_sequence_distance():
     rng = np.random.default_rng(1)
     fq, fdb = torch.from_numpy(unit_rows(rng, 5, 4)), torch.from_numpy(unit_rows(rng, 5, 4))
-    got = V.trajectory_sequence_distance(fq, fdb[None], torch.tensor([True]))
+    got = loss.trajectory_sequence_distance(fq, fdb[None], torch.tensor([True]))
     assert torch.equal(got, sequence_distance(fq, fdb))

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = r'''
 import atexit, io, json, os, runpy, signal, sys, time, traceback
 sys.path.insert(0, sys.argv[1])
-import main, plots, test, train, utils, torch          # imported once; no torch operation runs here
+import main, torch                                   # imported once; no torch operation runs here
+import seqmatchnet.cli.test, seqmatchnet.cli.train, seqmatchnet.evaluation.figures
 
 def print_exc(script):
     """The traceback as ``python script`` prints it: from the script's own frame on."""
