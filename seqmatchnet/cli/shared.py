@@ -31,7 +31,7 @@ def run_with_options(mode: str, argv: list[str], work: Callable[[argparse.Namesp
         error(exc)
         return 2
     try:
-        code = run_guarded(lambda: distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda"))
+        code = run_guarded(lambda: _join_process_group(opt))
         if code:
             return code
         setup_logging(quiet=opt.quiet, debug=opt.debug)
@@ -41,6 +41,11 @@ def run_with_options(mode: str, argv: list[str], work: Callable[[argparse.Namesp
         return code
     finally:    # under torchrun: leave the process group, whatever happened
         distributed.shutdown()
+
+
+def _join_process_group(opt: argparse.Namespace) -> None:
+    """Under torchrun: join the process group (on the device the options choose)."""
+    distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda")
 
 
 def _run_quietly_off_rank_0(work: Callable[[argparse.Namespace], object], opt: argparse.Namespace) -> None:
