@@ -34,7 +34,8 @@ def worker(args) -> None:
     """One rank of the job: rank the queries, report time and memory to ``args.out``."""
     import time
 
-    from seqmatchnet.search import diagonal
+    from seqmatchnet.search import diagonal, entry
+    from seqmatchnet.search.sides import Windows
 
     distributed.init(cuda=args.cuda)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -45,11 +46,12 @@ def worker(args) -> None:
     starts_q = np.arange(args.queries - args.seqL + 1)
     times, peaks = [], []
     if args.streamed:               # the database streamed from its descriptors, --mapChunk frames at a time
-        from seqmatchnet.models.sequence import SeqMatchModel
+        from seqmatchnet.models.sequence import Projection, SeqMatchModel
 
         model = SeqMatchModel(args.dim, False, args.dim)
         desc = db.cpu().numpy()
-        q_emb = model.embed_windows(q.cpu().numpy(), starts_q, args.seqL, torch.device("cpu"), 4096, quiet=True,
+        q_emb = model.embed_windows(q.cpu().numpy(), starts_q, args.seqL,
+                                    Projection(torch.device("cpu"), 4096, quiet=True),
                                     all_frames=True)
         config = diagonal.SearchConfig(map_chunk=args.map_chunk, quiet=True)
     for _ in range(args.repeats):
@@ -57,10 +59,10 @@ def worker(args) -> None:
         with PeakMemory() as mem:
             t0 = time.perf_counter()
             if args.streamed:
-                idx = diagonal.search_streamed(config, desc, model, torch.device("cpu"), starts_db, q_emb,
-                                           args.seqL).preds
+                idx = entry.search_streamed(config, model, Windows(desc, starts_db), Windows.of(q_emb), args.seqL,
+                                            torch.device("cpu")).preds
             else:
-                idx, dists = diagonal.rank(db, q, starts_db, starts_q, args.seqL, quiet=True)
+                idx, dists = diagonal.rank(Windows(db, starts_db), Windows(q, starts_q), args.seqL, quiet=True)
             elapsed = time.perf_counter() - t0
         slowest = distributed.all_reduce_sum(torch.zeros(distributed.world_size()).index_fill_(
             0, torch.tensor(distributed.rank()), elapsed)).max().item()
@@ -95,7 +97,7 @@ def main() -> int:
     parser.add_argument("--threads-per-rank", type=int, default=0,
                         help="OMP_NUM_THREADS of each rank (0: the CPUs divided by the ranks)")
     parser.add_argument("--streamed", action="store_true",
-                        help="stream the database from its descriptors (search.search_streamed, the path of a map "
+                        help="stream the database from its descriptors (entry.search_streamed, the path of a map "
                              "larger than --mapChunk): each rank reads and projects only its share")
     parser.add_argument("--map-chunk", type=int, default=4096, help="with --streamed: frames per chunk")
     parser.add_argument("--worker", action="store_true",

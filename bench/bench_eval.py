@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     from seqmatchnet.evaluation import evaluate
     from seqmatchnet.models.sequence import SeqMatchModel
     from seqmatchnet.search import diagonal
+    from seqmatchnet.search.sides import Windows
 
     L = args.seqL
     print(f"bench_eval: {args.db} database x {args.queries} query frames, D = {args.dim}, L = {L}; {machine_line()}")
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     results = {}
 
     def run_rank():
-        results["rank"] = diagonal.rank(db, q, db_starts, q_starts, L, quiet=True)
+        results["rank"] = diagonal.rank(Windows(db, db_starts), Windows(q, q_starts), L, quiet=True)
 
     def run_evaluate():
         results["evaluate"] = evaluate.evaluate(config, split, model, cpu)

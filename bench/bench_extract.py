@@ -129,16 +129,16 @@ def bench_model(name: str, args: argparse.Namespace, paths: list[Path], tmp: Pat
     run = {}
 
     def project() -> None:
+        settings = extraction.ExtractSettings(size, args.batchSize, args.workers, device)
         result = extraction.extract_descriptors(model, paths, tmp / f"{name}.npy", checkpoint_id="bench",
-                                             image_size=size, batch_size=args.batchSize, threads=args.workers,
-                                             device=device)
+                                                settings=settings)
         run["project"] = np.load(result.path)
 
     def loop() -> None:
         run["loop"] = per_image_loop(model, paths, size, device)
 
-    extraction.extract_descriptors(model, paths[:1], tmp / "warm.npy", checkpoint_id="bench", image_size=size,
-                                batch_size=1, threads=0, device=device)
+    extraction.extract_descriptors(model, paths[:1], tmp / "warm.npy", checkpoint_id="bench",
+                                   settings=extraction.ExtractSettings(size, 1, 0, device))
     fns = {"matmul": matmul_product(), "project": project, **({"loop": loop} if args.loop else {})}
     times = interleaved(fns, args.repeats, warmup=False)
     return {"name": name, "model": model, "size": image_size, "macs": macs, "times": times, "rows": run}

@@ -43,6 +43,7 @@ TOP_K = 100
 def child(args: argparse.Namespace) -> None:
     from seqmatchnet.data.windows import segment_bounds, sequence_windows
     from seqmatchnet.search import diagonal
+    from seqmatchnet.search.sides import Windows
 
     torch.set_grad_enabled(False)
     db = unit_rows(args.db, args.dim, args.seed)
@@ -50,11 +51,11 @@ def child(args: argparse.Namespace) -> None:
     db_starts, _ = sequence_windows(segment_bounds(args.db), args.seqL)
     q_starts, _ = sequence_windows(segment_bounds(args.n_queries), args.seqL)
     # warm-up on a few frames: library code pages and allocator pools are touched before the measurement
-    diagonal.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, quiet=True)
+    diagonal.rank(Windows(db[:64], db_starts[:32]), Windows(q[:64], q_starts[:32]), args.seqL, k=10, quiet=True)
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        idx, dists = diagonal.rank(db, q, db_starts, q_starts, args.seqL, k=TOP_K, query_chunk=args.query_chunk,
-                                       quiet=True)
+        idx, dists = diagonal.rank(Windows(db, db_starts), Windows(q, q_starts), args.seqL, k=TOP_K,
+                                   query_chunk=args.query_chunk, quiet=True)
         rank_s = time.perf_counter() - t0
     child_report(base=pm.base, peak=pm.peak, delta=pm.delta, reset=pm.reset, maxrss=pm.maxrss_after, rank_s=rank_s,
                  result_bytes=int(idx.nbytes + dists.nbytes))

@@ -54,17 +54,19 @@ def child(args: argparse.Namespace) -> None:
     from seqmatchnet.data.windows import segment_bounds, sequence_windows
     from seqmatchnet.matching.seqmatch import window_distances
     from seqmatchnet.search import diagonal
+    from seqmatchnet.search.sides import Windows
 
     torch.set_grad_enabled(False)
     db, q = route_features(args.db, args.queries, args.dim, seed=args.seed)
     db_starts, _ = sequence_windows(segment_bounds(args.db), args.seqL)
     q_starts, _ = sequence_windows(segment_bounds(args.queries), args.seqL)
     # warm-up on a few frames: library code pages and allocator pools are touched before the measurement
-    diagonal.rank(db[:64], q[:64], db_starts[:32], q_starts[:32], args.seqL, k=10, db_chunk=16, quiet=True)
+    diagonal.rank(Windows(db[:64], db_starts[:32]), Windows(q[:64], q_starts[:32]), args.seqL, k=10, db_chunk=16,
+                  quiet=True)
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        idx, dists = diagonal.rank(db, q, db_starts, q_starts, args.seqL, query_chunk=args.query_chunk,
-                                       db_chunk=args.db_chunk, quiet=True)
+        idx, dists = diagonal.rank(Windows(db, db_starts), Windows(q, q_starts), args.seqL,
+                                   query_chunk=args.query_chunk, db_chunk=args.db_chunk, quiet=True)
         rank_s = time.perf_counter() - t0
     # what rank chose (mirrors its rule, for the report)
     block = len(db_starts) * min(args.query_chunk, len(q_starts)) * 12

@@ -38,6 +38,7 @@ from seqmatchnet.data.windows import segment_bounds, sequence_windows
 from seqmatchnet.matching.seqmatch import frame_distances
 from seqmatchnet.search import diagonal as diagonal_mod
 from seqmatchnet.search import speeds
+from seqmatchnet.search.sides import Windows
 from seqmatchnet.speeds import kernel, streaming
 from seqmatchnet.speeds import rules as rules_mod
 from seqmatchnet.speeds import trajectories as trajectories_mod
@@ -159,15 +160,15 @@ def cost_ratios(args) -> bool:
     bounds = np.tile([[0, n]], (n, 1))
 
     def diagonal():                        # what --mode test runs for the diagonal
-        return diagonal_mod.rank(db, q, starts, starts, L, k, quiet=True)
+        return diagonal_mod.rank(Windows(db, starts), Windows(q, starts), L, k, quiet=True)
 
     def trajectories():                    # what --mode test runs with --velocities for a map in memory
-        return speeds.rank_across_speeds_in_memory(db, q, starts, starts, bounds, bounds, traj,
+        return speeds.rank_across_speeds_in_memory(Windows(db, starts, bounds), Windows(q, starts, bounds), traj,
                                                    rules_mod.DEFAULT_RULE, k)
 
     def blocks():                          # the same as one streamed block (maps over --mapChunk, torchrun)
-        return speeds.rank_across_speeds([(0, db, np.arange(n))], q, starts, starts, bounds, bounds, traj,
-                                         rules_mod.DEFAULT_RULE, k)
+        return speeds.rank_across_speeds(Windows([(0, db, np.arange(n))], starts, bounds), Windows(q, starts, bounds),
+                                         traj, rules_mod.DEFAULT_RULE, k)
 
     def product():
         return frame_distances(db, q)
@@ -185,14 +186,15 @@ def cost_ratios(args) -> bool:
 
 def localisation_ratio(args, db: torch.Tensor | None) -> bool:
     """Median ``Localizer.step`` with the trajectories over one matrix-vector product on the same database."""
-    from seqmatchnet.online.localizer import Localizer
+    from seqmatchnet.online.localizer import Localizer, SearchSettings
 
     gen = torch.Generator().manual_seed(1)
     if db is None:
         db = torch.nn.functional.normalize(torch.randn(args.loc_frames, args.cost_dim, generator=gen), dim=1)
     frames = torch.nn.functional.normalize(torch.randn(64, db.shape[1], generator=gen), dim=1)
-    loc = Localizer(db, seq_len=args.seqL, velocities=trajectories_mod.parse_velocities(args.velocities),
-                    grid=trajectories_mod.GRIDS[args.grid])
+    search = SearchSettings(trajectories_mod.parse_velocities(args.velocities),
+                            grid=trajectories_mod.GRIDS[args.grid])
+    loc = Localizer(db, seq_len=args.seqL, search=search)
     for f in frames[:args.seqL]:
         loc.step(f)
     steps, mvs = [], []

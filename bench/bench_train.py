@@ -194,7 +194,7 @@ def check_equivalence(model, tset, opt) -> tuple[int, int, float, float]:
     from plain import plain_mine_query
     from seqmatchnet.models.sequence import project_frames
     from seqmatchnet.training.mining import N_NEG, cache_distances, mine, sample_negatives
-    from seqmatchnet.training.steps import batch_loss
+    from seqmatchnet.training.steps import LossSettings, Triplets, batch_loss
 
     model = copy.deepcopy(model)
     cpu = torch.device("cpu")
@@ -216,7 +216,8 @@ def check_equivalence(model, tset, opt) -> tuple[int, int, float, float]:
     sel = np.flatnonzero(kept)[:opt.batchSize]
     model.train()
     model.zero_grad()
-    loss = batch_loss(model, tset, chunk[sel], pos[sel], negs[sel], opt.loss_trip_method, opt.margin, cpu)
+    loss = batch_loss(model, tset, Triplets(chunk[sel], pos[sel], negs[sel]),
+                      LossSettings(opt.loss_trip_method, opt.margin), cpu)
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     from seqmatchnet.data.specs import get_split
     from seqmatchnet.models.sequence import get_model
     from seqmatchnet.training.mining import N_NEG, TrainingSet
-    from seqmatchnet.training.steps import TrainConfig, train_epoch
+    from seqmatchnet.training.steps import Learner, TrainConfig, train_epoch
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         fixture = copy_fixture(Path(tmp) / "reference")
@@ -284,7 +285,8 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         model, optimizer, neg_cache = fresh()
         t0 = time.perf_counter()
-        stats = train_epoch(model, tset, optimizer, neg_cache, TrainConfig.from_options(opt), 1, cpu)
+        stats = train_epoch(Learner(model, optimizer, cpu), tset, neg_cache,
+                            TrainConfig.from_options(opt), 1)
         project_runs.append((time.perf_counter() - t0, stats))
         model, optimizer, neg_cache = fresh()
         parts = baseline_epoch_parts(model, tset, optimizer, neg_cache, opt, 1, args.baseline_queries,
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
     model, optimizer, neg_cache = fresh()
     prof = cProfile.Profile()
     prof.enable()
-    train_epoch(model, tset, optimizer, neg_cache, TrainConfig.from_options(opt), 1, cpu)
+    train_epoch(Learner(model, optimizer, cpu), tset, neg_cache, TrainConfig.from_options(opt), 1)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile_top)

@@ -181,7 +181,8 @@ def main(argv=None) -> int:
 
     def batch_step(sel):
         optimizer.zero_grad(set_to_none=True)
-        loss = steps.batch_loss(model, tset, chunk[sel], pos[sel], negs[sel], opt.loss_trip_method, opt.margin, cpu)
+        loss = steps.batch_loss(model, tset, steps.Triplets(chunk[sel], pos[sel], negs[sel]),
+                                steps.LossSettings(opt.loss_trip_method, opt.margin), cpu)
         loss.backward()
         optimizer.step()
         return loss.item()

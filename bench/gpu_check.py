@@ -90,13 +90,15 @@ def check_rank(rep: Report, gpu: torch.device) -> None:
     from common import route_features
     from seqmatchnet.data.windows import segment_bounds, sequence_windows
     from seqmatchnet.search import diagonal
+    from seqmatchnet.search.sides import Windows
 
     db, q = route_features(3000, 2000, 512, seed=2)
     ds, _ = sequence_windows(segment_bounds(len(db)), 5)
     qs, _ = sequence_windows(segment_bounds(len(q)), 5)
     for db_chunk in (0, 700):
-        i_cpu, d_cpu = diagonal.rank(db, q, ds, qs, 5, db_chunk=db_chunk, quiet=True)
-        i_gpu, d_gpu = diagonal.rank(db.to(gpu), q.to(gpu), ds, qs, 5, db_chunk=db_chunk, quiet=True)
+        i_cpu, d_cpu = diagonal.rank(Windows(db, ds), Windows(q, qs), 5, db_chunk=db_chunk, quiet=True)
+        i_gpu, d_gpu = diagonal.rank(Windows(db.to(gpu), ds), Windows(q.to(gpu), qs), 5, db_chunk=db_chunk,
+                                     quiet=True)
         same = (i_cpu[:, 0] == i_gpu[:, 0]) | (ds[i_cpu[:, 0]] == ds[i_gpu[:, 0]]) | \
                (np.abs(d_cpu[:, 0] - d_gpu[:, 0]) <= 1e-5)
         rep.check(f"search.rank top-100 distances, db_chunk {db_chunk or 'automatic'}",
@@ -128,7 +130,7 @@ def batch_inputs(seed: int = 3):
 
 
 def check_batch(rep: Report, gpu: torch.device) -> None:
-    from seqmatchnet.training.steps import batch_loss
+    from seqmatchnet.training.steps import LossSettings, Triplets, batch_loss
 
     model, tset, q_idx, pos, negs = batch_inputs()
     results = {}
@@ -140,7 +142,8 @@ def check_batch(rep: Report, gpu: torch.device) -> None:
                 torch.backends.cudnn.allow_tf32 = tf32
                 torch.backends.cuda.matmul.allow_tf32 = tf32
             m.zero_grad()
-            loss = batch_loss(m, tset, q_idx, pos, negs, "meanOfPairs", 0.1, device)
+            loss = batch_loss(m, tset, Triplets(q_idx, pos, negs), LossSettings("meanOfPairs", 0.1),
+                              device)
             loss.backward()
             results[(name, tf32)] = (loss.item(), [p.grad.detach().cpu().clone() for p in m.parameters()])
     if gpu.type == "cuda":
@@ -184,12 +187,13 @@ def time_rank(gpu: torch.device, n: int, dim: int) -> None:
     from common import route_features
     from seqmatchnet.data.windows import segment_bounds, sequence_windows
     from seqmatchnet.search import diagonal
+    from seqmatchnet.search.sides import Windows
 
     db, q = route_features(n, n, dim, seed=5)
     s, _ = sequence_windows(segment_bounds(n), 5)
     db_g, q_g = db.to(gpu), q.to(gpu)
-    t_cpu = timed(lambda: diagonal.rank(db, q, s, s, 5, quiet=True), torch.device("cpu"))
-    t_gpu = timed(lambda: diagonal.rank(db_g, q_g, s, s, 5, quiet=True), gpu)
+    t_cpu = timed(lambda: diagonal.rank(Windows(db, s), Windows(q, s), 5, quiet=True), torch.device("cpu"))
+    t_gpu = timed(lambda: diagonal.rank(Windows(db_g, s), Windows(q_g, s), 5, quiet=True), gpu)
     print(f"time search.rank {n} x {n}, D = {dim}, L = 5: CPU {t_cpu:.3f} s, GPU {t_gpu:.3f} s, "
           f"CPU / GPU = {t_cpu / t_gpu:.1f}x")
 
@@ -199,7 +203,7 @@ def time_epoch(gpu: torch.device, n: int) -> None:
     from seqmatchnet.cli.train import make_optimizer
     from seqmatchnet.models.sequence import SeqMatchModel
     from seqmatchnet.training.mining import N_NEG, TrainingSet
-    from seqmatchnet.training.steps import TrainConfig, train_epoch
+    from seqmatchnet.training.steps import Learner, TrainConfig, train_epoch
 
     split = make_split(n, 256, 6)
     tset = TrainingSet.build(split, 5)
@@ -214,7 +218,8 @@ def time_epoch(gpu: torch.device, n: int) -> None:
             neg_cache = np.full((len(tset.q_frames), N_NEG), -1, dtype=np.int64)
             sync(device)
             t0 = time.perf_counter()
-            stats = train_epoch(model, tset, optimizer, neg_cache, TrainConfig.from_options(opt), 1, device)
+            stats = train_epoch(Learner(model, optimizer, device), tset, neg_cache,
+                                TrainConfig.from_options(opt), 1)
             sync(device)
             times[name] = time.perf_counter() - t0
             losses[name] = stats.avg_loss
@@ -229,15 +234,17 @@ def check_speeds(rep: Report, gpu: torch.device) -> None:
     from common import route_features
     from seqmatchnet.data.windows import segment_bounds, sequence_windows
     from seqmatchnet.search import speeds
+    from seqmatchnet.search.sides import Windows
     from seqmatchnet.speeds import rules, trajectories
 
     db, q = route_features(3000, 1500, 512, seed=4)
     b_db, b_q = segment_bounds(len(db)), segment_bounds(len(q))
     ds, qs = sequence_windows(b_db, 5)[0], sequence_windows(b_q, 5)[0]
     traj = trajectories.trajectories(trajectories.parse_velocities(trajectories.RECOMMENDED), 5, grid=2)
-    i_c, d_c, v_c = speeds.rank_across_speeds_in_memory(db, q, ds, qs, b_db, b_q, traj, rules.DEFAULT_RULE)
-    i_g, d_g, v_g = speeds.rank_across_speeds_in_memory(db.to(gpu), q.to(gpu), ds, qs, b_db, b_q, traj,
+    i_c, d_c, v_c = speeds.rank_across_speeds_in_memory(Windows(db, ds, b_db), Windows(q, qs, b_q), traj,
                                                         rules.DEFAULT_RULE)
+    i_g, d_g, v_g = speeds.rank_across_speeds_in_memory(Windows(db.to(gpu), ds, b_db), Windows(q.to(gpu), qs, b_q),
+                                                        traj, rules.DEFAULT_RULE)
     same = (v_c[:, 0] == v_g[:, 0]) | (np.abs(d_c[:, 0] - d_g[:, 0]) <= 1e-5)
     rep.check("--velocities top-100 scores (in memory)", float(np.abs(d_c - d_g).max()),
               extra=f"; top-1 velocity agrees on {same.mean():.4f} of queries (ties aside)")

@@ -16,12 +16,12 @@ across speeds), ``search`` (the searches: diagonal, across speeds, shortlisted),
 from __future__ import annotations
 
 __version__ = "1.0.0"
-__all__ = ["Localizer", "Match", "UserError"]
+__all__ = ["Localizer", "Match", "SearchSettings", "UserError"]
 
 
 def __getattr__(name: str):
-    """``Localizer`` and ``Match`` load torch only when asked for."""
-    if name in ("Localizer", "Match"):
+    """``Localizer``, ``Match`` and ``SearchSettings`` load torch only when asked for."""
+    if name in ("Localizer", "Match", "SearchSettings"):
         from seqmatchnet.online import localizer
         return getattr(localizer, name)
     if name == "UserError":

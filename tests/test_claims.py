@@ -56,13 +56,14 @@ class BlockSpy:
 def score(n_db: int, n_q: int, seq_len: int, query_chunk: int, db_chunk: int = 0):
     from seqmatchnet.data.windows import segment_bounds, sequence_windows
     from seqmatchnet.search import diagonal
+    from seqmatchnet.search.sides import Windows
 
     rng = np.random.default_rng(n_q)
     db, q = torch.from_numpy(unit_rows(rng, n_db, 8)), torch.from_numpy(unit_rows(rng, n_q, 8))
     db_starts, _ = sequence_windows(segment_bounds(n_db), seq_len)
     q_starts, _ = sequence_windows(segment_bounds(n_q), seq_len)
-    return diagonal.rank(db, q, db_starts, q_starts, seq_len, k=10, query_chunk=query_chunk,
-                               db_chunk=db_chunk, quiet=True)
+    return diagonal.rank(Windows(db, db_starts), Windows(q, q_starts), seq_len, k=10,
+                         query_chunk=query_chunk, db_chunk=db_chunk, quiet=True)
 
 
 def test_scoring_blocks_grow_with_the_chunks_not_with_the_queries(monkeypatch):

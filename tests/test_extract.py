@@ -352,7 +352,8 @@ def test_resume_after_kill_gives_the_same_file(tmp_path, capsys, ckpt):
 def test_progress_of_another_run_is_not_reused(tmp_path, ckpt, model):
     paths = write_images(tmp_path / "img", 4)
     out = tmp_path / "o.npy"
-    kwargs = {"checkpoint_id": "a", "image_size": SIZE, "batch_size": 2, "threads": 0}
+    kwargs = {"checkpoint_id": "a",
+              "settings": extraction.ExtractSettings(SIZE, batch_size=2, threads=0)}
 
     def stop_after_first(done: int) -> None:
         raise KeyboardInterrupt

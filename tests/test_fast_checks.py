@@ -63,8 +63,7 @@ def test_ranks_parts_of_a_batch_average_to_the_loss_of_one_process(monkeypatch, 
     model = SeqMatchModel(6, True, 5)
     cpu = torch.device("cpu")
 
-    whole = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
-                       config.loss_distance, config.margin, cpu)
+    whole = batch_loss(model, tset, mined.triplets(sel), config.loss, cpu)
     whole.backward()
     want_grad = gradient(model)
 

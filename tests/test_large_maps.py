@@ -167,6 +167,7 @@ def test_rank_streamed_orders_ties_like_the_plain_oracle(seq_len):
     """``rank_streamed`` over chunks of every size gives the plain loop's top-k (equal distances by
     ascending database window), on data where most distances are tied."""
     from seqmatchnet.search.diagonal import rank_streamed
+    from seqmatchnet.search.sides import Windows
 
     split = onehot_split(60, 25, 8, seq_len)
     db_s = sequence_windows(split.db_bounds, seq_len)[0]
@@ -177,7 +178,8 @@ def test_rank_streamed_orders_ties_like_the_plain_oracle(seq_len):
     db = torch.from_numpy(split.db_desc)
     for chunk in (1, 4, 13, 60):
         chunks = ((lo, min(lo + chunk, 60), db[lo:min(lo + chunk + seq_len - 1, 60)]) for lo in range(0, 60, chunk))
-        idx, dists = rank_streamed(chunks, torch.from_numpy(split.q_desc), db_s, q_s, seq_len, 30, query_chunk=7)
+        idx, dists = rank_streamed(Windows(chunks, db_s), Windows(torch.from_numpy(split.q_desc), q_s), seq_len, 30,
+                                   query_chunk=7)
         np.testing.assert_array_equal(idx, want_i, err_msg=f"chunk {chunk}")
         np.testing.assert_allclose(dists, want_d, atol=1e-6)
 
@@ -259,18 +261,18 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
     import copy
 
     from seqmatchnet.evaluation import evaluate
-    from seqmatchnet.search import diagonal, shortlist
+    from seqmatchnet.search import shortlist, shortlisted
 
     if kind != "flat":                   # an IVF index (trained on a sample) on this small map too
         monkeypatch.setattr(shortlist, "choose_index", lambda n, dim: shortlist.IndexChoice(kind, 4))
     checked = []                         # the query windows each run matches exactly (the recall check)
-    real_rank_streamed = diagonal.rank_streamed
+    real_rank_streamed = shortlisted.rank_streamed
 
-    def spy(chunks, q_feats, db_starts, q_starts, *a, **k):
-        checked.append(np.asarray(q_starts).copy())
-        return real_rank_streamed(chunks, q_feats, db_starts, q_starts, *a, **k)
+    def spy(database, queries, *a, **k):
+        checked.append(np.asarray(queries.starts).copy())
+        return real_rank_streamed(database, queries, *a, **k)
 
-    monkeypatch.setattr(diagonal, "rank_streamed", spy)
+    monkeypatch.setattr(shortlisted, "rank_streamed", spy)
     path = tmp_path / "map.index"
     args = ("--shortlist", "10", "--shortlistIndex", str(path), "--pooling", "--outDims", "8")
     built, model, _ = evaluate_with(oxford_args(tiny, 3, *args), True)
@@ -286,7 +288,7 @@ def test_shortlist_index_is_kept_reused_and_refused_for_another_model(tiny, tmp_
         raise AssertionError("the database was streamed")
 
     with monkeypatch.context() as m:
-        m.setattr(diagonal, "rank_streamed", no_stream)
+        m.setattr(shortlisted, "rank_streamed", no_stream)
         quick, _, _ = evaluate_with(oxford_args(tiny, 3, *args, "--shortlistCheck", "0"), True, model)
     np.testing.assert_array_equal(quick.preds, built.preds)
     assert quick.shortlist["sampled_queries"] == 0 and np.isnan(quick.shortlist["recall"])

@@ -19,7 +19,7 @@ import test_velocity as twins
 from conftest import ROOT, unit_rows
 from seqmatchnet.cli.localize import run_localize
 from seqmatchnet.common.errors import UserError
-from seqmatchnet.online.localizer import CSV_COLUMNS, Localizer, Match
+from seqmatchnet.online.localizer import CSV_COLUMNS, Localizer, Match, SearchSettings
 
 N_TEST = 400 - int(400 * 0.65)          # query and database frames of the tiny Oxford test split
 TEST_ROWS = np.arange(int(400 * 0.65), 400)
@@ -146,7 +146,7 @@ def test_projection_model_matches_plain_loop_on_projected_frames():
     encoded_rows = []
     encode = model.encode
     model.encode = lambda x: (encoded_rows.append(len(x)), encode(x))[1]
-    loc = Localizer(db, model=model, seq_len=3, conf_radius=4, batch_size=7)
+    loc = Localizer(db, model=model, seq_len=3, conf_radius=4, search=SearchSettings(batch_size=7))
     assert sum(encoded_rows) == 30                    # the database is projected once, in batches
     encoded_rows.clear()
     matches = [loc.step(f) for f in q]
@@ -181,7 +181,7 @@ def test_no_match_until_the_window_is_full_and_after_reset():
 def test_step_uses_one_matrix_vector_product(monkeypatch, velocities, grid):
     """Each step costs one matrix-vector product over the database, with or without trajectories."""
     db, q = route(5, 50, 8, 4)
-    loc = Localizer(db, seq_len=5, velocities=velocities, grid=grid)
+    loc = Localizer(db, seq_len=5, search=SearchSettings(velocities, grid=grid))
     calls = []
     real_addmv, real_mm = torch.addmv, torch.Tensor.__matmul__
     monkeypatch.setattr(torch, "addmv", lambda *a, **k: (calls.append("mv"), real_addmv(*a, **k))[1])
@@ -454,8 +454,8 @@ def test_velocities_match_plain_causal_loop_with_bounds(seq_len, grid):
     db_bounds, q_bounds = bounds_of([21, 3, 26]), bounds_of([4, 12, 14])
     rule = rules.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
     velocities = (0.5, 1.0, 1.5, 2.0)
-    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, conf_radius=2,
-                    grid=grid)
+    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, conf_radius=2,
+                    search=SearchSettings(velocities, rule, grid))
     plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule, grid, loc._traj)
     frames = []
     for t in range(len(q)):
@@ -486,7 +486,7 @@ def test_equal_trajectories_localize_to_the_smallest_frame_then_the_velocity_nea
     db, q = np.ones((30, 4), np.float32), np.ones((9, 4), np.float32)
     db_bounds, q_bounds = bounds_of([11, 19]), bounds_of([9])
     rule = rules.ScoringRule("consensus", window=3, weight=2.0, normalise=True)
-    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, velocities=velocities, rule=rule, grid=grid)
+    loc = Localizer(db, seq_len=seq_len, db_bounds=db_bounds, search=SearchSettings(velocities, rule, grid))
     plain = plain_causal_trajectories(db, q, db_bounds, q_bounds, seq_len, velocities, rule, grid, loc._traj)
     got = [loc.step(f) for f in q]
     assert [m is None for m in got] == [p is None for p in plain]
@@ -502,8 +502,9 @@ def test_equal_trajectories_localize_to_the_smallest_frame_then_the_velocity_nea
 def test_default_and_diagonal_velocities_are_todays_localizer():
     db, q = route(8, 40, 12, 6)
     runs = [Localizer(db, seq_len=4, conf_radius=3, **kw) for kw in (
-        {}, {"velocities": (1.0,)}, {"velocities": (1.0,), "grid": 2}, {"velocities": (1.0,), "grid": 1},
-        {"velocities": (0.9, 1.1), "grid": 1})]          # 0.9 and 1.1 round to the diagonal on whole frames
+        {}, {"search": SearchSettings((1.0,))}, {"search": SearchSettings((1.0,), grid=2)},
+        {"search": SearchSettings((1.0,), grid=1)},
+        {"search": SearchSettings((0.9, 1.1), grid=1)})]   # 0.9, 1.1 round to the diagonal on whole frames
     for f in q:
         matches = [loc.step(f) for loc in runs]
         assert all(m == matches[0] for m in matches[1:])

@@ -171,12 +171,13 @@ def test_evaluation_figures_draw_what_they_are_given(tmp_path, rng):
     section = figures.DistanceSection(rng.uniform(size=(n, n)), 10, 5, np.eye(n, dtype=bool),
                                     np.arange(n) % 7 - 1, 3)
     pr = recall.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
-    figs = figures.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr, "tiny", section,
-                                    N_VALUES, RADII, radius_unit="frames")
+    radius = figures.RadiusRecalls(np.full((len(RADII), 5), 0.5), RADII, unit="frames")
+    figs = figures.evaluation_figures({k: 0.5 for k in N_VALUES}, radius, pr, "tiny", section, N_VALUES)
     assert set(figs) == {"recall_at_n", "radius_recall", "precision_recall", "distance_matrix"}
     assert "frames" in figs["radius_recall"].axes[0].get_xlabel()
     sizes = {"distance_matrix": figures.SQUARE}
     for name, fig in figs.items():
         check_png(figures.save_figure(fig, tmp_path / f"{name}.png"), sizes.get(name, figures.SMALL))
-    assert set(figures.evaluation_figures({k: 0.5 for k in N_VALUES}, np.full((len(RADII), 5), 0.5), pr,
-                                        "tiny")) == {"recall_at_n", "radius_recall", "precision_recall"}
+    radius = figures.RadiusRecalls(np.full((len(RADII), 5), 0.5))
+    assert set(figures.evaluation_figures({k: 0.5 for k in N_VALUES}, radius, pr,
+                                          "tiny")) == {"recall_at_n", "radius_recall", "precision_recall"}

@@ -275,8 +275,9 @@ def test_test_mode_figures_keep_titles_inside_and_plots_wide():
     rng = np.random.default_rng(0)
     pr = recall.precision_recall(rng.uniform(size=50), rng.uniform(size=50) > 0.5, np.ones(50, bool))
     section = figures.DistanceSection(rng.uniform(size=(30, 30)), 0, 0, np.eye(30, dtype=bool), np.arange(30), 5)
-    figs = figures.evaluation_figures({n: 0.5 for n in recall.N_VALUES}, np.full((len(recall.RADII), 5), 0.5), pr,
-                                    LONG_LABEL, section, radius_unit="m", radius_counts=[3, 9, 40, 80, 90, 95, 99])
+    radius = figures.RadiusRecalls(np.full((len(recall.RADII), 5), 0.5), unit="m",
+                                   counts=[3, 9, 40, 80, 90, 95, 99])
+    figs = figures.evaluation_figures({n: 0.5 for n in recall.N_VALUES}, radius, pr, LONG_LABEL, section)
     figs["tsne"] = figures.embedding_figure(rng.normal(size=(20, 2)), rng.normal(size=(20, 2)), detail=LONG_LABEL)
     for name, fig in figs.items():
         renderer = drawn(fig)

@@ -24,8 +24,10 @@ from seqmatchnet.matching.seqmatch import (
     sequence_distance,
     window_distances,
 )
-from seqmatchnet.matching.topk import chunked_topk, topk_by_value_then_index
+from seqmatchnet.matching.topk import topk_by_value_then_index
+from seqmatchnet.search.chunked import chunked_topk
 from seqmatchnet.search.diagonal import faiss_search, rerank
+from seqmatchnet.search.sides import Windows
 
 LENGTHS = [1, 2, 3, 4, 5, 6]
 
@@ -127,7 +129,8 @@ def test_chunked_topk_equals_plain_topk(seq_len, chunks):
     q_s, _ = sequence_windows(q_b, seq_len)
     S = plain.plain_score_matrix(db, q, plain.plain_windows(db_b, seq_len), plain.plain_windows(q_b, seq_len))
     want_i, want_d = plain.plain_topk(S, 12)
-    d, i = chunked_topk(torch.from_numpy(db), torch.from_numpy(q), torch.as_tensor(db_s), torch.as_tensor(q_s),
+    d, i = chunked_topk(Windows(torch.from_numpy(db), torch.as_tensor(db_s)),
+                        Windows(torch.from_numpy(q), torch.as_tensor(q_s)),
                         seq_len, 12, query_chunk=chunks[0], db_chunk=chunks[1])
     np.testing.assert_allclose(d.numpy(), want_d, atol=2e-5)
     # indices too: the shifted windows at the ends share one window, and ties go by ascending index
@@ -147,8 +150,8 @@ def test_rerank_candidates_equals_plain(seq_len, data):
     db_w, q_w = plain.plain_windows(db_b, seq_len), plain.plain_windows(q_b, seq_len)
     want_i, want_d = plain.plain_rerank(db, q, db_w, q_w, cand)
     for order in (cand, cand[:, ::-1]):       # the candidates' order does not matter
-        got_i, got_d = rerank(torch.from_numpy(db), torch.from_numpy(q), db_s, q_s, np.ascontiguousarray(order),
-                              seq_len)
+        got_i, got_d = rerank(Windows(torch.from_numpy(db), db_s), Windows(torch.from_numpy(q), q_s),
+                              np.ascontiguousarray(order), seq_len)
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_allclose(got_d, want_d, atol=2e-5)
     if data == "onehot":
@@ -311,8 +314,9 @@ def test_chunked_topk_orders_ties_like_plain(seq_len, method, topk, data, monkey
         want_i, want_d = plain.plain_topk(S, k)
         ties += tied_pairs(want_d)
         for query_chunk, db_chunk in CHUNKS:
-            d, i = chunked_topk(torch.from_numpy(db), torch.from_numpy(q), torch.as_tensor(db_s),
-                                torch.as_tensor(q_s), seq_len, k, method, query_chunk=query_chunk, db_chunk=db_chunk)
+            d, i = chunked_topk(Windows(torch.from_numpy(db), torch.as_tensor(db_s)),
+                                Windows(torch.from_numpy(q), torch.as_tensor(q_s)), seq_len, k, method,
+                                query_chunk=query_chunk, db_chunk=db_chunk)
             np.testing.assert_array_equal(i.numpy(), want_i, err_msg=f"k {k}, chunks {query_chunk} x {db_chunk}")
             np.testing.assert_allclose(d.numpy(), want_d, atol=2e-5)
             assert_ranking(i.numpy(), d.numpy())
@@ -335,8 +339,8 @@ def test_rank_ties_do_not_depend_on_chunks(seq_len, query_chunk, data):
                                  plain.plain_windows(segment_bounds(30), seq_len))
     want_i, _ = plain.plain_topk(S, 100)
     for db_chunk in (0, 1, 8, 45):
-        idx, dists = rank(torch.from_numpy(db), torch.from_numpy(q), db_s, q_s, seq_len, query_chunk=query_chunk,
-                          db_chunk=db_chunk, quiet=True)
+        idx, dists = rank(Windows(torch.from_numpy(db), db_s), Windows(torch.from_numpy(q), q_s), seq_len,
+                          query_chunk=query_chunk, db_chunk=db_chunk, quiet=True)
         np.testing.assert_array_equal(idx, want_i, err_msg=f"dbChunk {db_chunk}")
         assert_ranking(idx, dists)
 

@@ -101,16 +101,16 @@ def test_shortlist_recall_is_measured_on_exactly_the_sampled_queries(tiny, monke
     random) whose exact top-1 window is among their own K candidates: recomputed here from exact
     matching of every query (no shortlist) and each query's shortlist (its K re-ranked candidates)."""
     from seqmatchnet.data.windows import sequence_windows
-    from seqmatchnet.search import diagonal
+    from seqmatchnet.search import shortlisted
 
     sampled = []                      # the query windows the recall check matches exactly
-    real = diagonal.rank_streamed
+    real = shortlisted.rank_streamed
 
-    def spy(chunks, q_feats, db_starts, q_starts, *a, **kw):
-        sampled.append(np.asarray(q_starts).copy())
-        return real(chunks, q_feats, db_starts, q_starts, *a, **kw)
+    def spy(database, queries, *a, **kw):
+        sampled.append(np.asarray(queries.starts).copy())
+        return real(database, queries, *a, **kw)
 
-    monkeypatch.setattr(diagonal, "rank_streamed", spy)
+    monkeypatch.setattr(shortlisted, "rank_streamed", spy)
     got, split = evaluate_tiny(tiny, "--shortlist", "10", "--shortlistCheck", str(sample))
     exact, _ = evaluate_tiny(tiny)                                     # the same model (seeded), every window
     assert len(sampled) == 1 and len(sampled[0]) == sample < len(got.preds)

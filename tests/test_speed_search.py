@@ -17,6 +17,7 @@ import test_velocity as twins
 from seqmatchnet.data.windows import sequence_windows
 from seqmatchnet.matching.seqmatch import frame_distances
 from seqmatchnet.search import diagonal, speeds
+from seqmatchnet.search.sides import Windows
 from seqmatchnet.speeds import rules, trajectories
 
 
@@ -82,8 +83,8 @@ def test_rank_across_speeds_equals_plain_loops(seq_len, rule, grid):
     velocities = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     k = 12
     traj = trajectories.trajectories(velocities, seq_len, grid=grid)
-    idx, scores, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
-                                                 db_bounds, q_bounds, traj, rule, k, query_chunk=4)
+    idx, scores, vel = speeds.rank_across_speeds(Windows([(0, db, np.arange(len(db_starts)))], db_starts, db_bounds),
+                                                 Windows(q, q_starts, q_bounds), traj, rule, k, query_chunk=4)
     adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rule, grid, traj)
     want = plain_top(adj, vels, k)
     for i, row in enumerate(want):
@@ -104,9 +105,9 @@ def test_one_velocity_equals_the_diagonal_search(seq_len, grid):
     db_bounds, q_bounds = bounds_of([30, 25]), bounds_of([40])
     db, q = unit(rng, len(db_bounds), 8), unit(rng, len(q_bounds), 8)
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
-    want_i, want_d = diagonal.rank(db, q, db_starts, q_starts, seq_len, k=20, quiet=True)
-    got_i, got_d, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
-                                                  db_bounds, q_bounds,
+    want_i, want_d = diagonal.rank(Windows(db, db_starts), Windows(q, q_starts), seq_len, k=20, quiet=True)
+    got_i, got_d, vel = speeds.rank_across_speeds(Windows([(0, db, np.arange(len(db_starts)))], db_starts, db_bounds),
+                                                  Windows(q, q_starts, q_bounds),
                                                   trajectories.trajectories((1.0,), seq_len, grid=grid),
                                                   rules.PLAIN_MIN, 20,
                                                   query_chunk=7)
@@ -126,8 +127,8 @@ def test_faster_query_is_found_at_its_speed(grid):
     seq_len = 5
     db_bounds, q_bounds = bounds_of([200]), bounds_of([100])
     db_starts, q_starts = sequence_windows(db_bounds, seq_len)[0], sequence_windows(q_bounds, seq_len)[0]
-    idx, _, vel = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts,
-                                            db_bounds, q_bounds,
+    idx, _, vel = speeds.rank_across_speeds(Windows([(0, db, np.arange(len(db_starts)))], db_starts, db_bounds),
+                                            Windows(q, q_starts, q_bounds),
                                             trajectories.trajectories((0.5, 1.0, 1.5, 2.0), seq_len, grid=grid),
                                             rules.DEFAULT_RULE, 5)
     inner = np.arange(5, 95)
@@ -154,11 +155,12 @@ def test_streamed_blocks_equal_the_database_in_memory(seq_len, chunk, grid):
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(seq_len, seq_len)
     traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0, 3.0), seq_len, grid=grid)
     model = SeqMatchModel(6, False, 6)
-    want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
-                                     q_bounds, traj, rules.DEFAULT_RULE, 15, query_chunk=5)
-    blocks = speeds.trajectory_blocks(model, db.numpy(), db_starts, traj, torch.device("cpu"), 64, chunk,
-                                      torch.float32, {})
-    got = speeds.rank_across_speeds(blocks, q, db_starts, q_starts, db_bounds, q_bounds, traj,
+    queries = Windows(q, q_starts, q_bounds)
+    want = speeds.rank_across_speeds(Windows([(0, db, np.arange(len(db_starts)))], db_starts, db_bounds), queries,
+                                     traj, rules.DEFAULT_RULE, 15, query_chunk=5)
+    config = diagonal.SearchConfig(map_chunk=chunk, batch_size=64, feat_dtype=torch.float32, quiet=True)
+    blocks = speeds.trajectory_blocks(config, model, Windows(db.numpy(), db_starts), traj, torch.device("cpu"), {})
+    got = speeds.rank_across_speeds(Windows(blocks, db_starts, db_bounds), queries, traj,
                                     rules.DEFAULT_RULE, 15, query_chunk=5)
     # the products of differently sized blocks may differ in the last bits: equal up to such near-ties
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
@@ -181,9 +183,11 @@ def test_rerank_across_speeds_equals_plain_loops(seq_len, grid):
     rng = np.random.default_rng(seq_len)
     cand = np.stack([rng.choice(len(db_starts), 9, replace=False) for _ in q_starts])
     traj = trajectories.trajectories(velocities, seq_len, grid=grid)
-    idx, scores, vel = speeds.rerank_across_speeds(SeqMatchModel(6, False, 6), db.numpy(), db_starts, db_bounds, q,
-                                                   q_starts, q_bounds, cand, traj,
-                                                   rules.PLAIN_MIN, torch.device("cpu"), 64, group_bytes=2000)
+    config = diagonal.SearchConfig(rule=rules.PLAIN_MIN, batch_size=64)
+    idx, scores, vel = speeds.rerank_across_speeds(config, SeqMatchModel(6, False, 6),
+                                                   Windows(db.numpy(), db_starts, db_bounds),
+                                                   Windows(q, q_starts, q_bounds), cand, traj,
+                                                   torch.device("cpu"), group_bytes=2000)
     adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, seq_len, velocities, rules.PLAIN_MIN,
                              grid, traj)
     for i in range(len(q_starts)):
@@ -243,9 +247,10 @@ def test_in_memory_search_equals_the_block_search(seq_len, rule, grid):
     per-trajectory top-k lists' result: ids, scores and velocities."""
     db, q, db_starts, q_starts, db_bounds, q_bounds = route(20 + seq_len, seq_len)
     traj = trajectories.trajectories((0.5, 0.8, 1.0, 1.5, 2.0), seq_len, grid=grid)
-    want = speeds.rank_across_speeds([(0, db, np.arange(len(db_starts)))], q, db_starts, q_starts, db_bounds,
-                                     q_bounds, traj, rule, 20, query_chunk=4)
-    got = speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule, 20,
+    queries = Windows(q, q_starts, q_bounds)
+    want = speeds.rank_across_speeds(Windows([(0, db, np.arange(len(db_starts)))], db_starts, db_bounds), queries,
+                                     traj, rule, 20, query_chunk=4)
+    got = speeds.rank_across_speeds_in_memory(Windows(db, db_starts, db_bounds), queries, traj, rule, 20,
                                               query_chunk=4)        # the same products, to the last bit
     finite = np.isfinite(want[1])
     for w, g in zip(want, got):
@@ -319,9 +324,10 @@ def test_equal_trajectories_report_the_velocity_nearest_one(rule, grid):
     nearest = min(asked, key=lambda v: (abs(v - 1), v))
     traj = trajectories.trajectories(asked, 3, grid=grid)
     twins.assert_same_trajectories(traj, twins.plain_trajectories(asked, 3, "centre", grid), grid)
-    for result in (speeds.rank_across_speeds([(0, db, np.arange(40))], q, db_starts, q_starts, db_bounds, q_bounds,
+    queries = Windows(q, q_starts, q_bounds)
+    for result in (speeds.rank_across_speeds(Windows([(0, db, np.arange(40))], db_starts, db_bounds), queries,
                                              traj, rule, 10),
-                   speeds.rank_across_speeds_in_memory(db, q, db_starts, q_starts, db_bounds, q_bounds, traj, rule,
+                   speeds.rank_across_speeds_in_memory(Windows(db, db_starts, db_bounds), queries, traj, rule,
                                                        10)):
         assert (result[2] == np.float32(nearest)).all()
         np.testing.assert_array_equal(result[0], np.tile(np.arange(10), (20, 1)))     # ties: ascending frame

@@ -94,7 +94,8 @@ def test_triplet_loss_across_speeds_equals_plain_loops(seq_len, grid):
     pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
     negs = rng.integers(0, len(tset.db_frames), (6, 4))
     negs[1, 2:] = -1
-    loss = steps.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", margin, torch.device("cpu"), traj=traj)
+    loss = steps.batch_loss(model, tset, steps.Triplets(q_idx, pos, negs),
+                            steps.LossSettings("meanOfPairs", margin, traj), torch.device("cpu"))
     with torch.no_grad():
         fdb = model.encode(torch.from_numpy(tset.split.db_desc)).numpy()
         fq = model.encode(torch.from_numpy(tset.split.q_desc)).numpy()
@@ -119,9 +120,12 @@ def test_one_velocity_is_the_diagonal_loss(grid):
     q_idx = tset.queries[:5]
     pos = np.array([tset.nontriv_pos[i][0] for i in q_idx])
     negs = np.tile(np.arange(3), (5, 1)) + 20
-    want = steps.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"))
-    got = steps.batch_loss(model, tset, q_idx, pos, negs, "meanOfPairs", 0.1, torch.device("cpu"),
-                           traj=trajectories.trajectories((1.0,), 5, grid=grid))
+    triplets = steps.Triplets(q_idx, pos, negs)
+    want = steps.batch_loss(model, tset, triplets, steps.LossSettings("meanOfPairs", 0.1),
+                            torch.device("cpu"))
+    diagonal = trajectories.trajectories((1.0,), 5, grid=grid)
+    got = steps.batch_loss(model, tset, triplets, steps.LossSettings("meanOfPairs", 0.1, diagonal),
+                           torch.device("cpu"))
     assert abs(got.item() - want.item()) < 1e-6
 
 

@@ -14,7 +14,7 @@ from conftest import REFERENCE, needs_reference, unit_rows
 from seqmatchnet.data.windows import Split, segment_bounds
 from seqmatchnet.models.sequence import SeqMatchModel
 from seqmatchnet.training.mining import TrainingSet, cache_distances, mine, sample_negatives
-from seqmatchnet.training.steps import batch_loss
+from seqmatchnet.training.steps import LossSettings, Triplets, batch_loss
 
 
 def tiny_split(n_db=60, n_q=55, dim=8, seed=0, pos_thr=3.0, non_triv_sq=4.0) -> Split:
@@ -121,7 +121,8 @@ def test_batch_loss_and_gradient_equal_plain(method, seq_len):
     negs = np.full((4, 10), -1)
     for r, k in enumerate([3, 10, 1, 6]):                       # different negative counts per query
         negs[r, :k] = rng.choice(len(tset.db_frames), k, replace=False)
-    loss = batch_loss(model, tset, q_idx, pos, negs, method, 0.5, torch.device("cpu"))
+    loss = batch_loss(model, tset, Triplets(q_idx, pos, negs), LossSettings(method, 0.5),
+                      torch.device("cpu"))
     loss.backward()
     grad = model.pool[1].conv.weight.grad.clone()
     model.zero_grad()

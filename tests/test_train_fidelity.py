@@ -60,8 +60,8 @@ def test_chunks_cut_all_valid_queries_and_steps_never_repeat(monkeypatch, rate):
     writers = []
     for epoch in (1, 2):
         writers.append(Steps())
-        stats = steps.train_epoch(model, tset, optimizer, np.full((n_valid, N_NEG), -1), config, epoch,
-                                  torch.device("cpu"), writers[-1])
+        learner = steps.Learner(model, optimizer, torch.device("cpu"), writers[-1])
+        stats = steps.train_epoch(learner, tset, np.full((n_valid, N_NEG), -1), config, epoch)
         assert stats.avg_loss == pytest.approx(sum(writers[-1].losses) / math.ceil(n_valid / 4))
     pieces = np.array_split(np.arange(n_valid), math.ceil(n_valid / rate) if rate else 1)
     want = [p[np.isin(p, tset.queries)] for p in pieces]

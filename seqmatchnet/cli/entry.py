@@ -45,7 +45,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that raises UserError (one ``error:`` line naming the mode's ``--help``) instead of
-    printing the usage and exiting; every default is shown once in ``--help`` (``HelpFormatter``)."""
+    printing the usage and exiting; every default is shown once in ``--help``
+    (``HelpFormatter``)."""
 
     def __init__(self, *args, mode: str, **kwargs) -> None:
         kwargs.setdefault("prog", f"main.py --mode {mode}")
@@ -77,8 +78,8 @@ def run_guarded(work: Callable[[], int | None], *, os_error: Callable[[OSError],
     """Run ``work()`` and return its exit code (None: 0). A ``UserError`` prints its message and
     returns 1; an ``OSError`` the file system raised where no check foresaw it prints
     ``os_error(exc)`` (default: the error and ``OS_ERROR_HINT``) and returns 1; each ``(type,
-    message)`` of ``more`` does the same for its type; Ctrl-C prints ``interrupted`` and returns 130.
-    With ``trace`` tracebacks are logged at debug level (``--debug`` shows them)."""
+    message)`` of ``more`` does the same for its type; Ctrl-C prints ``interrupted`` and returns
+    130. With ``trace`` tracebacks are logged at debug level (``--debug`` shows them)."""
     def debug_trace() -> None:
         if trace:
             log.debug("traceback:\n%s", traceback.format_exc())
@@ -109,7 +110,8 @@ def run_guarded(work: Callable[[], int | None], *, os_error: Callable[[OSError],
 def run_own_mode(parse: Callable[[list[str]], argparse.Namespace], argv: list[str],
                  work: Callable[[argparse.Namespace], int | None], **guard) -> int:
     """A mode with its own parser: parse ``argv`` (2 on bad options, 0 after ``--help``), then
-    ``run_guarded(lambda: work(options), **guard)`` (no traceback logging: these modes have no --debug)."""
+    ``run_guarded(lambda: work(options), **guard)`` (no traceback logging: these modes have no
+    --debug)."""
     guard.setdefault("trace", False)
     opt, code = parse_own_options(parse, argv)
     if opt is None:

@@ -9,56 +9,80 @@ from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.logs import progress_enabled, setup_logging
 from seqmatchnet.common.runtime import get_device
 from seqmatchnet.images import registry
-from seqmatchnet.images.base import CHECKPOINT_URL, IMAGENET_MEAN, IMAGENET_STD, MODELS, ImageModel  # noqa: F401 (re-exported)
-from seqmatchnet.images.extraction import MODEL_DEFAULT, OUT_SUFFIXES, extract_images, parse_image_size
+from seqmatchnet.images.base import (  # noqa: F401 (re-exported)
+    CHECKPOINT_URL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODELS,
+    ImageModel,
+)
+from seqmatchnet.images.extraction import (
+    MODEL_DEFAULT,
+    OUT_SUFFIXES,
+    ExtractSettings,
+    extract_images,
+    parse_image_size,
+)
 
 # ---------------------------------------------------------------- the command
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         mode="extract",
-        description="Compute global descriptors (NetVLAD, CosPlace, EigenPlaces or MixVPR, from the authors' "
-                    "checkpoints) of a folder or list of images: one row per image, for --mode prepare "
-                    "--db_descriptors/--q_descriptors.")
+        description="Compute global descriptors (NetVLAD, CosPlace, EigenPlaces or MixVPR, from "
+                    "the authors' checkpoints) of a folder or list of images: one row per image, "
+                    "for --mode prepare --db_descriptors/--q_descriptors.")
     p.add_argument("--images", required=True, metavar="SRC",
-                   help="folder of .jpg/.jpeg/.png/.bmp images (natural order of names) or a text file with one "
-                        "image path per line (relative to the file)")
+                   help="folder of .jpg/.jpeg/.png/.bmp images (natural order of names) or a text "
+                        "file with one image path per line (relative to the file)")
     add_model_options(p)
     p.add_argument("--out", required=True, help="output .npy or .h5 file: float32 [images, dims]; "
-                                                "OUT.images.txt lists each row's image, OUT.model.json the model")
+                                                "OUT.images.txt lists each row's image, "
+                                                "OUT.model.json the model")
     p.add_argument("--batchSize", type=int, default=8, help="images per forward pass")
-    p.add_argument("--threads", type=int, default=2, help="image-decoding worker processes (0: main process)")
-    p.add_argument("--nocuda", action="store_true", help="run on the CPU even when CUDA is available")
+    p.add_argument("--threads", type=int, default=2,
+                   help="image-decoding worker processes (0: main process)")
+    p.add_argument("--nocuda", action="store_true",
+                   help="run on the CPU even when CUDA is available")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available, else the CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines, only the summary")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or log lines, only the summary")
     return p
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--weights``, ``--netvladCkpt`` and ``--imageSize`` (shared with ``--mode prepare``)."""
+    """``--model``, ``--weights``, ``--netvladCkpt`` and ``--imageSize`` (shared with ``--mode
+    prepare``)."""
     p.add_argument("--model", choices=MODELS, default=None,
-                   help="the checkpoint's model (netvlad with --netvladCkpt); the architecture is read from the file")
-    p.add_argument("--weights", metavar="FILE", help="the model's checkpoint as its authors release it "
-                                                     "(docs/image-models.md says where to get each)")
+                   help="the checkpoint's model (netvlad with --netvladCkpt); the architecture is "
+                        "read from the file")
+    p.add_argument("--weights", metavar="FILE",
+                   help="the model's checkpoint as its authors release it (docs/image-models.md "
+                        "says where to get each)")
     p.add_argument("--netvladCkpt", metavar="CKPT",
-                   help=f"a Patch-NetVLAD checkpoint (same as --model netvlad --weights CKPT), e.g. {CHECKPOINT_URL}")
+                   help="a Patch-NetVLAD checkpoint (same as --model netvlad --weights CKPT), "
+                        f"e.g. {CHECKPOINT_URL}")
     p.add_argument("--imageSize", default=None, metavar="W,H",
-                   help="resize every image to W,H pixels (bilinear); 0 keeps each image's size; default: the "
-                        "model's (netvlad 640,480; cosplace/eigenplaces 0; mixvpr 320,320 from its checkpoint)")
+                   help="resize every image to W,H pixels (bilinear); 0 keeps each image's size; "
+                        "default: the model's (netvlad 640,480; cosplace/eigenplaces 0; mixvpr "
+                        "320,320 from its checkpoint)")
 
 
 def check_model_options(opt: argparse.Namespace) -> None:
     """Resolve ``opt.model`` and ``opt.weights`` from ``--model/--weights/--netvladCkpt``;
     ``UserError`` for a combination that does not name one checkpoint of one model."""
     if opt.netvladCkpt and opt.weights:
-        raise UserError("give the checkpoint once: --weights FILE (with --model) or --netvladCkpt FILE, not both")
+        raise UserError("give the checkpoint once: --weights FILE (with --model) or --netvladCkpt "
+                        "FILE, not both")
     if opt.netvladCkpt:
         if opt.model not in (None, "netvlad"):
-            raise UserError(f"--netvladCkpt is NetVLAD's checkpoint: for --model {opt.model} pass --weights FILE")
+            raise UserError(f"--netvladCkpt is NetVLAD's checkpoint: for --model {opt.model} pass "
+                            "--weights FILE")
         opt.model, opt.weights = "netvlad", opt.netvladCkpt
     elif opt.weights and opt.model is None:
-        raise UserError(f"--weights needs --model ({'|'.join(MODELS)}): the model the checkpoint belongs to")
+        raise UserError(f"--weights needs --model ({'|'.join(MODELS)}): the model the checkpoint "
+                        "belongs to")
     if opt.imageSize is not None:
         parse_image_size(opt.imageSize)
 
@@ -73,31 +97,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opt = build_parser().parse_args(argv)
     check_model_options(opt)
     if not opt.weights:
-        raise UserError("give the checkpoint: --model netvlad|cosplace|eigenplaces|mixvpr --weights FILE, or "
-                        "--netvladCkpt FILE")
+        raise UserError("give the checkpoint: --model netvlad|cosplace|eigenplaces|mixvpr "
+                        "--weights FILE, or --netvladCkpt FILE")
     if opt.batchSize < 1:
         raise UserError(f"--batchSize must be at least 1, got {opt.batchSize}")
     if opt.threads < 0:
-        raise UserError(f"--threads must be 0 (decode in the main process) or more, got {opt.threads}")
+        raise UserError("--threads must be 0 (decode in the main process) or more, got "
+                        f"{opt.threads}")
     if Path(opt.out).suffix.lower() not in OUT_SUFFIXES:
         raise UserError(f"--out {opt.out}: the file name must end in {', '.join(OUT_SUFFIXES)}")
     return opt
 
 
 def main(argv: list[str]) -> int:
-    """``--mode extract`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
-    return run_own_mode(parse_args, argv, _extract, interrupted="interrupted: run the same command again to continue",
-                        os_error=lambda exc: f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or 'the output'})"
-                                             ": check the paths and free disk space")
+    """``--mode extract`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:``
+    line)."""
+    return run_own_mode(parse_args, argv, _extract,
+                        interrupted="interrupted: run the same command again to continue",
+                        os_error=lambda exc: f"{exc.strerror or exc} "
+                                             f"({getattr(exc, 'filename', None) or 'the output'}): "
+                                             "check the paths and free disk space")
 
 
 def _extract(opt: argparse.Namespace) -> None:
 
     setup_logging(quiet=opt.quiet)
     device = get_device(opt.nocuda, opt.device)
+    settings = ExtractSettings(image_size_option(opt), opt.batchSize, opt.threads, device,
+                               progress_enabled(opt.quiet))
     result = extract_images(Path(opt.images), Path(opt.weights), Path(opt.out), model=opt.model,
-                            image_size=image_size_option(opt), batch_size=opt.batchSize,
-                            threads=opt.threads, device=device, progress=progress_enabled(opt.quiet))
+                            settings=settings)
     resumed = f", continuing after {result.resumed_from} done before" if result.resumed_from else ""
-    print(f"wrote {result.rows} x {result.dim} {registry.TITLES[opt.model]} descriptors to {result.path} "
-          f"(images listed in {result.images_file}){resumed}; {result.images_per_second:.2f} images/s on {device}")
+    print(f"wrote {result.rows} x {result.dim} {registry.TITLES[opt.model]} descriptors to "
+          f"{result.path} (images listed in {result.images_file}){resumed}; "
+          f"{result.images_per_second:.2f} images/s on {device}")

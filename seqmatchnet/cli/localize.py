@@ -22,7 +22,7 @@ from seqmatchnet.common.files import atomic_write, ensure_output_dir, write_json
 from seqmatchnet.evaluation import figures
 from seqmatchnet.evaluation import recall as recall_mod
 from seqmatchnet.evaluation import summary as summary_mod
-from seqmatchnet.online.localizer import CSV_COLUMNS, Localizer, Match
+from seqmatchnet.online.localizer import CSV_COLUMNS, Localizer, Match, SearchSettings
 from seqmatchnet.online.streams import open_stream, read_frames
 from seqmatchnet.runs import loading
 from seqmatchnet.speeds import trajectories
@@ -33,20 +33,22 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- options
 
 def load_model_for(opt: argparse.Namespace):
-    """``(opt, split, model or None, device)`` for ``opt`` (``runs.load_run``): options restored from
-    ``--resume RUN``, the split, and the learned projection on its device in eval mode (None for raw
-    descriptors). Window models were refused with the options (``options.check_localize_options``)."""
+    """``(opt, split, model or None, device)`` for ``opt`` (``runs.load_run``): options restored
+    from ``--resume RUN``, the split, and the learned projection on its device in eval mode (None
+    for raw descriptors). Window models were refused with the options
+    (``options.check_localize_options``)."""
     loaded = loading.load_run(opt)
     model = loaded.model
     return loaded.opt, loaded.split, (model.eval() if model.learned else None), loaded.device
 
 
 def csv_row(query_frame: int, match: Match | None, latency_ms: float) -> str:
-    """One CSV line (no newline); db_frame, distance, confidence and velocity are empty without a match."""
+    """One CSV line (no newline); db_frame, distance, confidence and velocity are empty without a
+    match."""
     if match is None:
         return f"{query_frame},,,,{latency_ms:.3f},"
-    return (f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},{latency_ms:.3f},"
-            f"{match.velocity:g}")
+    return (f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},"
+            f"{latency_ms:.3f},{match.velocity:g}")
 
 
 def timed_step(localizer: Localizer, frame: np.ndarray) -> tuple[Match | None, float]:
@@ -60,7 +62,8 @@ def latency_stats(latencies_ms: np.ndarray, wall_s: float) -> dict:
     """Latency p50/p99 (ms) and frames per second over a run."""
     lat = np.asarray(latencies_ms, dtype=float)
     if len(lat) == 0:
-        return {"frames": 0, "latency_p50_ms": math.nan, "latency_p99_ms": math.nan, "frames_per_s": math.nan}
+        return {"frames": 0, "latency_p50_ms": math.nan, "latency_p99_ms": math.nan,
+                "frames_per_s": math.nan}
     return {"frames": len(lat), "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p99_ms": float(np.percentile(lat, 99)),
             "frames_per_s": float(len(lat) / wall_s) if wall_s > 0 else math.inf}
@@ -71,7 +74,8 @@ def format_latency(stats: dict) -> str:
             f"{stats['frames_per_s']:.1f} frames/s over {stats['frames']} frames")
 
 
-def replay(localizer: Localizer, q_desc: np.ndarray, q_bounds: np.ndarray) -> tuple[list, np.ndarray, float]:
+def replay(localizer: Localizer, q_desc: np.ndarray,
+           q_bounds: np.ndarray) -> tuple[list, np.ndarray, float]:
     """Localise a query traversal frame by frame, resetting at each new segment.
 
     ``q_desc`` ``[Nq, C]``, ``q_bounds`` ``[Nq, 2]``. Returns ``(matches [Nq] (None before a
@@ -88,28 +92,38 @@ def replay(localizer: Localizer, q_desc: np.ndarray, q_bounds: np.ndarray) -> tu
     return matches, latencies, time.perf_counter() - t0
 
 
+def build_localizer(opt: argparse.Namespace, split, model, device,
+                    radius: float) -> Localizer:
+    """The ``Localizer`` of ``split``'s database for the options; a database it refuses is a
+    ``UserError`` naming the split."""
+    try:
+        search = SearchSettings(opt.velocities, grid=trajectories.GRIDS[opt.trajectoryGrid],
+                                batch_size=opt.cacheBatchSize)
+        return Localizer(split.db_desc, model=model, seq_len=opt.seqL,
+                         positions=split.db_positions, db_bounds=split.db_bounds,
+                         conf_radius=radius, device=device, search=search)
+    except ValueError as exc:
+        raise UserError(f"split {split.name}: {exc}") from exc
+
+
 def run_localize(opt: argparse.Namespace) -> dict:
-    """``--mode localize``: replay the split's queries (or ``--stream``) causally; CSV, Recall@1, latency."""
+    """``--mode localize``: replay the split's queries (or ``--stream``) causally; CSV, Recall@1,
+    latency."""
     if opt.resultsPath:
         ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
     stream = opt.stream
     t0 = time.perf_counter()
     opt, split, model, device = load_model_for(opt)
     radius = split.pos_dist_thr if opt.confRadius is None else opt.confRadius
-    try:
-        localizer = Localizer(split.db_desc, model=model, seq_len=opt.seqL, positions=split.db_positions,
-                              db_bounds=split.db_bounds, conf_radius=radius, device=device,
-                              batch_size=opt.cacheBatchSize, velocities=trajectories.parse_velocities(opt.velocities),
-                              grid=trajectories.GRIDS[opt.trajectoryGrid])
-    except ValueError as exc:
-        raise UserError(f"split {split.name}: {exc}") from exc
+    localizer = build_localizer(opt, split, model, device, radius)
     setup_s = time.perf_counter() - t0
     if stream is not None:
         return _run_stream(opt, localizer, stream, setup_s)
 
     matches, latencies, wall = replay(localizer, split.q_desc, split.q_bounds)
     if opt.output:
-        lines = [",".join(CSV_COLUMNS)] + [csv_row(t, m, lat) for t, (m, lat) in enumerate(zip(matches, latencies))]
+        lines = [",".join(CSV_COLUMNS)] + [csv_row(t, m, lat) for t, (m, lat)
+                                           in enumerate(zip(matches, latencies))]
         atomic_write(Path(opt.output), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     done = np.array([m is not None for m in matches])
     stats = latency_stats(latencies, wall)
@@ -122,13 +136,15 @@ def run_localize(opt: argparse.Namespace) -> dict:
         db_frames = np.array([matches[t].db_frame for t in q_rows])
         confidence = np.array([matches[t].confidence for t in q_rows])
         recall, n_pos, pr = evaluate_matches(
-            db_frames, confidence, split.db_positions, split.q_positions[q_rows], split.pos_dist_thr,
-            Path(opt.resultsPath) if opt.resultsPath else None, f"{opt.dataset} {opt.split} seqL {opt.seqL}")
+            db_frames, confidence, split.db_positions, split.q_positions[q_rows],
+            split.pos_dist_thr, Path(opt.resultsPath) if opt.resultsPath else None,
+            f"{opt.dataset} {opt.split} seqL {opt.seqL}")
         result.update(queries_with_positives=n_pos)
     result["recall@1"] = recall
-    print(f"{opt.dataset} {opt.split} (seqL {opt.seqL}, causal): Recall@1 {recall:.4f} within posDistThr "
-          f"{split.pos_dist_thr:g} {split.position_unit} over {result.get('queries_with_positives', 0)} localised "
-          f"queries with a positive ({result['queries_localised']} of {split.num_q} localised)")
+    print(f"{opt.dataset} {opt.split} (seqL {opt.seqL}, causal): Recall@1 {recall:.4f} within "
+          f"posDistThr {split.pos_dist_thr:g} {split.position_unit} over "
+          f"{result.get('queries_with_positives', 0)} localised queries with a positive "
+          f"({result['queries_localised']} of {split.num_q} localised)")
     print(format_latency(stats))
     if opt.output:
         print(f"matches written to {opt.output}")
@@ -145,23 +161,26 @@ def evaluate_matches(db_frames: np.ndarray, confidence: np.ndarray, db_positions
     ``db_frames``, ``confidence`` ``[n]`` for the localised queries at ``q_positions`` ``[n, k]``;
     a match is correct within ``radius`` (<=); queries without a database frame within ``radius``
     are left out. With ``results_dir``, ``localize_precision_recall.png`` is written there and
-    the precision-recall numbers are returned. Returns ``(recall@1, queries with a positive, pr or None)``.
-    The only place this module imports the project's metrics and figure code.
-    """
+    the precision-recall numbers are returned. Returns ``(recall@1, queries with a positive, pr or
+    None)``. The only place this module imports the project's metrics and figure code. """
     correct, has_pos = recall_mod.top1_outcomes(db_frames, db_positions, q_positions, radius)
     n_pos = int(has_pos.sum())
     recall = float(correct[has_pos].mean()) if n_pos else math.nan
     if results_dir is None:
         return recall, n_pos, None
     pr = recall_mod.precision_recall(confidence, correct, has_pos)
-    fig = figures.pr_figure(pr, title=f"{label}: causal matches,\naccepted when confidence <= threshold")
+    fig = figures.pr_figure(pr,
+                            title=f"{label}: causal matches,\naccepted when confidence <= "
+                                  "threshold")
     figures.save_figure(fig, results_dir / "localize_precision_recall.png")
     return recall, n_pos, pr
 
 
-def _write_summary(opt: argparse.Namespace, split, result: dict, pr: dict | None, timings: dict) -> None:
+def _write_summary(opt: argparse.Namespace, split, result: dict, pr: dict | None,
+                   timings: dict) -> None:
     extra = {k: v for k, v in result.items() if k not in ("mode", "recall@1")}
-    summary = summary_mod.build_summary("localize", vars(opt), {1: result["recall@1"]}, {}, pr, timings, split.files,
+    summary = summary_mod.build_summary("localize", vars(opt), {1: result["recall@1"]}, {}, pr,
+                                        timings, split.files,
                                    extra={"localize": extra})
     write_json_atomic(summary, Path(opt.resultsPath) / "summary.json")
     log.info("localisation summary and precision-recall figure written to %s", opt.resultsPath)
@@ -188,23 +207,26 @@ def _run_stream(opt: argparse.Namespace, localizer: Localizer, stream: str, setu
         source, count, dim, dtype, name = stack.enter_context(open_stream(stream, opt.dim))
         if dim != localizer.input_dim:
             raise UserError(f"{name}: frame 0 has {dim} values but the database descriptors have "
-                            f"{localizer.input_dim}: stream descriptors of the same type (--descType)")
+                            f"{localizer.input_dim}: stream descriptors of the same type "
+                            "(--descType)")
         if opt.output:
             try:
                 out = stack.enter_context(open(opt.output, "w", encoding="utf-8"))
             except OSError as exc:
-                raise UserError(f"cannot write --output {opt.output} ({exc.strerror or exc}): choose a writable "
-                                "path") from exc
+                raise UserError(f"cannot write --output {opt.output} ({exc.strerror or exc}): "
+                                "choose a writable path") from exc
         else:
             out = sys.stdout
             stack.enter_context(_console_log_to_stderr())
-        latencies, wall = stream_localize(localizer, read_frames(source, dim, dtype, name, count), out)
+        latencies, wall = stream_localize(localizer, read_frames(source, dim, dtype, name, count),
+                                          out)
     stats = latency_stats(np.asarray(latencies), wall)
     print(f"{name}: {format_latency(stats)}", file=sys.stdout if opt.output else sys.stderr)
     return {"mode": "localize", "stream": stream, "setup_s": setup_s, **stats}
 
 
-def stream_localize(localizer: Localizer, frames: Iterator[np.ndarray], out: TextIO) -> tuple[list[float], float]:
+def stream_localize(localizer: Localizer, frames: Iterator[np.ndarray],
+                    out: TextIO) -> tuple[list[float], float]:
     """Write the CSV header, then one flushed line per frame of ``frames`` as it arrives.
 
     Returns ``(latencies_ms, wall seconds)``. An error raised by ``frames``

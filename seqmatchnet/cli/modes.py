@@ -58,14 +58,17 @@ def _compare(argv: list[str]) -> int:
 
 
 MODES = {m.name: m for m in (
-    Mode("train", _train, "learn the projection (--pooling) or SeqNet (--method seqnet) on a dataset's train "
-                          "split, validating after each epoch; writes a run folder "
-                          "(docs/training-and-testing.md)", shared_options=True, distributed=True),
-    Mode("test", _test, "evaluate the raw descriptors or a trained run (--resume) on a split: the recall table, "
-                        "and results, figures and summary.json with --resultsPath "
-                        "(docs/training-and-testing.md)", shared_options=True, distributed=True),
-    Mode("localize", _localize, "online relocalisation, one query frame at a time, from replayed or streamed "
-                                "descriptors (docs/localize.md)", shared_options=True),
+    Mode("train", _train,
+         "learn the projection (--pooling) or SeqNet (--method seqnet) on a dataset's train "
+         "split, validating after each epoch; writes a run folder "
+         "(docs/training-and-testing.md)", shared_options=True, distributed=True),
+    Mode("test", _test,
+         "evaluate the raw descriptors or a trained run (--resume) on a split: the recall table, "
+         "and results, figures and summary.json with --resultsPath "
+         "(docs/training-and-testing.md)", shared_options=True, distributed=True),
+    Mode("localize", _localize,
+         "online relocalisation, one query frame at a time, from replayed or streamed descriptors "
+         "(docs/localize.md)", shared_options=True),
     Mode("extract", _extract, "images to descriptors with NetVLAD, CosPlace, EigenPlaces or MixVPR "
                               "(docs/extract.md)"),
     Mode("prepare", _prepare, "your own data: descriptors or images and positions to a dataset "

@@ -15,57 +15,69 @@ from seqmatchnet.data.own import IMAGE_MODELS, NAME_PATTERN, SPLITS, check_image
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         mode="prepare",
-        description="Prepare your own descriptors + positions as a dataset for --dataset custom:<name> "
-                    "(README, 'Using your own data').")
+        description="Prepare your own descriptors + positions as a dataset for --dataset "
+                    "custom:<name> (README, 'Using your own data').")
     p.add_argument("--name", required=True, help="dataset name: letters, digits, '_', '-', '.'")
-    g = p.add_argument_group("input (one descriptor file, or images, and one positions CSV per traversal, rows in "
-                             "capture order)")
+    g = p.add_argument_group("input (one descriptor file, or images, and one positions CSV per "
+                             "traversal, rows in capture order)")
     g.add_argument("--db_descriptors", help="database traversal descriptors (.npy, or .h5/.hdf5)")
     g.add_argument("--db_images", metavar="SRC",
-                   help="instead of --db_descriptors: folder or list file of the database images (needs --model and "
-                        "--weights, or --netvladCkpt)")
+                   help="instead of --db_descriptors: folder or list file of the database images "
+                        "(needs --model and --weights, or --netvladCkpt)")
     g.add_argument("--db_positions", required=True,
-                   help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] [,sequence_id]")
+                   help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] "
+                        "[,sequence_id]")
     g.add_argument("--q_descriptors", help="query traversal descriptors (.npy, or .h5/.hdf5)")
     g.add_argument("--q_images", metavar="SRC",
                    help="instead of --q_descriptors: folder or list file of the query images")
     g.add_argument("--model", choices=IMAGE_MODELS, default=None,
                    help="model of --weights to extract descriptors of --db_images/--q_images with "
                         "(docs/image-models.md)")
-    g.add_argument("--weights", metavar="FILE", help="the model's checkpoint as its authors release it")
+    g.add_argument("--weights", metavar="FILE",
+                   help="the model's checkpoint as its authors release it")
     g.add_argument("--netvladCkpt", metavar="CKPT",
                    help="a Patch-NetVLAD checkpoint (= --model netvlad --weights CKPT)")
     g.add_argument("--imageSize", default=None, metavar="W,H",
                    help="resize the images to W,H (0: each image's own size); default: the model's")
-    g.add_argument("--q_positions", required=True, help="query positions CSV (same columns as --db_positions)")
+    g.add_argument("--q_positions", required=True,
+                   help="query positions CSV (same columns as --db_positions)")
     g = p.add_argument_group("splits (fractions of the database route, or explicit row ranges)")
     g.add_argument("--splits", default=None,
-                   help="train,val,test fractions of the database traversal in capture order (default 0.6,0.15,0.25);"
-                        " each query goes to the split of its nearest database frame, queries within the"
-                        " threshold of another split's database frames are dropped")
+                   help="train,val,test fractions of the database traversal in capture order "
+                        "(default 0.6,0.15,0.25); each query goes to the split of its nearest "
+                        "database frame, queries within the threshold of another split's database "
+                        "frames are dropped")
     for split in SPLITS:
         g.add_argument(f"--{split}_rows", default=None, metavar="DB_A:DB_B,Q_A:Q_B",
                        help=f"{split} rows [A, B) of the database and of the query traversal")
     g = p.add_argument_group("thresholds (metres) and checks")
     g.add_argument("--posDistThr", type=float, default=20.0,
-                   help="train split: a database frame within this distance of a query is not a negative (20)")
+                   help="train split: a database frame within this distance of a query is not a "
+                        "negative (20)")
     g.add_argument("--evalPosDistThr", type=float, default=10.0,
-                   help="val and test splits: a database frame within this distance is a correct match (10)")
+                   help="val and test splits: a database frame within this distance is a correct "
+                        "match (10)")
     g.add_argument("--nonTrivPosDistThr", type=float, default=5.0,
-                   help="train split: training positives lie within this distance (5; stored squared)")
+                   help="train split: training positives lie within this distance (5; stored "
+                        "squared)")
     g.add_argument("--seqL", type=int, default=5,
-                   help="longest sequence length you will use: every sequence must have at least this many frames (5)")
-    g.add_argument("--structPath", default="./structFiles", help="folder to write the dataset files to")
-    g.add_argument("--force", action="store_true", help="overwrite the files of an existing dataset of this name")
+                   help="longest sequence length you will use: every sequence must have at least "
+                        "this many frames (5)")
+    g.add_argument("--structPath", default="./structFiles",
+                   help="folder to write the dataset files to")
+    g.add_argument("--force", action="store_true",
+                   help="overwrite the files of an existing dataset of this name")
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     opt = build_parser().parse_args(argv)
     if not NAME_PATTERN.fullmatch(opt.name):
-        raise UserError(f"--name {opt.name!r}: use letters, digits, '_', '-' and '.' only (it becomes a file name)")
+        raise UserError(f"--name {opt.name!r}: use letters, digits, '_', '-' and '.' only (it "
+                        "becomes a file name)")
     for side in ("db", "q"):
-        given = [f"--{side}_{kind}" for kind in ("descriptors", "images") if getattr(opt, f"{side}_{kind}")]
+        given = [f"--{side}_{kind}" for kind in ("descriptors", "images")
+                 if getattr(opt, f"{side}_{kind}")]
         if len(given) != 1:
             raise UserError(f"give exactly one of --{side}_descriptors and --{side}_images"
                             f"{'' if given else ' (the traversal needs descriptors or images)'}")
@@ -82,8 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"--{flag} must be a positive number of metres, got {value}")
     if opt.nonTrivPosDistThr > opt.posDistThr:
-        raise UserError(f"--nonTrivPosDistThr {opt.nonTrivPosDistThr} must not exceed --posDistThr {opt.posDistThr}:"
-                        " a training positive would also count as a negative")
+        raise UserError(f"--nonTrivPosDistThr {opt.nonTrivPosDistThr} must not exceed --posDistThr "
+                        f"{opt.posDistThr}: a training positive would also count as a negative")
     if opt.seqL < 1:
         raise UserError(f"--seqL must be at least 1, got {opt.seqL}")
     return opt
@@ -96,23 +108,27 @@ def summary_lines(result: dict, opt: argparse.Namespace) -> list[str]:
         f = result["frames"][s]
         thr = opt.posDistThr if s == "train" else opt.evalPosDistThr
         lines.append(f"  {s:5s}: {f['database']:6d} database / {f['query']:6d} query frames "
-                     f"({f['sequences'][0]} / {f['sequences'][1]} sequences), posDistThr {thr:g} m, "
-                     f"{result['queries_with_positive'][s]} queries with a database frame within it")
-    lines.append(f"  nonTrivPosDistSqThr {result['nonTrivPosDistSqThr']:g} (training positives within "
-                 f"{opt.nonTrivPosDistThr:g} m)")
+                     f"({f['sequences'][0]} / {f['sequences'][1]} sequences), posDistThr {thr:g} "
+                     f"m, {result['queries_with_positive'][s]} queries with a database frame "
+                     "within it")
+    lines.append(f"  nonTrivPosDistSqThr {result['nonTrivPosDistSqThr']:g} (training positives "
+                 f"within {opt.nonTrivPosDistThr:g} m)")
     if result["dropped_queries_near_split_boundaries"]:
         lines.append(f"  dropped {result['dropped_queries_near_split_boundaries']} queries within "
-                     f"{max(opt.posDistThr, opt.evalPosDistThr):g} m of another split's database frames")
+                     f"{max(opt.posDistThr, opt.evalPosDistThr):g} m of another split's database "
+                     "frames")
     if result["dropped_frames_in_short_pieces"]:
-        lines.append(f"  dropped {result['dropped_frames_in_short_pieces']} frames in sequence pieces shorter than "
-                     f"--seqL {opt.seqL} at split boundaries")
-    extra = "" if struct_dir == Path("structFiles") else f" --structPath {shlex.quote(str(struct_dir))}"
+        lines.append(f"  dropped {result['dropped_frames_in_short_pieces']} frames in sequence "
+                     f"pieces shorter than --seqL {opt.seqL} at split boundaries")
+    extra = ("" if struct_dir == Path("structFiles")
+             else f" --structPath {shlex.quote(str(struct_dir))}")
     main_py = shlex.quote(sys.argv[0]) if Path(sys.argv[0]).name == "main.py" else "main.py"
     lines += ["next (paste as they are; the second finds the run the first made):",
-              f"  python {main_py} --mode train --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --pooling "
-              f"--expName {opt.name}",
-              f"  python {main_py} --mode test --dataset custom:{opt.name}{extra} --seqL {opt.seqL} --split test "
-              f"--resume \"$(ls -d data/runs/*_l{opt.seqL}_{opt.name} | tail -n 1)\""]
+              f"  python {main_py} --mode train --dataset custom:{opt.name}{extra} --seqL "
+              f"{opt.seqL} --pooling --expName {opt.name}",
+              f"  python {main_py} --mode test --dataset custom:{opt.name}{extra} --seqL "
+              f"{opt.seqL} --split test --resume \"$(ls -d data/runs/*_l{opt.seqL}_{opt.name} | "
+              "tail -n 1)\""]
     return lines
 
 
@@ -121,13 +137,15 @@ def warnings_for(result: dict) -> list[str]:
     for s in SPLITS:
         n_q = result["frames"][s]["query"]
         if result["queries_with_positive"][s] < 0.5 * n_q:
-            out.append(f"warning: only {result['queries_with_positive'][s]} of {n_q} {s} queries have a database "
-                       "frame within the threshold: are both traversals of the same route, in the same coordinates?")
+            out.append(f"warning: only {result['queries_with_positive'][s]} of {n_q} {s} queries "
+                       "have a database frame within the threshold: are both traversals of the "
+                       "same route, in the same coordinates?")
     return out
 
 
 def main(argv: list[str]) -> int:
-    """``--mode prepare`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:`` line)."""
+    """``--mode prepare`` entry: 0 on success, 2 for bad options, 1 for bad data (one ``error:``
+    line)."""
     return run_own_mode(parse_args, argv, _prepare)
 
 

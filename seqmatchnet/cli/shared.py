@@ -21,7 +21,8 @@ from seqmatchnet.common.runtime import get_device
 log = logging.getLogger("seqmatchnet")
 
 
-def run_with_options(mode: str, argv: list[str], work: Callable[[argparse.Namespace], object]) -> int:
+def run_with_options(mode: str, argv: list[str],
+                     work: Callable[[argparse.Namespace], object]) -> int:
     """Parse ``argv`` (the command line without ``--mode``) for ``mode`` and run ``work(options)``;
     the exit code: 0 done, 1 bad data or a failed step, 2 bad options, 130 interrupted."""
     started = time.time()
@@ -36,7 +37,8 @@ def run_with_options(mode: str, argv: list[str], work: Callable[[argparse.Namesp
             return code
         setup_logging(quiet=opt.quiet, debug=opt.debug)
         log.debug("argv: %s", sys.argv)
-        code = run_guarded(lambda: _run_quietly_off_rank_0(work, opt), more=(_collective_failure(),))
+        code = run_guarded(lambda: _run_quietly_off_rank_0(work, opt),
+                           more=(_collective_failure(),))
         log.debug("finished in %.1f s", time.time() - started)
         return code
     finally:    # under torchrun: leave the process group, whatever happened
@@ -48,7 +50,8 @@ def _join_process_group(opt: argparse.Namespace) -> None:
     distributed.init(cuda=get_device(opt.nocuda, opt.device).type == "cuda")
 
 
-def _run_quietly_off_rank_0(work: Callable[[argparse.Namespace], object], opt: argparse.Namespace) -> None:
+def _run_quietly_off_rank_0(work: Callable[[argparse.Namespace], object],
+                            opt: argparse.Namespace) -> None:
     """Ranks other than 0 print nothing on stdout (their warnings and errors go to stderr)."""
     with open(os.devnull, "w") as devnull:
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else devnull):
@@ -58,5 +61,5 @@ def _run_quietly_off_rank_0(work: Callable[[argparse.Namespace], object], opt: a
 def _collective_failure():
     """A collective inside torch (DDP's gradient sum) failed: one line naming this rank."""
     return (distributed.dist.DistError,
-            lambda exc: f"rank {distributed.rank()}: a collective failed: another process of the job ended "
-                        f"or did not answer ({one_line(exc)[:200]})")
+            lambda exc: f"rank {distributed.rank()}: a collective failed: another process of the "
+                        f"job ended or did not answer ({one_line(exc)[:200]})")

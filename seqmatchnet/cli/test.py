@@ -51,8 +51,8 @@ def evaluate_options(opt: argparse.Namespace) -> tuple[Loaded, EvalResult]:
     loaded = load_for_test(opt)
     opt = loaded.opt
     predictions = load_predictions(Path(opt.predictionsFile)) if opt.predictionsFile else None
-    return loaded, evaluate(EvalConfig.from_options(opt), loaded.split, loaded.model, loaded.device, predictions,
-                            f"--predictionsFile {opt.predictionsFile}")
+    return loaded, evaluate(EvalConfig.from_options(opt), loaded.split, loaded.model, loaded.device,
+                            predictions, f"--predictionsFile {opt.predictionsFile}")
 
 
 def run_test(opt: argparse.Namespace) -> dict | None:
@@ -64,8 +64,9 @@ def run_test(opt: argparse.Namespace) -> dict | None:
         return save_sequence_descriptors(load_for_test(opt))
     loaded, result = evaluate_options(opt)
     opt, split = loaded.opt, loaded.split
-    print(format_recalls(result, f"{opt.dataset} {opt.split}, seqL {opt.seqL}: {loaded.label}", split.position_unit))
-    if not opt.resultsPath or not distributed.is_main():     # under torchrun rank 0 writes the results
+    print(format_recalls(result, f"{opt.dataset} {opt.split}, seqL {opt.seqL}: {loaded.label}",
+                         split.position_unit))
+    if not opt.resultsPath or not distributed.is_main():  # under torchrun rank 0 writes the results
         return None
     return write_test_outputs(loaded, result, Path(opt.resultsPath))
 
@@ -76,9 +77,11 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
     embeddings = None
     if opt.numSamples2Project != -1:
         if result.db_feats is None:
-            log.warning("--numSamples2Project embeds frame descriptors; --method %s has none", opt.method)
+            log.warning("--numSamples2Project embeds frame descriptors; --method %s has none",
+                        opt.method)
         else:
-            embeddings = tsne_embeddings(result.db_feats, result.q_feats, opt.numSamples2Project, opt.seed)
+            embeddings = tsne_embeddings(result.db_feats, result.q_feats, opt.numSamples2Project,
+                                         opt.seed)
             draw_embeddings(embeddings, results_dir, loaded.label)
     path = save_results(results_dir, result, embeddings=embeddings)
     title = f"{opt.dataset} {opt.split} seqL {opt.seqL}, {loaded.label}"
@@ -87,10 +90,12 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
     else:
         pr = write_figures(result, split, opt.seqL, results_dir, title)
     radius = {r: dict(zip(N_VALUES, row)) for r, row in zip(RADII, result.radius_recalls.tolist())}
-    summary = summary_mod.build_summary("test", vars(opt), result.recalls, radius, pr, result.timings, split.files,
+    summary = summary_mod.build_summary("test", vars(opt), result.recalls, radius, pr,
+                                        result.timings, split.files,
                                    extra={"queries": int(len(result.q_frames)),
                                           "queries_with_positives": result.queries_with_positives,
-                                          "radius_queries": dict(zip(RADII, result.radius_counts.tolist())),
+                                          "radius_queries": dict(
+                                              zip(RADII, result.radius_counts.tolist())),
                                           "position_unit": split.position_unit,
                                           "method_label": loaded.label, "checkpoint": loaded.info,
                                           "feat_dtype": opt.featDtype, "velocities": opt.velocities,
@@ -107,12 +112,13 @@ def draw_embeddings(embeddings: dict, results_dir: Path, label: str) -> None:
 
 
 def save_sequence_descriptors(loaded: Loaded) -> dict:
-    """``--extractOnly``: save sequence descriptors ``[N, L, D]`` and ground truth instead of evaluating,
-    for the frames an evaluation would use (``--seqL_filterData``: only unshifted windows; ``dbFrames``,
-    ``qFrames`` their split rows).
+    """``--extractOnly``: save sequence descriptors ``[N, L, D]`` and ground truth instead of
+    evaluating, for the frames an evaluation would use (``--seqL_filterData``: only unshifted
+    windows; ``dbFrames``, ``qFrames`` their split rows).
 
     Ground truth is stored as plain arrays (readable with ``allow_pickle=False``): the positives of
-    query ``i`` are ``gtIndices[gtOffsets[i]:gtOffsets[i + 1]]`` (rows of ``dbDesc`` within posDistThr)."""
+    query ``i`` are ``gtIndices[gtOffsets[i]:gtOffsets[i + 1]]`` (rows of ``dbDesc`` within
+    posDistThr)."""
     from sklearn.neighbors import NearestNeighbors
 
     opt, split = loaded.opt, loaded.split
@@ -120,11 +126,14 @@ def save_sequence_descriptors(loaded: Loaded) -> dict:
         raise UserError("--extractOnly needs --resultsPath to write the descriptors to")
     filter_len = EvalConfig.from_options(opt).filter_for(split.name)
     out = {}
-    for side, desc, bounds in (("db", split.db_desc, split.db_bounds), ("q", split.q_desc, split.q_bounds)):
+    for side, desc, bounds in (("db", split.db_desc, split.db_bounds),
+                               ("q", split.q_desc, split.q_bounds)):
         frames = select_frames(bounds, filter_len)
-        feats = project_frames(loaded.model, desc, loaded.device, opt.cacheBatchSize, side, opt.quiet).cpu()
+        feats = project_frames(loaded.model, desc, loaded.device, opt.cacheBatchSize, side,
+                               opt.quiet).cpu()
         starts = sequence_windows(bounds, opt.seqL)[0][frames]
-        out[f"{side}Desc"] = feats[torch.as_tensor(starts)[:, None] + torch.arange(opt.seqL)].numpy()
+        windows = torch.as_tensor(starts)[:, None] + torch.arange(opt.seqL)
+        out[f"{side}Desc"] = feats[windows].numpy()
         out[f"{side}Frames"] = frames
     gt = NearestNeighbors().fit(split.db_positions[out["dbFrames"]]).radius_neighbors(
         split.q_positions[out["qFrames"]], radius=split.pos_dist_thr, return_distance=False)
@@ -132,7 +141,8 @@ def save_sequence_descriptors(loaded: Loaded) -> dict:
     out["gtIndices"] = np.concatenate([np.sort(g) for g in gt]).astype(np.int64)
     path = Path(opt.resultsPath) / "descriptors.npz"
     atomic_write(path, lambda f: np.savez(f, **out))
-    print(f"sequence descriptors written to {path} (db {out['dbDesc'].shape}, q {out['qDesc'].shape})")
+    print(f"sequence descriptors written to {path} (db {out['dbDesc'].shape}, q "
+          f"{out['qDesc'].shape})")
     return {"mode": "extract", "path": str(path)}
 
 

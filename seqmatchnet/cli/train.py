@@ -35,24 +35,29 @@ log = logging.getLogger(__name__)
 def make_optimizer(opt: argparse.Namespace, model: SeqMatchModel):
     params = [p for p in model.parameters() if p.requires_grad]
     if opt.optim == "SGD":
-        optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weightDecay)
+        optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum,
+                                    weight_decay=opt.weightDecay)
         # --lrStep as given, as the reference: a step of 2.5 decays after epochs 5, 10, ...
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opt.lrStep, gamma=opt.lrGamma)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=opt.lrStep,
+                                                    gamma=opt.lrGamma)
     else:
         optimizer = torch.optim.Adam(params, lr=opt.lr)
         scheduler = None
     return optimizer, scheduler
 
 
-def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchModel, optimizer, scheduler,
+def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchModel, optimizer,
+                    scheduler,
                     resumed: tuple | None, device: torch.device) -> tuple[TrainState, Path]:
     """A new run folder, or the resumed one with the model, optimiser and loop state restored from
     ``resumed`` = ``(run_dir, ckpt_file, ckpt)``; then the log file and ``flags.json``."""
     if resumed is None:
-        state, run_dir = TrainState.fresh(len(tset.q_frames), opt.start_epoch), folders.make_run_dir(opt)
+        state, run_dir = TrainState.fresh(len(tset.q_frames),
+                                          opt.start_epoch), folders.make_run_dir(opt)
     else:
         run_dir, ckpt_file, ckpt = resumed
-        state = TrainState.from_checkpoint(ckpt, str(ckpt_file), model, optimizer, scheduler, len(tset.q_frames))
+        state = TrainState.from_checkpoint(ckpt, str(ckpt_file), model, optimizer, scheduler,
+                                           len(tset.q_frames))
         model.to(device)
     ckpt_dir = run_dir / opt.savePath
     if distributed.is_main():
@@ -75,24 +80,36 @@ def load_training_splits(opt: argparse.Namespace) -> tuple[Split, Split]:
     return get_split(opt, "train"), get_split(opt, "val")
 
 
+def start_from(opt: argparse.Namespace) -> tuple:
+    """``(opt, resumed, initial, finished)``: with ``--resume`` the options restored from the run's
+    flags.json (they restore --pooling / --method before these are checked) and ``resumed`` =
+    ``[run_dir, ckpt_file, ckpt]``, ``finished`` its folder when it has nothing left to do; with
+    ``--init RUN`` ``initial`` = ``[ckpt, source]``, that run's weights."""
+    resumed, initial = None, None
+    if opt.resume:
+        opt, *resumed = loading.open_run(opt)
+        done = folders.nothing_to_do(resumed[0], resumed[2], opt.nEpochs, opt.patience,
+                                     opt.evalEvery)
+        if done:
+            say(opt.quiet, done)
+            return opt, resumed, initial, resumed[0]
+        folders.remove_stale_temporaries(resumed[0] / opt.savePath)
+    elif opt.init not in INITS:
+        opt, *initial = loading.weights_from_run(opt)
+    return opt, resumed, initial, None
+
+
 def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     """``--mode train``: build, resume, then per epoch train, validate, checkpoint and stop
     early; returns the run folder. ``argv`` only serves the resume hint printed on Ctrl-C."""
     if distributed.active() and opt.nGPU > 1:
-        raise UserError("--nGPU (DataParallel) does not combine with torchrun: start one process per GPU "
-                        "(torchrun --nproc_per_node N) and leave --nGPU at 1")
+        raise UserError("--nGPU (DataParallel) does not combine with torchrun: start one process "
+                        "per GPU (torchrun --nproc_per_node N) and leave --nGPU at 1")
     device = get_device(opt.nocuda, opt.device)
     check_wandb(opt.wandb)
-    resumed, initial = None, None
-    if opt.resume:      # the run's flags.json restores --pooling / --method before they are checked
-        opt, *resumed = loading.open_run(opt)
-        done = folders.nothing_to_do(resumed[0], resumed[2], opt.nEpochs, opt.patience, opt.evalEvery)
-        if done:
-            say(opt.quiet, done)
-            return resumed[0]
-        folders.remove_stale_temporaries(resumed[0] / opt.savePath)
-    elif opt.init not in INITS:
-        opt, *initial = loading.weights_from_run(opt)
+    opt, resumed, initial, finished = start_from(opt)
+    if finished is not None:
+        return finished
     if not (opt.pooling or opt.method == "seqnet"):
         raise UserError("training learns the projection: add --pooling (or use --method seqnet)")
     make_deterministic(opt.seed, distributed.rank())
@@ -105,20 +122,24 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     optimizer, scheduler = make_optimizer(opt, model)
     state, run_dir = open_run_folder(opt, tset, model, optimizer, scheduler, resumed, device)
     parallelize(model, opt.nGPU, device)
-    run = Run(model, tset, val_split, optimizer, scheduler, state, run_dir, run_dir / opt.savePath, device,
-              MetricsWriter(run_dir, opt), data_parallel(model, device))
+    run = Run(model, tset, val_split, optimizer, scheduler, state, run_dir, run_dir / opt.savePath,
+              device, MetricsWriter(run_dir, opt), data_parallel(model, device))
     try:
         pr = run_epochs(TrainConfig.from_options(opt), run)
     except KeyboardInterrupt:
         if distributed.is_main():
-            folders.log_interrupted(run.ckpt_dir, state.epoch + 1, folders.resume_command(opt, argv, run_dir))
+            folders.log_interrupted(run.ckpt_dir, state.epoch + 1,
+                                    folders.resume_command(opt, argv, run_dir))
         raise
     finally:
         run.writer.close()
-    say(opt.quiet, f"best validation Recall@5 {state.best_score:.4f} after {state.epoch} epochs; checkpoints in "
-                   f"{run.ckpt_dir}")
-    val_epoch, recalls = state.last_validation()   # the last epoch may not be validated (--evalEvery)
-    summary = summary_mod.build_summary("train", folders.options_dict(opt), recalls, {}, pr, state.timings,
+    say(opt.quiet,
+        f"best validation Recall@5 {state.best_score:.4f} after {state.epoch} epochs; checkpoints "
+        f"in {run.ckpt_dir}")
+    # the last epoch may not be validated (--evalEvery)
+    val_epoch, recalls = state.last_validation()
+    summary = summary_mod.build_summary("train", folders.options_dict(opt), recalls, {}, pr,
+                                        state.timings,
                                    train_split.files + val_split.files,
                                    extra={"best_recall@5": state.best_score, "epochs": state.epoch,
                                           "recalls_epoch": val_epoch,

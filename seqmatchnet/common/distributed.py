@@ -74,21 +74,24 @@ def init(cuda: bool) -> bool:
     if not launched() or active():
         return active()
     if not dist.is_available():
-        raise UserError("this build of torch has no torch.distributed: run with python instead of torchrun")
+        raise UserError("this build of torch has no torch.distributed: run with python instead of "
+                        "torchrun")
     backend = "nccl" if cuda else "gloo"
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local} has no GPU ({torch.cuda.device_count()} on this machine): start "
-                            "at most one process per GPU (torchrun --nproc_per_node), or use --nocuda")
+            raise UserError(f"LOCAL_RANK {local} has no GPU ({torch.cuda.device_count()} on this "
+                            "machine): start at most one process per GPU (torchrun "
+                            "--nproc_per_node), or use --nocuda")
         torch.cuda.set_device(local)
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot join the torchrun job (backend {backend}, MASTER_ADDR="
-                        f"{os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
-                        f"{exc}") from exc
-    log.debug("rank %d of %d (backend %s, collective timeout %g s)", rank(), world_size(), backend, timeout_s())
+        raise UserError(f"cannot join the torchrun job (backend {backend}, "
+                        f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                        f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}") from exc
+    log.debug("rank %d of %d (backend %s, collective timeout %g s)", rank(), world_size(), backend,
+              timeout_s())
     return True
 
 
@@ -108,9 +111,9 @@ def collective(what: str):
         if not active():
             raise
         text = " ".join(str(exc).split())
-        raise UserError(f"rank {rank()} of {world_size()}: {what} failed: another process of the job ended or did "
-                        f"not answer within {timeout_s():g} s ({TIMEOUT_ENV}); see the other ranks' messages "
-                        f"[{text:.200}]") from exc
+        raise UserError(f"rank {rank()} of {world_size()}: {what} failed: another process of the "
+                        f"job ended or did not answer within {timeout_s():g} s ({TIMEOUT_ENV}); "
+                        f"see the other ranks' messages [{text:.200}]") from exc
 
 
 def _comm_device() -> torch.device:
@@ -121,13 +124,16 @@ def _comm_device() -> torch.device:
 
 # ---------------------------------------------------------------- sharding
 
-def shard_bounds(n: int, world: int | None = None, keep_together: np.ndarray | None = None) -> list[int]:
-    """Cut ``range(n)`` into ``world`` consecutive pieces of (nearly) equal size: ``world + 1`` bounds.
-    With ``keep_together`` ``[n]``, a cut never separates consecutive equal keys (it moves forward)."""
+def shard_bounds(n: int, world: int | None = None,
+                 keep_together: np.ndarray | None = None) -> list[int]:
+    """Cut ``range(n)`` into ``world`` consecutive pieces of (nearly) equal size: ``world + 1``
+    bounds. With ``keep_together`` ``[n]``, a cut never separates consecutive equal keys (it moves
+    forward)."""
     world = world_size() if world is None else world
     bounds = [i * n // world for i in range(world + 1)]
     if keep_together is not None and n and world > 1:
-        keys = keep_together.cpu().numpy() if torch.is_tensor(keep_together) else np.asarray(keep_together)
+        keys = (keep_together.cpu().numpy() if torch.is_tensor(keep_together)
+                else np.asarray(keep_together))
         for i in range(1, world):
             cut = max(bounds[i], bounds[i - 1])
             while 0 < cut < n and keys[cut] == keys[cut - 1]:
@@ -179,7 +185,8 @@ def all_gather_rows(t: torch.Tensor, what: str = "gather") -> torch.Tensor:
 
 
 def all_gather_arrays(*arrays: np.ndarray, what: str = "gather") -> tuple[np.ndarray, ...]:
-    """NumPy arrays of all ranks concatenated along axis 0, in rank order (booleans travel as bytes)."""
+    """NumPy arrays of all ranks concatenated along axis 0, in rank order (booleans travel as
+    bytes)."""
     if not active():
         return arrays
     out = []
@@ -207,7 +214,8 @@ def broadcast_object(obj, src: int = 0, what: str = "broadcast"):
     return obj if rank() == src else pickle.loads(buf.cpu().numpy().tobytes())
 
 
-def all_gather_topk(values: torch.Tensor, ids: torch.Tensor, k: int, n_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
+def all_gather_topk(values: torch.Tensor, ids: torch.Tensor, k: int,
+                    n_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the ranks' top-k lists: each rank's ``(values [N, k_r], ids [N, k_r])`` (ascending, ids
     distinct and below ``n_ids``) -> the ``k`` smallest of all ranks ordered by (value, id), as
     ``seqMatchNet.topk_by_value_then_index``; one all-gather of ``[N, k]``. A rank with ``k_r < k``
@@ -222,7 +230,8 @@ def all_gather_topk(values: torch.Tensor, ids: torch.Tensor, k: int, n_ids: int)
                                                device=values.device)], dim=1)
         ids = torch.cat([ids, pad.expand(n, -1)], dim=1)
     world = world_size()
-    all_v = all_gather_rows(values[:, :k].contiguous(), "gathering the ranked lists").view(world, n, k)
+    all_v = all_gather_rows(values[:, :k].contiguous(),
+                            "gathering the ranked lists").view(world, n, k)
     all_i = all_gather_rows(ids[:, :k].contiguous(), "gathering the ranked lists").view(world, n, k)
     all_v = all_v.permute(1, 0, 2).reshape(n, world * k)
     all_i = all_i.permute(1, 0, 2).reshape(n, world * k)

@@ -25,7 +25,8 @@ def atomic_write(path: Path, write) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; results should be readable like any other file
+        # mkstemp makes 0600; results should be readable like any other file
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -35,25 +36,29 @@ def atomic_write(path: Path, write) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise UserError(f"cannot write {path} ({exc.strerror or exc}): free disk space or choose a writable "
-                            "folder (an existing file there is left unchanged)") from exc
+            raise UserError(f"cannot write {path} ({exc.strerror or exc}): free disk space or "
+                            "choose a writable folder (an existing file there is left "
+                            "unchanged)") from exc
         raise
 
 
 def ensure_output_dir(path: Path, option: str) -> Path:
-    """Create the output folder named by ``option`` (e.g. ``--resultsPath``), or say why it cannot be."""
+    """Create the output folder named by ``option`` (e.g. ``--resultsPath``), or say why it cannot
+    be."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create {option} {path} ({exc.strerror or exc}): choose a writable folder") from exc
+        raise UserError(f"cannot create {option} {path} ({exc.strerror or exc}): choose a writable "
+                        "folder") from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path} is not writable: choose a writable folder")
     return path
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=_json_default) + "\n").encode()))
+    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _json_default(o: Any) -> Any:

@@ -20,7 +20,7 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
         h.close()
     root.setLevel(logging.DEBUG)
     rank = distributed.rank()
-    if rank:    # under torchrun, ranks other than 0 show only warnings and errors, on stderr, marked
+    if rank:  # under torchrun, ranks other than 0 show only warnings and errors, on stderr, marked
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(logging.DEBUG if debug else logging.WARNING)
         console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
@@ -31,7 +31,8 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool
     root.addHandler(console)
     if log_file is not None:
         add_log_file(log_file)
-    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "tensorboard", "tensorboardX", "faiss", "faiss.loader"):
+    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "tensorboard", "tensorboardX", "faiss",
+                  "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -12,12 +12,14 @@ import numpy as np
 from seqmatchnet.common.errors import UserError
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
-GET_DATA_HINT = "run `bash download.sh` (see README, 'Getting the data') or try `--dataset synthetic`"
+GET_DATA_HINT = ("run `bash download.sh` (see README, 'Getting the data') or try "
+                 "`--dataset synthetic`")
 
 
 # ---------------------------------------------------------------- descriptors
 
-CHECK_CHUNK_BYTES = 64 * 1024**2   # descriptors read at once by the loading checks and by ``DescriptorSource.read``
+# descriptors read at once by the loading checks and by ``DescriptorSource.read``
+CHECK_CHUNK_BYTES = 64 * 1024**2
 
 
 def load_descriptors(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
@@ -27,7 +29,8 @@ def load_descriptors(path: Path, rows: np.ndarray | None = None) -> np.ndarray:
     return source.read(0, len(source))
 
 
-def open_descriptors(path: Path, rows: np.ndarray | None = None, check: bool = True) -> DescriptorSource:
+def open_descriptors(path: Path, rows: np.ndarray | None = None,
+                     check: bool = True) -> DescriptorSource:
     """A ``DescriptorSource`` over ``rows`` (default: all) of a ``.npy`` or HDF5 descriptor file;
     with ``check``, every row it selects is checked first, one chunk at a time."""
     source = DescriptorSource(path, rows)
@@ -59,20 +62,22 @@ class DescriptorSource:
         else:
             file_shape, self.file_dtype, self._offset, self._fortran = _npy_layout(self.path)
         if len(file_shape) != 2 or file_shape[0] == 0 or file_shape[1] == 0:
-            raise UserError(f"descriptor file {self.path} holds an array of shape {file_shape}; expected "
-                            "(frames, dims)")
+            raise UserError(f"descriptor file {self.path} holds an array of shape {file_shape}; "
+                            "expected (frames, dims)")
         if self.file_dtype.kind not in "fiu":
-            raise UserError(f"descriptor file {self.path} holds {self.file_dtype} values; expected numbers "
-                            "(float32): recompute the descriptors")
+            raise UserError(f"descriptor file {self.path} holds {self.file_dtype} values; "
+                            "expected numbers (float32): recompute the descriptors")
         self.file_rows, self.dim = int(file_shape[0]), int(file_shape[1])
         self.rows = None
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64).ravel()
             if len(rows) and (rows.min() < 0 or rows.max() >= self.file_rows):
-                raise UserError(f"descriptor file {self.path} has {self.file_rows} rows but the split needs row "
-                                f"{int(rows.max())}: the file is incomplete or belongs to another dataset; "
-                                "download it again (`bash download.sh`) or check --dataset and --descType")
-            if not (len(rows) == self.file_rows and np.array_equal(rows, np.arange(self.file_rows))):
+                raise UserError(f"descriptor file {self.path} has {self.file_rows} rows but the "
+                                f"split needs row {int(rows.max())}: the file is incomplete or "
+                                "belongs to another dataset; download it again (`bash "
+                                "download.sh`) or check --dataset and --descType")
+            if not (len(rows) == self.file_rows
+                    and np.array_equal(rows, np.arange(self.file_rows))):
                 self.rows = rows
 
     # ------------------------------------------------------------ the array interface
@@ -140,7 +145,8 @@ class DescriptorSource:
         return self._file_rows(sub)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (any order, repeats allowed) of the selection as float32 ``[len(rows), D]``."""
+        """Rows ``rows`` (any order, repeats allowed) of the selection as float32 ``[len(rows),
+        D]``."""
         rows = np.asarray(rows, dtype=np.int64).ravel()
         if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
             raise IndexError(f"row {int(rows.max())} of {len(self)} in {self.path}")
@@ -155,13 +161,14 @@ class DescriptorSource:
             block = self.read(lo, lo + step)
             finite = np.isfinite(block).all(axis=1)
             if not finite.all():
-                raise UserError(f"descriptor file {self.path} has non-finite values (NaN/Inf) in row "
-                                f"{self._file_row(lo + int(np.argmin(finite)))}: recompute the descriptors")
+                raise UserError(f"descriptor file {self.path} has non-finite values (NaN/Inf) in "
+                                f"row {self._file_row(lo + int(np.argmin(finite)))}: recompute "
+                                "the descriptors")
             zero = ~np.any(block != 0, axis=1)
             if zero.any():
                 raise UserError(f"descriptor file {self.path} has an all-zero row "
-                                f"{self._file_row(lo + int(np.argmax(zero)))}, which cannot be normalised: "
-                                "recompute the descriptors")
+                                f"{self._file_row(lo + int(np.argmax(zero)))}, which cannot be "
+                                "normalised: recompute the descriptors")
 
     def _file_row(self, i: int) -> int:
         return i if self.rows is None else int(self.rows[i])
@@ -180,7 +187,8 @@ class DescriptorSource:
                 if got != out.nbytes:
                     raise ValueError(f"{got} of {out.nbytes} bytes at row {lo}")
         except (ValueError, OSError) as exc:
-            raise UserError(f"descriptor file {self.path} could not be read ({exc}): download it again") from exc
+            raise UserError(f"descriptor file {self.path} could not be read ({exc}): download it "
+                            "again") from exc
         return np.asarray(out, dtype=np.float32)
 
     def _file_rows(self, file_rows: np.ndarray) -> np.ndarray:
@@ -188,7 +196,8 @@ class DescriptorSource:
         if len(file_rows) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
         ascending = len(file_rows) == 1 or bool(np.all(np.diff(file_rows) > 0))
-        uniq, inverse = (file_rows, None) if ascending else np.unique(file_rows, return_inverse=True)
+        uniq, inverse = (file_rows, None) if ascending else np.unique(file_rows,
+                                                                      return_inverse=True)
         try:
             if self._hdf5:
                 got = self._data[uniq]
@@ -199,12 +208,14 @@ class DescriptorSource:
             else:
                 got = self._read_runs(uniq)
         except (ValueError, OSError) as exc:
-            raise UserError(f"descriptor file {self.path} could not be read ({exc}): download it again") from exc
+            raise UserError(f"descriptor file {self.path} could not be read ({exc}): download it "
+                            "again") from exc
         got = np.asarray(got, dtype=np.float32)
         return got if inverse is None else got[inverse]
 
     def _read_runs(self, rows: np.ndarray) -> np.ndarray:
-        """Ascending distinct file rows of a C-order ``.npy``: one plain read per run of consecutive rows."""
+        """Ascending distinct file rows of a C-order ``.npy``: one plain read per run of consecutive
+        rows."""
         out = np.empty((len(rows), self.dim), dtype=self.file_dtype)
         view, size = memoryview(out).cast("B"), self.row_bytes
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
@@ -223,27 +234,30 @@ class DescriptorSource:
 
 
 def _npy_layout(path: Path) -> tuple[tuple, np.dtype, int, bool]:
-    """``(shape, dtype, data offset, fortran order)`` of a ``.npy`` file, checked against its size."""
+    """``(shape, dtype, data offset, fortran order)`` of a ``.npy`` file, checked against its
+    size."""
     fmt = np.lib.format
     try:
         with open(path, "rb") as f:
             version = fmt.read_magic(f)
-            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0)
+                                     else fmt.read_array_header_2_0)(f)
             offset = f.tell()
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         if _looks_like_text(path):
-            raise UserError(f"descriptor file {path} holds text (a positions CSV?), not a .npy array: check that "
-                            "the descriptor and positions files are not swapped (descriptors: .npy [frames, dims] "
-                            "or HDF5; positions: CSV)") from exc
-        raise UserError(f"descriptor file {path} is corrupt or truncated ({exc}): download it again") from exc
+            raise UserError(f"descriptor file {path} holds text (a positions CSV?), not a .npy "
+                            "array: check that the descriptor and positions files are not swapped "
+                            "(descriptors: .npy [frames, dims] or HDF5; positions: CSV)") from exc
+        raise UserError(f"descriptor file {path} is corrupt or truncated ({exc}): "
+                        "download it again") from exc
     if dtype.hasobject:
-        raise UserError(f"descriptor file {path} holds Python objects, not numbers: write a float32 array "
-                        "(frames, dims)")
+        raise UserError(f"descriptor file {path} holds Python objects, not numbers: write a "
+                        "float32 array (frames, dims)")
     need = offset + int(np.prod(shape)) * dtype.itemsize
     size = path.stat().st_size
     if size < need:
-        raise UserError(f"descriptor file {path} is corrupt or truncated ({size} bytes, its header needs {need}): "
-                        "download it again")
+        raise UserError(f"descriptor file {path} is corrupt or truncated ({size} bytes, its "
+                        f"header needs {need}): download it again")
     return tuple(int(v) for v in shape), dtype, offset, bool(fortran) and len(shape) > 1
 
 
@@ -267,12 +281,14 @@ def _open_hdf5(path: Path):
     except OSError as exc:
         raise UserError(f"descriptor file {path} is not a readable HDF5 file ({exc})") from exc
     datasets = []
-    f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim == 2 else None)
+    f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset)
+                 and obj.ndim == 2 else None)
     if len(datasets) != 1:
         names = [d.name for d in datasets]
         f.close()
-        raise UserError(f"HDF5 file {path} must hold exactly one 2-D dataset (frames x dims), found {names or 'none'}: "
-                        "write the descriptors as a single (frames, dims) dataset")
+        raise UserError(f"HDF5 file {path} must hold exactly one 2-D dataset (frames x dims), "
+                        f"found {names or 'none'}: write the descriptors as a single (frames, "
+                        "dims) dataset")
     return datasets[0]
 
 

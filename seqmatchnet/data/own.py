@@ -49,25 +49,29 @@ SIDES = ("database", "query")
 OUTLIER_FACTOR = 100.0              # a frame this many median steps from its neighbours is a glitch
 IMAGE_MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr")      # image_models.MODELS
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-CELL_NAMES_MAX = 100_000            # more frame names than this are written as a char matrix, not cells
+# more frame names than this are written as a char matrix, not cells
+CELL_NAMES_MAX = 100_000
 
 
 def check_image_options(opt: argparse.Namespace) -> None:
     """``--model/--weights/--netvladCkpt/--imageSize`` go with ``--db_images``/``--q_images``; sets
     ``opt.model``/``opt.weights`` (``--netvladCkpt`` is ``--model netvlad --weights``)."""
     uses_images = bool(opt.db_images or opt.q_images)
-    given = [f"--{k}" for k in ("model", "weights", "netvladCkpt", "imageSize") if getattr(opt, k) is not None]
+    given = [f"--{k}" for k in ("model", "weights", "netvladCkpt", "imageSize")
+             if getattr(opt, k) is not None]
     if not uses_images:
         if given:
-            raise UserError(f"{given[0]} is only used with --db_images/--q_images (to extract their descriptors)")
+            raise UserError(f"{given[0]} is only used with --db_images/--q_images (to extract "
+                            "their descriptors)")
         return
     if opt.netvladCkpt and (opt.weights or opt.model not in (None, "netvlad")):
-        raise UserError("--netvladCkpt is NetVLAD's checkpoint: give either it or --model M --weights FILE")
+        raise UserError("--netvladCkpt is NetVLAD's checkpoint: give either it or --model M "
+                        "--weights FILE")
     if opt.netvladCkpt:
         opt.model, opt.weights = "netvlad", opt.netvladCkpt
     if not opt.weights or not opt.model:
-        raise UserError("--db_images/--q_images need --model and --weights (or --netvladCkpt): the checkpoint to "
-                        f"extract with ({'|'.join(IMAGE_MODELS)})")
+        raise UserError("--db_images/--q_images need --model and --weights (or --netvladCkpt): "
+                        f"the checkpoint to extract with ({'|'.join(IMAGE_MODELS)})")
     if opt.imageSize is not None:
         from seqmatchnet.images.extraction import (
             parse_image_size,  # extract loads torchvision: only when images are given
@@ -88,10 +92,12 @@ def refuse_mixed(db: tuple | None, query: tuple | None, where: str) -> None:
     """A one-line ``UserError`` when both traversals' extraction identities are known and differ."""
     if db is None or query is None or db == query:
         return
-    differs = "models" if db[0] != query[0] else "checkpoints" if db[1] != query[1] else "image sizes"
-    raise UserError(f"the database descriptors are {db[0]} (checkpoint {str(db[1])[:12]}, image size {db[2]}) but the "
-                    f"query descriptors {query[0]} (checkpoint {str(query[1])[:12]}, image size {query[2]}) ({where}): "
-                    f"different {differs} do not match; extract both traversals with the same --model, --weights and "
+    differs = ("models" if db[0] != query[0] else "checkpoints" if db[1] != query[1]
+               else "image sizes")
+    raise UserError(f"the database descriptors are {db[0]} (checkpoint {str(db[1])[:12]}, image "
+                    f"size {db[2]}) but the query descriptors {query[0]} (checkpoint "
+                    f"{str(query[1])[:12]}, image size {query[2]}) ({where}): different {differs} "
+                    "do not match; extract both traversals with the same --model, --weights and "
                     "--imageSize")
 
 
@@ -101,13 +107,15 @@ def check_same_model(desc_paths: list[Path]) -> None:
     from seqmatchnet.images.extraction import read_metadata
 
     db, query = (extraction_identity(read_metadata(p)) for p in desc_paths)
-    refuse_mixed(db, query, f"from the .model.json files next to {desc_paths[0]} and {desc_paths[1]}")
+    refuse_mixed(db, query, f"from the .model.json files next to {desc_paths[0]} and "
+                            f"{desc_paths[1]}")
 
 
 # ---------------------------------------------------------------- sequences and checks
 
 def run_starts(rows: np.ndarray, seq_ids: np.ndarray | None) -> np.ndarray:
-    """Start positions (into ``rows``) of the runs of consecutive row numbers with the same sequence id."""
+    """Start positions (into ``rows``) of the runs of consecutive row numbers with the same sequence
+    id."""
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -135,10 +143,11 @@ def check_traversal(pos: Positions, metres: np.ndarray, seq_len: int, label: str
     short = np.flatnonzero(bounds[:, 1] - bounds[:, 0] < seq_len)
     if len(short):
         lo, hi = int(bounds[short[0], 0]), int(bounds[short[0], 1])
-        which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None else "the traversal")
-        raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows {lo}..{hi - 1}), "
-                        f"fewer than --seqL {seq_len}: remove it (from the CSV and the descriptors) or lower "
-                        "--seqL")
+        which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None
+                 else "the traversal")
+        raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows "
+                        f"{lo}..{hi - 1}), fewer than --seqL {seq_len}: remove it (from the CSV "
+                        "and the descriptors) or lower --seqL")
     same_run = bounds[1:, 0] == bounds[:-1, 0]           # row i and i+1 belong to one sequence
     if pos.timestamps is not None:
         dt = np.diff(pos.timestamps)
@@ -146,30 +155,35 @@ def check_traversal(pos: Positions, metres: np.ndarray, seq_len: int, label: str
         if len(bad):
             i = int(bad[0]) + 1
             what = "repeats" if dt[bad[0]] == 0 else "is earlier than"
-            raise UserError(f"{label} positions: the timestamp of {pos.where(i)} ({pos.timestamps[i]:.17g}) {what} "
-                            f"the previous frame's ({pos.timestamps[i - 1]:.17g}): rows must be in capture order, "
-                            "one per frame")
+            raise UserError(f"{label} positions: the timestamp of {pos.where(i)} "
+                            f"({pos.timestamps[i]:.17g}) {what} the previous frame's "
+                            f"({pos.timestamps[i - 1]:.17g}): rows must be in capture order, one "
+                            "per frame")
     step = np.linalg.norm(np.diff(metres, axis=0), axis=1)
     step = np.where(same_run, step, np.nan)               # no step across two sequences
-    if not np.isfinite(step).any():                       # only one-frame sequences: nothing to compare
+    # only one-frame sequences: nothing to compare
+    if not np.isfinite(step).any():
         return
     moving = step[np.isfinite(step) & (step > 0)]
     if len(moving) == 0:
-        raise UserError(f"{label} positions {pos.path}: all frames of each sequence have the same position: check "
-                        "the position columns")
+        raise UserError(f"{label} positions {pos.path}: all frames of each sequence have the same "
+                        "position: check the position columns")
     median = float(np.median(moving))
     limit = OUTLIER_FACTOR * median
-    before = np.r_[np.nan, step]                         # distance to the previous frame of the same sequence
+    # distance to the previous frame of the same sequence
+    before = np.r_[np.nan, step]
     after = np.r_[step, np.nan]
-    far_before, far_after = ~(before <= limit), ~(after <= limit)    # NaN (no neighbour) counts as far
+    # NaN (no neighbour) counts as far
+    far_before, far_after = ~(before <= limit), ~(after <= limit)
     has_neighbour = np.isfinite(before) | np.isfinite(after)
     outlier = far_before & far_after & has_neighbour
     if outlier.any():
         i = int(np.argmax(outlier))
         dist = np.nanmin([before[i], after[i]])
-        raise UserError(f"{label} positions: {pos.where(i)} is {dist:.1f} m from its neighbouring frame(s), more "
-                        f"than {OUTLIER_FACTOR:g}x the median step ({median:.2f} m): a GPS glitch? fix or remove that "
-                        "frame (in the CSV and the descriptors)")
+        raise UserError(f"{label} positions: {pos.where(i)} is {dist:.1f} m from its neighbouring "
+                        f"frame(s), more than {OUTLIER_FACTOR:g}x the median step ({median:.2f} "
+                        "m): a GPS glitch? fix or remove that frame (in the CSV and the "
+                        "descriptors)")
 
 
 # ---------------------------------------------------------------- splits
@@ -178,7 +192,8 @@ def parse_rows(text: str, flag: str, n_db: int, n_q: int) -> tuple[np.ndarray, n
     """``DB_A:DB_B,Q_A:Q_B`` -> (db rows, q rows), half-open ranges."""
     parts = text.split(",")
     if len(parts) != 2:
-        raise UserError(f"--{flag} {text!r}: expected DB_A:DB_B,Q_A:Q_B (row ranges [A, B) of both traversals)")
+        raise UserError(f"--{flag} {text!r}: expected DB_A:DB_B,Q_A:Q_B (row ranges [A, B) of "
+                        "both traversals)")
     out = []
     for part, side, n in zip(parts, SIDES, (n_db, n_q)):
         m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
@@ -186,8 +201,8 @@ def parse_rows(text: str, flag: str, n_db: int, n_q: int) -> tuple[np.ndarray, n
             raise UserError(f"--{flag} {text!r}: {part!r} is not a row range A:B")
         a, b = int(m.group(1)), int(m.group(2))
         if not a < b <= n:
-            raise UserError(f"--{flag}: {side} rows {a}:{b} must satisfy A < B <= {n} (the {side} traversal has "
-                            f"{n} frames)")
+            raise UserError(f"--{flag}: {side} rows {a}:{b} must satisfy A < B <= {n} (the {side} "
+                            f"traversal has {n} frames)")
         out.append(np.arange(a, b, dtype=np.int64))
     return out[0], out[1]
 
@@ -199,8 +214,9 @@ def explicit_splits(opt: argparse.Namespace, n_db: int, n_q: int) -> dict:
             for b in SPLITS[i + 1:]:
                 ra, rb = splits[a][k], splits[b][k]
                 if ra[0] < rb[-1] + 1 and rb[0] < ra[-1] + 1:
-                    raise UserError(f"--{a}_rows and --{b}_rows overlap in the {side} traversal (rows "
-                                    f"{ra[0]}:{ra[-1] + 1} and {rb[0]}:{rb[-1] + 1}): a frame can be in one split only")
+                    raise UserError(f"--{a}_rows and --{b}_rows overlap in the {side} traversal "
+                                    f"(rows {ra[0]}:{ra[-1] + 1} and {rb[0]}:{rb[-1] + 1}): a "
+                                    "frame can be in one split only")
     return splits
 
 
@@ -211,14 +227,16 @@ def parse_fractions(text: str | None) -> tuple[float, float, float]:
     except ValueError:
         fr = ()
     if len(fr) != 3 or not all(math.isfinite(f) and f > 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
-        raise UserError(f"--splits {text!r}: expected three positive fractions train,val,test that sum to 1 "
-                        "(e.g. 0.6,0.15,0.25)")
+        raise UserError(f"--splits {text!r}: expected three positive fractions train,val,test "
+                        "that sum to 1 (e.g. 0.6,0.15,0.25)")
     return fr
 
 
-def fraction_splits(fractions, db_pos: np.ndarray, q_pos: np.ndarray, margin: float) -> tuple[dict, int]:
-    """Database rows cut in capture order; each query goes to its nearest database frame's split and is
-    dropped when a database frame of another split is within ``margin`` metres. Returns (splits, dropped)."""
+def fraction_splits(fractions, db_pos: np.ndarray, q_pos: np.ndarray,
+                    margin: float) -> tuple[dict, int]:
+    """Database rows cut in capture order; each query goes to its nearest database frame's split and
+    is dropped when a database frame of another split is within ``margin`` metres. Returns (splits,
+    dropped)."""
     from scipy.spatial import cKDTree
 
     n_db = len(db_pos)
@@ -233,11 +251,13 @@ def fraction_splits(fractions, db_pos: np.ndarray, q_pos: np.ndarray, margin: fl
             continue
         d = cKDTree(db_pos[others]).query(q_pos)[0]
         keep &= ~((q_split == k) & (d <= margin))
-    splits = {s: (np.flatnonzero(db_split == k), np.flatnonzero((q_split == k) & keep)) for k, s in enumerate(SPLITS)}
+    splits = {s: (np.flatnonzero(db_split == k), np.flatnonzero((q_split == k) & keep))
+              for k, s in enumerate(SPLITS)}
     return splits, int((~keep).sum())
 
 
-def drop_short_runs(rows: np.ndarray, seq_ids: np.ndarray | None, seq_len: int) -> tuple[np.ndarray, int]:
+def drop_short_runs(rows: np.ndarray, seq_ids: np.ndarray | None,
+                    seq_len: int) -> tuple[np.ndarray, int]:
     """Remove the frames of runs shorter than ``seq_len`` (pieces cut off at split boundaries)."""
     bounds = run_bounds(rows, seq_ids)
     keep = bounds[:, 1] - bounds[:, 0] >= seq_len
@@ -251,7 +271,8 @@ def file_names(name: str) -> dict:
     return {
         "struct_files": {s: f"custom_{name}_{s}.db" for s in SPLITS},
         "split_inds": f"custom_{name}_splitInds.npz",
-        "bounds_files": {s: [f"seqBoundsFiles/custom_{name}_{s}_{side}_seqBounds.txt" for side in SIDES]
+        "bounds_files": {s: [f"seqBoundsFiles/custom_{name}_{s}_{side}_seqBounds.txt"
+                             for side in SIDES]
                          for s in SPLITS},
         "config": f"custom_{name}.json",
     }
@@ -268,21 +289,26 @@ def make_struct(name: str, split: str, db_rows: np.ndarray, q_rows: np.ndarray, 
         cell[:, 0] = text
         return cell
 
-    return {"whichSet": split, "dbImageFns": names("database", db_rows), "qImageFns": names("query", q_rows),
+    return {"whichSet": split, "dbImageFns": names("database", db_rows),
+            "qImageFns": names("query", q_rows),
             "numImages": len(db_rows), "numQueries": len(q_rows), "posDistThr": float(pos_thr),
             "posDistSqThr": float(pos_thr) ** 2, "nonTrivPosDistSqThr": float(non_triv_sq),
-            "dataset": f"custom_{name}", "utmDb": db_pos[db_rows].T.copy(), "utmQ": q_pos[q_rows].T.copy()}
+            "dataset": f"custom_{name}", "utmDb": db_pos[db_rows].T.copy(),
+            "utmQ": q_pos[q_rows].T.copy()}
 
 
-def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bounds: dict, config: dict) -> None:
+def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bounds: dict,
+                  config: dict) -> None:
     """Everything atomically, the JSON config (which makes the dataset usable) last."""
     import scipy.io
 
 
-    (struct_dir / names["config"]).unlink(missing_ok=True)     # a half-rewritten dataset must not look complete
+    # a half-rewritten dataset must not look complete
+    (struct_dir / names["config"]).unlink(missing_ok=True)
     for s in SPLITS:
         atomic_write(struct_dir / names["struct_files"][s],
-                     lambda f, st=structs[s]: scipy.io.savemat(f, {"dbStruct": st}, appendmat=False, format="5"))
+                     lambda f, st=structs[s]: scipy.io.savemat(f, {"dbStruct": st}, appendmat=False,
+                                                               format="5"))
     inds = {}
     for s in SPLITS:
         pair = np.empty(2, dtype=object)
@@ -299,7 +325,8 @@ def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bo
 
 def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
     """The database and query descriptor files: as given, or extracted from ``--db_images`` /
-    ``--q_images`` into ``custom_<name>_descriptors/`` (checked against the positions CSVs first)."""
+    ``--q_images`` into ``custom_<name>_descriptors/`` (checked against the positions CSVs
+    first)."""
     if not opt.weights:
         return [Path(opt.db_descriptors), Path(opt.q_descriptors)]
     from seqmatchnet.cli import extract
@@ -307,34 +334,40 @@ def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
 
     out_dir = struct_dir / f"custom_{opt.name}_descriptors"
     jobs = []
-    for side, flag, images, csv_file in (("database", "--db_images", opt.db_images, opt.db_positions),
+    for side, flag, images, csv_file in (("database", "--db_images", opt.db_images,
+                                          opt.db_positions),
                                          ("query", "--q_images", opt.q_images, opt.q_positions)):
         if images is None:
             continue
         paths = extraction.list_images(Path(images))
         table = read_positions(Path(csv_file), side)
         if len(paths) != len(table.values):
-            raise UserError(f"{side}: {flag} {images} has {len(paths)} images but {table.path} has "
-                            f"{len(table.values)} positions: one image per position row, in the same order")
+            raise UserError(f"{side}: {flag} {images} has {len(paths)} images but {table.path} "
+                            f"has {len(table.values)} positions: one image per position row, in "
+                            "the same order")
         jobs.append((side, paths))
-    model, size = extraction.load_for_extraction(opt.model, Path(opt.weights), extract.image_size_option(opt))
+    model, size = extraction.load_for_extraction(opt.model, Path(opt.weights),
+                                                 extract.image_size_option(opt))
     checkpoint_id = extraction.file_digest(Path(opt.weights))
     planned = (model.name, checkpoint_id, list(size) if size else None)
     for side, given in (("database", opt.db_descriptors), ("query", opt.q_descriptors)):
         known = extraction_identity(extraction.read_metadata(Path(given))) if given else None
         pair = (known, planned) if side == "database" else (planned, known)
-        refuse_mixed(*pair, f"{given} was extracted with another model than --{'q' if side == 'database' else 'db'}"
-                            "_images would be")
+        refuse_mixed(*pair, f"{given} was extracted with another model than "
+                            f"--{'q' if side == 'database' else 'db'}_images would be")
     device = get_device(False)
     out = {}
     for side, paths in jobs:
+        settings = extraction.ExtractSettings(size, device=device, progress=progress_enabled())
         out[side] = extraction.extract_descriptors(
-            model, paths, out_dir / f"{side}.npy", checkpoint_id=checkpoint_id, image_size=size, device=device,
-            progress=progress_enabled(), weights=Path(opt.weights)).path
-    return [out.get("database") or Path(opt.db_descriptors), out.get("query") or Path(opt.q_descriptors)]
+            model, paths, out_dir / f"{side}.npy", checkpoint_id=checkpoint_id, settings=settings,
+            weights=Path(opt.weights)).path
+    return [out.get("database") or Path(opt.db_descriptors),
+            out.get("query") or Path(opt.q_descriptors)]
 
 
-def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], list, np.ndarray, np.ndarray, tuple]:
+def read_inputs(opt: argparse.Namespace,
+                struct_dir: Path) -> tuple[list[Path], list, np.ndarray, np.ndarray, tuple]:
     """Descriptor files, position tables and positions in metres, all checked against each other:
     ``(desc_paths, tables, db_pos, q_pos, latlon origin or None)``."""
 
@@ -345,16 +378,19 @@ def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], 
     check_same_model(desc_paths)
     descs = [open_descriptors(p) for p in desc_paths]       # checked chunk by chunk, not loaded
     if descs[0].shape[1] != descs[1].shape[1]:
-        raise UserError(f"the database descriptors have {descs[0].shape[1]} dimensions but the query descriptors "
-                        f"{descs[1].shape[1]}: use descriptors of the same type for both traversals")
-    tables = [read_positions(Path(opt.db_positions), "database"), read_positions(Path(opt.q_positions), "query")]
+        raise UserError(f"the database descriptors have {descs[0].shape[1]} dimensions but the "
+                        f"query descriptors {descs[1].shape[1]}: use descriptors of the same type "
+                        "for both traversals")
+    tables = [read_positions(Path(opt.db_positions), "database"),
+              read_positions(Path(opt.q_positions), "query")]
     for side, desc, table, path in zip(SIDES, descs, tables, desc_paths):
         if len(desc) != len(table.values):
             raise UserError(f"{side}: {path} has {len(desc)} descriptor rows but {table.path} has "
-                            f"{len(table.values)} positions: the files must have one row per frame, in the same order")
+                            f"{len(table.values)} positions: the files must have one row per "
+                            "frame, in the same order")
     if tables[0].latlon != tables[1].latlon:
-        raise UserError(f"{tables[0].path} and {tables[1].path} use different coordinates (one lat,lon, the other "
-                        "metres): give both traversals in the same form")
+        raise UserError(f"{tables[0].path} and {tables[1].path} use different coordinates (one "
+                        "lat,lon, the other metres): give both traversals in the same form")
     origin = None
     if tables[0].latlon:
         origin = latlon_origin(tables[0].values, tables[1].values)
@@ -366,7 +402,8 @@ def read_inputs(opt: argparse.Namespace, struct_dir: Path) -> tuple[list[Path], 
     return desc_paths, tables, db_pos, q_pos, origin
 
 
-def cut_splits(opt: argparse.Namespace, tables: list, db_pos: np.ndarray, q_pos: np.ndarray) -> tuple[dict, int, int]:
+def cut_splits(opt: argparse.Namespace, tables: list, db_pos: np.ndarray,
+               q_pos: np.ndarray) -> tuple[dict, int, int]:
     """Rows of each split (``{split: (db rows, q rows)}``), without sequence pieces shorter than
     ``--seqL``; also the queries dropped near split boundaries and the frames in short pieces."""
     dropped_boundary = 0
@@ -385,15 +422,16 @@ def cut_splits(opt: argparse.Namespace, tables: list, db_pos: np.ndarray, q_pos:
         splits[s] = tuple(kept)
         for side, rows in zip(SIDES, kept):
             if len(rows) == 0:
-                raise UserError(f"split {s} has no {side} frames (every sequence piece in it is shorter than --seqL "
-                                f"{opt.seqL}, or no queries are near its database frames): change --splits or the "
-                                "row ranges")
+                raise UserError(f"split {s} has no {side} frames (every sequence piece in it is "
+                                f"shorter than --seqL {opt.seqL}, or no queries are near its "
+                                "database frames): change --splits or the row ranges")
     return splits, dropped_boundary, dropped_short
 
 
 def split_files(opt: argparse.Namespace, splits: dict, tables: list, db_pos: np.ndarray,
                 q_pos: np.ndarray) -> tuple[dict, dict, dict, dict]:
-    """Per split: the struct, the sequence bounds, the frame counts and the queries with a positive."""
+    """Per split: the struct, the sequence bounds, the frame counts and the queries with a
+    positive."""
     from scipy.spatial import cKDTree
 
     thresholds = {"train": opt.posDistThr, "val": opt.evalPosDistThr, "test": opt.evalPosDistThr}
@@ -402,7 +440,8 @@ def split_files(opt: argparse.Namespace, splits: dict, tables: list, db_pos: np.
         db_rows, q_rows = splits[s]
         structs[s] = make_struct(opt.name, s, db_rows, q_rows, db_pos, q_pos, thresholds[s],
                                  opt.nonTrivPosDistThr ** 2)
-        bounds[s] = [run_bounds(db_rows, tables[0].sequence_ids), run_bounds(q_rows, tables[1].sequence_ids)]
+        bounds[s] = [run_bounds(db_rows, tables[0].sequence_ids),
+                     run_bounds(q_rows, tables[1].sequence_ids)]
         frames[s] = {"database": len(db_rows), "query": len(q_rows),
                      "sequences": [len(np.unique(b[:, 0])) for b in bounds[s]]}
         near = cKDTree(db_pos[db_rows]).query(q_pos[q_rows])[0]
@@ -418,8 +457,8 @@ def prepare(opt: argparse.Namespace) -> dict:
                *(f for pair in names["bounds_files"].values() for f in pair)]
     existing = [t for t in targets if (struct_dir / t).exists()]
     if existing and not opt.force:
-        raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): add --force to "
-                        "overwrite it, or choose another --name")
+        raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): "
+                        "add --force to overwrite it, or choose another --name")
     desc_paths, tables, db_pos, q_pos, origin = read_inputs(opt, struct_dir)
     splits, dropped_boundary, dropped_short = cut_splits(opt, tables, db_pos, q_pos)
     structs, bounds, frames, with_positive = split_files(opt, splits, tables, db_pos, q_pos)
@@ -437,7 +476,8 @@ def prepare(opt: argparse.Namespace) -> dict:
                         else {"kind": "metric"}),
         "posDistThr": opt.posDistThr, "evalPosDistThr": opt.evalPosDistThr,
         "nonTrivPosDistSqThr": opt.nonTrivPosDistThr ** 2, "seqL": opt.seqL,
-        "splits": (f"rows: train {opt.train_rows}, val {opt.val_rows}, test {opt.test_rows}" if opt.train_rows
+        "splits": (f"rows: train {opt.train_rows}, val {opt.val_rows}, test {opt.test_rows}"
+                   if opt.train_rows
                    else f"fractions {parse_fractions(opt.splits)} of the database route"),
         "frames": frames,
         "dropped_queries_near_split_boundaries": dropped_boundary,

@@ -19,7 +19,8 @@ from seqmatchnet.common.errors import UserError
 
 EARTH_RADIUS_M = 6378137.0          # WGS84 equatorial radius
 METRIC_COLUMNS = (("x", "y"), ("easting", "northing"))
-LATLON_ALIASES = {"lat": "lat", "latitude": "lat", "lon": "lon", "lng": "lon", "long": "lon", "longitude": "lon"}
+LATLON_ALIASES = {"lat": "lat", "latitude": "lat", "lon": "lon", "lng": "lon", "long": "lon",
+                  "longitude": "lon"}
 OPTIONAL_COLUMNS = ("timestamp", "sequence_id")
 
 
@@ -39,25 +40,29 @@ class Positions:
 
 
 def _columns(header: list[str], path: Path) -> tuple[tuple[int, int], bool, dict[str, int]]:
-    """Indices of the two position columns, whether they are lat/lon, and of the optional columns."""
+    """Indices of the two position columns, whether they are lat/lon, and of the optional
+    columns."""
     names = [h.strip().lower() for h in header]
-    expected = "x,y or easting,northing (metres) or lat,lon (degrees), optionally timestamp and sequence_id"
+    expected = ("x,y or easting,northing (metres) or lat,lon (degrees), optionally timestamp and "
+                "sequence_id")
     if len(set(names)) != len(names):
         raise UserError(f"positions file {path}: repeated column names in the header {header}")
-    known = {c for pair in METRIC_COLUMNS for c in pair} | set(LATLON_ALIASES) | set(OPTIONAL_COLUMNS)
+    known = {c for pair in METRIC_COLUMNS
+             for c in pair} | set(LATLON_ALIASES) | set(OPTIONAL_COLUMNS)
     unknown = [h for h, n in zip(header, names) if n not in known]
     if unknown:
         raise UserError(f"positions file {path}: unknown column(s) {unknown}; expected {expected}")
     optional = {n: i for i, n in enumerate(names) if n in OPTIONAL_COLUMNS}
-    pairs = [(names.index(a), names.index(b)) for a, b in METRIC_COLUMNS if a in names and b in names]
+    pairs = [(names.index(a), names.index(b)) for a, b in METRIC_COLUMNS if a in names
+             and b in names]
     lat = [i for i, n in enumerate(names) if LATLON_ALIASES.get(n) == "lat"]
     lon = [i for i, n in enumerate(names) if LATLON_ALIASES.get(n) == "lon"]
     if lat and lon:
         pairs.append((lat[0], lon[0]))
     position_names = [n for n in names if n not in OPTIONAL_COLUMNS]
     if len(pairs) != 1 or len(position_names) != 2:
-        raise UserError(f"positions file {path}: header {header} does not name one pair of position columns; "
-                        f"expected {expected}")
+        raise UserError(f"positions file {path}: header {header} does not name one pair of "
+                        f"position columns; expected {expected}")
     return pairs[0], bool(lat and lon), optional
 
 
@@ -72,18 +77,20 @@ def read_positions(path: Path, label: str) -> Positions:
     """Parse and check a positions CSV (columns, numbers, lat/lon ranges)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{label} positions file {path} not found: check --{'db' if label == 'database' else 'q'}"
-                        "_positions")
+        raise UserError(f"{label} positions file {path} not found: check "
+                        f"--{'db' if label == 'database' else 'q'}_positions")
     fast = _read_positions_fast(path)
     if fast is not None:
         return fast
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1)
+                    if any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"positions file {path} could not be read as CSV ({exc})") from exc
     if not rows:
-        raise UserError(f"positions file {path} is empty: it needs a header line (e.g. x,y) and one line per frame")
+        raise UserError(f"positions file {path} is empty: it needs a header line (e.g. x,y) and "
+                        "one line per frame")
     (_, header), body = rows[0], rows[1:]
     (ia, ib), latlon, optional = _columns(header, path)
     if not body:
@@ -93,25 +100,16 @@ def read_positions(path: Path, label: str) -> Positions:
     seq_ids = np.empty(len(body), dtype=object) if "sequence_id" in optional else None
     for k, (line, r) in enumerate(body):
         if len(r) != len(header):
-            raise UserError(f"positions file {path}, line {line}: {len(r)} values but the header has {len(header)} "
-                            "columns")
-        for j, col in enumerate((ia, ib)):
-            try:
-                values[k, j] = float(r[col])
-            except ValueError:
-                raise UserError(f"positions file {path}, line {line} (row {k}): {header[col].strip()} is "
-                                f"{r[col]!r}, not a number") from None
-            if not math.isfinite(values[k, j]):
-                raise UserError(f"positions file {path}, line {line} (row {k}): {header[col].strip()} is "
-                                f"{r[col].strip()}: every frame needs a finite position (remove or fix that frame in "
-                                "both the CSV and the descriptor file)")
+            raise UserError(f"positions file {path}, line {line}: {len(r)} values but the header "
+                            f"has {len(header)} columns")
+        values[k] = [_position_value(path, line, k, header[col], r[col]) for col in (ia, ib)]
         if stamps is not None:
             text = r[optional["timestamp"]].strip()
             try:
                 stamps[k] = _parse_time(text)
             except ValueError:
-                raise UserError(f"positions file {path}, line {line} (row {k}): timestamp {text!r} is neither a "
-                                "number nor an ISO 8601 time") from None
+                raise UserError(f"positions file {path}, line {line} (row {k}): timestamp "
+                                f"{text!r} is neither a number nor an ISO 8601 time") from None
         if seq_ids is not None:
             seq_ids[k] = r[optional["sequence_id"]].strip()
             if not seq_ids[k]:
@@ -120,20 +118,37 @@ def read_positions(path: Path, label: str) -> Positions:
     return _checked(Positions(path, values, latlon, stamps, seq_ids, lines))
 
 
+def _position_value(path: Path, line: int, k: int, column: str, text: str) -> float:
+    """One position coordinate of a CSV row: a finite number, else a ``UserError`` naming it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"positions file {path}, line {line} (row {k}): "
+                        f"{column.strip()} is {text!r}, not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"positions file {path}, line {line} (row {k}): "
+                        f"{column.strip()} is {text.strip()}: every frame needs a "
+                        "finite position (remove or fix that frame in both the CSV and "
+                        "the descriptor file)")
+    return value
+
+
 def _checked(pos: Positions) -> Positions:
     """``pos`` after the lat/lon range check."""
     if pos.latlon:
         for j, (name, limit) in enumerate((("lat", 90.0), ("lon", 180.0))):
             bad = np.flatnonzero(np.abs(pos.values[:, j]) > limit)
             if len(bad):
-                raise UserError(f"positions file {pos.path}, line {pos.lines[bad[0]]} (row {bad[0]}): {name} "
-                                f"{pos.values[bad[0], j]} is outside [-{limit:g}, {limit:g}] degrees")
+                raise UserError(f"positions file {pos.path}, line {pos.lines[bad[0]]} (row "
+                                f"{bad[0]}): {name} {pos.values[bad[0], j]} is outside "
+                                f"[-{limit:g}, {limit:g}] degrees")
     return pos
 
 
 def _read_positions_fast(path: Path) -> Positions | None:
     """``read_positions`` without a Python loop over the rows, for plain files (no quotes, numeric
-    timestamps); None for anything else, so that the row-by-row reader handles it and names the line."""
+    timestamps); None for anything else, so that the row-by-row reader handles it and names the
+    line."""
     try:
         text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
     except (OSError, UnicodeDecodeError):
@@ -147,7 +162,8 @@ def _read_positions_fast(path: Path) -> Positions | None:
     header = next(csv.reader([str(lines[keep[0]])]))
     try:
         (ia, ib), latlon, optional = _columns(header, path)
-        table = np.loadtxt(lines[keep[1:]].tolist(), delimiter=",", dtype=str, comments=None, ndmin=2)
+        table = np.loadtxt(lines[keep[1:]].tolist(), delimiter=",", dtype=str, comments=None,
+                           ndmin=2)
         if table.shape != (len(keep) - 1, len(header)):
             return None
         values = np.char.strip(table[:, [ia, ib]]).astype(np.float64)
@@ -168,7 +184,8 @@ def _read_positions_fast(path: Path) -> Positions | None:
 
 
 def latlon_to_local(latlon: np.ndarray, origin: tuple[float, float]) -> np.ndarray:
-    """[N, 2] (lat, lon) degrees -> [N, 2] (east, north) metres, equirectangular around ``origin`` (lat0, lon0)."""
+    """[N, 2] (lat, lon) degrees -> [N, 2] (east, north) metres, equirectangular around ``origin``
+    (lat0, lon0)."""
     lat0, lon0 = origin
     dlon = (latlon[:, 1] - lon0 + 180.0) % 360.0 - 180.0        # across the antimeridian
     east = EARTH_RADIUS_M * np.cos(np.radians(lat0)) * np.radians(dlon)
@@ -177,7 +194,9 @@ def latlon_to_local(latlon: np.ndarray, origin: tuple[float, float]) -> np.ndarr
 
 
 def latlon_origin(*tables: np.ndarray) -> tuple[float, float]:
-    """Mean (lat, lon) of all frames; the longitude mean is circular (safe across the antimeridian)."""
+    """Mean (lat, lon) of all frames; the longitude mean is circular (safe across the
+    antimeridian)."""
     both = np.concatenate(tables)
-    lon = np.degrees(np.arctan2(np.sin(np.radians(both[:, 1])).mean(), np.cos(np.radians(both[:, 1])).mean()))
+    lon = np.degrees(np.arctan2(np.sin(np.radians(both[:, 1])).mean(),
+                                np.cos(np.radians(both[:, 1])).mean()))
     return float(both[:, 0].mean()), float(lon)

@@ -41,7 +41,8 @@ class DatasetSpec:
     struct_files: dict            # split -> struct file name under structPath
     rows: dict = field(default_factory=dict)
     split_inds: str | None = None
-    bounds: dict = field(default_factory=dict)   # split -> (db bounds file, query bounds file) under structPath
+    # split -> (db bounds file, query bounds file) under structPath
+    bounds: dict = field(default_factory=dict)
     note: str = ""
     position_unit: str = "m"      # Nordland's positions are frame numbers
 
@@ -61,9 +62,11 @@ def _oxford(version: str, test_thr: str) -> DatasetSpec:
     test = f"{prefix}_test_{test_thr}.db"
     return DatasetSpec(f"{version}", db_file=_same(f"oxford_{OXFORD_DB}_stereo_left.npy"),
                        q_file=_same(f"oxford_{OXFORD_Q}_stereo_left.npy"),
-                       struct_files={"train": f"{prefix}_train_d-20_d2-5.db", "val": test, "test": test},
+                       struct_files={"train": f"{prefix}_train_d-20_d2-5.db", "val": test,
+                                     "test": test},
                        split_inds=f"{version}_splitInds.npz",
-                       note="validation uses the test split, as in the reference (see --oxfordHonestVal)")
+                       note="validation uses the test split, as in the reference (see "
+                            "--oxfordHonestVal)")
 
 
 def _msls(train_city: str, val_city: str) -> DatasetSpec:
@@ -73,14 +76,16 @@ def _msls(train_city: str, val_city: str) -> DatasetSpec:
         db_file={s: f"msls_{c}_database.npy" for s, c in cities.items()},
         q_file={s: f"msls_{c}_query.npy" for s, c in cities.items()},
         struct_files={s: f"msls_{c}_d-20_d2-5.db" for s, c in cities.items()},
-        bounds={s: (f"seqBoundsFiles/msls_{c}_database_seqBounds.txt", f"seqBoundsFiles/msls_{c}_query_seqBounds.txt")
+        bounds={s: (f"seqBoundsFiles/msls_{c}_database_seqBounds.txt",
+                    f"seqBoundsFiles/msls_{c}_query_seqBounds.txt")
                 for s, c in cities.items()})
 
 
 def _synthetic() -> DatasetSpec:
     F = SYNTHETIC_FILES
     return DatasetSpec("synthetic", db_file=_same(F["db"]), q_file=_same(F["query"]),
-                       struct_files={s: F[s] for s in ("train", "val", "test")}, split_inds=F["split_inds"])
+                       struct_files={s: F[s] for s in ("train", "val", "test")},
+                       split_inds=F["split_inds"])
 
 
 DATASETS = {
@@ -108,22 +113,28 @@ def _custom(opt: argparse.Namespace, name: str) -> DatasetSpec:
 
     path = custom_config_path(Path(opt.structPath), name)
     if not path.is_file():
-        raise UserError(f"custom dataset {name!r}: {path} not found: run `python main.py --mode prepare --name {name} "
-                        "...` first (README, 'Using your own data'), or check --structPath")
+        raise UserError(f"custom dataset {name!r}: {path} not found: run `python main.py --mode "
+                        f"prepare --name {name} ...` first (README, 'Using your own data'), or "
+                        "check --structPath")
     try:
         cfg = json.loads(path.read_text())
         splits = ("train", "val", "test")
         spec = DatasetSpec(
-            f"custom:{name}", db_file=_same(str(cfg["db_descriptors"])), q_file=_same(str(cfg["q_descriptors"])),
-            struct_files={s: str(cfg["struct_files"][s]) for s in splits}, split_inds=str(cfg["split_inds"]),
-            bounds={s: tuple(map(str, cfg["bounds_files"][s])) for s in splits} if cfg.get("bounds_files") else {})
+            f"custom:{name}", db_file=_same(str(cfg["db_descriptors"])),
+            q_file=_same(str(cfg["q_descriptors"])),
+            struct_files={s: str(cfg["struct_files"][s]) for s in splits},
+            split_inds=str(cfg["split_inds"]),
+            bounds={s: tuple(map(str, cfg["bounds_files"][s])) for s in splits}
+            if cfg.get("bounds_files") else {})
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"custom dataset config {path} is malformed ({type(exc).__name__}: {exc}): "
                         "prepare the dataset again") from exc
-    for desc in (spec.db_file["train"], spec.q_file["train"]):   # the user's own files, referenced, not copied
+    # the user's own files, referenced, not copied
+    for desc in (spec.db_file["train"], spec.q_file["train"]):
         if Path(desc).is_absolute() and not Path(desc).is_file():
-            raise UserError(f"custom dataset {name!r}: descriptor file {desc} (named in {path}) not found: "
-                            f"put it back, or prepare the dataset again with --mode prepare --name {name} --force")
+            raise UserError(f"custom dataset {name!r}: descriptor file {desc} (named in {path}) "
+                            "not found: put it back, or prepare the dataset again with --mode "
+                            f"prepare --name {name} --force")
     return spec
 
 
@@ -164,13 +175,16 @@ def get_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
     """
     if opt.oxfordHonestVal and split in ("train", "val"):
         if not opt.dataset.startswith("oxford"):
-            raise UserError("--oxfordHonestVal is for the Oxford datasets; the others have their own val split")
-        train_part, val_part = honest_validation(load_split(opt, "train"), load_split(opt, "test").pos_dist_thr)
+            raise UserError("--oxfordHonestVal is for the Oxford datasets; the others have their "
+                            "own val split")
+        train_part, val_part = honest_validation(load_split(opt, "train"),
+                                                 load_split(opt, "test").pos_dist_thr)
         return train_part if split == "train" else val_part
     return load_split(opt, split, lazy)
 
 
-def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST_VAL_FRACTION) -> tuple[Split, Split]:
+def honest_validation(train: Split, val_pos_thr: float,
+                      fraction: float = HONEST_VAL_FRACTION) -> tuple[Split, Split]:
     """Hold out a spatial block of the training route for validation.
 
     The block is the ``fraction`` of database frames with the largest
@@ -184,26 +198,44 @@ def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST
     def parts(axis: int):
         coord = train.db_positions[:, axis]
         in_val = coord >= np.quantile(coord, 1 - fraction)
-        d_val = NearestNeighbors(n_neighbors=1).fit(train.db_positions[in_val]).kneighbors(train.db_positions)[0][:, 0]
-        d_tr = NearestNeighbors(n_neighbors=1).fit(train.db_positions[~in_val]).kneighbors(train.db_positions)[0][:, 0]
+        d_val = NearestNeighbors(n_neighbors=1).fit(train.db_positions[in_val]).kneighbors(
+            train.db_positions)[0][:, 0]
+        d_tr = NearestNeighbors(n_neighbors=1).fit(train.db_positions[~in_val]).kneighbors(
+            train.db_positions)[0][:, 0]
         return (np.flatnonzero(~in_val & (d_val > train.pos_dist_thr)),
                 np.flatnonzero(in_val & (d_tr > train.pos_dist_thr)))
 
     db_train, db_val = max((parts(a) for a in range(train.db_positions.shape[1])),
                            key=lambda p: len(p[0]) + len(p[1]))
-    nearest = NearestNeighbors(n_neighbors=1).fit(train.db_positions).kneighbors(train.q_positions)[1][:, 0]
+    nearest = NearestNeighbors(n_neighbors=1).fit(train.db_positions).kneighbors(
+        train.q_positions)[1][:, 0]
     q_train = np.flatnonzero(np.isin(nearest, db_train))
     q_val = np.flatnonzero(np.isin(nearest, db_val))
     if min(len(db_train), len(db_val), len(q_train), len(q_val)) == 0:
-        raise UserError("--oxfordHonestVal could not separate a validation block from the training route")
+        raise UserError("--oxfordHonestVal could not separate a validation block from the "
+                        "training route")
     return (subset_split(train, db_train, q_train, "train", train.pos_dist_thr),
             subset_split(train, db_val, q_val, "val", val_pos_thr))
 
 
-def subset_split(split: Split, db_rows: np.ndarray, q_rows: np.ndarray, name: str, pos_dist_thr: float) -> Split:
+def subset_split(split: Split, db_rows: np.ndarray, q_rows: np.ndarray, name: str,
+                 pos_dist_thr: float) -> Split:
     """Some frames of a split as a split of their own (each side one contiguous segment)."""
     return split.select(db_rows, q_rows, segment_bounds(len(db_rows)), segment_bounds(len(q_rows)),
                         name=name, pos_dist_thr=pos_dist_thr)
+
+
+def _split_rows(spec, struct_dir: Path, split: str, struct, files: list) -> tuple:
+    """The descriptor rows of ``split``: ``(db_rows, q_rows)``; an index file it reads joins
+    ``files``."""
+    if spec.rows:
+        rows = np.arange(*spec.rows[split])
+        return rows, rows
+    if spec.split_inds:
+        inds_path = struct_dir / spec.split_inds
+        files.append(inds_path)
+        return load_split_indices(inds_path, split)
+    return np.arange(struct.num_db), np.arange(struct.num_q)
 
 
 def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
@@ -219,33 +251,29 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
                             f"{missing_hint(spec.name, kind)}")
     struct = load_struct(struct_path)
     files = [struct_path, db_path, q_path]
-    if spec.rows:
-        lo, hi = spec.rows[split]
-        db_rows = q_rows = np.arange(lo, hi)
-    elif spec.split_inds:
-        inds_path = struct_dir / spec.split_inds
-        db_rows, q_rows = load_split_indices(inds_path, split)
-        files.append(inds_path)
-    else:
-        db_rows = np.arange(struct.num_db)
-        q_rows = np.arange(struct.num_q)
-    rows_from = f"split index file {struct_dir / spec.split_inds}" if spec.split_inds else f"dataset {spec.name}"
+    db_rows, q_rows = _split_rows(spec, struct_dir, split, struct, files)
+    rows_from = (f"split index file {struct_dir / spec.split_inds}" if spec.split_inds
+                 else f"dataset {spec.name}")
     if len(db_rows) != struct.num_db or len(q_rows) != struct.num_q:
-        raise UserError(f"struct file {struct_path} lists {struct.num_db} database and {struct.num_q} query frames "
-                        f"but the {rows_from} selects {len(db_rows)} and {len(q_rows)} rows for split {split}: "
-                        f"the files do not belong together; download them again (`bash download.sh`)")
+        raise UserError(f"struct file {struct_path} lists {struct.num_db} database and "
+                        f"{struct.num_q} query frames but the {rows_from} selects {len(db_rows)} "
+                        f"and {len(q_rows)} rows for split {split}: the files do not belong "
+                        "together; download them again (`bash download.sh`)")
     if len(db_rows) == 0 or len(q_rows) == 0:
-        raise UserError(f"split {split} of {spec.name} is empty ({len(db_rows)} database, {len(q_rows)} query "
-                        f"frames in {struct_path} and the {rows_from}): download the files again "
-                        f"(`bash download.sh`) or choose another --split")
+        raise UserError(f"split {split} of {spec.name} is empty ({len(db_rows)} database, "
+                        f"{len(q_rows)} query frames in {struct_path} and the {rows_from}): "
+                        "download the files again (`bash download.sh`) or choose another --split")
     read = open_descriptors if lazy else load_descriptors
     db_desc, q_desc = read(db_path, db_rows), read(q_path, q_rows)
     if db_desc.shape[1] != q_desc.shape[1]:
-        raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} ({q_desc.shape[1]} "
-                        "dims) differ in dimensions: both must come from the same descriptor (--descType)")
+        raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} "
+                        f"({q_desc.shape[1]} dims) differ in dimensions: both must come from the "
+                        "same descriptor (--descType)")
     if spec.bounds:
-        db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db, missing_hint(spec.name, "bounds"))
-        q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q, missing_hint(spec.name, "bounds"))
+        db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db,
+                                 missing_hint(spec.name, "bounds"))
+        q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q,
+                                missing_hint(spec.name, "bounds"))
         files += [struct_dir / b for b in spec.bounds[split]]
     else:
         db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
@@ -254,7 +282,8 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
     out = Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
                 q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,
                 non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
-                db_bounds=db_bounds, q_bounds=q_bounds, files=files, position_unit=spec.position_unit)
+                db_bounds=db_bounds, q_bounds=q_bounds, files=files,
+                position_unit=spec.position_unit)
     return drop_short_sequences(out, opt.seqL) if spec.bounds else out
 
 
@@ -263,7 +292,8 @@ def drop_short_sequences(split: Split, seq_len: int) -> Split:
     sequences of a few frames), so no window has to cross a sequence bound."""
     def keep_and_remap(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = (bounds[:, 1] - bounds[:, 0]) >= seq_len
-        kept_before = np.concatenate([[0], np.cumsum(keep)])    # new index of an old row = kept rows before it
+        # new index of an old row = kept rows before it
+        kept_before = np.concatenate([[0], np.cumsum(keep)])
         return np.flatnonzero(keep), kept_before[bounds[keep]]
 
     db_keep, db_bounds = keep_and_remap(split.db_bounds)
@@ -271,22 +301,26 @@ def drop_short_sequences(split: Split, seq_len: int) -> Split:
     dropped_db, dropped_q = split.num_db - len(db_keep), split.num_q - len(q_keep)
     if not dropped_db and not dropped_q:
         return split
-    log.warning("split %s: leaving out %d database and %d query frames of sequences shorter than --seqL %d",
+    log.warning("split %s: leaving out %d database and %d query frames of sequences shorter than "
+                "--seqL %d",
                 split.name, dropped_db, dropped_q, seq_len)
     if len(db_keep) == 0 or len(q_keep) == 0:
-        raise UserError(f"split {split.name}: every sequence is shorter than --seqL {seq_len}: use a smaller --seqL")
+        raise UserError(f"split {split.name}: every sequence is shorter than --seqL {seq_len}: "
+                        "use a smaller --seqL")
     return split.select(db_keep, q_keep, db_bounds, q_bounds)
 
 
 def missing_hint(dataset: str, kind: str) -> str:
-    """What fetches a missing ``kind`` (struct, descriptor, bounds) file of ``dataset``: MSLS's struct and
-    bounds files come with ``download.sh --what msls`` only, and its descriptors are not published."""
+    """What fetches a missing ``kind`` (struct, descriptor, bounds) file of ``dataset``: MSLS's
+    struct and bounds files come with ``download.sh --what msls`` only, and its descriptors are not
+    published."""
     if dataset != "msls":
         return GET_DATA_HINT
     if kind == "descriptor":
-        return ("MSLS descriptors are not published: extract them from the MSLS images with --mode extract "
-                "(docs/extract.md), or try `--dataset synthetic`")
-    return "run `bash download.sh --what msls` (see README, 'Getting the data') or try `--dataset synthetic`"
+        return ("MSLS descriptors are not published: extract them from the MSLS images with "
+                "--mode extract (docs/extract.md), or try `--dataset synthetic`")
+    return ("run `bash download.sh --what msls` (see README, 'Getting the data') or try "
+            "`--dataset synthetic`")
 
 
 def _read_bounds(path: Path, count: int, hint: str = GET_DATA_HINT) -> np.ndarray:
@@ -296,8 +330,9 @@ def _read_bounds(path: Path, count: int, hint: str = GET_DATA_HINT) -> np.ndarra
     try:
         bounds = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as exc:
-        raise UserError(f"sequence bounds file {path} is malformed ({exc}): expected one 'lo hi' line per "
-                        "frame") from exc
+        raise UserError(f"sequence bounds file {path} is malformed ({exc}): expected one 'lo hi' "
+                        "line per frame") from exc
     if bounds.shape != (count, 2):
-        raise UserError(f"sequence bounds file {path} has shape {bounds.shape}, expected ({count}, 2)")
+        raise UserError(f"sequence bounds file {path} has shape {bounds.shape}, expected "
+                        f"({count}, 2)")
     return bounds

@@ -13,7 +13,8 @@ import numpy as np
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.data.descriptors import GET_DATA_HINT
 
-STRUCT_FIELDS = ("numImages", "numQueries", "posDistThr", "posDistSqThr", "nonTrivPosDistSqThr", "utmDb", "utmQ")
+STRUCT_FIELDS = ("numImages", "numQueries", "posDistThr", "posDistSqThr", "nonTrivPosDistSqThr",
+                 "utmDb", "utmQ")
 
 
 # ---------------------------------------------------------------- struct files
@@ -68,19 +69,21 @@ def _struct_fields(path: Path) -> dict:
     try:
         mat = scipy.io.loadmat(str(path), appendmat=False)
     except Exception as exc:  # scipy raises many types for bad files
-        raise UserError(f"struct file {path} is not a readable MATLAB file ({type(exc).__name__}: {exc}): "
-                        "download it again") from exc
+        raise UserError(f"struct file {path} is not a readable MATLAB file ({type(exc).__name__}: "
+                        f"{exc}): download it again") from exc
     if "dbStruct" not in mat:
         raise UserError(f"struct file {path} has no 'dbStruct' variable (found "
-                        f"{sorted(k for k in mat if not k.startswith('__'))}): download it again (`bash download.sh`)")
+                        f"{sorted(k for k in mat if not k.startswith('__'))}): download it again "
+                        "(`bash download.sh`)")
     raw = mat["dbStruct"]
     if raw.dtype.names is None or raw.size != 1:
-        raise UserError(f"struct file {path}: 'dbStruct' is not a 1x1 struct: download it again (`bash download.sh`)")
+        raise UserError(f"struct file {path}: 'dbStruct' is not a 1x1 struct: download it again "
+                        "(`bash download.sh`)")
     s = {name: raw[name].item() if raw.shape else raw[name] for name in raw.dtype.names}
     missing = [f for f in STRUCT_FIELDS if f not in s]
     if missing:
-        raise UserError(f"struct file {path} lacks the fields {missing}: it is not a SeqNet/SeqMatchNet struct file; "
-                        "download it again (`bash download.sh`)")
+        raise UserError(f"struct file {path} lacks the fields {missing}: it is not a "
+                        "SeqNet/SeqMatchNet struct file; download it again (`bash download.sh`)")
     return s
 
 
@@ -90,8 +93,8 @@ def _scalar(s: dict, name: str, path: Path) -> float:
     except (TypeError, ValueError):
         v = np.array([])
     if v.size != 1 or not np.isfinite(v[0]):
-        raise UserError(f"struct file {path}: field {name} must be one finite number, got {s[name]!r:.40}: "
-                        "download the struct file again (`bash download.sh`)")
+        raise UserError(f"struct file {path}: field {name} must be one finite number, got "
+                        f"{s[name]!r:.40}: download the struct file again (`bash download.sh`)")
     return float(v[0])
 
 
@@ -104,11 +107,13 @@ def _positions(s: dict, name: str, count: int, path: Path) -> np.ndarray:
     if p.ndim == 1:
         p = p[None, :]
     if p.ndim != 2 or p.shape[0] not in (1, 2) or p.shape[1] != count:
-        raise UserError(f"struct file {path}: field {name} has shape {p.shape}, expected (1 or 2, {count}): "
-                        "the file is damaged or edited; download it again (`bash download.sh`)")
+        raise UserError(f"struct file {path}: field {name} has shape {p.shape}, expected (1 or 2, "
+                        f"{count}): the file is damaged or edited; download it again (`bash "
+                        "download.sh`)")
     if not np.isfinite(p).all():
         bad = int(np.argmin(np.isfinite(p).all(axis=0)))
-        raise UserError(f"struct file {path}: field {name} has NaN/Inf at frame {bad}: fix the positions")
+        raise UserError(f"struct file {path}: field {name} has NaN/Inf at frame {bad}: fix the "
+                        "positions")
     return np.ascontiguousarray(p.T)
 
 
@@ -141,10 +146,12 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_npy_arrays_only(f) -> np.ndarray:
-    """One ``.npy`` member of an ``.npz``; object arrays are unpickled with ``_ArraysOnlyUnpickler``."""
+    """One ``.npy`` member of an ``.npz``; object arrays are unpickled with
+    ``_ArraysOnlyUnpickler``."""
     fmt = np.lib.format
     version = fmt.read_magic(f)
-    shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    shape, fortran, dtype = (fmt.read_array_header_1_0 if version == (1, 0)
+                             else fmt.read_array_header_2_0)(f)
     if dtype.hasobject:
         return np.asarray(_ArraysOnlyUnpickler(f).load(), dtype=object)
     count = int(np.prod(shape))
@@ -162,13 +169,13 @@ def load_split_indices(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         with zipfile.ZipFile(path) as z:
             files = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
             if key not in files:
-                raise UserError(f"split index file {path} has no '{key}' (found {files}): download it again "
-                                "(`bash download.sh`)")
+                raise UserError(f"split index file {path} has no '{key}' (found {files}): "
+                                "download it again (`bash download.sh`)")
             with z.open(f"{key}.npy") as f:
                 pair = _read_npy_arrays_only(f)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"split index file {path} holds {exc}, not just arrays; refusing to load it for safety: "
-                        "download it again (`bash download.sh`)") from exc
+        raise UserError(f"split index file {path} holds {exc}, not just arrays; refusing to load "
+                        "it for safety: download it again (`bash download.sh`)") from exc
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise UserError(f"split index file {path} is corrupt ({exc}): download it again") from exc
     try:
@@ -176,6 +183,6 @@ def load_split_indices(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError("not a pair")
         db_rows, q_rows = (np.asarray(p, dtype=np.int64).ravel() for p in pair)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"split index file {path}: '{key}' must be a pair [db rows, query rows] of integer arrays: "
-                        "download it again (`bash download.sh`)") from exc
+        raise UserError(f"split index file {path}: '{key}' must be a pair [db rows, query rows] "
+                        "of integer arrays: download it again (`bash download.sh`)") from exc
     return db_rows, q_rows

@@ -72,7 +72,8 @@ class SyntheticParams:
 
     seed: int = 0
     frames: int = 5000  # database frames for the whole route
-    query_ratio: float = 0.99  # query frames = round(frames * query_ratio) (without a speed profile)
+    # query frames = round(frames * query_ratio) (without a speed profile)
+    query_ratio: float = 0.99
     dim: int = 128  # descriptor dimension
     spacing_m: float = 2.0  # mean database frame spacing
     speed_var: float = 0.15  # relative std of the (smooth) per-frame step
@@ -100,8 +101,10 @@ class SyntheticParams:
     val_share: float = 0.15
     gap_m: float = 200.0  # gap between consecutive splits
     # query speed profile (defaults: the query drives like the database; see _query_positions)
-    query_speed: float = 1.0  # query speed / database speed = database frame spacings per query frame
-    query_speed_changes: float = 0.0  # stretches of the query drive at speed x [1/(1+c), 1+c] (log-uniform)
+    # query speed / database speed = database frame spacings per query frame
+    query_speed: float = 1.0
+    # stretches of the query drive at speed x [1/(1+c), 1+c] (log-uniform)
+    query_speed_changes: float = 0.0
     query_stops_per_km: float = 0.0  # stops of the query traversal per km of route
     query_stop_frames: int = 10  # mean query frames standing still at one stop
 
@@ -113,22 +116,26 @@ class SyntheticParams:
             raise ValueError(f'query_ratio must be in [0.5, 2], got {self.query_ratio}')
         if self.nuisance_rank_shared + 2 * self.nuisance_rank_own >= self.dim:
             raise ValueError('nuisance ranks (shared + 2 * own) must be below dim')
-        if not (0 < self.train_share and 0 < self.val_share and self.train_share + self.val_share < 1):
+        if not (0 < self.train_share and 0 < self.val_share and self.train_share
+                + self.val_share < 1):
             raise ValueError('train_share and val_share must be > 0 with a sum below 1')
         if not 0 <= self.scene_share < 1 or not 0 <= self.nuisance_frame_share <= 1:
             raise ValueError('scene_share must be in [0, 1), nuisance_frame_share in [0, 1]')
         if not 0 <= self.alias_share < 0.5 or not 0 < self.alias_min_m <= self.alias_max_m:
             raise ValueError('alias_share must be in [0, 0.5) and 0 < alias_min_m <= alias_max_m')
         if not (0.25 <= self.query_speed <= 4 and 0 <= self.query_speed_changes <= 3):
-            raise ValueError(f'query_speed must be in [0.25, 4] and query_speed_changes in [0, 3], got '
-                             f'{self.query_speed}, {self.query_speed_changes}')
+            raise ValueError('query_speed must be in [0.25, 4] and query_speed_changes in [0, 3], '
+                             f'got {self.query_speed}, {self.query_speed_changes}')
         if not (0 <= self.query_stops_per_km <= 20 and 1 <= self.query_stop_frames <= 1000):
-            raise ValueError('query_stops_per_km must be in [0, 20] and query_stop_frames in [1, 1000]')
+            raise ValueError('query_stops_per_km must be in [0, 20] and query_stop_frames in [1, '
+                             '1000]')
 
     @property
     def speed_profile(self) -> bool:
-        """True when the query traversal follows its own speed profile (see ``_query_positions``)."""
-        return self.query_speed != 1.0 or self.query_speed_changes > 0 or self.query_stops_per_km > 0
+        """True when the query traversal follows its own speed profile (see
+        ``_query_positions``)."""
+        return (self.query_speed != 1.0 or self.query_speed_changes > 0
+                or self.query_stops_per_km > 0)
 
 
 _PROFILE_FIELDS = ('query_speed', 'query_speed_changes', 'query_stops_per_km', 'query_stop_frames')
@@ -142,7 +149,8 @@ def _split_ranges(params: SyntheticParams, length_m: float) -> dict[str, tuple[f
     val_end = val_start + usable * params.val_share
     test_start = val_end + params.gap_m
     if min(train_end, val_end - val_start, length_m - test_start) < 20 * params.spacing_m:
-        raise ValueError('route too short for the split shares and gaps: raise frames or lower gap_m')
+        raise ValueError('route too short for the split shares and gaps: raise frames or lower '
+                         'gap_m')
     return {'train': (0.0, train_end), 'val': (val_start, val_end), 'test': (test_start, np.inf)}
 
 
@@ -173,7 +181,8 @@ def _smooth_field(rng: np.random.Generator, s: np.ndarray, length_m: float, dims
     return _interp_rows(s, coarse, _smooth_noise(rng, (len(coarse), dims), 4.0))
 
 
-def _frame_positions(rng: np.random.Generator, num: int, length_m: float, speed_var: float) -> np.ndarray:
+def _frame_positions(rng: np.random.Generator, num: int, length_m: float,
+                     speed_var: float) -> np.ndarray:
     """Arc length of `num` frames covering [~0, length_m), with a smooth speed profile."""
     speed = 1.0 + speed_var * _smooth_noise(rng, (num,), 20.0)
     steps = np.clip(speed, 0.3, None)
@@ -182,15 +191,17 @@ def _frame_positions(rng: np.random.Generator, num: int, length_m: float, speed_
     return start + s * (length_m - 1.0 - start) / s[-1]
 
 
-def _query_positions(rng: np.random.Generator, params: SyntheticParams, length_m: float) -> np.ndarray:
+def _query_positions(rng: np.random.Generator, params: SyntheticParams,
+                     length_m: float) -> np.ndarray:
     """Arc length of the query frames under a speed profile (``params.speed_profile``).
 
-    The query advances ``spacing_m * query_speed`` metres per frame, times the smooth ``speed_var`` factor,
-    times a factor per stretch (exponential lengths, mean 50 frames; log-uniform in ``[1/(1+c), 1+c]``
-    for ``c = query_speed_changes``; smoothed over a few frames: accelerations). At
-    ``query_stops_per_km`` stops per km (uniform along the route) it slows down over 4 frames, stands still
-    for ``query_stop_frames`` frames on average (0.5x to 1.5x), and speeds up again. The number of
-    frames follows from the profile (``query_ratio`` is not used).
+    The query advances ``spacing_m * query_speed`` metres per frame, times the smooth ``speed_var``
+    factor, times a factor per stretch (exponential lengths, mean 50 frames; log-uniform in
+    ``[1/(1+c), 1+c]`` for ``c = query_speed_changes``; smoothed over a few frames: accelerations).
+    At
+    ``query_stops_per_km`` stops per km (uniform along the route) it slows down over 4 frames,
+    stands still for ``query_stop_frames`` frames on average (0.5x to 1.5x), and speeds up again.
+    The number of frames follows from the profile (``query_ratio`` is not used).
     """
     c = params.query_speed_changes
     n_max = int(np.ceil(length_m / (params.spacing_m * params.query_speed * 0.3 / (1 + c)))) + 10
@@ -198,13 +209,15 @@ def _query_positions(rng: np.random.Generator, params: SyntheticParams, length_m
     if c > 0:
         bounds = np.cumsum(rng.exponential(50.0, n_max // 10 + 2)).astype(np.int64)
         level = np.exp(rng.uniform(-np.log1p(c), np.log1p(c), len(bounds) + 1))
-        factor *= gaussian_filter1d(level[np.searchsorted(bounds, np.arange(n_max), side='right')], 3.0)
+        factor *= gaussian_filter1d(level[np.searchsorted(bounds, np.arange(n_max), side='right')],
+                                    3.0)
     steps = params.spacing_m * params.query_speed * factor
     num_stops = int(rng.poisson(params.query_stops_per_km * length_m / 1000.0))
     stop_at = np.sort(rng.uniform(0.0, length_m, num_stops))
     frames_at = np.searchsorted(np.cumsum(steps), stop_at)
     pieces, prev, ramp = [], 0, np.linspace(1.0, 0.0, 6)[1:-1]
-    for i, n in zip(frames_at, rng.integers(params.query_stop_frames // 2, params.query_stop_frames * 3 // 2 + 1,
+    for i, n in zip(frames_at, rng.integers(params.query_stop_frames // 2,
+                                            params.query_stop_frames * 3 // 2 + 1,
                                               num_stops)):
         i = min(max(i, prev), len(steps) - 1)
         pieces += [steps[prev:i], steps[i] * ramp, np.zeros(int(n)), steps[i] * ramp[::-1]]
@@ -257,14 +270,16 @@ def _place_signal(rng: np.random.Generator, params: SyntheticParams, grid: np.nd
             if abs(source - target) < length + 50.0:  # the copy must be elsewhere
                 continue
             t0, s0, m = int(target / _GRID_M), int(source / _GRID_M), int(length / _GRID_M)
-            taper = np.minimum(1.0, np.minimum(np.arange(m) + 1, m - np.arange(m)) / (5.0 / _GRID_M))
+            taper = np.minimum(1.0,
+                               np.minimum(np.arange(m) + 1, m - np.arange(m)) / (5.0 / _GRID_M))
             w = (params.alias_strength * taper)[:, None]
             place[t0:t0 + m] = w * original[s0:s0 + m] + np.sqrt(1 - w ** 2) * place[t0:t0 + m]
             copied += length
     return place
 
 
-def _nuisance_bases(rng: np.random.Generator, params: SyntheticParams) -> tuple[np.ndarray, np.ndarray]:
+def _nuisance_bases(rng: np.random.Generator,
+                    params: SyntheticParams) -> tuple[np.ndarray, np.ndarray]:
     """Orthonormal nuisance bases (dim, shared + own) of the db and query conditions."""
     r_s, r_o = params.nuisance_rank_shared, params.nuisance_rank_own
     q, _ = np.linalg.qr(rng.standard_normal((params.dim, r_s + 2 * r_o)))
@@ -272,7 +287,8 @@ def _nuisance_bases(rng: np.random.Generator, params: SyntheticParams) -> tuple[
     return np.hstack([shared, own_db]), np.hstack([shared, own_q])
 
 
-def _traversal(rng: np.random.Generator, params: SyntheticParams, grid: np.ndarray, place: np.ndarray,
+def _traversal(rng: np.random.Generator, params: SyntheticParams, grid: np.ndarray,
+               place: np.ndarray,
                s: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Descriptors (num, dim) of one traversal at arc lengths `s`, rows L2-normalised."""
     dim = params.dim
@@ -283,7 +299,8 @@ def _traversal(rng: np.random.Generator, params: SyntheticParams, grid: np.ndarr
         np.sqrt(params.nuisance_frame_share) * rng.standard_normal(coeff.shape)
     nuisance = params.nuisance_std * coeff @ basis.T
     full = _smooth_field(rng, s, grid[-1], dim, params.nuisance_scale_m)
-    x = place_at + nuisance + params.condition_full_std * full + params.noise_std * rng.standard_normal((len(s), dim))
+    x = (place_at + nuisance + params.condition_full_std * full
+         + params.noise_std * rng.standard_normal((len(s), dim)))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -323,10 +340,12 @@ def generate(params: SyntheticParams) -> dict:
         out[name] = _traversal(rng, params, grid, place, s, basis)
         out[name + '_s'] = s
     for split, (lo, hi) in ranges.items():
-        out[split + '_inds'] = tuple(np.flatnonzero((out[k + '_s'] >= lo) & (out[k + '_s'] < hi)).astype(np.int64)
-                                     for k in ('db', 'query'))
+        out[split + '_inds'] = tuple(
+            np.flatnonzero((out[k + '_s'] >= lo) & (out[k + '_s'] < hi)).astype(np.int64)
+            for k in ('db', 'query'))
     del out['db_s'], out['query_s']
-    out['nuisance_basis'] = np.linalg.qr(np.hstack([basis_db, basis_q[:, params.nuisance_rank_shared:]]))[0]
+    out['nuisance_basis'] = np.linalg.qr(np.hstack([basis_db,
+                                                    basis_q[:, params.nuisance_rank_shared:]]))[0]
     return out
 
 
@@ -356,8 +375,8 @@ def _struct(split: str, data: dict) -> dict:
 
 
 def _params_json(params: SyntheticParams) -> str:
-    """The parameters as written beside the benchmark; the speed-profile fields only when they are set,
-    so that benchmarks generated before they existed stay complete."""
+    """The parameters as written beside the benchmark; the speed-profile fields only when they are
+    set, so that benchmarks generated before they existed stay complete."""
     fields = {k: v for k, v in dataclasses.asdict(params).items()
               if k not in _PROFILE_FIELDS or v != getattr(SyntheticParams, k)}
     return json.dumps({'format_version': FORMAT_VERSION, **fields}, indent=1, sort_keys=True)
@@ -368,7 +387,8 @@ def _file_paths(desc_dir: Path, struct_dir: Path) -> dict[str, Path]:
             for key, name in SYNTHETIC_FILES.items()}
 
 
-def ensure_synthetic(desc_dir: Path, struct_dir: Path, params: SyntheticParams = SyntheticParams()) -> bool:
+def ensure_synthetic(desc_dir: Path, struct_dir: Path,
+                     params: SyntheticParams = SyntheticParams()) -> bool:
     """Write the benchmark unless an identical one is already there.
 
     Descriptors go to `desc_dir` (SYNTHETIC_FILES 'db', 'query'), struct files
@@ -405,7 +425,7 @@ def ensure_synthetic(desc_dir: Path, struct_dir: Path, params: SyntheticParams =
         inds[split + 'Inds'] = pair
     atomic_write(paths['split_inds'], lambda f: np.savez(f, **inds))
     atomic_write(params_path, lambda f: f.write(wanted.encode()))
-    logger.info('generated the synthetic benchmark (%d db / %d query frames, dim %d, seed %d) in %s and %s '
-                'in %.1f s', len(data['db']), len(data['query']), params.dim, params.seed,
+    logger.info('generated the synthetic benchmark (%d db / %d query frames, dim %d, seed %d) in '
+                '%s and %s in %.1f s', len(data['db']), len(data['query']), params.dim, params.seed,
                 desc_dir, struct_dir, time.perf_counter() - t0)
     return True

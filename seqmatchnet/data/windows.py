@@ -52,7 +52,8 @@ class Split:
     """
 
     name: str
-    db_desc: np.ndarray | DescriptorSource   # [numDb, D] float32, in memory or read lazily from the file
+    # [numDb, D] float32, in memory or read lazily from the file
+    db_desc: np.ndarray | DescriptorSource
     q_desc: np.ndarray | DescriptorSource    # [numQ, D]
     db_positions: np.ndarray     # [numDb, k]
     q_positions: np.ndarray      # [numQ, k]
@@ -65,17 +66,22 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.db_desc.shape[1] != self.q_desc.shape[1]:
-            raise UserError(f"split {self.name}: database descriptors have {self.db_desc.shape[1]} dimensions "
-                            f"but query descriptors {self.q_desc.shape[1]}: use files of the same descriptor type")
-        for side, desc, pos, bounds in (("database", self.db_desc, self.db_positions, self.db_bounds),
+            raise UserError(f"split {self.name}: database descriptors have "
+                            f"{self.db_desc.shape[1]} dimensions but query descriptors "
+                            f"{self.q_desc.shape[1]}: use files of the same descriptor type")
+        for side, desc, pos, bounds in (("database", self.db_desc, self.db_positions,
+                                         self.db_bounds),
                                         ("query", self.q_desc, self.q_positions, self.q_bounds)):
             if len(desc) == 0:
-                raise UserError(f"split {self.name} has no {side} frames: check the struct and split files")
+                raise UserError(f"split {self.name} has no {side} frames: check the struct and "
+                                "split files")
             if len(desc) != len(pos) or len(desc) != len(bounds):
-                raise UserError(f"split {self.name}: {len(desc)} {side} descriptors but {len(pos)} positions and "
-                                f"{len(bounds)} bounds: the struct file does not match the descriptors")
+                raise UserError(f"split {self.name}: {len(desc)} {side} descriptors but "
+                                f"{len(pos)} positions and {len(bounds)} bounds: the struct file "
+                                "does not match the descriptors")
 
-    def select(self, db_rows: np.ndarray, q_rows: np.ndarray, db_bounds: np.ndarray, q_bounds: np.ndarray,
+    def select(self, db_rows: np.ndarray, q_rows: np.ndarray, db_bounds: np.ndarray,
+               q_bounds: np.ndarray,
                **changes) -> Split:
         """The frames ``db_rows`` and ``q_rows`` (ascending) as a split with their new segment
         ``bounds``; ``changes`` replace other fields (``name``, ``pos_dist_thr``)."""

@@ -13,12 +13,14 @@ from seqmatchnet.evaluation.summary import SUMMARY_NAME, TABLE_N, _method
 # ---------------------------------------------------------------- comparing runs
 
 def find_summary(path: Path) -> Path:
-    """The summary of ``path``: the file itself, ``<path>/summary.json``, or the newest ``<path>/**/summary.json``."""
+    """The summary of ``path``: the file itself, ``<path>/summary.json``, or the newest
+    ``<path>/**/summary.json``."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.exists():
-        raise UserError(f"{path} does not exist: give a run folder, a results folder or a summary.json")
+        raise UserError(f"{path} does not exist: give a run folder, a results folder or a "
+                        "summary.json")
     direct = path / SUMMARY_NAME
     if direct.is_file():
         return direct
@@ -53,7 +55,8 @@ def _fmt(value: Any, spec: str = ".4f", unit: str = "") -> str:
     if value is None or isinstance(value, bool):
         return "-" if value is None else str(value)
     if isinstance(value, (int, float)):
-        return "-" if isinstance(value, float) and not math.isfinite(value) else f"{value:{spec}}{unit}"
+        return "-" if isinstance(value,
+                                 float) and not math.isfinite(value) else f"{value:{spec}}{unit}"
     return str(value)
 
 
@@ -66,7 +69,8 @@ def summary_row(name: str, data: dict) -> list[str]:
 
     method = data.get("method_label") or data.get("method") or _method(options)
     recalls = data.get("recalls") or {}
-    row = [name, _fmt(field("dataset")), _fmt(field("split")), _fmt(field("seqL"), "d"), _fmt(method)]
+    row = [name, _fmt(field("dataset")), _fmt(field("split")), _fmt(field("seqL"), "d"),
+           _fmt(method)]
     row += [_fmt(recalls.get(str(n)) if isinstance(recalls, dict) else None) for n in TABLE_N]
     row += [_fmt(_get(data, "precision_recall", "auc")),
             _fmt(_get(data, "precision_recall", "recall_at_100_precision")),
@@ -83,14 +87,16 @@ def _run_name(given: Path, file: Path) -> str:
 
 
 def compare_runs(paths: Sequence[Path]) -> str:
-    """A side-by-side table of the summaries of ``paths`` (run folders, results folders or summary files).
+    """A side-by-side table of the summaries of ``paths`` (run folders, results folders or summary
+    files).
 
     Missing fields show as '-'; a path without a summary raises ValueError.
     """
     if not paths:
-        raise UserError("no runs to compare: give one or more run folders, results folders or summary.json files")
-    header = ["run", "dataset", "split", "seqL", "method", *(f"R@{n}" for n in TABLE_N), "AUC", "R@100%P",
-              "matching"]
+        raise UserError("no runs to compare: give one or more run folders, results folders or "
+                        "summary.json files")
+    header = ["run", "dataset", "split", "seqL", "method", *(f"R@{n}" for n in TABLE_N), "AUC",
+              "R@100%P", "matching"]
     rows = []
     for p in paths:
         file, data = load_summary(Path(p))
@@ -98,7 +104,8 @@ def compare_runs(paths: Sequence[Path]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(r: list[str]) -> str:   # text columns left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i < 5 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths)))
 
     lines = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
     return "\n".join(line.rstrip() for line in lines)

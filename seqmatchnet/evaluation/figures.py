@@ -31,7 +31,8 @@ def _new_figure(figsize: tuple[float, float]):
     """A pyplot-free figure on an Agg canvas (no global state, nothing to leak)."""
     import matplotlib
 
-    if "matplotlib.pyplot" not in sys.modules:   # never switch the backend of a session that uses pyplot
+    # never switch the backend of a session that uses pyplot
+    if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -94,17 +95,18 @@ def recall_at_n_figure(n_values: Sequence[int], recalls_by_label: Mapping[str, S
         if len(recalls_by_label) == 1:
             for x, y in zip(n, r):
                 if np.isfinite(y):
-                    ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, -14), ha="center",
-                                fontsize=8)
+                    ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, -14),
+                                ha="center", fontsize=8)
     legend = len(recalls_by_label) > 1 or next(iter(recalls_by_label), detail) != detail
-    _log_recall_axes(ax, n, [str(int(v)) for v in n], "N (number of top candidates)", "Recall@N", title, detail,
-                     legend)
+    _log_recall_axes(ax, n, [str(int(v)) for v in n], "N (number of top candidates)", "Recall@N",
+                     title, detail, legend)
     return fig
 
 
-def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, title: str, detail: str = "",
-                     legend: bool = True) -> None:
-    """Log-scaled x axis with the given ticks, recall from 0 to 1 on y, grid and (with ``legend``) legend."""
+def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, title: str,
+                     detail: str = "", legend: bool = True) -> None:
+    """Log-scaled x axis with the given ticks, recall from 0 to 1 on y, grid and (with ``legend``)
+    legend."""
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
@@ -119,8 +121,10 @@ def _log_recall_axes(ax, ticks, labels: list[str], xlabel: str, ylabel: str, tit
         ax.legend(loc="lower right", fontsize=8)
 
 
-def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius_recalls: np.ndarray,
-                         title: str = "Recall against localisation radius", unit: str = "position units",
+def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int],
+                         radius_recalls: np.ndarray,
+                         title: str = "Recall against localisation radius",
+                         unit: str = "position units",
                          counts: Sequence[int] | None = None, detail: str = ""):
     """Recall against the localisation radius, one line per N.
 
@@ -132,7 +136,8 @@ def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius
     """
     rr = np.asarray(radius_recalls, dtype=float)
     if rr.shape != (len(radii), len(n_values)):
-        raise ValueError(f"radius_recalls has shape {rr.shape}, expected ({len(radii)}, {len(n_values)})")
+        raise ValueError(f"radius_recalls has shape {rr.shape}, expected ({len(radii)}, "
+                         f"{len(n_values)})")
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
     x = np.asarray(radii, dtype=float)
@@ -149,8 +154,8 @@ def radius_recall_figure(radii: Sequence[float], n_values: Sequence[int], radius
 # ---------------------------------------------------------------- precision-recall
 
 def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match", detail: str = ""):
-    """Plot the output of ``precision_recall``: precision against recall, AUC and R@100%P in the title,
-    ``detail`` under it."""
+    """Plot the output of ``precision_recall``: precision against recall, AUC and R@100%P in the
+    title, ``detail`` under it."""
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
     rec, prec = np.asarray(pr["recall"], dtype=float), np.asarray(pr["precision"], dtype=float)
@@ -158,19 +163,21 @@ def pr_figure(pr: Mapping, title: str = "Precision-recall of the top-1 match", d
         ax.plot(np.r_[0.0, rec], np.r_[prec[0], prec], color="tab:blue", label="top-1 match")
         r100 = pr["recall_at_100_precision"]
         if r100 and np.isfinite(r100):
-            ax.plot([r100], [1.0], "o", color="tab:red", label=f"recall at 100% precision ({r100:.3f})")
+            ax.plot([r100], [1.0], "o", color="tab:red",
+                    label=f"recall at 100% precision ({r100:.3f})")
         if rec.max() == 0:
-            ax.text(0.5, 0.5, "no correct top-1 match is accepted at any threshold", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no correct top-1 match is accepted at any threshold", ha="center",
+                    va="center", transform=ax.transAxes)
         ax.legend(loc="lower left")
     else:
-        ax.text(0.5, 0.5, "no accepted queries or no query with a positive", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no accepted queries or no query with a positive", ha="center",
+                va="center", transform=ax.transAxes)
     ax.set_xlim(0, 1.0)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
-    _set_title(ax, f"{title}\nAUC {pr['auc']:.3f}, R@100%P {pr['recall_at_100_precision']:.3f}", detail)
+    _set_title(ax, f"{title}\nAUC {pr['auc']:.3f}, R@100%P {pr['recall_at_100_precision']:.3f}",
+               detail)
     ax.grid(True, alpha=0.3)
     return fig
 
@@ -186,13 +193,31 @@ def _gt_mask(gt, shape: tuple[int, int]) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     if gt_arr.size:
         pairs = gt_arr.reshape(-1, 2).astype(np.int64)
-        inside = (pairs[:, 0] >= 0) & (pairs[:, 0] < shape[0]) & (pairs[:, 1] >= 0) & (pairs[:, 1] < shape[1])
+        inside = ((pairs[:, 0] >= 0) & (pairs[:, 0] < shape[0])
+                  & (pairs[:, 1] >= 0) & (pairs[:, 1] < shape[1]))
         mask[pairs[inside, 0], pairs[inside, 1]] = True
     return mask
 
 
-def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: int, gt_pairs, top1: np.ndarray,
-                           title: str = "Sequence-matching distances", detail: str = ""):
+def _top1_legend(ax, good: np.ndarray, n_out: int) -> None:
+    """The legend of ``distance_matrix_figure``: ground truth, the correct and wrong top-1 matches
+    drawn (``good`` per drawn match) and how many were not drawn (``n_out``)."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=(0.2, 0.5, 1.0), alpha=0.6, lw=6, label="ground truth"),
+               Line2D([], [], ls="", marker="o", mfc="lime", mec="black",
+                      label=f"top-1 correct ({int(good.sum())})"),
+               Line2D([], [], ls="", marker="o", mfc="red", mec="black",
+                      label=f"top-1 wrong ({int((~good).sum())})")]
+    if n_out:
+        handles.append(Line2D([], [], ls="",
+                              label=f"top-1 not drawn (outside the section): {n_out}"))
+    ax.legend(handles=handles, loc="upper right", framealpha=0.85, fontsize=8)
+
+
+def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: int, gt_pairs,
+                           top1: np.ndarray, title: str = "Sequence-matching distances",
+                           detail: str = ""):
     """A section of the distance matrix with ground truth and top-1 matches.
 
     ``dists_block`` ``[Nd_sub, Nq_sub]``: rows are database windows
@@ -203,8 +228,6 @@ def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: in
     the match is outside the section and is not drawn). A match is correct
     when it is a ground-truth pair.
     """
-    from matplotlib.lines import Line2D
-
     block = np.asarray(dists_block, dtype=float)
     nd, nq = block.shape
     top1 = np.asarray(top1, dtype=np.int64).ravel()
@@ -225,17 +248,11 @@ def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: in
     cols = np.flatnonzero(inside)
     good = mask[top1[cols], cols]
     size = 18 if nq <= 100 else 8
-    ax.scatter(q_offset + cols[good], db_offset + top1[cols[good]], s=size, c="lime", edgecolors="black",
-               linewidths=0.3, zorder=3)
-    ax.scatter(q_offset + cols[~good], db_offset + top1[cols[~good]], s=size, c="red", edgecolors="black",
-               linewidths=0.3, zorder=3)
-    n_out = int((~inside).sum())
-    handles = [Line2D([], [], color=(0.2, 0.5, 1.0), alpha=0.6, lw=6, label="ground truth"),
-               Line2D([], [], ls="", marker="o", mfc="lime", mec="black", label=f"top-1 correct ({int(good.sum())})"),
-               Line2D([], [], ls="", marker="o", mfc="red", mec="black", label=f"top-1 wrong ({int((~good).sum())})")]
-    if n_out:
-        handles.append(Line2D([], [], ls="", label=f"top-1 not drawn (outside the section): {n_out}"))
-    ax.legend(handles=handles, loc="upper right", framealpha=0.85, fontsize=8)
+    ax.scatter(q_offset + cols[good], db_offset + top1[cols[good]], s=size, c="lime",
+               edgecolors="black", linewidths=0.3, zorder=3)
+    ax.scatter(q_offset + cols[~good], db_offset + top1[cols[~good]], s=size, c="red",
+               edgecolors="black", linewidths=0.3, zorder=3)
+    _top1_legend(ax, good, int((~inside).sum()))
     ax.set_xlabel("query frame")
     ax.set_ylabel("database frame")
     _set_title(ax, title, detail)
@@ -244,7 +261,8 @@ def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: in
 
 # ---------------------------------------------------------------- training
 
-def training_curves_figure(epochs: Sequence[int], losses: Sequence[float], val_recalls: Mapping[int, Sequence[float]],
+def training_curves_figure(epochs: Sequence[int], losses: Sequence[float],
+                           val_recalls: Mapping[int, Sequence[float]],
                            val_epochs: Sequence[int] | None = None, title: str = "Training"):
     """Average training loss (left) and validation Recall@N (right) by epoch.
 
@@ -259,13 +277,14 @@ def training_curves_figure(epochs: Sequence[int], losses: Sequence[float], val_r
     ax_loss, ax_rec = fig.subplots(1, 2, sharex=True)
     loss = _finite(losses)
     ax_loss.plot(ep, loss, marker="o", color="tab:red")
-    if np.isfinite(loss).any():     # from 0, so that a small change does not look large; the change written out
+    # from 0, so that a small change does not look large; the change written out
+    if np.isfinite(loss).any():
         ax_loss.set_ylim(0, max(np.nanmax(loss), 1e-12) * 1.15)
         first, last = loss[np.isfinite(loss)][[0, -1]]
         change = f" ({(last - first) / first:+.1%})" if first > 0 else ""
         ax_loss.text(0.98, 0.04, f"epoch {int(ep[np.isfinite(loss)][0])}: {first:.4f}, epoch "
-                     f"{int(ep[np.isfinite(loss)][-1])}: {last:.4f}{change}", transform=ax_loss.transAxes,
-                     ha="right", va="bottom", fontsize=8)
+                                 f"{int(ep[np.isfinite(loss)][-1])}: {last:.4f}{change}",
+                     transform=ax_loss.transAxes, ha="right", va="bottom", fontsize=8)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("average triplet loss")
     ax_loss.set_title("training loss")
@@ -289,13 +308,15 @@ def training_curves_figure(epochs: Sequence[int], losses: Sequence[float], val_r
 
 # ---------------------------------------------------------------- embeddings
 
-def embedding_figure(db_emb: np.ndarray, q_emb: np.ndarray, title: str = "t-SNE of frame descriptors",
+def embedding_figure(db_emb: np.ndarray, q_emb: np.ndarray,
+                     title: str = "t-SNE of frame descriptors",
                      detail: str = ""):
-    """2-D embeddings ``[N, 2]`` of database and query frames (``--numSamples2Project``), coloured by
-    frame order so that the route shows as a gradient."""
+    """2-D embeddings ``[N, 2]`` of database and query frames (``--numSamples2Project``), coloured
+    by frame order so that the route shows as a gradient."""
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
-    for emb, marker, name in ((np.asarray(db_emb), "o", "database"), (np.asarray(q_emb), "^", "query")):
+    for emb, marker, name in ((np.asarray(db_emb), "o", "database"),
+                              (np.asarray(q_emb), "^", "query")):
         ax.scatter(emb[:, 0], emb[:, 1], c=np.arange(len(emb)), cmap="viridis", marker=marker, s=10,
                    label=name, alpha=0.7)
     ax.legend(loc="best")
@@ -321,17 +342,29 @@ class DistanceSection:
     seq_len: int
 
 
-def evaluation_figures(recalls: Mapping[int, float], radius_recalls: np.ndarray, pr: Mapping, label: str,
-                       section: DistanceSection | None = None, n_values: Sequence[int] = N_VALUES,
-                       radii: Sequence[float] = RADII, radius_unit: str = "position units",
-                       radius_counts: Sequence[int] | None = None) -> dict:
+@dataclass
+class RadiusRecalls:
+    """What ``radius_recall_figure`` draws: Recall@N within each radius, ``values``
+    ``[len(radii), len(n_values)]``, over ``radii`` in ``unit``; ``counts`` (optional) the queries
+    with a positive within each radius."""
+
+    values: np.ndarray
+    radii: Sequence[float] = RADII
+    unit: str = "position units"
+    counts: Sequence[int] | None = None
+
+
+def evaluation_figures(recalls: Mapping[int, float], radius: RadiusRecalls, pr: Mapping, label: str,
+                       section: DistanceSection | None = None,
+                       n_values: Sequence[int] = N_VALUES) -> dict:
     """Figures of one evaluation, from numbers computed elsewhere: ``{name: Figure}`` with names
-    ``recall_at_n``, ``radius_recall``, ``precision_recall`` and, with ``section``, ``distance_matrix``;
-    ``label`` (what was evaluated) is written under each title."""
-    figs = {"recall_at_n": recall_at_n_figure(list(n_values), {label: [recalls[n] for n in n_values]},
-                                              detail=label),
-            "radius_recall": radius_recall_figure(list(radii), list(n_values), radius_recalls, unit=radius_unit,
-                                                  counts=radius_counts, detail=label),
+    ``recall_at_n``, ``radius_recall``, ``precision_recall`` and, with ``section``,
+    ``distance_matrix``; ``label`` (what was evaluated) is written under each title."""
+    recall_at_n = recall_at_n_figure(list(n_values), {label: [recalls[n] for n in n_values]},
+                                     detail=label)
+    radius_recall = radius_recall_figure(list(radius.radii), list(n_values), radius.values,
+                                         unit=radius.unit, counts=radius.counts, detail=label)
+    figs = {"recall_at_n": recall_at_n, "radius_recall": radius_recall,
             "precision_recall": pr_figure(pr, detail=label)}
     if section is not None:
         figs["distance_matrix"] = distance_matrix_figure(

@@ -19,18 +19,20 @@ from seqmatchnet.evaluation.recall import (
 from seqmatchnet.matching.seqmatch import window_distances
 
 
-def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path, label: str, prefix: str = "",
-                  writer=None, step: int = 0) -> dict:
+def write_figures(result: EvalResult, split: Split, seq_len: int, out_dir: Path, label: str,
+                  prefix: str = "", writer=None, step: int = 0) -> dict:
     """PNG figures of an evaluation into ``out_dir`` (and TensorBoard through ``writer``);
     returns the precision-recall summary of the top-1 matches."""
     pr = top1_precision_recall(result, split)
     section = distance_section(result, split, seq_len)
-    figs = figures.evaluation_figures(result.recalls, result.radius_recalls, pr, label, section,
-                                    radius_unit=split.position_unit, radius_counts=result.radius_counts)
+    radius = figures.RadiusRecalls(result.radius_recalls, unit=split.position_unit,
+                                   counts=result.radius_counts)
+    figs = figures.evaluation_figures(result.recalls, radius, pr, label, section)
     for name, fig in figs.items():
         if writer is not None:
             writer.figure(f"{prefix or 'Test'}/{name}", fig, step)
-        figures.save_figure(fig, Path(out_dir) / f"{prefix.lower() + '_' if prefix else ''}{name}.png")
+        figures.save_figure(fig,
+                            Path(out_dir) / f"{prefix.lower() + '_' if prefix else ''}{name}.png")
     return pr
 
 
@@ -38,13 +40,16 @@ def distance_section(result: EvalResult, split: Split, seq_len: int, size: int =
     """The distance-matrix section the figure shows: the first ``size`` evaluated query frames
     against the database frames around their ground truth (at most ``2 * size``), with the
     ground-truth mask and the top-1 matches; None without frame features (window descriptors)."""
-    from sklearn.neighbors import NearestNeighbors  # sklearn loads slowly: only when a figure is drawn
+    from sklearn.neighbors import (
+        NearestNeighbors,  # sklearn loads slowly: only when a figure is drawn
+    )
 
     if result.db_feats is None or result.q_feats is None:
         return None
     q_frames, top1 = np.asarray(result.q_frames), result.db_frames[result.preds[:, 0]]
     q_lo, q_hi = int(q_frames[0]), int(min(q_frames[0] + size, split.num_q))
-    _, near = NearestNeighbors(n_neighbors=1).fit(split.db_positions).kneighbors(split.q_positions[q_lo:q_hi])
+    _, near = NearestNeighbors(n_neighbors=1).fit(split.db_positions).kneighbors(
+        split.q_positions[q_lo:q_hi])
     near = near[:, 0]
     span = min(max(int(near.max() - near.min()) + size // 5, size), 2 * size)
     db_lo = int(np.clip(np.median(near) - span // 2, 0, max(split.num_db - span, 0)))
@@ -55,9 +60,10 @@ def distance_section(result: EvalResult, split: Split, seq_len: int, size: int =
     with torch.no_grad():
         block = window_distances(result.db_feats.float(), result.q_feats.float(),
                                  torch.as_tensor(db_starts[db_lo:db_hi], device=device),
-                                 torch.as_tensor(q_starts[q_lo:q_hi], device=device), seq_len).float().cpu().numpy()
-    gt = np.linalg.norm(split.db_positions[db_lo:db_hi, None, :] - split.q_positions[None, q_lo:q_hi, :],
-                        axis=-1) <= split.pos_dist_thr
+                                 torch.as_tensor(q_starts[q_lo:q_hi], device=device),
+                                 seq_len).float().cpu().numpy()
+    offsets = split.db_positions[db_lo:db_hi, None, :] - split.q_positions[None, q_lo:q_hi, :]
+    gt = np.linalg.norm(offsets, axis=-1) <= split.pos_dist_thr
     rows = np.full(q_hi - q_lo, -1, dtype=np.int64)
     inside = (q_frames >= q_lo) & (q_frames < q_hi)
     rows[q_frames[inside] - q_lo] = top1[inside] - db_lo

@@ -12,7 +12,8 @@ _NO_HIT = np.iinfo(np.int64).max
 
 
 def nearest_db_distance(db_positions: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
-    """``[Nq]``: each query's distance to its nearest database frame (one tree over the database)."""
+    """``[Nq]``: each query's distance to its nearest database frame (one tree over the
+    database)."""
     from sklearn.neighbors import NearestNeighbors
 
     nearest, _ = NearestNeighbors(n_neighbors=1).fit(db_positions).kneighbors(q_positions)
@@ -28,7 +29,8 @@ def has_positive(db_positions: np.ndarray, q_positions: np.ndarray, radius: floa
     return nearest <= radius
 
 
-def recall_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.ndarray, radius: float,
+def recall_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.ndarray,
+                 radius: float,
                  n_values=N_VALUES, nearest: np.ndarray | None = None) -> tuple[dict, int]:
     """Recall@N with positives within ``radius`` (<=); queries without any positive are left out.
 
@@ -44,9 +46,11 @@ def recall_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.nd
 
 
 def radius_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.ndarray, radii=RADII,
-                 n_values=N_VALUES, nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 n_values=N_VALUES,
+                 nearest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Recall@N at each localisation radius: ``([len(radii), len(n_values)], queries with a positive
-    [len(radii)])``; each row has its own denominator (queries with a positive within that radius)."""
+    [len(radii)])``; each row has its own denominator (queries with a positive within that
+    radius)."""
     if nearest is None:
         nearest = nearest_db_distance(db_positions, q_positions)
     rows = [recall_table(preds, db_positions, q_positions, r, n_values, nearest) for r in radii]
@@ -67,7 +71,8 @@ def top1_outcomes(top1: np.ndarray, db_positions: np.ndarray, q_positions: np.nd
     return correct & has_pos, has_pos
 
 
-def precision_recall(top1_dists: np.ndarray, top1_correct: np.ndarray, has_positive: np.ndarray) -> dict:
+def precision_recall(top1_dists: np.ndarray, top1_correct: np.ndarray,
+                     has_positive: np.ndarray) -> dict:
     """Precision-recall of the top-1 match over the distance threshold.
 
     All inputs ``[Nq]``. A query is accepted when its top-1 distance is <= the
@@ -103,5 +108,6 @@ def precision_recall(top1_dists: np.ndarray, top1_correct: np.ndarray, has_posit
     p = np.r_[precision[0], precision]
     auc = float(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2))
     perfect = recall[precision == 1.0]
-    return {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": d_sorted[last].tolist(),
+    return {"precision": precision.tolist(), "recall": recall.tolist(),
+            "thresholds": d_sorted[last].tolist(),
             "auc": auc, "recall_at_100_precision": float(perfect.max()) if len(perfect) else 0.0}

@@ -21,7 +21,8 @@ import numpy as np
 PROJECT_DIR = Path(__file__).resolve().parents[2]   # the repository (git information)
 MIB = 1024 ** 2
 HASH_BLOCK = 1 * MIB
-FULL_HASH_LIMIT = 256 * MIB     # larger files: hash the first and last PARTIAL_HASH_PART bytes plus the size
+# larger files: hash the first and last PARTIAL_HASH_PART bytes plus the size
+FULL_HASH_LIMIT = 256 * MIB
 PARTIAL_HASH_PART = 64 * MIB
 SUMMARY_NAME = "summary.json"
 TABLE_N = (1, 5, 10, 20)
@@ -31,7 +32,8 @@ TABLE_N = (1, 5, 10, 20)
 
 def _git(args: list[str], cwd: Path) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout
@@ -49,7 +51,8 @@ def environment_info(project_dir: Path = PROJECT_DIR) -> dict:
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "numpy": np.__version__, "faiss": None, "platform": platform.platform(),
                             "cuda_available": bool(torch.cuda.is_available()), "cuda_device": None,
-                            "cuda_version": torch.version.cuda, "git_commit": None, "git_dirty": None}
+                            "cuda_version": torch.version.cuda, "git_commit": None,
+                            "git_dirty": None}
     try:
         import faiss
         info["faiss"] = getattr(faiss, "__version__", "unknown")
@@ -86,7 +89,8 @@ def _sha256(path: Path, size: int, full_limit: int, part: int) -> tuple[str, boo
         return h.hexdigest(), True
 
 
-def file_info(paths: Iterable[Path], full_limit: int = FULL_HASH_LIMIT, part: int = PARTIAL_HASH_PART) -> list[dict]:
+def file_info(paths: Iterable[Path], full_limit: int = FULL_HASH_LIMIT,
+              part: int = PARTIAL_HASH_PART) -> list[dict]:
     """``[{name, path, size, sha256, partial}]`` per file (1 MiB blocks).
 
     Files over ``full_limit`` bytes are hashed by their first and last
@@ -110,8 +114,8 @@ def file_info(paths: Iterable[Path], full_limit: int = FULL_HASH_LIMIT, part: in
 # ---------------------------------------------------------------- summary
 
 def plain(obj: Any) -> Any:
-    """JSON-native copy: NumPy scalars/arrays, Paths, tuples and sets converted; dict keys as strings;
-    NaN and infinities as None (standard JSON has no NaN)."""
+    """JSON-native copy: NumPy scalars/arrays, Paths, tuples and sets converted; dict keys as
+    strings; NaN and infinities as None (standard JSON has no NaN)."""
     if isinstance(obj, dict):
         return {str(plain(k)): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
@@ -126,13 +130,14 @@ def plain(obj: Any) -> Any:
         return obj
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # 0-d torch tensors
+    # 0-d torch tensors
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:
         return plain(obj.item())
     return str(obj)
 
 
-def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict, pr: dict | None, timings: dict,
-                  files: Sequence[Path], extra: dict | None = None) -> dict:
+def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict, pr: dict | None,
+                  timings: dict, files: Sequence[Path], extra: dict | None = None) -> dict:
     """The content of ``summary.json`` (JSON-native: ``json.dumps`` works on it).
 
     ``options`` is ``vars(opt)``; ``recalls`` ``{N: recall}``;
@@ -154,7 +159,8 @@ def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict,
         "recalls": plain(recalls),
         "radius_recalls": plain(radius_recalls),
         "precision_recall": None if pr is None else {
-            "auc": plain(pr.get("auc")), "recall_at_100_precision": plain(pr.get("recall_at_100_precision"))},
+            "auc": plain(pr.get("auc")),
+            "recall_at_100_precision": plain(pr.get("recall_at_100_precision"))},
         "timings": plain(timings),
         "options": options,
         "environment": plain(environment_info()),
@@ -162,13 +168,14 @@ def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict,
     }
     for key, value in (extra or {}).items():
         if str(key) in summary:
-            raise ValueError(f"extra key {key!r} would replace the standard summary field of that name")
+            raise ValueError(f"extra key {key!r} would replace the standard summary field of that "
+                             "name")
         summary[str(key)] = plain(value)
     return summary
 
 
-METHOD_NAMES = {"seqmatch": "sequence matching", "single": "single frame", "smooth": "window mean (smooth)",
-                "delta": "Delta Descriptors", "seqnet": "SeqNet"}
+METHOD_NAMES = {"seqmatch": "sequence matching", "single": "single frame",
+                "smooth": "window mean (smooth)", "delta": "Delta Descriptors", "seqnet": "SeqNet"}
 
 
 def method_label(options: dict, checkpoint: dict | None = None) -> str:
@@ -184,7 +191,8 @@ def method_label(options: dict, checkpoint: dict | None = None) -> str:
     if method == "seqnet" or options.get("pooling"):
         name += ", learned" if method == "seqnet" else ", learned projection"
         if checkpoint:
-            name += f" (run {checkpoint['run']}, epoch {checkpoint['epoch']}, {checkpoint['which']})"
+            name += (f" (run {checkpoint['run']}, epoch {checkpoint['epoch']}, "
+                     f"{checkpoint['which']})")
     else:
         name += ", raw descriptors"
     if str(options.get("velocities", "1")) not in ("1", "1.0"):

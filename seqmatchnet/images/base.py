@@ -13,13 +13,16 @@ from torch import nn
 from seqmatchnet.common.errors import UserError
 
 MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr")
-TITLES = {"netvlad": "NetVLAD (Patch-NetVLAD)", "cosplace": "CosPlace", "eigenplaces": "EigenPlaces",
-          "mixvpr": "MixVPR"}
+TITLES = {"netvlad": "NetVLAD (Patch-NetVLAD)", "cosplace": "CosPlace",
+          "eigenplaces": "EigenPlaces", "mixvpr": "MixVPR"}
 RELEASES = {
-    "netvlad": "https://huggingface.co/TobiasRobotics/Patch-NetVLAD/resolve/main/pitts_WPCA4096.pth.tar",
+    "netvlad": "https://huggingface.co/TobiasRobotics/Patch-NetVLAD/resolve/main/"
+               "pitts_WPCA4096.pth.tar",
     "cosplace": "https://github.com/gmberton/CosPlace/releases (e.g. ResNet50_2048_cosplace.pth)",
-    "eigenplaces": "https://github.com/gmberton/EigenPlaces/releases (e.g. ResNet50_2048_eigenplaces.pth)",
-    "mixvpr": "the MixVPR README (github.com/amaralibey/MixVPR): resnet50_MixVPR_4096_channels(1024)_rows(4).ckpt",
+    "eigenplaces": "https://github.com/gmberton/EigenPlaces/releases (e.g. "
+                   "ResNet50_2048_eigenplaces.pth)",
+    "mixvpr": "the MixVPR README (github.com/amaralibey/MixVPR): "
+              "resnet50_MixVPR_4096_channels(1024)_rows(4).ckpt",
 }
 CHECKPOINT_URL = RELEASES["netvlad"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,20 +57,22 @@ class ImageModel:
         if self.cells is None:
             return
         side = math.isqrt(self.cells)
-        example = f"{side * 2 ** self.stride_steps},{side * 2 ** self.stride_steps}" if side * side == self.cells \
-            else "W,H"
+        pixels = side * 2 ** self.stride_steps
+        example = f"{pixels},{pixels}" if side * side == self.cells else "W,H"
         if size is None:
-            raise UserError(f"MixVPR needs a fixed --imageSize: its aggregator mixes exactly {self.cells} feature "
-                            f"cells (H/16 x W/16), e.g. --imageSize {example}")
+            raise UserError("MixVPR needs a fixed --imageSize: its aggregator mixes exactly "
+                            f"{self.cells} feature cells (H/16 x W/16), e.g. --imageSize {example}")
         got = feature_cells(size[1], self.stride_steps) * feature_cells(size[0], self.stride_steps)
         if got != self.cells:
-            raise UserError(f"--imageSize {size[0]},{size[1]} gives {got} feature cells but this MixVPR checkpoint "
-                            f"mixes {self.cells} (H/16 x W/16): use e.g. --imageSize {example}")
+            raise UserError(f"--imageSize {size[0]},{size[1]} gives {got} feature cells but this "
+                            f"MixVPR checkpoint mixes {self.cells} (H/16 x W/16): use e.g. "
+                            f"--imageSize {example}")
 
     def preprocessing(self, size: tuple[int, int] | None) -> dict:
         """What is done to an image before the network, as stored in the extraction metadata."""
         return {"image_size": list(size) if size else None,
-                "resize": "Pillow bilinear to image_size (W, H)" if size else "none (each image at its own size)",
+                "resize": "Pillow bilinear to image_size (W, H)" if size
+                else "none (each image at its own size)",
                 "colour": "RGB", "scale": "[0, 1]", "mean": list(self.mean), "std": list(self.std)}
 
 
@@ -80,8 +85,8 @@ def feature_cells(pixels: int, steps: int) -> int:
 
 
 def _meta_build(build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` on the meta device, then moved to the CPU uninitialised (the checkpoint fills it):
-    no random initialisation of weights that are overwritten."""
+    """``build()`` on the meta device, then moved to the CPU uninitialised (the checkpoint fills
+    it): no random initialisation of weights that are overwritten."""
     with torch.device("meta"):
         module = build()
     return module.to_empty(device="cpu")
@@ -90,7 +95,8 @@ def _meta_build(build: Callable[[], nn.Module]) -> nn.Module:
 # ---------------------------------------------------------------- checkpoints
 
 def looks_like(state: dict[str, torch.Tensor]) -> str | None:
-    """The model whose checkpoint layout ``state`` has (CosPlace and EigenPlaces share one), or None."""
+    """The model whose checkpoint layout ``state`` has (CosPlace and EigenPlaces share one), or
+    None."""
     if "pool.centroids" in state:
         return "netvlad"
     if any(k.startswith("aggregator.mix.") for k in state):
@@ -111,31 +117,38 @@ def found_keys(state: dict[str, torch.Tensor]) -> str:
     if not state:
         return "found no keys"
     other = looks_like(state)
-    hint = {"netvlad": "; a NetVLAD checkpoint: use --model netvlad", "mixvpr": "; a MixVPR checkpoint: use --model "
-            "mixvpr", "cosplace": "; a CosPlace/EigenPlaces checkpoint: use --model cosplace or eigenplaces"}
-    return f"found {len(state)} keys: {listed}{' ...' if len(groups) > 6 else ''}{hint.get(other, '')}"
+    hint = {"netvlad": "; a NetVLAD checkpoint: use --model netvlad",
+            "mixvpr": "; a MixVPR checkpoint: use --model "
+            "mixvpr", "cosplace": "; a CosPlace/EigenPlaces checkpoint: use --model cosplace or "
+                                  "eigenplaces"}
+    more = " ..." if len(groups) > 6 else ""
+    return f"found {len(state)} keys: {listed}{more}{hint.get(other, '')}"
 
 
 def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str,
                  unexpected_hint: str) -> None:
-    """Load ``state`` into ``module`` (then eval mode) after checking every key and shape: a missing,
-    unexpected or misshapen key is a ``UserError`` naming it. BatchNorm's ``num_batches_tracked``
-    may be absent (it is not used in eval mode)."""
+    """Load ``state`` into ``module`` (then eval mode) after checking every key and shape: a
+    missing, unexpected or misshapen key is a ``UserError`` naming it. BatchNorm's
+    ``num_batches_tracked`` may be absent (it is not used in eval mode)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     for key, shape in expected.items():
         if key not in state and not key.endswith("num_batches_tracked"):
-            raise UserError(f"{source}: key {key!r} (shape {list(shape)}) is missing: not a complete checkpoint of "
-                            f"{what}")
+            raise UserError(f"{source}: key {key!r} (shape {list(shape)}) is missing: not a "
+                            f"complete checkpoint of {what}")
         if key in state and tuple(state[key].shape) != shape:
-            raise UserError(f"{source}: {key!r} has shape {list(state[key].shape)}, expected {list(shape)} ({what})")
+            raise UserError(f"{source}: {key!r} has shape {list(state[key].shape)}, expected "
+                            f"{list(shape)} ({what})")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise UserError(f"{source}: unexpected key {unexpected[0]!r} (shape {list(state[unexpected[0]].shape)})"
-                        f"{f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}: {unexpected_hint}")
+        raise UserError(f"{source}: unexpected key {unexpected[0]!r} (shape "
+                        f"{list(state[unexpected[0]].shape)})"
+                        f"{f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}: "
+                        f"{unexpected_hint}")
     for key, value in module.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in state:
             value.zero_()
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                           strict=False)
     module.eval()
 
 

@@ -15,6 +15,7 @@ continues from there, and the final file appears atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,7 +35,9 @@ from torch import nn
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.files import atomic_write, write_json_atomic
 from seqmatchnet.images import netvlad, registry
-from seqmatchnet.images.base import IMAGENET_MEAN, IMAGENET_STD, ImageModel  # noqa: F401 (re-exported)
+
+# IMAGENET_MEAN and IMAGENET_STD are re-exported
+from seqmatchnet.images.base import IMAGENET_MEAN, IMAGENET_STD, ImageModel  # noqa: F401
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -65,7 +68,8 @@ def file_digest(path: Path) -> str:
 # ---------------------------------------------------------------- images
 
 def natural_key(name: str) -> tuple:
-    """Sort key: digit runs compare as numbers (``frame_2`` before ``frame_10``), text case-insensitively."""
+    """Sort key: digit runs compare as numbers (``frame_2`` before ``frame_10``), text
+    case-insensitively."""
     parts = re.split(r"(\d+)", name)
     return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name
 
@@ -76,21 +80,23 @@ def list_images(src: Path) -> list[Path]:
     one per line (relative ones relative to the list file), in the file's order. Absolute paths."""
     src = Path(src)
     if src.is_dir():
-        paths = sorted((p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        paths = sorted((p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                        and not p.name.startswith(".")
                         and p.is_file()), key=lambda p: natural_key(p.name))
         if not paths:
             raise UserError(f"--images {src}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
         return [Path(os.path.abspath(p)) for p in paths]
     if not src.is_file():
-        raise UserError(f"--images {src} not found: give a folder of images or a text file with one image path "
-                        "per line")
+        raise UserError(f"--images {src} not found: give a folder of images or a text file with "
+                        "one image path per line")
     if src.suffix.lower() in IMAGE_SUFFIXES:
-        raise UserError(f"--images {src} is an image: give the folder that holds the images, or a text file "
-                        "listing them")
+        raise UserError(f"--images {src} is an image: give the folder that holds the images, or a "
+                        "text file listing them")
     try:
         lines = src.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--images {src}: cannot read it as a text list of image paths ({exc})") from exc
+        raise UserError(f"--images {src}: cannot read it as a text list of image paths "
+                        f"({exc})") from exc
     paths = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -98,8 +104,8 @@ def list_images(src: Path) -> list[Path]:
         path = Path(line.strip())
         path = path if path.is_absolute() else src.parent / path
         if not path.is_file():
-            raise UserError(f"--images {src}, line {number}: image {path} not found (relative paths are relative "
-                            "to the list file's folder)")
+            raise UserError(f"--images {src}, line {number}: image {path} not found (relative "
+                            "paths are relative to the list file's folder)")
         paths.append(Path(os.path.abspath(path)))
     if not paths:
         raise UserError(f"--images {src}: the list holds no image paths")
@@ -112,8 +118,8 @@ def parse_image_size(text: str) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*[,x]\s*(\d+)\s*", text)
     if not m or int(m.group(1)) < 16 or int(m.group(2)) < 16:
-        raise UserError(f"--imageSize {text!r}: expected W,H in pixels, each at least 16 (e.g. 640,480), or 0 "
-                        "for the original size")
+        raise UserError(f"--imageSize {text!r}: expected W,H in pixels, each at least 16 (e.g. "
+                        "640,480), or 0 for the original size")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -131,21 +137,24 @@ def image_transform(size: tuple[int, int] | None, mean: tuple[float, ...] = IMAG
     images) unless None, ``ToTensor`` (to [0, 1]), ``Normalize(mean, std)``."""
     from torchvision import transforms as T
 
-    resize = [T.Resize((size[1], size[0]), interpolation=T.InterpolationMode.BILINEAR)] if size else []
+    resize = [T.Resize((size[1], size[0]),
+                       interpolation=T.InterpolationMode.BILINEAR)] if size else []
     return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
 
 
-def preprocess(image: PILImage.Image, size: tuple[int, int] | None, mean: tuple[float, ...] = IMAGENET_MEAN,
+def preprocess(image: PILImage.Image, size: tuple[int, int] | None,
+               mean: tuple[float, ...] = IMAGENET_MEAN,
                std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """A PIL image -> ``[3, H, W]`` float32 through ``to_rgb`` and ``image_transform``."""
     return image_transform(size, tuple(mean), tuple(std))(to_rgb(image))
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes ``paths[i]`` with PIL: ``(i, [3, H, W] tensor, None)``, or ``(i, None, message)`` for an
-    image that cannot be read (the caller stops with that message)."""
+    """Decodes ``paths[i]`` with PIL: ``(i, [3, H, W] tensor, None)``, or ``(i, None, message)`` for
+    an image that cannot be read (the caller stops with that message)."""
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int] | None, mean: tuple[float, ...] = IMAGENET_MEAN,
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int] | None,
+                 mean: tuple[float, ...] = IMAGENET_MEAN,
                  std: tuple[float, ...] = IMAGENET_STD) -> None:
         self.paths = list(paths)
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
@@ -159,7 +168,8 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(self.paths[i]) as image:
                 return i, preprocess(image, self.size, self.mean, self.std), None
-        except Exception as exc:   # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        except Exception as exc:
             return i, None, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
@@ -170,8 +180,10 @@ def _collate(items: list) -> dict:
     for j, (_, tensor, _) in enumerate(items):
         if tensor is not None:
             groups.setdefault(tuple(tensor.shape), []).append(j)
-    return {"index": [i for i, _, _ in items], "errors": [(i, e) for i, _, e in items if e is not None],
-            "groups": [(members, torch.stack([items[j][1] for j in members])) for members in groups.values()]}
+    return {"index": [i for i, _, _ in items],
+            "errors": [(i, e) for i, _, e in items if e is not None],
+            "groups": [(members, torch.stack([items[j][1] for j in members]))
+                       for members in groups.values()]}
 
 
 def _worker_init(_: int) -> None:
@@ -182,7 +194,8 @@ def _worker_init(_: int) -> None:
 
 @dataclass
 class ExtractResult:
-    """What a run wrote: ``rows`` x ``dim`` float32 in ``path``, ``resumed_from`` rows already done."""
+    """What a run wrote: ``rows`` x ``dim`` float32 in ``path``, ``resumed_from`` rows already
+    done."""
 
     path: Path
     images_file: Path
@@ -197,7 +210,8 @@ class ExtractResult:
 
 
 def side_files(out: Path) -> tuple[Path, Path, Path]:
-    """``OUT.images.txt``, ``OUT.partial.f32`` (finished rows) and ``OUT.partial.json`` (progress)."""
+    """``OUT.images.txt``, ``OUT.partial.f32`` (finished rows) and ``OUT.partial.json``
+    (progress)."""
     out = Path(out)
     return (out.with_name(out.name + ".images.txt"), out.with_name(out.name + ".partial.f32"),
             out.with_name(out.name + ".partial.json"))
@@ -222,8 +236,10 @@ def read_metadata(descriptors: Path) -> dict | None:
 
 def run_key(paths: Sequence[Path], checkpoint_id: str, size: tuple[int, int] | None, dim: int,
             model: str = "netvlad") -> str:
-    """Identity of a run's result: the image list, the model and checkpoint, the image size and the output size."""
-    record = {"format": PROGRESS_FORMAT, "images": [str(p) for p in paths], "checkpoint": checkpoint_id,
+    """Identity of a run's result: the image list, the model and checkpoint, the image size and the
+    output size."""
+    record = {"format": PROGRESS_FORMAT, "images": [str(p) for p in paths],
+              "checkpoint": checkpoint_id,
               "model": model, "image_size": list(size) if size else None, "dim": dim}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -241,7 +257,8 @@ def _resume_point(partial: Path, progress: Path, key: str, row_bytes: int, n: in
         same, done = False, 0
     size = partial.stat().st_size if partial.is_file() else -1
     if not same or not 0 <= done <= n or size < done * row_bytes:
-        log.warning("starting over: %s belongs to another image list, checkpoint or image size (or is damaged)",
+        log.warning("starting over: %s belongs to another image list, checkpoint or image size "
+                    "(or is damaged)",
                     progress)
         partial.unlink(missing_ok=True)
         progress.unlink(missing_ok=True)
@@ -270,28 +287,44 @@ def _write_final(out: Path, rows: np.ndarray) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except OSError as exc:
-        raise UserError(f"cannot write {out} ({exc.strerror or exc}): free disk space or choose a writable "
-                        "folder") from exc
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}): free disk space or choose a "
+                        "writable folder") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def as_image_model(model: ImageModel | nn.Module) -> ImageModel:
-    """An ``ImageModel``; a bare network with ``out_dim`` (e.g. a ``NetVLADModel``) is taken as NetVLAD."""
+    """An ``ImageModel``; a bare network with ``out_dim`` (e.g. a ``NetVLADModel``) is taken as
+    NetVLAD."""
     if isinstance(model, ImageModel):
         return model
     return ImageModel("netvlad", model, model.out_dim, "NetVLAD", DEFAULT_IMAGE_SIZE)
 
 
-def extract_descriptors(model: ImageModel | nn.Module, paths: Sequence[Path], out: Path, *, checkpoint_id: str,
-                        image_size: tuple[int, int] | None | str = MODEL_DEFAULT, batch_size: int = 8,
-                        threads: int = 2, device: torch.device | str = "cpu", progress: bool = False,
-                        on_batch: Callable[[int], None] | None = None, weights: Path | None = None) -> ExtractResult:
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How images become descriptors: ``image_size`` (W, H), None (each image's own size) or
+    ``MODEL_DEFAULT``; ``batch_size`` images per forward pass; ``threads`` decoding workers (0: in
+    the main process); the ``device``; a progress bar when ``progress``."""
+
+    image_size: tuple[int, int] | None | str = MODEL_DEFAULT
+    batch_size: int = 8
+    threads: int = 2
+    device: torch.device | str = "cpu"
+    progress: bool = False
+
+
+def extract_descriptors(model: ImageModel | nn.Module, paths: Sequence[Path], out: Path, *,
+                        checkpoint_id: str, settings: ExtractSettings = ExtractSettings(),
+                        on_batch: Callable[[int], None] | None = None,
+                        weights: Path | None = None) -> ExtractResult:
     """Descriptors of ``paths`` (in order) into ``out``: float32 ``[len(paths), model.dim]``, plus
-    ``OUT.images.txt`` and ``OUT.model.json``. ``image_size`` (W, H), None (each image's own size)
-    or ``MODEL_DEFAULT``. Resumes the finished rows of an earlier run with the same images, model,
-    checkpoint (``checkpoint_id``) and image size. ``on_batch(rows_done)`` is called after each
-    saved batch. An unreadable image raises ``UserError`` naming it."""
+    ``OUT.images.txt`` and ``OUT.model.json``, as ``settings`` say. Resumes the finished rows of
+    an earlier run with the same images, model, checkpoint (``checkpoint_id``) and image size.
+    ``on_batch(rows_done)`` is called after each saved batch. An unreadable image raises
+    ``UserError`` naming it."""
+    image_size, batch_size, threads = settings.image_size, settings.batch_size, settings.threads
+    device, progress = settings.device, settings.progress
     model = as_image_model(model)
     size = model.default_size if isinstance(image_size, str) else image_size
     model.check_size(size)
@@ -312,9 +345,11 @@ def extract_descriptors(model: ImageModel | nn.Module, paths: Sequence[Path], ou
         pin_memory=device.type == "cuda", worker_init_fn=_worker_init if threads else None)
     started = time.perf_counter()
     _run_batches(network, loader, paths, partial, (start, n, dim), device, progress,
-                 lambda done: (_write_progress(progress_file, key, done, n, dim), on_batch and on_batch(done)))
+                 lambda done: (_write_progress(progress_file, key, done, n, dim),
+                               on_batch and on_batch(done)))
     seconds = time.perf_counter() - started
-    rows = np.memmap(partial, dtype=np.float32, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float32)
+    rows = np.memmap(partial, dtype=np.float32, mode="r",
+                     shape=(n, dim)) if n else np.zeros((0, dim), np.float32)
     _write_sidecars(out, paths, model, size, checkpoint_id, weights)
     _write_final(out, rows)
     del rows
@@ -323,7 +358,8 @@ def extract_descriptors(model: ImageModel | nn.Module, paths: Sequence[Path], ou
     return ExtractResult(out, images_file, n, dim, start, seconds)
 
 
-def _run_batches(network: nn.Module, loader, paths: Sequence[Path], partial: Path, counts: tuple[int, int, int],
+def _run_batches(network: nn.Module, loader, paths: Sequence[Path], partial: Path,
+                 counts: tuple[int, int, int],
                  device: torch.device, progress: bool, saved: Callable[[int], object]) -> None:
     """Forward every batch of ``loader`` and append its rows to ``partial`` (fsynced), calling
     ``saved(rows_done)`` after each. ``counts``: (first row, rows, dimensions)."""
@@ -332,14 +368,16 @@ def _run_batches(network: nn.Module, loader, paths: Sequence[Path], partial: Pat
     start, n, dim = counts
     done = start
     with open(partial, "r+b" if partial.exists() else "wb") as store, \
-            tqdm(total=n, initial=start, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
+            tqdm(total=n, initial=start, unit="img", desc="extract", disable=not progress,
+                 smoothing=0.1) as bar:
         store.truncate(start * dim * 4)
         store.seek(start * dim * 4)
         for batch in loader:
             if batch["errors"]:
                 i, error = batch["errors"][0]
-                raise UserError(f"image {paths[i]} (row {i}) cannot be read ({error}): fix or remove it (and "
-                                "its position) and run the same command again; finished rows are kept")
+                raise UserError(f"image {paths[i]} (row {i}) cannot be read ({error}): fix or "
+                                "remove it (and its position) and run the same command again; "
+                                "finished rows are kept")
             feats = _forward_batch(network, dim, batch["groups"], len(batch["index"]), device)
             store.write(feats.tobytes())
             store.flush()
@@ -349,7 +387,8 @@ def _run_batches(network: nn.Module, loader, paths: Sequence[Path], partial: Pat
             bar.update(len(batch["index"]))
 
 
-def _forward_batch(network: nn.Module, dim: int, groups: list[tuple[list[int], torch.Tensor]], size: int,
+def _forward_batch(network: nn.Module, dim: int, groups: list[tuple[list[int], torch.Tensor]],
+                   size: int,
                    device: torch.device) -> np.ndarray:
     """Groups of equally sized images (positions in the batch, ``[b, 3, H, W]``) -> ``[size, dim]``
     float32 descriptors in batch order."""
@@ -361,21 +400,25 @@ def _forward_batch(network: nn.Module, dim: int, groups: list[tuple[list[int], t
     return out
 
 
-def _write_sidecars(out: Path, paths: Sequence[Path], model: ImageModel, size: tuple[int, int] | None,
+def _write_sidecars(out: Path, paths: Sequence[Path], model: ImageModel,
+                    size: tuple[int, int] | None,
                     checkpoint_id: str, weights: Path | None) -> None:
     """``OUT.images.txt`` and ``OUT.model.json`` (atomically, before ``OUT`` itself)."""
 
     images_file = side_files(out)[0]
     atomic_write(images_file, lambda f: f.write("".join(f"{p}\n" for p in paths).encode()))
-    write_json_atomic({"format": METADATA_FORMAT, "model": model.name, "title": registry.TITLES[model.name],
+    write_json_atomic({"format": METADATA_FORMAT, "model": model.name,
+                       "title": registry.TITLES[model.name],
                        "architecture": model.architecture, "dim": model.dim, "rows": len(paths),
-                       "weights": str(Path(weights).resolve()) if weights else None, "weights_sha256": checkpoint_id,
+                       "weights": str(Path(weights).resolve()) if weights else None,
+                       "weights_sha256": checkpoint_id,
                        "preprocessing": model.preprocessing(size), "images": images_file.name},
                       metadata_file(out))
 
 
 def load_for_extraction(model: str, weights: Path,
-                        image_size: tuple[int, int] | None | str = MODEL_DEFAULT) -> tuple[ImageModel, tuple | None]:
+                        image_size: tuple[int, int] | None
+                        | str = MODEL_DEFAULT) -> tuple[ImageModel, tuple | None]:
     """Load checkpoint ``weights`` as ``model`` and resolve the image size (the model's default
     unless given), checked against the model: ``(image model, size)``."""
     loaded = registry.load_model(model, Path(weights))
@@ -385,13 +428,15 @@ def load_for_extraction(model: str, weights: Path,
 
 
 def extract_images(src: Path, checkpoint: Path, out: Path, *, model: str = "netvlad",
-                   image_size: tuple[int, int] | None | str = MODEL_DEFAULT, batch_size: int = 8, threads: int = 2,
-                   device: torch.device | str = "cpu", progress: bool = False) -> ExtractResult:
-    """List the images of ``src``, load ``checkpoint`` as ``model`` and extract into ``out`` (resumable)."""
+                   settings: ExtractSettings = ExtractSettings()) -> ExtractResult:
+    """List the images of ``src``, load ``checkpoint`` as ``model`` and extract into ``out``
+    (resumable), as ``settings`` say."""
     paths = list_images(Path(src))
-    loaded, size = load_for_extraction(model, Path(checkpoint), image_size)
-    log.info("%d images from %s; %s: %s -> %d-D; %s", len(paths), src, registry.TITLES[model], loaded.architecture,
-             loaded.dim, f"{size[0]}x{size[1]}" if size else "each image at its own size")
-    return extract_descriptors(loaded, paths, Path(out), checkpoint_id=file_digest(Path(checkpoint)), image_size=size,
-                               batch_size=batch_size, threads=threads, device=device, progress=progress,
+    loaded, size = load_for_extraction(model, Path(checkpoint), settings.image_size)
+    log.info("%d images from %s; %s: %s -> %d-D; %s", len(paths), src, registry.TITLES[model],
+             loaded.architecture, loaded.dim,
+             f"{size[0]}x{size[1]}" if size else "each image at its own size")
+    return extract_descriptors(loaded, paths, Path(out),
+                               checkpoint_id=file_digest(Path(checkpoint)),
+                               settings=dataclasses.replace(settings, image_size=size),
                                weights=Path(checkpoint))

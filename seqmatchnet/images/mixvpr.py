@@ -22,7 +22,8 @@ class FeatureMixerLayer(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
-        self.mix = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, in_dim))
+        self.mix = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, in_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mix(x)
@@ -32,7 +33,8 @@ class MixVPRAggregator(nn.Module):
     """``[N, C, H, W]`` -> mixer layers over H*W -> channel projection C -> C' -> row projection
     H*W -> R -> ``[N, C'*R]``, L2-normalised."""
 
-    def __init__(self, in_channels: int, cells: int, out_channels: int, depth: int, hidden: int, rows: int) -> None:
+    def __init__(self, in_channels: int, cells: int, out_channels: int, depth: int, hidden: int,
+                 rows: int) -> None:
         super().__init__()
         self.mix = nn.Sequential(*[FeatureMixerLayer(cells, hidden) for _ in range(depth)])
         self.channel_proj = nn.Linear(in_channels, out_channels)
@@ -45,8 +47,8 @@ class MixVPRAggregator(nn.Module):
 
 
 class MixVPRBackbone(nn.Module):
-    """MixVPR's ResNet wrapper: a torchvision ResNet in ``.model`` with ``avgpool``/``fc`` removed and
-    the residual layers after ``layers`` removed (``layers_to_crop``)."""
+    """MixVPR's ResNet wrapper: a torchvision ResNet in ``.model`` with ``avgpool``/``fc`` removed
+    and the residual layers after ``layers`` removed (``layers_to_crop``)."""
 
     def __init__(self, resnet: str, layers: int) -> None:
         super().__init__()
@@ -78,16 +80,20 @@ class MixVPRNet(nn.Module):
 
 def mixvpr_settings(state: dict[str, torch.Tensor], source: str) -> dict:
     """MixVPR's aggregator settings from its weights' shapes."""
-    needed = ("aggregator.mix.0.mix.0.weight", "aggregator.mix.0.mix.1.weight", "aggregator.channel_proj.weight",
+    needed = ("aggregator.mix.0.mix.0.weight", "aggregator.mix.0.mix.1.weight",
+              "aggregator.channel_proj.weight",
               "aggregator.row_proj.weight")
     if any(k not in state or state[k].ndim < 1 for k in needed):
         missing = next(k for k in needed if k not in state or state[k].ndim < 1)
-        raise UserError(f"{source}: not a MixVPR checkpoint: {missing!r} is missing ({found_keys(state)}; expected "
-                        f"backbone.model.* and aggregator.mix.*, channel_proj, row_proj, e.g. {RELEASES['mixvpr']})")
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"aggregator\.mix\.(\d+)\.mix\.0\.weight$", k)))
+        raise UserError(f"{source}: not a MixVPR checkpoint: {missing!r} is missing "
+                        f"({found_keys(state)}; expected backbone.model.* and aggregator.mix.*, "
+                        f"channel_proj, row_proj, e.g. {RELEASES['mixvpr']})")
+    depth = 1 + max(int(m.group(1)) for k in state
+                    if (m := re.match(r"aggregator\.mix\.(\d+)\.mix\.0\.weight$", k)))
     cells = int(state["aggregator.mix.0.mix.0.weight"].shape[0])
     channel = state["aggregator.channel_proj.weight"]
-    return {"in_channels": int(channel.shape[-1]), "cells": cells, "out_channels": int(channel.shape[0]),
+    return {"in_channels": int(channel.shape[-1]), "cells": cells,
+            "out_channels": int(channel.shape[0]),
             "depth": depth, "hidden": int(state["aggregator.mix.0.mix.1.weight"].shape[0]),
             "rows": int(state["aggregator.row_proj.weight"].shape[0])}
 
@@ -97,26 +103,31 @@ def mixvpr_layout(state: dict[str, torch.Tensor], source: str) -> tuple[str, int
     agg = mixvpr_settings(state, source)
     resnet = resnet_from_keys(list(state), "backbone.model.", "layer")
     if resnet is None or "backbone.model.conv1.weight" not in state:
-        raise UserError(f"{source}: MixVPR backbone not recognised ({found_keys(state)}; expected backbone.model.conv1 "
-                        "and backbone.model.layer1.. of a torchvision ResNet-18/34/50/101/152)")
+        raise UserError(f"{source}: MixVPR backbone not recognised ({found_keys(state)}; expected "
+                        "backbone.model.conv1 and backbone.model.layer1.. of a torchvision "
+                        "ResNet-18/34/50/101/152)")
     name, layers = resnet
     if channels_out(name, layers) != agg["in_channels"]:
         raise UserError(f"{source}: the backbone ({RESNET_TITLES[name]} to layer{layers}) gives "
-                        f"{channels_out(name, layers)} channels but aggregator.channel_proj takes {agg['in_channels']}")
+                        f"{channels_out(name, layers)} channels but aggregator.channel_proj takes "
+                        f"{agg['in_channels']}")
     return name, layers, agg
 
 
 def mixvpr_from_state(state: dict[str, torch.Tensor], source: str) -> ImageModel:
     """A MixVPR ``VPRModel`` (a ResNet cut after layer3 or another layer, the MixVPR aggregator)
     loaded from its state dict; the default image size is square, 16 pixels per feature cell."""
-    state = {k: v for k, v in state.items() if not k.startswith(("loss_fn.", "miner."))}   # Lightning extras
+    # Lightning extras
+    state = {k: v for k, v in state.items() if not k.startswith(("loss_fn.", "miner."))}
     name, layers, agg = mixvpr_layout(state, source)
     dim = agg["out_channels"] * agg["rows"]
     title = (f"{RESNET_TITLES[name]} to layer{layers} + MixVPR (in_channels {agg['in_channels']}, "
-             f"{agg['cells']} cells, mix_depth {agg['depth']}, mlp_ratio {agg['hidden'] / agg['cells']:g}, "
-             f"out_channels {agg['out_channels']}, out_rows {agg['rows']})")
+             f"{agg['cells']} cells, mix_depth {agg['depth']}, mlp_ratio "
+             f"{agg['hidden'] / agg['cells']:g}, out_channels {agg['out_channels']}, out_rows "
+             f"{agg['rows']})")
     network = _meta_build(lambda: MixVPRNet(name, layers, agg))
-    load_checked(network, state, source, title, "expected only backbone.model.* and aggregator.* of MixVPR's VPRModel")
+    load_checked(network, state, source, title, "expected only backbone.model.* and aggregator.* "
+                                                "of MixVPR's VPRModel")
     side = math.isqrt(agg["cells"])
     steps = layers + 1                  # conv1 and max-pool halve, then layer2, layer3, layer4 each
     size = (side * 2 ** steps,) * 2 if side * side == agg["cells"] else None

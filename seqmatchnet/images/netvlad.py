@@ -28,7 +28,8 @@ def vgg16_features() -> nn.Sequential:
 class NetVLADPool(nn.Module):
     """NetVLAD aggregation: ``[N, C, H, W]`` features -> ``[N, K*C]`` (intra- and L2-normalised)."""
 
-    def __init__(self, num_clusters: int, dim: int = ENCODER_DIM, assignment_bias: bool = False) -> None:
+    def __init__(self, num_clusters: int, dim: int = ENCODER_DIM,
+                 assignment_bias: bool = False) -> None:
         super().__init__()
         self.num_clusters = num_clusters
         self.conv = nn.Conv2d(dim, num_clusters, kernel_size=1, bias=assignment_bias)
@@ -36,11 +37,13 @@ class NetVLADPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
-        x = F.normalize(x, p=2, dim=1)                                  # per location, across channels
+        # per location, across channels
+        x = F.normalize(x, p=2, dim=1)
         assign = F.softmax(self.conv(x).reshape(n, self.num_clusters, -1), dim=1)   # [N, K, L]
         feats = x.reshape(n, c, -1)                                     # [N, C, L]
         # sum_l a[k,l] (x[:,l] - c_k) = (A X^T)[k] - (sum_l a[k,l]) c_k
-        vlad = torch.bmm(assign, feats.transpose(1, 2)) - assign.sum(2, keepdim=True) * self.centroids
+        vlad = torch.bmm(assign, feats.transpose(1, 2)) - assign.sum(2,
+                                                                     keepdim=True) * self.centroids
         vlad = F.normalize(vlad, p=2, dim=2)                            # intra-normalisation
         return F.normalize(vlad.reshape(n, -1), p=2, dim=1)
 
@@ -50,15 +53,19 @@ class NetVLADModel(nn.Module):
     ``[N, P]`` L2-normalised descriptors (``P = K*512`` without WPCA). Module names match the
     checkpoints' keys (``encoder``, ``pool``, ``WPCA``)."""
 
-    def __init__(self, num_clusters: int, num_pcs: int | None = None, assignment_bias: bool = False) -> None:
+    def __init__(self, num_clusters: int, num_pcs: int | None = None,
+                 assignment_bias: bool = False) -> None:
         super().__init__()
         self.encoder = vgg16_features()
         self.pool = NetVLADPool(num_clusters, ENCODER_DIM, assignment_bias)
-        self.WPCA = nn.Sequential(nn.Conv2d(num_clusters * ENCODER_DIM, num_pcs, kernel_size=1)) if num_pcs else None
+        self.WPCA = nn.Sequential(nn.Conv2d(num_clusters * ENCODER_DIM, num_pcs,
+                                            kernel_size=1)) if num_pcs else None
 
     @property
     def out_dim(self) -> int:
-        return self.WPCA[0].out_channels if self.WPCA is not None else self.pool.num_clusters * ENCODER_DIM
+        if self.WPCA is not None:
+            return self.WPCA[0].out_channels
+        return self.pool.num_clusters * ENCODER_DIM
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vlad = self.pool(self.encoder(images))
@@ -74,11 +81,13 @@ def netvlad_from_state(state: dict[str, torch.Tensor], source: str = "checkpoint
     ``UserError`` naming the key and its shape."""
     for key in ("pool.centroids", "pool.conv.weight"):
         if key not in state:
-            raise UserError(f"{source}: key {key!r} is missing: not a NetVLAD checkpoint in Patch-NetVLAD's format "
-                            f"({found_keys(state)}; get one from {CHECKPOINT_URL})")
+            raise UserError(f"{source}: key {key!r} is missing: not a NetVLAD checkpoint in "
+                            f"Patch-NetVLAD's format ({found_keys(state)}; get one from "
+                            f"{CHECKPOINT_URL})")
     centroids = state["pool.centroids"]
     if centroids.ndim != 2 or centroids.shape[1] != ENCODER_DIM or centroids.shape[0] < 1:
-        raise UserError(f"{source}: 'pool.centroids' has shape {list(centroids.shape)}, expected [K, {ENCODER_DIM}]")
+        raise UserError(f"{source}: 'pool.centroids' has shape {list(centroids.shape)}, expected "
+                        f"[K, {ENCODER_DIM}]")
     num_clusters = int(centroids.shape[0])
     wpca = state.get("WPCA.0.weight")
     if wpca is not None and (wpca.ndim != 4 or wpca.shape[0] < 1):
@@ -87,13 +96,16 @@ def netvlad_from_state(state: dict[str, torch.Tensor], source: str = "checkpoint
     num_pcs = int(wpca.shape[0]) if wpca is not None else None
     model = _meta_build(lambda: NetVLADModel(num_clusters, num_pcs, "pool.conv.bias" in state))
     what = f"NetVLAD (K={num_clusters}{f', P={num_pcs}' if num_pcs else ''})"
-    load_checked(model, state, source, what, "expected only encoder.*, pool.* and WPCA.0.* of a NetVLAD checkpoint "
-                 "(a Patch-NetVLAD one works: its global descriptor is the same)")
+    load_checked(model, state, source, what, "expected only encoder.*, pool.* and WPCA.0.* of a "
+                                             "NetVLAD checkpoint (a Patch-NetVLAD one works: its "
+                                             "global descriptor is the same)")
     return model
 
 
-def expected_shapes(num_clusters: int, num_pcs: int | None, assignment_bias: bool) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of a NetVLAD checkpoint with ``K`` clusters and ``P`` WPCA outputs, with its shape."""
+def expected_shapes(num_clusters: int, num_pcs: int | None,
+                    assignment_bias: bool) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of a NetVLAD checkpoint with ``K`` clusters and ``P`` WPCA outputs, with
+    its shape."""
     with torch.device("meta"):
         model = NetVLADModel(num_clusters, num_pcs, assignment_bias)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

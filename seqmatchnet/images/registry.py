@@ -40,23 +40,27 @@ def read_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     flag = "--netvladCkpt (or --weights)" if name == "netvlad" else "--weights"
     if not path.is_file():
-        raise UserError(f"{TITLES[name]} checkpoint {path} not found: download one, e.g. {RELEASES[name]}, and pass it "
-                        f"with {flag}")
+        raise UserError(f"{TITLES[name]} checkpoint {path} not found: download one, e.g. "
+                        f"{RELEASES[name]}, and pass it with {flag}")
     try:
         with torch.serialization.safe_globals(numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # torch raises many error types for bad files
         text = " ".join(str(exc).split())
-        raise UserError(f"{TITLES[name]} checkpoint {path} could not be loaded weights-only ({text:.160}): is it a "
-                        f"complete checkpoint file? (e.g. {RELEASES[name]})") from exc
+        raise UserError(f"{TITLES[name]} checkpoint {path} could not be loaded weights-only "
+                        f"({text:.160}): is it a complete checkpoint file? (e.g. "
+                        f"{RELEASES[name]})") from exc
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{TITLES[name]} checkpoint {path} holds no state dict of tensors (bare or under 'state_dict'):"
-                        f" not a {TITLES[name]} checkpoint (e.g. {RELEASES[name]})")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor)
+                                                           for v in state.values()):
+        raise UserError(f"{TITLES[name]} checkpoint {path} holds no state dict of tensors (bare "
+                        f"or under 'state_dict'): not a {TITLES[name]} checkpoint (e.g. "
+                        f"{RELEASES[name]})")
     return strip_module_prefix(state)
 
 
-def model_from_state(name: str, state: dict[str, torch.Tensor], source: str = "checkpoint") -> ImageModel:
+def model_from_state(name: str, state: dict[str, torch.Tensor],
+                     source: str = "checkpoint") -> ImageModel:
     """The ``ImageModel`` of ``name`` (one of ``MODELS``) from a state dict; a state dict that fits
     none of its architectures is a one-line ``UserError`` saying what was found."""
     if name not in MODELS:
@@ -64,7 +68,8 @@ def model_from_state(name: str, state: dict[str, torch.Tensor], source: str = "c
     state = strip_module_prefix(state)
     if name == "netvlad":
         net = netvlad_from_state(state, source)
-        what = f"VGG16 to conv5_3 + NetVLAD K={net.pool.num_clusters}" + (f" + WPCA {net.out_dim}" if net.WPCA else "")
+        what = f"VGG16 to conv5_3 + NetVLAD K={net.pool.num_clusters}" + (f" + WPCA {net.out_dim}"
+                                                                          if net.WPCA else "")
         return ImageModel("netvlad", net, net.out_dim, what, NETVLAD_SIZE)
     if name == "mixvpr":
         return mixvpr_from_state(state, source)

@@ -30,7 +30,8 @@ def frame_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.mul_(-2.0).add_(2.0).clamp_(min=0.0).sqrt_()   # in place: one [M, N] block
 
 
-def diagonal_sums(frame_dists: torch.Tensor, seq_len: int, method: str = "meanOfPairs") -> torch.Tensor:
+def diagonal_sums(frame_dists: torch.Tensor, seq_len: int,
+                  method: str = "meanOfPairs") -> torch.Tensor:
     """Aggregate a frame-distance matrix along its diagonals.
 
     ``[M, N] -> [M - L + 1, N - L + 1]``: entry ``[a, b]`` is the sequence
@@ -68,7 +69,8 @@ def window_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: t
     out = torch.empty((len(db_starts), len(q_starts)), dtype=db_feats.dtype, device=db_feats.device)
     for lo in range(0, len(q_starts), query_chunk):
         sl = slice(lo, min(lo + query_chunk, len(q_starts)))
-        out[:, sl] = _window_distance_block(db_feats, q_feats, db_starts, q_starts[sl], seq_len, method)
+        out[:, sl] = _window_distance_block(db_feats, q_feats, db_starts, q_starts[sl], seq_len,
+                                            method)
     return out
 
 
@@ -103,7 +105,8 @@ def candidate_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts
     are compared in one matrix product (``frame_distances``), and each window pair's frame
     distances are picked from it and summed in window order, as ``diagonal_sums`` does. Candidates
     shared by neighbouring queries (and frames shared by overlapping windows) are compared once;
-    gathering every pair's frames instead moves ``Nq_w x C x L x D`` values and is several times slower.
+    gathering every pair's frames instead moves ``Nq_w x C x L x D`` values and is several times
+    slower.
     """
     _check_method(method)
     offsets = torch.arange(seq_len, device=db_feats.device)
@@ -112,11 +115,14 @@ def candidate_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts
     out = torch.empty(candidates.shape, dtype=db_feats.dtype, device=db_feats.device)
     for lo in range(0, len(q_starts), query_group):
         hi = min(lo + query_group, len(q_starts))
-        q_frames, q_pos = torch.unique(q_starts[lo:hi, None] + offsets, return_inverse=True)          # [g, L']
+        # [g, L']
+        q_frames, q_pos = torch.unique(q_starts[lo:hi, None] + offsets, return_inverse=True)
         db_frames, db_pos = torch.unique(db_starts[candidates[lo:hi]][..., None] + offsets,
-                                         return_inverse=True)                                        # [g, C, L']
+                                         # [g, C, L']
+                                         return_inverse=True)
         frame_d = frame_distances(q_feats[q_frames], db_feats[db_frames])
-        pairs = frame_d[q_pos[:, None, :].expand_as(db_pos), db_pos]                                 # [g, C, L']
+        # [g, C, L']
+        pairs = frame_d[q_pos[:, None, :].expand_as(db_pos), db_pos]
         acc = pairs[..., 0].clone()
         for j in range(1, len(offsets)):      # summed in window order, as diagonal_sums does
             acc += pairs[..., j]
@@ -124,7 +130,8 @@ def candidate_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts
     return out
 
 
-def sequence_distance(a: torch.Tensor, b: torch.Tensor, method: str = "meanOfPairs") -> torch.Tensor:
+def sequence_distance(a: torch.Tensor, b: torch.Tensor,
+                      method: str = "meanOfPairs") -> torch.Tensor:
     """Distance of aligned sequences ``[..., L, D] x [..., L, D] -> [...]`` (broadcasting).
 
     Uses ``sqrt(clamp(sum((a-b)^2)))`` with a safe gradient at 0 so it can be
@@ -138,8 +145,8 @@ def sequence_distance(a: torch.Tensor, b: torch.Tensor, method: str = "meanOfPai
 
 
 def sequence_frame_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-frame Euclidean distances ``[..., D] x [..., D] -> [...]`` (broadcasting), with the loss's safe
-    gradient at 0."""
+    """Per-frame Euclidean distances ``[..., D] x [..., D] -> [...]`` (broadcasting), with the
+    loss's safe gradient at 0."""
     return _safe_sqrt(((a - b) ** 2).sum(dim=-1))
 
 
@@ -148,7 +155,8 @@ def _safe_sqrt(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.sqrt(torch.clamp(x, min=eps)) * (x > eps)
 
 
-def triplet_loss(d_pos: torch.Tensor, d_neg: torch.Tensor, neg_mask: torch.Tensor, margin: float) -> torch.Tensor:
+def triplet_loss(d_pos: torch.Tensor, d_neg: torch.Tensor, neg_mask: torch.Tensor,
+                 margin: float) -> torch.Tensor:
     """Mean over valid triplets of ``max(0, d_pos - d_neg + sqrt(margin))``.
 
     ``d_pos`` ``[B]``, ``d_neg`` and ``neg_mask`` ``[B, K]``; ``margin`` is the
@@ -176,4 +184,5 @@ class SeqMatchNet(nn.Module):
 
 def _check_method(method: str) -> None:
     if method not in DISTANCES:
-        raise ValueError(f"unknown sequence-matching method {method!r}; expected one of {DISTANCES}")
+        raise ValueError(f"unknown sequence-matching method {method!r}; expected one of "
+                         f"{DISTANCES}")

@@ -35,8 +35,8 @@ class WXpB(nn.Module):
     gives ``[N, prod(*), outDims]``).
 
     The reference's 1x1 temporal convolution, computed as one matrix product (``F.linear`` with the
-    kernel viewed as ``[out, in]``): the same values, many times faster than ``conv1d`` on ``[N, C, 1]``
-    on the CPU. ``conv`` only holds the parameters, so the state-dict keys and shapes stay the
+    kernel viewed as ``[out, in]``): the same values, many times faster than ``conv1d`` on ``[N, C,
+    1]`` on the CPU. ``conv`` only holds the parameters, so the state-dict keys and shapes stay the
     reference's (``conv.weight`` ``[out, in, 1]``, ``conv.bias``).
     """
 
@@ -46,7 +46,8 @@ class WXpB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.conv.weight
-        return nn.functional.linear(x.flatten(2).transpose(1, 2), weight.view(weight.shape[0], -1), self.conv.bias)
+        return nn.functional.linear(x.flatten(2).transpose(1, 2), weight.view(weight.shape[0], -1),
+                                    self.conv.bias)
 
 
 class SeqNetConv(nn.Module):
@@ -58,18 +59,33 @@ class SeqNetConv(nn.Module):
         self.conv = nn.Conv1d(in_dims, out_dims, kernel_size=w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The convolution is linear, so its mean over the L - w + 1 positions is the kernel applied to
-        # the mean of the shifted windows: one matrix product [N, C*w] x [C*w, out] (conv1d on the CPU
-        # is several times slower); ``conv`` holds the parameters (reference keys and shapes).
+        # The convolution is linear, so its mean over the L - w + 1 positions is the kernel applied
+        # to the mean of the shifted windows: one matrix product [N, C*w] x [C*w, out] (conv1d on
+        # the
+        # CPU is several times slower); ``conv`` holds the parameters (reference keys and shapes).
         weight = self.conv.weight
         windows = x.unfold(1, weight.shape[-1], 1).mean(dim=1)          # [N, C, w]
-        return nn.functional.linear(windows.reshape(x.shape[0], -1), weight.reshape(weight.shape[0], -1),
+        return nn.functional.linear(windows.reshape(x.shape[0], -1),
+                                    weight.reshape(weight.shape[0], -1),
                                     self.conv.bias)
 
 
 WINDOW_METHODS = ("smooth", "delta", "seqnet")      # one descriptor per window
 METHODS = ("seqmatch", "single") + WINDOW_METHODS    # the choices of --method
 FEATURE_BLOCK_BYTES = 128 * 1024**2   # project_frames: at least this much input + output per block
+
+
+@dataclass(frozen=True)
+class Projection:
+    """How ``embed_windows`` projects a traversal's frames: on ``device``, ``batch_size`` rows at a
+    time, with a progress bar named ``name`` unless ``quiet``, kept in ``dtype`` (None: the
+    model's)."""
+
+    device: torch.device
+    batch_size: int
+    name: str = "frames"
+    quiet: bool = False
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -113,7 +129,8 @@ class SeqMatchModel(nn.Module):
     """
 
     def __new__(cls, *args, **kwargs):
-        if cls is SeqMatchModel:         # (copies and unpickling call __new__ on the subclass, without arguments)
+        # (copies and unpickling call __new__ on the subclass, without arguments)
+        if cls is SeqMatchModel:
             method = kwargs.get("method", args[4] if len(args) > 4 else "seqmatch")
             if method not in METHODS:
                 raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
@@ -129,9 +146,11 @@ class SeqMatchModel(nn.Module):
         self.out_dims = out_dims if self.learned else encoder_dim
         self.single_frames = method == "single" or matcher == "None"
         if method == "seqnet":
-            self.pool = nn.Sequential(SeqNetConv(encoder_dim, out_dims, w), Flatten(), L2Norm(dim=-1))
+            self.pool = nn.Sequential(SeqNetConv(encoder_dim, out_dims, w), Flatten(),
+                                      L2Norm(dim=-1))
         elif pooling:
-            self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), WXpB(encoder_dim, out_dims), L2Norm(dim=-1))
+            self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), WXpB(encoder_dim, out_dims),
+                                      L2Norm(dim=-1))
         else:
             self.pool = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), Flatten(), L2Norm(dim=-1))
 
@@ -153,11 +172,13 @@ class SeqMatchModel(nn.Module):
 
         Without gradients the normalisation divides in place (the same values as
         ``nn.functional.normalize``, without another ``[N, outDims]`` buffer); raw descriptors (no
-        projection) are then normalised in ``frames`` itself, and only when ``overwrite`` allows it."""
+        projection) are then normalised in ``frames`` itself, and only when ``overwrite`` allows
+        it."""
         self._check_dims(frames)
         if self.method == "seqnet":
             raise ValueError("a SeqNet model describes windows, not frames: use describe()")
-        # the first layer max-pools a 1x1 map (the identity) and the last is the L2Norm: both skipped
+        # the first layer max-pools a 1x1 map (the identity) and the last is the L2Norm: both
+        # skipped
         x = self.pool[1:-1](frames[:, :, None, None]).reshape(frames.shape[0], -1)
         if x.requires_grad or (not overwrite and x.data_ptr() == frames.data_ptr()):
             return nn.functional.normalize(x, p=2, dim=-1)
@@ -171,34 +192,38 @@ class FrameModel(SeqMatchModel):
     """``seqmatch`` and ``single``: projected frames, windows compared by sequence matching."""
 
     @torch.no_grad()
-    def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device,
-                      batch_size: int, name: str = "frames", quiet: bool = False,
-                      all_frames: bool = False, dtype: torch.dtype | None = None) -> WindowEmbedding:
+    def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, how: Projection,
+                      all_frames: bool = False) -> WindowEmbedding:
         """The windows starting at ``starts`` of the traversal ``desc`` ``[N, C]`` (an array or a
         ``datasets.DescriptorSource``), in eval mode: the frames the windows cover (every frame with
-        ``all_frames``), projected and kept in ``dtype`` (default: the model's)."""
+        ``all_frames``), projected as ``how`` says and kept in ``how.dtype`` (default: the
+        model's)."""
         if all_frames:
             frames, local = np.arange(len(desc)), np.asarray(starts)
         else:
             frames, local = window_frames(starts, seq_len)
-        feats = project_frames(self, rows_of(desc, frames), device, batch_size, name, quiet, dtype)
+        feats = project_frames(self, rows_of(desc, frames), how.device, how.batch_size, how.name,
+                               how.quiet, how.dtype)
         return WindowEmbedding(feats, torch.as_tensor(local, device=feats.device))
 
     def window_distance_matrix(self, db: WindowEmbedding, q: WindowEmbedding, seq_len: int,
                                distance: str = "meanOfPairs") -> torch.Tensor:
-        """Sequence distances (``distance``) of every database window to every query window ``[Nd, Nq]``."""
+        """Sequence distances (``distance``) of every database window to every query window ``[Nd,
+        Nq]``."""
         return window_distances(db.feats, q.feats, db.starts, q.starts, seq_len, distance)
 
     def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
-                          n_idx: torch.Tensor, distance: str = "meanOfPairs", p_valid: torch.Tensor | None = None,
+                          n_idx: torch.Tensor, distance: str = "meanOfPairs",
+                          p_valid: torch.Tensor | None = None,
                           n_valid: torch.Tensor | None = None, weights: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d(q, p) [B], d(q, n) [B, K])`` with gradients, for windows given as rows of ``frames``
         ``[R, C]`` (raw descriptors, each distinct frame once, projected once): ``q_idx``, ``p_idx``
         ``[B, L]`` and ``n_idx`` ``[B, K, L]``. Across speeds (``p_valid`` ``[B, T]``, ``n_valid``
-        ``[B, K, T]``) ``p_idx`` ``[B, T, L]`` and ``n_idx`` ``[B, K, T, L]`` hold each trajectory's frames,
-        and a distance is the smallest over the valid trajectories (``velocity``; inf when none is); with
-        midpoints the indices gain a last axis of 2 frames weighted by ``weights`` ``[T, L, 2]``."""
+        ``[B, K, T]``) ``p_idx`` ``[B, T, L]`` and ``n_idx`` ``[B, K, T, L]`` hold each trajectory's
+        frames, and a distance is the smallest over the valid trajectories (``velocity``; inf when
+        none is); with midpoints the indices gain a last axis of 2 frames weighted by ``weights``
+        ``[T, L, 2]``."""
         feats = self.encode(frames)
         fq, fp, fn = feats[q_idx], feats[p_idx], feats[n_idx]
         if p_valid is None:
@@ -208,7 +233,8 @@ class FrameModel(SeqMatchModel):
 
 
 class WindowModel(SeqMatchModel):
-    """``smooth``, ``delta`` and ``seqnet``: one descriptor per window, compared by Euclidean distance."""
+    """``smooth``, ``delta`` and ``seqnet``: one descriptor per window, compared by Euclidean
+    distance."""
 
     describes_windows = True
 
@@ -224,14 +250,15 @@ class WindowModel(SeqMatchModel):
             return self.pool(windows)
         frames = self.encode(windows.reshape(n * seq_len, -1)).reshape(n, seq_len, -1)
         weights = (delta_weights if self.method == "delta" else smooth_weights)(seq_len)
-        return nn.functional.normalize(torch.einsum("nld,l->nd", frames, weights.to(frames)), dim=-1)
+        return nn.functional.normalize(torch.einsum("nld,l->nd", frames, weights.to(frames)),
+                                       dim=-1)
 
     @torch.no_grad()
-    def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device,
-                      batch_size: int, name: str = "frames", quiet: bool = False,
-                      all_frames: bool = False, dtype: torch.dtype | None = None) -> WindowEmbedding:
+    def embed_windows(self, desc: np.ndarray, starts: np.ndarray, seq_len: int, how: Projection,
+                      all_frames: bool = False) -> WindowEmbedding:
         """One descriptor per window starting at ``starts`` of ``desc`` (``starts`` None)."""
-        return WindowEmbedding(describe_windows(self, desc, starts, seq_len, device, batch_size), None)
+        feats = describe_windows(self, desc, starts, seq_len, how.device, how.batch_size)
+        return WindowEmbedding(feats, None)
 
     def window_distance_matrix(self, db: WindowEmbedding, q: WindowEmbedding, seq_len: int,
                                distance: str = "meanOfPairs") -> torch.Tensor:
@@ -239,8 +266,10 @@ class WindowModel(SeqMatchModel):
         return frame_distances(db.feats, q.feats)
 
     def triplet_distances(self, frames: torch.Tensor, q_idx: torch.Tensor, p_idx: torch.Tensor,
-                          n_idx: torch.Tensor, distance: str = "meanOfPairs") -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``FrameModel.triplet_distances``, between window descriptors (``distance`` does not apply)."""
+                          n_idx: torch.Tensor,
+                          distance: str = "meanOfPairs") -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``FrameModel.triplet_distances``, between window descriptors (``distance`` does not
+        apply)."""
         seq_len = q_idx.shape[-1]
 
         def describe(idx: torch.Tensor) -> torch.Tensor:
@@ -251,36 +280,46 @@ class WindowModel(SeqMatchModel):
 
 
 def normalise_(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise the rows of ``x`` in place: the values of ``nn.functional.normalize(x, dim=-1)``."""
+    """L2-normalise the rows of ``x`` in place: the values of ``nn.functional.normalize(x,
+    dim=-1)``."""
     return x.div_(x.norm(2, -1, keepdim=True).clamp_min_(1e-12))
 
 
 @torch.no_grad()
 def project_frames(model: SeqMatchModel, desc: np.ndarray, device: torch.device, batch_size: int,
-                     desc_name: str = "frames", quiet: bool = False, dtype: torch.dtype | None = None,
+                     desc_name: str = "frames", quiet: bool = False,
+                     dtype: torch.dtype | None = None,
                      overwrite: bool = False) -> torch.Tensor:
-    """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on ``device``,
-    stored in ``dtype`` (default: the model's; float16 halves the memory, values rounded once).
-    ``desc`` is an array or anything sliced like one (``datasets.DescriptorSource`` reads each block).
+    """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on
+    ``device``, stored in ``dtype`` (default: the model's; float16 halves the memory, values rounded
+    once).
+    ``desc`` is an array or anything sliced like one (``datasets.DescriptorSource`` reads each
+    block).
 
     Frames go through in blocks of ``batch_size`` rows, or of ``FEATURE_BLOCK_BYTES`` of input and
-    output when that is more (a projection is one matrix product per block; small blocks cost several
-    times more per frame on the CPU), straight into one preallocated result (one block is the result).
+    output when that is more (a projection is one matrix product per block; small blocks cost
+    several times more per frame on the CPU), straight into one preallocated result (one block is
+    the result).
     ``overwrite``: ``desc`` may be overwritten (normalised in place); always so for a
     ``DescriptorSource``, whose reads are fresh buffers, never for an array unless asked."""
     model.eval()
     rows = max(batch_size, FEATURE_BLOCK_BYTES // (4 * (desc.shape[1] + model.out_dims)), 1)
-    overwrite = overwrite or not isinstance(desc, np.ndarray)      # a source's reads are fresh buffers
+    # a source's reads are fresh buffers
+    overwrite = overwrite or not isinstance(desc, np.ndarray)
     blocks = range(0, len(desc), rows)
     if len(blocks) == 1:                       # one block: its features are the result, not copied
-        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[0:rows])).to(device), overwrite)
+        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[0:rows])).to(device),
+                             overwrite)
         return feats if dtype is None else feats.to(dtype)
     out = None
-    for lo in tqdm(blocks, desc=f"features ({desc_name})", unit="block", disable=not progress_enabled(quiet),
+    for lo in tqdm(blocks, desc=f"features ({desc_name})", unit="block",
+                   disable=not progress_enabled(quiet),
                    leave=False):
-        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device), overwrite)
+        feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device),
+                             overwrite)
         if out is None:
-            out = torch.empty((len(desc), feats.shape[1]), dtype=dtype or feats.dtype, device=feats.device)
+            out = torch.empty((len(desc), feats.shape[1]), dtype=dtype or feats.dtype,
+                              device=feats.device)
         out[lo:lo + len(feats)] = feats
     return out if out is not None else torch.empty((0, model.out_dims), dtype=dtype, device=device)
 
@@ -303,15 +342,18 @@ def window_means(feats: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tor
     for k in range(1, seq_len):
         acc += feats[first + k:n + k]
     normalise_(acc)
-    if len(starts) == n - first and bool((starts == torch.arange(first, n, device=starts.device)).all()):
-        return acc                                             # every start once, in order: no gather
+    if len(starts) == n - first and bool((starts == torch.arange(first, n,
+                                                                 device=starts.device)).all()):
+        # every start once, in order: no gather
+        return acc
     return acc[starts - first]
 
 
 @torch.no_grad()
 def describe_windows(model: SeqMatchModel, desc: np.ndarray, starts: np.ndarray, seq_len: int,
                      device: torch.device, batch_size: int) -> torch.Tensor:
-    """One descriptor per window (window models): ``starts [N]`` -> ``[N, outDims]`` on ``device``."""
+    """One descriptor per window (window models): ``starts [N]`` -> ``[N, outDims]`` on
+    ``device``."""
     model.eval()
     offsets = np.arange(seq_len)
     out = []
@@ -323,9 +365,9 @@ def describe_windows(model: SeqMatchModel, desc: np.ndarray, starts: np.ndarray,
 
 def window_frames(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The frames that the windows ``starts`` cover, ascending, and each window's start among them:
-    ``(frames [F], local_starts [N])``. Every frame of a window is kept, so a window stays contiguous:
-    frame ``starts[i] + k`` is ``frames[local_starts[i] + k]``; features of ``frames`` alone then give
-    the same window distances as features of every frame."""
+    ``(frames [F], local_starts [N])``. Every frame of a window is kept, so a window stays
+    contiguous: frame ``starts[i] + k`` is ``frames[local_starts[i] + k]``; features of ``frames``
+    alone then give the same window distances as features of every frame."""
     starts = np.asarray(starts, dtype=np.int64)
     frames = np.unique((starts[:, None] + np.arange(seq_len)).ravel())
     return frames, np.searchsorted(frames, starts)
@@ -334,8 +376,10 @@ def window_frames(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndar
 def get_model(opt: argparse.Namespace, encoder_dim: int) -> SeqMatchModel:
     method = opt.method
     if method == "seqnet" and opt.w > opt.seqL:
-        raise UserError(f"SeqNet's kernel --w {opt.w} is longer than --seqL {opt.seqL}: use --w <= --seqL")
-    out_dims = encoder_dim if opt.outDims is None else opt.outDims   # default: keep the descriptors' size
+        raise UserError(f"SeqNet's kernel --w {opt.w} is longer than --seqL {opt.seqL}: use --w "
+                        "<= --seqL")
+    # default: keep the descriptors' size
+    out_dims = encoder_dim if opt.outDims is None else opt.outDims
     model = SeqMatchModel(encoder_dim, opt.pooling, out_dims, opt.matcher, method, opt.w)
     if opt.pooling and method != "seqnet" and opt.init == "identity":
         init_identity(model)
@@ -347,7 +391,8 @@ def init_identity(model: SeqMatchModel) -> None:
     training then begins from the raw descriptors instead of a random projection."""
     conv = model.pool[1].conv
     if conv.out_channels != conv.in_channels:
-        raise UserError(f"--init identity needs --outDims equal to the descriptor dimensions ({conv.in_channels})")
+        raise UserError("--init identity needs --outDims equal to the descriptor dimensions "
+                        f"({conv.in_channels})")
     with torch.no_grad():
         conv.weight.copy_(torch.eye(conv.in_channels)[:, :, None])
         conv.bias.zero_()
@@ -360,15 +405,17 @@ def load_state(model: SeqMatchModel, state_dict: dict, source: str) -> None:
     unknown = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state))
     if unknown or missing:
-        raise UserError(f"checkpoint {source} does not fit this model (unexpected keys {unknown[:4]}, missing "
-                        f"{missing[:4]}): it comes from another model; check --pooling / --method")
+        raise UserError(f"checkpoint {source} does not fit this model (unexpected keys "
+                        f"{unknown[:4]}, missing {missing[:4]}): it comes from another model; "
+                        "check --pooling / --method")
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise UserError(f"checkpoint {source}: {key} has shape {tuple(value.shape)} but the model needs "
-                            f"{tuple(own[key].shape)}: check --outDims and that the descriptors (--descType, "
-                            "--dataset) are the ones it was trained on")
+            raise UserError(f"checkpoint {source}: {key} has shape {tuple(value.shape)} but the "
+                            f"model needs {tuple(own[key].shape)}: check --outDims and that the "
+                            "descriptors (--descType, --dataset) are the ones it was trained on")
         if not torch.isfinite(value).all():
-            raise UserError(f"checkpoint {source}: {key} holds NaN/Inf values; use another checkpoint")
+            raise UserError(f"checkpoint {source}: {key} holds NaN/Inf values; use another "
+                            "checkpoint")
     model.load_state_dict(state)
 
 

@@ -32,8 +32,8 @@ def read_frames(source: BinaryIO, dim: int, dtype: np.dtype | str = "<f4", name:
             if len(buf) == 0 and count is None:
                 return
             got = f"{len(buf)} of {row_bytes} bytes" if buf else "no data"
-            raise UserError(f"{name}: frame {i} is truncated ({got}; {dim} values of {dtype.str} expected): "
-                            "the writer stopped mid-row or wrote rows of another width")
+            raise UserError(f"{name}: frame {i} is truncated ({got}; {dim} values of {dtype.str} "
+                            "expected): the writer stopped mid-row or wrote rows of another width")
         row = np.frombuffer(buf, dtype=dtype).astype(np.float32)
         if not np.isfinite(row).all():
             first = int(np.argmin(np.isfinite(row)))
@@ -59,8 +59,10 @@ def _read_exact(source: BinaryIO, n: int) -> bytes:
 
 
 @contextlib.contextmanager
-def open_stream(stream: str, dim: int | None) -> Iterator[tuple[BinaryIO, int | None, int, np.dtype, str]]:
-    """``--stream``: ``(source, rows or None, dims, dtype, name)`` with ``source`` positioned at the first row.
+def open_stream(stream: str,
+                dim: int | None) -> Iterator[tuple[BinaryIO, int | None, int, np.dtype, str]]:
+    """``--stream``: ``(source, rows or None, dims, dtype, name)`` with ``source`` positioned at the
+    first row.
 
     ``-``: raw little-endian float32 rows of ``dim`` values on standard input;
     otherwise a ``.npy`` file of ``[frames, dims]`` floats, read row by row.
@@ -70,17 +72,20 @@ def open_stream(stream: str, dim: int | None) -> Iterator[tuple[BinaryIO, int | 
         return
     path = Path(stream)
     if not path.is_file():
-        raise UserError(f"--stream {path} not found: give a .npy of query descriptors [frames, dims] or '-' "
-                        "for raw float32 rows on standard input")
+        raise UserError(f"--stream {path} not found: give a .npy of query descriptors [frames, "
+                        "dims] or '-' for raw float32 rows on standard input")
     with open(path, "rb") as f:
         try:
             fmt = np.lib.format
             version = fmt.read_magic(f)
-            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            read_header = fmt.read_array_header_1_0 if version == (1,
+                                                                   0) else fmt.read_array_header_2_0
             shape, fortran, dtype = read_header(f)
         except (ValueError, OSError, EOFError) as exc:
-            raise UserError(f"--stream {path} is not a readable .npy file ({exc}): write it with numpy.save") from exc
+            raise UserError(f"--stream {path} is not a readable .npy file ({exc}): write it with "
+                            "numpy.save") from exc
         if len(shape) != 2 or dtype.kind != "f" or (fortran and shape[0] > 1 and shape[1] > 1):
-            raise UserError(f"--stream {path} holds a {'Fortran-ordered ' if fortran else ''}{dtype} array of shape "
+            raise UserError(f"--stream {path} holds a "
+                            f"{'Fortran-ordered ' if fortran else ''}{dtype} array of shape "
                             f"{shape}; expected C-ordered floats [frames, dims]")
         yield f, int(shape[0]), int(shape[1]), dtype, f"--stream {path}"

@@ -24,7 +24,8 @@ from seqmatchnet.models.sequence import METHODS
 log = logging.getLogger(__name__)
 
 
-MAX_OUT_DIMS = 65536     # a sanity bound for outDims read from a flags.json (NetVLAD without PCA is 32768)
+# a sanity bound for outDims read from a flags.json (NetVLAD without PCA is 32768)
+MAX_OUT_DIMS = 65536
 
 # Restored from a run's flags.json on --resume (docs/training-and-testing.md), with their types.
 RESTORED_FLAGS = {
@@ -41,9 +42,9 @@ RUN_DATA = ("dataset", "seqL", "descType", "msls_trainCity", "msls_valCity", "ox
 # ---------------------------------------------------------------- folders and flags
 
 def make_run_dir(opt: argparse.Namespace) -> Path:
-    """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>`` (``..._l<seqL>`` without --expName), created exclusively
-    (a suffix is added when another run took the name in the same second). Under torchrun rank 0
-    creates it and every rank gets its path (or rank 0's error)."""
+    """``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>_<expName>`` (``..._l<seqL>`` without --expName),
+    created exclusively (a suffix is added when another run took the name in the same second). Under
+    torchrun rank 0 creates it and every rank gets its path (or rank 0's error)."""
     made, error = None, None
     if distributed.is_main():
         try:
@@ -63,8 +64,10 @@ def _make_run_dir(opt: argparse.Namespace) -> Path:
     try:
         runs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create --runsPath {runs} ({exc.strerror}): choose a writable folder") from exc
-    base = f"{datetime.now().strftime('%b%d_%H-%M-%S')}_l{opt.seqL}" + (f"_{opt.expName}" if opt.expName else "")
+        raise UserError(f"cannot create --runsPath {runs} ({exc.strerror}): choose a writable "
+                        "folder") from exc
+    base = (f"{datetime.now().strftime('%b%d_%H-%M-%S')}_l{opt.seqL}"
+            + (f"_{opt.expName}" if opt.expName else ""))
     for i in range(1000):
         run_dir = runs / (base if i == 0 else f"{base}_{i}")
         try:
@@ -73,7 +76,8 @@ def _make_run_dir(opt: argparse.Namespace) -> Path:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise UserError(f"cannot write to --runsPath {runs} ({exc.strerror}): choose a writable folder") from exc
+            raise UserError(f"cannot write to --runsPath {runs} ({exc.strerror}): choose a "
+                            "writable folder") from exc
     raise UserError(f"could not find a free run folder name under {runs}")
 
 
@@ -85,7 +89,8 @@ def write_flags(opt: argparse.Namespace, ckpt_dir: Path) -> None:
 
 
 def remove_stale_temporaries(ckpt_dir: Path) -> None:
-    """Temporary files left by a run killed while writing (``atomic_write`` names them ``.*.tmp``)."""
+    """Temporary files left by a run killed while writing (``atomic_write`` names them
+    ``.*.tmp``)."""
     if not distributed.is_main():
         return
     for stale in Path(ckpt_dir).glob(".*.tmp"):
@@ -97,26 +102,31 @@ def copy_as_best(ckpt_dir: Path) -> None:
     if not distributed.is_main():
         return
     ckpt_dir = Path(ckpt_dir)
-    atomic_write(ckpt_dir / "model_best.pth.tar", lambda f: f.write((ckpt_dir / "checkpoint.pth.tar").read_bytes()))
+    atomic_write(ckpt_dir / "model_best.pth.tar",
+                 lambda f: f.write((ckpt_dir / "checkpoint.pth.tar").read_bytes()))
 
 
 def read_flags(flags_file: Path, flag: str = "--resume") -> dict:
     """A run's flags.json as a dict (``flag`` names the option that pointed to the run)."""
     flags_file = Path(flags_file)
     if not flags_file.is_file():
-        raise UserError(f"{flags_file} not found: {flag} must name a run folder written by training")
+        raise UserError(f"{flags_file} not found: {flag} must name a run folder written by "
+                        "training")
     try:
         saved = json.loads(flags_file.read_text())
-    except (ValueError, RecursionError, OSError) as exc:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{flags_file} is not valid JSON ({type(exc).__name__}: {exc!s:.80}): fix it by hand "
-                        "(training writes it as a JSON object of options)") from exc
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError, OSError) as exc:
+        raise UserError(f"{flags_file} is not valid JSON ({type(exc).__name__}: {exc!s:.80}): fix "
+                        "it by hand (training writes it as a JSON object of options)") from exc
     if not isinstance(saved, dict):
-        raise UserError(f"{flags_file} must hold a JSON object of options, not {type(saved).__name__}: fix it by hand")
+        raise UserError(f"{flags_file} must hold a JSON object of options, not "
+                        f"{type(saved).__name__}: fix it by hand")
     return saved
 
 
 def _spelled(key: str, value) -> str:
-    """An option as a command line gives it: ``--seqL 5``, ``--oxfordHonestVal`` or ``no --oxfordHonestVal``."""
+    """An option as a command line gives it: ``--seqL 5``, ``--oxfordHonestVal`` or ``no
+    --oxfordHonestVal``."""
     if isinstance(value, bool):
         return f"--{key}" if value else f"no --{key}"
     return f"--{key} {value}"
@@ -128,20 +138,24 @@ def refuse_other_data(opt: argparse.Namespace, saved: dict, run_dir: Path) -> No
     differ = [(k, saved[k], getattr(opt, k)) for k in RUN_DATA
               if saved.get(k) is not None and hasattr(opt, k) and saved[k] != getattr(opt, k)]
     if differ:
-        given = ", ".join(f"{_spelled(k, was)} (this command: {_spelled(k, now)})" for k, was, now in differ)
-        raise UserError(f"{run_dir} was trained with {given}: give the run's values to continue it, or start a new "
-                        f"run from its weights with --init {run_dir} (e.g. to fine-tune on another dataset)")
+        given = ", ".join(f"{_spelled(k, was)} (this command: "
+                          f"{_spelled(k, now)})" for k, was, now in differ)
+        raise UserError(f"{run_dir} was trained with {given}: give the run's values to continue "
+                        f"it, or start a new run from its weights with --init {run_dir} (e.g. to "
+                        "fine-tune on another dataset)")
 
 
 def note_other_seq_len(opt: argparse.Namespace, saved: dict, run_dir: Path) -> None:
-    """Evaluating a run at another sequence length is legitimate; say so, since its numbers differ."""
+    """Evaluating a run at another sequence length is legitimate; say so, since its numbers
+    differ."""
     trained = saved.get("seqL")
     if isinstance(trained, int) and trained != opt.seqL:
-        log.warning("note: %s was trained with --seqL %d; it is evaluated here with --seqL %d", run_dir.name,
-                    trained, opt.seqL)
+        log.warning("note: %s was trained with --seqL %d; it is evaluated here with --seqL %d",
+                    run_dir.name, trained, opt.seqL)
 
 
-def restore_flags(opt: argparse.Namespace, flags_file: Path, saved: dict | None = None) -> argparse.Namespace:
+def restore_flags(opt: argparse.Namespace, flags_file: Path,
+                  saved: dict | None = None) -> argparse.Namespace:
     """A copy of ``opt`` with the options of ``RESTORED_FLAGS`` taken from a run's flags.json
     (``saved``: its contents, when already read)."""
     flags_file = Path(flags_file)
@@ -153,18 +167,19 @@ def restore_flags(opt: argparse.Namespace, flags_file: Path, saved: dict | None 
             continue
         value = saved[key]
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or (isinstance(value, bool) and kind is not bool) or (kind is float and not math.isfinite(value)):
+        if (not ok or (isinstance(value, bool) and kind is not bool)
+                or (kind is float and not math.isfinite(value))):
             expected = "a finite number" if kind is float else kind.__name__
             raise UserError(f"{flags_file}: option {key} should be {expected}"
                             f", got {value!r:.60}: fix it in the file")
         setattr(out, key, kind(value))
     save = Path(out.savePath)
     if out.savePath != opt.savePath and (save.is_absolute() or ".." in save.parts):
-        raise UserError(f"{flags_file}: option savePath {out.savePath!r} points outside the run folder: fix it in "
-                        "the file")
+        raise UserError(f"{flags_file}: option savePath {out.savePath!r} points outside the run "
+                        "folder: fix it in the file")
     if out.outDims is not None and not 1 <= out.outDims <= MAX_OUT_DIMS:
-        raise UserError(f"{flags_file}: option outDims must be between 1 and {MAX_OUT_DIMS}, got {out.outDims}: "
-                        "fix it in the file")
+        raise UserError(f"{flags_file}: option outDims must be between 1 and {MAX_OUT_DIMS}, got "
+                        f"{out.outDims}: fix it in the file")
     if out.method not in METHODS:
         raise UserError(f"{flags_file}: unknown method {out.method!r}")
     if out.optim not in OPTIMISERS:
@@ -172,14 +187,17 @@ def restore_flags(opt: argparse.Namespace, flags_file: Path, saved: dict | None 
     try:
         check_options(out)
     except UserError as exc:
-        raise UserError(f"{exc} (restored from {flags_file}: the run was trained with --method {out.method}"
-                        f"{' --pooling' if out.pooling else ''}; change the command, not the run)") from exc
+        raise UserError(f"{exc} (restored from {flags_file}: the run was trained with --method "
+                        f"{out.method}{' --pooling' if out.pooling else ''}; change the command, "
+                        "not the run)") from exc
     if not (out.pooling or out.method == "seqnet"):
-        raise UserError(f"{flags_file.parent.parent} holds no learned model (trained without --pooling): evaluate "
-                        "the raw descriptors without --resume")
-    changed = {k: (getattr(opt, k), getattr(out, k)) for k in RESTORED_FLAGS if getattr(opt, k) != getattr(out, k)}
+        raise UserError(f"{flags_file.parent.parent} holds no learned model (trained without "
+                        "--pooling): evaluate the raw descriptors without --resume")
+    changed = {k: (getattr(opt, k), getattr(out, k)) for k in RESTORED_FLAGS
+               if getattr(opt, k) != getattr(out, k)}
     if changed:
-        log.info("restored from %s: %s", flags_file, ", ".join(f"{k}={v[1]}" for k, v in changed.items()))
+        log.info("restored from %s: %s", flags_file,
+                 ", ".join(f"{k}={v[1]}" for k, v in changed.items()))
     return out
 
 
@@ -188,17 +206,18 @@ def options_dict(opt: argparse.Namespace) -> dict:
 
 
 
-def nothing_to_do(run_dir: Path, ckpt: dict, n_epochs: int, patience: int, eval_every: int) -> str | None:
-    """Why resuming ``run_dir`` from ``ckpt`` would train nothing (it has its ``n_epochs``, or it stopped
-    early by ``patience``), as the line to print; None when there is work left."""
+def nothing_to_do(run_dir: Path, ckpt: dict, n_epochs: int, patience: int,
+                  eval_every: int) -> str | None:
+    """Why resuming ``run_dir`` from ``ckpt`` would train nothing (it has its ``n_epochs``, or it
+    stopped early by ``patience``), as the line to print; None when there is work left."""
     epoch, not_improved = int(ckpt["epoch"]), int(ckpt.get("not_improved", 0))
     if epoch >= n_epochs:
-        return (f"{run_dir} has finished its {epoch} epochs: nothing to do (give --nEpochs above {epoch} to "
-                "train it further)")
+        return (f"{run_dir} has finished its {epoch} epochs: nothing to do (give --nEpochs above "
+                f"{epoch} to train it further)")
     if patience > 0 and not_improved > patience / eval_every:
-        return (f"{run_dir} stopped early after epoch {epoch} ({not_improved} validations without improvement, "
-                f"--patience {patience}, restored from the run): nothing to do (to train on, start a new run "
-                f"from its weights: --init {run_dir})")
+        return (f"{run_dir} stopped early after epoch {epoch} ({not_improved} validations without "
+                f"improvement, --patience {patience}, restored from the run): nothing to do (to "
+                f"train on, start a new run from its weights: --init {run_dir})")
     return None
 
 
@@ -214,8 +233,8 @@ def resume_command(opt: argparse.Namespace, argv: list[str] | None, run_dir: Pat
     import shlex
 
     if argv is None:
-        argv = ["--mode", "train", "--seqL", str(opt.seqL), "--dataset", opt.dataset, "--dataPath", opt.dataPath,
-                "--structPath", opt.structPath, "--nEpochs", str(opt.nEpochs)]
+        argv = ["--mode", "train", "--seqL", str(opt.seqL), "--dataset", opt.dataset, "--dataPath",
+                opt.dataPath, "--structPath", opt.structPath, "--nEpochs", str(opt.nEpochs)]
         argv += ["--pooling"] if opt.pooling else ["--method", opt.method]
     args, skip = [], False
     for a in argv:

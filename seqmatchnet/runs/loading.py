@@ -17,7 +17,13 @@ from seqmatchnet.data.windows import Split
 from seqmatchnet.evaluation import summary
 from seqmatchnet.models.sequence import SeqMatchModel, get_model, load_state
 from seqmatchnet.runs.checkpoints import checkpoint_path, load_checkpoint
-from seqmatchnet.runs.folders import MODEL_FLAGS, note_other_seq_len, read_flags, refuse_other_data, restore_flags
+from seqmatchnet.runs.folders import (
+    MODEL_FLAGS,
+    note_other_seq_len,
+    read_flags,
+    refuse_other_data,
+    restore_flags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,8 @@ def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, d
 
 
 def weights_from_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict, str]:
-    """``--init RUN``: the options with RUN's model options (``MODEL_FLAGS``) restored, RUN's checkpoint
-    (``--ckpt``) and its path, to start a new run from its weights."""
+    """``--init RUN``: the options with RUN's model options (``MODEL_FLAGS``) restored, RUN's
+    checkpoint (``--ckpt``) and its path, to start a new run from its weights."""
     run_dir = Path(opt.init)
     saved = read_flags(run_dir / opt.savePath / "flags.json", "--init")
     out = copy.copy(opt)
@@ -50,13 +56,15 @@ def weights_from_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict,
     return out, load_checkpoint(ckpt_file), str(ckpt_file)
 
 
-# ---------------------------------------------------------------- loading a run (test, localize, resume)
+# ---------------------------------------------------------------- loading a run (test, localize,
+# resume)
 
 @dataclass
 class Loaded:
     """A model ready to use: the options (restored from its run with ``--resume``), the split,
     the model with its weights on ``device``, a label naming the method, checkpoint and
-    initialisation, and the checkpoint (``info``: path, run, epoch, which; ``ckpt``: its contents)."""
+    initialisation, and the checkpoint (``info``: path, run, epoch, which; ``ckpt``: its
+    contents)."""
 
     opt: argparse.Namespace
     split: Split
@@ -67,9 +75,11 @@ class Loaded:
     ckpt: dict | None = None
 
 
-def build_model(opt: argparse.Namespace, dim: int, ckpt: dict | None, source: str = "") -> SeqMatchModel:
-    """The model ``opt`` describes for ``dim``-D descriptors, with the weights of ``ckpt`` when given;
-    a learned model without a checkpoint is randomly initialised, which is said once, here."""
+def build_model(opt: argparse.Namespace, dim: int, ckpt: dict | None,
+                source: str = "") -> SeqMatchModel:
+    """The model ``opt`` describes for ``dim``-D descriptors, with the weights of ``ckpt`` when
+    given; a learned model without a checkpoint is randomly initialised, which is said once,
+    here."""
     model = get_model(opt, dim)
     if ckpt is not None:
         load_state(model, ckpt["state_dict"], source)
@@ -81,14 +91,15 @@ def build_model(opt: argparse.Namespace, dim: int, ckpt: dict | None, source: st
 
 
 def load_run(opt: argparse.Namespace, lazy: bool = False) -> Loaded:
-    """What ``opt`` names for evaluation or localisation: with ``--resume RUN`` the run's options and
-    checkpoint (``--ckpt``), the split ``--split`` (its descriptors left in their files with ``lazy``)
-    and the model on its device."""
+    """What ``opt`` names for evaluation or localisation: with ``--resume RUN`` the run's options
+    and checkpoint (``--ckpt``), the split ``--split`` (its descriptors left in their files with
+    ``lazy``) and the model on its device."""
     device = get_device(opt.nocuda, opt.device)
     ckpt = info = None
     if opt.resume:
         opt, run_dir, ckpt_path, ckpt = open_run(opt)
-        info = {"path": str(ckpt_path), "run": run_dir.name, "epoch": int(ckpt["epoch"]), "which": opt.ckpt}
+        info = {"path": str(ckpt_path), "run": run_dir.name, "epoch": int(ckpt["epoch"]),
+                "which": opt.ckpt}
     generate_if_synthetic(opt)
     split = get_split(opt, opt.split, lazy=lazy)
     model = build_model(opt, split.dim, ckpt, info["path"] if info else "").to(device)

@@ -12,9 +12,9 @@ from seqmatchnet.common.errors import UserError
 # ---------------------------------------------------------------- metrics
 
 class MetricsWriter:
-    """Scalars (and figures) to TensorBoard event files in the run folder (written with tensorboardX;
-    view them with ``tensorboard --logdir``), and to wandb with --wandb offline|online. Under torchrun
-    only rank 0 writes; the writers of the other ranks do nothing."""
+    """Scalars (and figures) to TensorBoard event files in the run folder (written with
+    tensorboardX; view them with ``tensorboard --logdir``), and to wandb with --wandb
+    offline|online. Under torchrun only rank 0 writes; the writers of the other ranks do nothing."""
 
     def __init__(self, run_dir: Path, opt) -> None:
         self.tb = self.wandb_run = None
@@ -58,8 +58,8 @@ def check_wandb(mode: str):
     try:
         import wandb
     except ImportError as exc:
-        raise UserError(f"--wandb {mode} needs the wandb package: pip install wandb (or leave --wandb "
-                        "disabled)") from exc
+        raise UserError(f"--wandb {mode} needs the wandb package: pip install wandb (or leave "
+                        "--wandb disabled)") from exc
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in(wandb)):
         raise UserError("--wandb online needs a logged-in account (wandb login or WANDB_API_KEY); "
                         "use --wandb offline to log locally")
@@ -69,7 +69,8 @@ def check_wandb(mode: str):
 def start_wandb(mode: str, run_dir: Path, opt):
     wandb = check_wandb(mode)
     return wandb.init(project="seqmatchnet", name=Path(run_dir).name, dir=str(run_dir), mode=mode,
-                      config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()})
+                      config={k: (str(v) if isinstance(v, Path) else v)
+                              for k, v in vars(opt).items()})
 
 
 def _wandb_logged_in(wandb) -> bool:

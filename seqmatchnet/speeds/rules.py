@@ -13,12 +13,15 @@ import numpy as np
 class ScoringRule:
     """How the trajectories of one query window combine into one score per database window.
 
-    ``kind``: ``"min"`` (the plain minimum over trajectories), ``"consensus"`` (the speed consensus of the
-    neighbouring query windows, see the module docstring), ``"prior"`` (a fixed offset towards the trajectory
-    that most windows of the query's sequence prefer), ``"zscore"`` (each (query, trajectory) normalised by the
-    mean and std of its scores over the database; combine with ``consensus`` through ``normalise``).
-    ``window``: neighbours ``+-window`` query windows (consensus); ``weight``: the offset's weight (``b`` is
-    ``weight`` times a distance difference for ``consensus``, ``weight`` times the vote share missing for
+    ``kind``: ``"min"`` (the plain minimum over trajectories), ``"consensus"`` (the speed consensus
+    of the neighbouring query windows, see the module docstring), ``"prior"`` (a fixed offset
+    towards the trajectory that most windows of the query's sequence prefer), ``"zscore"`` (each
+    (query, trajectory) normalised by the mean and std of its scores over the database; combine with
+    ``consensus`` through ``normalise``).
+    ``window``: neighbours ``+-window`` query windows (consensus); ``weight``: the offset's weight
+    (``b`` is
+    ``weight`` times a distance difference for ``consensus``, ``weight`` times the vote share
+    missing for
     ``prior``); ``normalise``: z-normalise each (query, trajectory) first (``a = 1 / std``).
     """
 
@@ -29,7 +32,8 @@ class ScoringRule:
 
     @property
     def neighbours(self) -> int | None:
-        """Query windows each side whose statistics a query's coefficients read (None: its whole sequence)."""
+        """Query windows each side whose statistics a query's coefficients read (None: its whole
+        sequence)."""
         return None if self.kind == "prior" else self.window if self.kind == "consensus" else 0
 
     def __post_init__(self) -> None:
@@ -44,14 +48,16 @@ PLAIN_MIN = ScoringRule(kind="min", window=0, weight=0.0, normalise=False)
 
 
 def segment_ids(q_segments) -> np.ndarray:
-    """Per query a segment id ``[Nq]`` from ids ``[Nq]`` or bounds ``[Nq, 2]`` (the id is the lower bound)."""
+    """Per query a segment id ``[Nq]`` from ids ``[Nq]`` or bounds ``[Nq, 2]`` (the id is the lower
+    bound)."""
     seg = np.asarray(q_segments)
     return (seg[:, 0] if seg.ndim == 2 else seg).astype(np.int64)
 
 
 def neighbour_mean(x: np.ndarray, seg: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the finite values of ``x`` ``[Nq, T]`` over the queries ``q - window .. q + window`` of the same
-    segment (queries in driving order, a segment's queries consecutive); NaN where none is finite."""
+    """Mean of the finite values of ``x`` ``[Nq, T]`` over the queries ``q - window .. q + window``
+    of the same segment (queries in driving order, a segment's queries consecutive); NaN where none
+    is finite."""
     n = len(x)
     finite = np.isfinite(x)
     cs = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(np.where(finite, x, 0.0), axis=0)])
@@ -66,12 +72,15 @@ def neighbour_mean(x: np.ndarray, seg: np.ndarray, window: int) -> np.ndarray:
         return np.where(count > 0, (cs[hi] - cs[lo]) / np.maximum(count, 1), np.nan)
 
 
-def rule_coefficients(rule: ScoringRule, stats: dict[str, np.ndarray], q_segments) -> tuple[np.ndarray, np.ndarray]:
-    """``(a, b)`` ``[Nq, T]`` float64 of ``rule`` from per-(query, trajectory) statistics over the database.
+def rule_coefficients(rule: ScoringRule, stats: dict[str, np.ndarray],
+                      q_segments) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` ``[Nq, T]`` float64 of ``rule`` from per-(query, trajectory) statistics over the
+    database.
 
-    ``stats``: ``best`` (smallest distance), ``sum``, ``sumsq`` and ``count`` of the finite distances, each
-    ``[Nq, T]``; ``q_segments``: the queries' sequences (``segment_ids``). ``b`` is ``+inf`` for a trajectory
-    that the rule excludes (never scored for that query).
+    ``stats``: ``best`` (smallest distance), ``sum``, ``sumsq`` and ``count`` of the finite
+    distances, each
+    ``[Nq, T]``; ``q_segments``: the queries' sequences (``segment_ids``). ``b`` is ``+inf`` for a
+    trajectory that the rule excludes (never scored for that query).
     """
     best = stats["best"].astype(np.float64)
     nq, nt = best.shape
@@ -94,14 +103,16 @@ def rule_coefficients(rule: ScoringRule, stats: dict[str, np.ndarray], q_segment
 
 
 def _excess(cons: np.ndarray) -> np.ndarray:
-    """``cons - min over trajectories`` per row (``inf`` stays ``inf``; a row without finite values: 0)."""
+    """``cons - min over trajectories`` per row (``inf`` stays ``inf``; a row without finite values:
+    0)."""
     low = np.min(cons, axis=1, keepdims=True)
     low = np.where(np.isfinite(low), low, 0.0)
     return np.where(np.isfinite(cons), cons - low, np.where(np.isfinite(low), np.inf, 0.0))
 
 
 def _vote_penalty(best: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """Per query and trajectory, the share of its segment's queries that prefer another trajectory."""
+    """Per query and trajectory, the share of its segment's queries that prefer another
+    trajectory."""
     winner = np.argmin(np.where(np.isfinite(best), best, np.inf), axis=1)
     out = np.empty_like(best)
     for s in np.unique(seg):
@@ -115,10 +126,12 @@ def causal_coefficients(rule: ScoringRule, best: np.ndarray, mean: np.ndarray, s
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Causal ``(a, b)`` ``[T]`` for the newest query of a sequence (localisation).
 
-    ``best``, ``mean``, ``std`` ``[W, T]``: per trajectory, the best distance over the database and the mean
-    and std of its distances, for the newest ``W <= window + 1`` queries of the current sequence (oldest
-    first, the newest last). ``consensus`` averages over those queries instead of a centred neighbourhood;
-    ``min``: ``a = 1, b = 0``. (``prior`` and ``zscore`` alone have no causal form here: ``ValueError``.)
+    ``best``, ``mean``, ``std`` ``[W, T]``: per trajectory, the best distance over the database and
+    the mean and std of its distances, for the newest ``W <= window + 1`` queries of the current
+    sequence (oldest first, the newest last). ``consensus`` averages over those queries instead of a
+    centred neighbourhood;
+    ``min``: ``a = 1, b = 0``. (``prior`` and ``zscore`` alone have no causal form here:
+    ``ValueError``.)
     """
     best = np.asarray(best, dtype=np.float64)
     nt = best.shape[1]
@@ -134,5 +147,6 @@ def causal_coefficients(rule: ScoringRule, best: np.ndarray, mean: np.ndarray, s
     finite = np.isfinite(best)
     count = finite.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cons = np.where(count > 0, np.where(finite, best, 0.0).sum(axis=0) / np.maximum(count, 1), np.inf)
+        cons = np.where(count > 0, np.where(finite, best, 0.0).sum(axis=0) / np.maximum(count, 1),
+                        np.inf)
     return a, b + rule.weight * _excess(cons[None])[0]

@@ -25,7 +25,7 @@ from seqmatchnet.training.mining import (
     N_NEG,
     TrainingSet,
 )
-from seqmatchnet.training.steps import EpochStats, TrainConfig, train_epoch
+from seqmatchnet.training.steps import EpochStats, Learner, TrainConfig, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,10 @@ class TrainState:
     neg_cache: np.ndarray                  # [len(q_frames), N_NEG] database positions, -1 = empty
     best_score: float = 0.0                # best validation Recall@5
     not_improved: int = 0                  # validations since the best one
-    recalls: dict = field(default_factory=dict)     # the last epoch's validation recalls ({} when not run)
-    history: dict = field(default_factory=lambda: {"epochs": [], "loss": [], "val_epochs": [], "val_recalls": {}})
+    # the last epoch's validation recalls ({} when not run)
+    recalls: dict = field(default_factory=dict)
+    history: dict = field(default_factory=lambda: {"epochs": [], "loss": [], "val_epochs": [],
+                                                   "val_recalls": {}})
     last_val: tuple | None = None          # (epoch, EvalResult) of the last validation
     timings: dict = field(default_factory=lambda: {"epochs_s": 0.0})
 
@@ -57,9 +59,9 @@ class TrainState:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise UserError(f"checkpoint {source}: its optimiser state is missing or does not fit this model "
-                            f"({type(exc).__name__}: {exc}); resume another checkpoint (--ckpt latest|best) "
-                            "or start a new run") from exc
+            raise UserError(f"checkpoint {source}: its optimiser state is missing or does not fit "
+                            f"this model ({type(exc).__name__}: {exc}); resume another checkpoint "
+                            "(--ckpt latest|best) or start a new run") from exc
         state = cls.fresh(num_queries, int(ckpt["epoch"]))
         state.best_score = float(ckpt.get("best_score", 0.0))
         state.not_improved = int(ckpt.get("not_improved", 0))
@@ -76,20 +78,24 @@ class TrainState:
 
     def to_checkpoint(self, model: SeqMatchModel, optimizer, scheduler) -> dict:
         """The reference's checkpoint keys plus what exact resumption needs; plain types only."""
-        weights = {k.replace("pool.module.", "pool."): v.detach().cpu() for k, v in model.state_dict().items()}
+        weights = {k.replace("pool.module.", "pool."): v.detach().cpu()
+                   for k, v in model.state_dict().items()}
         return {"epoch": self.epoch, "state_dict": weights, "recalls": plain_floats(self.recalls),
-                "best_score": float(self.best_score), "optimizer": optimizer.state_dict(), "parallel": False,
+                "best_score": float(self.best_score), "optimizer": optimizer.state_dict(),
+                "parallel": False,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "not_improved": int(self.not_improved), "neg_cache": torch.from_numpy(self.neg_cache.copy()),
+                "not_improved": int(self.not_improved),
+                "neg_cache": torch.from_numpy(self.neg_cache.copy()),
                 "history": self.history}
 
     def last_validation(self) -> tuple[int | None, dict]:
-        """``(epoch, {N: Recall@N})`` of the last validation in the history, this session's or a resumed
-        run's (``(None, {})`` when there was none)."""
+        """``(epoch, {N: Recall@N})`` of the last validation in the history, this session's or a
+        resumed run's (``(None, {})`` when there was none)."""
         epochs = self.history.get("val_epochs") or []
         if not epochs:
             return None, {}
-        return int(epochs[-1]), {int(n): float(r[-1]) for n, r in self.history["val_recalls"].items() if r}
+        return int(epochs[-1]), {int(n): float(r[-1])
+                                 for n, r in self.history["val_recalls"].items() if r}
 
     def record_epoch(self, epoch: int, stats: EpochStats, seconds: float) -> None:
         self.epoch = epoch
@@ -101,8 +107,9 @@ class TrainState:
 
 
 def log_epoch(epoch: int, stats: EpochStats, writer) -> None:
-    log.info("epoch %d: average loss %.4f over %d batches (%d triplet queries, %d skipped); train R@1 %.4f "
-             "R@5 %.4f [%s]", epoch, stats.avg_loss, stats.batches, stats.triplet_queries, stats.skipped,
+    log.info("epoch %d: average loss %.4f over %d batches (%d triplet queries, %d skipped); train "
+             "R@1 %.4f R@5 %.4f [%s]", epoch, stats.avg_loss, stats.batches, stats.triplet_queries,
+             stats.skipped,
              stats.train_recalls[1], stats.train_recalls[5],
              ", ".join(f"{k} {v:.1f}" for k, v in stats.timings.items()))
     writer.scalar("Train/AvgLoss", stats.avg_loss, epoch)
@@ -110,7 +117,8 @@ def log_epoch(epoch: int, stats: EpochStats, writer) -> None:
         writer.scalar(f"Train/Recall@{n}", r, epoch)
 
 
-def validate(config: TrainConfig, epoch: int, model: SeqMatchModel, val_split: Split, device: torch.device,
+def validate(config: TrainConfig, epoch: int, model: SeqMatchModel, val_split: Split,
+             device: torch.device,
              state: TrainState, run_dir: Path, writer) -> bool:
     """Evaluate on the validation split, log and draw it, and update the best score (validation
     Recall@5, as the reference). Returns True when this epoch is the best so far."""
@@ -122,7 +130,8 @@ def validate(config: TrainConfig, epoch: int, model: SeqMatchModel, val_split: S
         writer.scalar(f"Val/Recall@{n}", r, epoch)
         state.history["val_recalls"].setdefault(n, []).append(r)
     if config.figures == "epoch" and distributed.is_main():
-        write_figures(result, val_split, config.seq_len, run_dir, f"epoch {epoch} validation", "Val", writer, epoch)
+        write_figures(result, val_split, config.seq_len, run_dir, f"epoch {epoch} validation",
+                      "Val", writer, epoch)
     if result.recalls[5] > state.best_score:
         state.best_score, state.not_improved = result.recalls[5], 0
         return True
@@ -146,14 +155,16 @@ def final_precision_recall(config: TrainConfig, state: TrainState, val_split: Sp
     epoch, result = state.last_val
     if config.figures == "end":
         draw_training_curves(state.history, run_dir, writer, state.epoch)
-        return write_figures(result, val_split, config.seq_len, run_dir, f"epoch {epoch} validation", "Val", writer,
+        return write_figures(result, val_split, config.seq_len, run_dir,
+                             f"epoch {epoch} validation", "Val", writer,
                              epoch)
     return top1_precision_recall(result, val_split)
 
 
 def say(quiet: bool, message: str) -> None:
-    """A line the user needs even with ``--quiet`` (the run folder, the final result): logged (to the
-    console and train.log), and printed when ``--quiet`` keeps the log off the console; rank 0 only."""
+    """A line the user needs even with ``--quiet`` (the run folder, the final result): logged (to
+    the console and train.log), and printed when ``--quiet`` keeps the log off the console; rank 0
+    only."""
     log.info(message)
     if quiet and distributed.is_main():
         print(message)
@@ -177,19 +188,20 @@ class Run:
 
 
 def run_epochs(config: TrainConfig, run: Run) -> dict | None:
-    """Train, validate, checkpoint and stop early, epoch after epoch; returns the precision-recall of
-    the last validation (None when there was none, or on ranks other than 0)."""
+    """Train, validate, checkpoint and stop early, epoch after epoch; returns the precision-recall
+    of the last validation (None when there was none, or on ranks other than 0)."""
     state, writer = run.state, run.writer
     for epoch in range(state.epoch + 1, config.n_epochs + 1):
         t0 = time.perf_counter()
-        stats = train_epoch(run.model, run.tset, run.optimizer, state.neg_cache, config, epoch, run.device, writer,
-                            run.ddp)
+        learner = Learner(run.model, run.optimizer, run.device, writer, run.ddp)
+        stats = train_epoch(learner, run.tset, state.neg_cache, config, epoch)
         if run.scheduler is not None:
             run.scheduler.step()
         log_epoch(epoch, stats, writer)
         state.recalls, is_best = {}, False
         if epoch % config.eval_every == 0:
-            is_best = validate(config, epoch, run.model, run.val_split, run.device, state, run.run_dir, writer)
+            is_best = validate(config, epoch, run.model, run.val_split, run.device, state,
+                               run.run_dir, writer)
         state.record_epoch(epoch, stats, time.perf_counter() - t0)
         if config.figures == "epoch" and distributed.is_main():
             draw_training_curves(state.history, run.run_dir, writer, epoch)

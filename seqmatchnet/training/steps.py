@@ -24,7 +24,7 @@ from seqmatchnet.evaluation.evaluate import EvalConfig
 from seqmatchnet.evaluation.recall import recall_table
 from seqmatchnet.matching.seqmatch import triplet_loss
 from seqmatchnet.matching.topk import topk_smallest
-from seqmatchnet.models.sequence import SeqMatchModel
+from seqmatchnet.models.sequence import Projection, SeqMatchModel
 from seqmatchnet.speeds import loss as loss_mod
 from seqmatchnet.speeds import trajectories as trajectories_mod
 from seqmatchnet.training.mining import (
@@ -50,7 +50,8 @@ class TrainConfig:
     margin: float = 0.1                  # --margin (its square root is the hinge margin)
     loss_distance: str = "meanOfPairs"   # sequence distance of the loss
     mining_distance: str = "meanOfPairs"  # sequence distance of the mining
-    neg_cache: bool = True               # previous hard negatives are candidates at the next refresh
+    # previous hard negatives are candidates at the next refresh
+    neg_cache: bool = True
     seed: int = 123
     quiet: bool = False
     figures: str = "epoch"               # validation figures: epoch, end or none
@@ -64,9 +65,12 @@ class TrainConfig:
     @classmethod
     def from_options(cls, opt: argparse.Namespace) -> TrainConfig:
         return cls(opt.seqL, opt.batchSize, opt.cacheBatchSize, opt.cacheRefreshRate, opt.margin,
-                   opt.loss_trip_method, opt.neg_trip_method, opt.negCache == "on", opt.seed, opt.quiet,
-                   opt.figures, opt.nEpochs, opt.evalEvery, opt.patience, EvalConfig.from_options(opt),
-                   trajectories_mod.parse_velocities(opt.velocities), trajectories_mod.GRIDS[opt.trajectoryGrid])
+                   opt.loss_trip_method, opt.neg_trip_method, opt.negCache == "on", opt.seed,
+                   opt.quiet,
+                   opt.figures, opt.nEpochs, opt.evalEvery, opt.patience,
+                   EvalConfig.from_options(opt),
+                   trajectories_mod.parse_velocities(opt.velocities),
+                   trajectories_mod.GRIDS[opt.trajectoryGrid])
 
     @property
     def trajectories(self) -> trajectories_mod.Trajectories | None:
@@ -74,70 +78,121 @@ class TrainConfig:
         traj = trajectories_mod.trajectories(self.velocities, self.seq_len, grid=self.grid)
         return None if traj.is_diagonal else traj
 
+    @property
+    def loss(self) -> LossSettings:
+        """The training loss's settings: ``loss_distance``, ``margin`` and the trajectories."""
+        return LossSettings(self.loss_distance, self.margin, self.trajectories)
+
+
+@dataclass(frozen=True)
+class Learner:
+    """What the optimiser steps change and report to: the model and its optimiser on ``device``,
+    the metrics ``writer`` (None: none) and, under torchrun, the DistributedDataParallel module
+    around the model (``data_parallel``; None otherwise)."""
+
+    model: SeqMatchModel
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    writer: object = None
+    ddp: object = None
+
 
 @torch.no_grad()
-def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.ndarray, config: TrainConfig,
+def model_cache_distances(model: SeqMatchModel, tset: TrainingSet, queries: np.ndarray,
+                          config: TrainConfig,
                           device: torch.device) -> torch.Tensor:
     """The mining matrix ``[Nd, len(queries)]`` for ``model``: every valid database window against
     the given queries' windows (frame models project only the frames these windows cover)."""
     split = tset.split
     traj = config.trajectories
     if traj is not None and config.mining_distance == "meanOfPairs":
-        db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, config.cache_batch_size,
-                                 "cache db", config.quiet, all_frames=True)
-        q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device,
-                                config.cache_batch_size, "cache queries", config.quiet)
+        db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len,
+                                 Projection(device, config.cache_batch_size, "cache db",
+                                            config.quiet), all_frames=True)
+        q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len,
+                                Projection(device, config.cache_batch_size, "cache queries",
+                                           config.quiet))
         return trajectory_cache_distances(db.feats, q.feats, tset, q.starts.cpu().numpy(), traj)
-    db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len, device, config.cache_batch_size,
-                             "cache db", config.quiet)
-    q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len, device, config.cache_batch_size,
-                            "cache queries", config.quiet)
+    db = model.embed_windows(split.db_desc, tset.db_starts, tset.seq_len,
+                             Projection(device, config.cache_batch_size, "cache db", config.quiet))
+    q = model.embed_windows(split.q_desc, tset.q_starts[queries], tset.seq_len,
+                            Projection(device, config.cache_batch_size, "cache queries",
+                                       config.quiet))
     return model.window_distance_matrix(db, q, tset.seq_len, config.mining_distance)
 
 
 # ---------------------------------------------------------------- loss
 
-def batch_loss(model: SeqMatchModel, tset: TrainingSet, q_idx: np.ndarray, pos: np.ndarray, negs: np.ndarray,
-               distance: str, margin: float, device: torch.device, forward=None,
-               total_valid: int | None = None, traj: trajectories_mod.Trajectories | None = None) -> torch.Tensor:
-    """Mean triplet loss of a batch: ``q_idx`` ``[B]`` query positions, ``pos``
-    ``[B]`` database positions, ``negs`` ``[B, K]`` (-1 = none).
+@dataclass(frozen=True)
+class Triplets:
+    """A batch of triplets: ``queries`` ``[B]`` query positions, ``positives`` ``[B]`` database
+    positions, ``negatives`` ``[B, K]`` database positions (-1 = none)."""
+
+    queries: np.ndarray
+    positives: np.ndarray
+    negatives: np.ndarray
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss of a batch: sequence distance ``distance``, ``margin`` (``--margin``, its square
+    root is the hinge margin) and, across speeds (``--velocities``), the trajectories ``traj``."""
+
+    distance: str = "meanOfPairs"
+    margin: float = 0.1
+    traj: trajectories_mod.Trajectories | None = None
+
+
+def batch_loss(model: SeqMatchModel, tset: TrainingSet, triplets: Triplets, loss: LossSettings,
+               device: torch.device, forward=None, total_valid: int | None = None) -> torch.Tensor:
+    """Mean triplet loss of a batch of ``triplets`` under the ``loss`` settings.
 
     Every distinct frame of the batch is read (and, by frame models, projected)
     once; the distances of all triplets are computed together. ``forward`` computes them
     (default ``model.triplet_distances``; under torchrun the DistributedDataParallel module). With
     ``total_valid`` the sum over the valid triplets is divided by that count instead of their own
-    (when these triplets are one rank's part of a batch of ``total_valid``). With ``traj`` (``--velocities``)
-    a positive's or negative's distance is the smallest over its trajectories (``velocity``).
+    (when these triplets are one rank's part of a batch of ``total_valid``). With ``loss.traj``
+    (``--velocities``) a positive's or negative's distance is the smallest over its trajectories
+    (``velocity``).
     """
+    q_idx, pos, negs = triplets.queries, triplets.positives, triplets.negatives
+    distance, margin, traj = loss.distance, loss.margin, loss.traj
     seq = np.arange(tset.seq_len)
     num_db = tset.split.num_db
-    q_rows = tset.q_starts[q_idx][:, None] + seq + num_db                 # [B, L] rows in db+query stack
+    # [B, L] rows in db+query stack
+    q_rows = tset.q_starts[q_idx][:, None] + seq + num_db
     if traj is None:
         p_rows = tset.db_starts[pos][:, None] + seq                        # [B, L]
         n_rows = tset.db_starts[np.maximum(negs, 0)][..., None] + seq      # [B, K, L]
         valid = ()
     else:
-        (p_rows, p_valid), (n_rows, n_valid) = (_trajectory_rows(tset, w, traj) for w in (pos, np.maximum(negs, 0)))
+        (p_rows, p_valid), (n_rows, n_valid) = (_trajectory_rows(tset, w, traj)
+                                                for w in (pos, np.maximum(negs, 0)))
         valid = (torch.as_tensor(p_valid, device=device), torch.as_tensor(n_valid, device=device),
                  loss_mod.tap_weights(traj))
-    uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]), return_inverse=True)
+    uniq, inverse = np.unique(np.concatenate([q_rows.ravel(), p_rows.ravel(), n_rows.ravel()]),
+                              return_inverse=True)
     inverse = torch.as_tensor(inverse, device=device)
     frames = torch.from_numpy(stacked_rows(tset, uniq)).to(device)
     n_q, n_p = q_rows.size, p_rows.size
     d_pos, d_neg = (forward or model.triplet_distances)(frames, inverse[:n_q].view(q_rows.shape),
                                                         inverse[n_q:n_q + n_p].view(p_rows.shape),
-                                                        inverse[n_q + n_p:].view(n_rows.shape), distance, *valid)
-    usable = torch.as_tensor(negs >= 0, device=device) & torch.isfinite(d_neg) & torch.isfinite(d_pos)[:, None]
-    d_pos, d_neg = torch.where(torch.isfinite(d_pos), d_pos, 0.0), torch.where(torch.isfinite(d_neg), d_neg, 0.0)
+                                                        inverse[n_q + n_p:].view(n_rows.shape),
+                                                        distance, *valid)
+    usable = torch.as_tensor(negs >= 0,
+                             device=device) & torch.isfinite(d_neg) & torch.isfinite(d_pos)[:, None]
+    d_pos, d_neg = torch.where(torch.isfinite(d_pos), d_pos,
+                               0.0), torch.where(torch.isfinite(d_neg), d_neg, 0.0)
     loss = triplet_loss(d_pos, d_neg, usable, margin)
-    if total_valid is not None:     # the mean over these triplets -> their sum over the batch's count
+    # the mean over these triplets -> their sum over the batch's count
+    if total_valid is not None:
         loss = loss * (max(int((negs >= 0).sum()), 1) / max(int(total_valid), 1))
     return loss
 
 
 def _trajectory_rows(tset: TrainingSet, windows: np.ndarray, traj: trajectories_mod.Trajectories):
-    """The database rows of every trajectory of the database windows ``windows`` ``[...]`` (positions in
+    """The database rows of every trajectory of the database windows ``windows`` ``[...]``
+    (positions in
     ``tset.db_frames``): ``(rows [..., T, L] (``[..., T, L, 2]`` with midpoints), valid [..., T])``
     (``velocity.trajectory_frames``)."""
     split = tset.split
@@ -162,7 +217,8 @@ class EpochStats:
     triplet_queries: int = 0
     skipped: int = 0
     train_recalls: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=lambda: {"cache_s": 0.0, "mining_s": 0.0, "batches_s": 0.0})
+    timings: dict = field(default_factory=lambda: {"cache_s": 0.0, "mining_s": 0.0,
+                                                   "batches_s": 0.0})
 
 
 @dataclass
@@ -175,20 +231,26 @@ class MinedChunk:
     negatives: np.ndarray
     kept: np.ndarray
     top: np.ndarray
-    slots: np.ndarray | None = None     # per valid query of the chunk (route order): its row above, -1 = none
+    # per valid query of the chunk (route order): its row above, -1 = none
+    slots: np.ndarray | None = None
 
     def batch_slots(self) -> np.ndarray:
-        """What the batches are cut from: the chunk's valid queries, a query without a positive (or a
-        negative) being an empty slot (-1), as in the reference's data loader."""
+        """What the batches are cut from: the chunk's valid queries, a query without a positive (or
+        a negative) being an empty slot (-1), as in the reference's data loader."""
         return np.arange(len(self.queries)) if self.slots is None else self.slots
 
+    def triplets(self, sel: np.ndarray) -> Triplets:
+        """The triplets of the rows ``sel``."""
+        return Triplets(self.queries[sel], self.positive[sel], self.negatives[sel])
 
-def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray, neg_cache: np.ndarray,
+
+def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
+                     neg_cache: np.ndarray,
                      config: TrainConfig, rng: np.random.Generator, device: torch.device,
                      timings: dict) -> MinedChunk:
     """Refresh and mine one chunk (docs/how-it-works.md, steps 1-2): the mining matrix with the
-    current model, then the triplets; with ``--negCache on`` the kept queries' negatives become their
-    cache (in place).
+    current model, then the triplets; with ``--negCache on`` the kept queries' negatives become
+    their cache (in place).
 
     Under torchrun each rank computes the mining matrix of its consecutive share of the chunk's
     queries and mines them; the triplets (and top-100 lists) are gathered, so every rank ends with
@@ -207,12 +269,14 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
     previous = neg_cache[part] if use_cache else np.full((len(part), N_NEG), -1, dtype=np.int64)
     sampled = sample_negatives(tset, chunk, rng)[distributed.shard(len(chunk))]
     if len(part):
-        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in part], sampled, previous, config.margin)
+        pos, negs, kept = mine(dists, [tset.nontriv_pos[i] for i in part], sampled, previous,
+                               config.margin)
     else:           # more ranks than queries in this chunk
         pos, negs = np.zeros(0, dtype=np.int64), np.zeros((0, N_NEG), dtype=np.int64)
         kept, top = np.zeros(0, dtype=bool), np.zeros((0, n_top), dtype=np.int64)
     if distributed.active():
-        pos, negs, kept, top = distributed.all_gather_arrays(pos, negs, kept, top, what="gathering the mined triplets")
+        pos, negs, kept, top = distributed.all_gather_arrays(pos, negs, kept, top,
+                                                             what="gathering the mined triplets")
     if use_cache:
         neg_cache[chunk[kept]] = negs[kept]
     timings["cache_s"] += t1 - t0
@@ -220,15 +284,18 @@ def refresh_and_mine(model: SeqMatchModel, tset: TrainingSet, chunk: np.ndarray,
     return MinedChunk(chunk, pos, negs, kept, top)
 
 
-def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, optimizer,
-                 config: TrainConfig, rng: np.random.Generator, device: torch.device, step: int, label: str,
-                 writer=None, ddp=None) -> list[float]:
-    """Step 3 of docs/how-it-works.md: shuffled batches of the chunk's queries, one optimiser step each
-    (queries without a hard negative are left out, as in the reference). Returns the batch losses;
-    ``step`` numbers the first batch for TensorBoard (empty batches count, as in the reference).
+def step_batches(learner: Learner, tset: TrainingSet, mined: MinedChunk, config: TrainConfig,
+                 rng: np.random.Generator, step: int, label: str) -> list[float]:
+    """Step 3 of docs/how-it-works.md: shuffled batches of the chunk's queries, one optimiser step
+    each (queries without a hard negative are left out, as in the reference). Returns the batch
+    losses; ``step`` numbers the first batch for TensorBoard (empty batches count, as in the
+    reference).
 
-    Under torchrun (``ddp``, see ``data_parallel``) every rank draws the same shuffle and batches and
-    computes its share of each batch (``part_loss``); the batch losses are summed over the ranks."""
+    Under torchrun (``learner.ddp``, see ``data_parallel``) every rank draws the same shuffle and
+    batches and computes its share of each batch (``part_loss``); the batch losses are summed over
+    the ranks."""
+    model, optimizer, device, writer, ddp = (learner.model, learner.optimizer, learner.device,
+                                             learner.writer, learner.ddp)
     model.train()
     slots = mined.batch_slots()
     local = slots[rng.permutation(len(slots))]
@@ -243,8 +310,7 @@ def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, opt
             continue
         optimizer.zero_grad(set_to_none=True)
         if ddp is None:
-            loss = batch_loss(model, tset, mined.queries[sel], mined.positive[sel], mined.negatives[sel],
-                              config.loss_distance, config.margin, device, traj=config.trajectories)
+            loss = batch_loss(model, tset, mined.triplets(sel), config.loss, device)
             loss.backward()
             share = loss.item()
         else:
@@ -259,7 +325,8 @@ def step_batches(model: SeqMatchModel, tset: TrainingSet, mined: MinedChunk, opt
             writer.scalar("Train/Loss", losses[-1], step + i)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     if ddp is not None and losses:
-        losses = distributed.all_reduce_sum(torch.tensor(losses, dtype=torch.float64), "summing the batch losses")
+        losses = distributed.all_reduce_sum(torch.tensor(losses, dtype=torch.float64),
+                                            "summing the batch losses")
         losses = losses.tolist()
         for s, value in zip(steps, losses):
             if writer is not None:
@@ -280,9 +347,8 @@ def part_loss(model: SeqMatchModel, ddp, tset: TrainingSet, mined: MinedChunk, s
     if len(part) == 0:
         part, weight = sel[:1], 0.0
     total = int((mined.negatives[sel] >= 0).sum())
-    loss = batch_loss(model, tset, mined.queries[part], mined.positive[part], mined.negatives[part],
-                      config.loss_distance, config.margin, device, forward=ddp, total_valid=total,
-                      traj=config.trajectories)
+    loss = batch_loss(model, tset, mined.triplets(part), config.loss, device, forward=ddp,
+                      total_valid=total)
     return loss * weight
 
 
@@ -298,30 +364,34 @@ class TripletDistances(torch.nn.Module):
 
 
 def data_parallel(model: SeqMatchModel, device: torch.device):
-    """Under torchrun, DistributedDataParallel around the model's triplet distances (its construction
-    gives every rank rank 0's weights; each backward averages the gradients over the ranks); else None."""
+    """Under torchrun, DistributedDataParallel around the model's triplet distances (its
+    construction gives every rank rank 0's weights; each backward averages the gradients over the
+    ranks); else None."""
     if not distributed.active():
         return None
-    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    ids = [device.index if device.index is not None
+           else torch.cuda.current_device()] if device.type == "cuda" else None
     with distributed.collective("starting DistributedDataParallel"):
         return torch.nn.parallel.DistributedDataParallel(TripletDistances(model), device_ids=ids)
 
 
-def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.Optimizer, neg_cache: np.ndarray,
-                config: TrainConfig, epoch: int, device: torch.device, writer=None, ddp=None) -> EpochStats:
-    """One epoch: per consecutive chunk of the valid queries (the reference's ``np.array_split`` of all
-    of them), refresh the cache and mine the chunk's training queries (those with a non-trivial
-    positive), then step over shuffled batches of the chunk's valid queries, where a query that is not
-    trained leaves an empty slot, as in the reference. ``neg_cache`` ``[len(q_frames), N_NEG]`` is
-    updated in place.
+def train_epoch(learner: Learner, tset: TrainingSet, neg_cache: np.ndarray, config: TrainConfig,
+                epoch: int) -> EpochStats:
+    """One epoch: per consecutive chunk of the valid queries (the reference's ``np.array_split`` of
+    all of them), refresh the cache and mine the chunk's training queries (those with a non-trivial
+    positive), then step over shuffled batches of the chunk's valid queries, where a query that is
+    not trained leaves an empty slot, as in the reference. ``neg_cache`` ``[len(q_frames), N_NEG]``
+    is updated in place.
 
     The average loss is the reference's: the sum of batch losses over ``ceil(valid queries /
     batchSize)``. TensorBoard steps count every batch of every chunk, so they never repeat across
-    epochs. The training recall is measured on each chunk's mining matrix (the training queries, with
-    the model of that chunk's refresh); the reference used the last chunk's matrix over all valid queries.
+    epochs. The training recall is measured on each chunk's mining matrix (the training queries,
+    with the model of that chunk's refresh); the reference used the last chunk's matrix over all
+    valid queries.
 
-    The epoch's stream ``rng`` (negative draws, shuffles) depends on ``--seed`` and the epoch only, not
-    on the rank: under torchrun (``ddp``) all ranks take the same decisions and split the work.
+    The epoch's stream ``rng`` (negative draws, shuffles) depends on ``--seed`` and the epoch only,
+    not on the rank: under torchrun (``learner.ddp``) all ranks take the same decisions and split
+    the work.
     """
     rng = np.random.default_rng([config.seed, epoch])
     valid = refresh_chunks(np.arange(len(tset.q_frames)), config.refresh_rate)
@@ -331,11 +401,13 @@ def train_epoch(model: SeqMatchModel, tset: TrainingSet, optimizer: torch.optim.
     stats, losses, tops = EpochStats(), [], []
     step = (epoch - 1) * steps_per_epoch + 1
     for c, (chunk, all_valid) in enumerate(zip(chunks, valid)):
-        mined = refresh_and_mine(model, tset, chunk, neg_cache, config, rng, device, stats.timings)
-        mined.slots = np.where(np.isin(all_valid, chunk), np.cumsum(np.isin(all_valid, chunk)) - 1, -1)
+        mined = refresh_and_mine(learner.model, tset, chunk, neg_cache, config, rng, learner.device,
+                                 stats.timings)
+        mined.slots = np.where(np.isin(all_valid, chunk), np.cumsum(np.isin(all_valid, chunk)) - 1,
+                               -1)
         t0 = time.perf_counter()
-        losses += step_batches(model, tset, mined, optimizer, config, rng, device, step,
-                               f"epoch {epoch} chunk {c + 1}/{len(chunks)}", writer, ddp)
+        losses += step_batches(learner, tset, mined, config, rng, step,
+                               f"epoch {epoch} chunk {c + 1}/{len(chunks)}")
         step += math.ceil(len(all_valid) / config.batch_size)
         stats.timings["batches_s"] += time.perf_counter() - t0
         stats.skipped += int((~mined.kept).sum())
