@@ -332,7 +332,7 @@ def test_database_shares_cover_the_windows_once_and_keep_tied_starts_together(mo
 IVF_MAIN = """
 import sys
 sys.path.insert(0, {root!r})
-import shortlist
+from seqmatchnet.search import shortlist
 shortlist.choose_index = lambda n, dim: shortlist.IndexChoice("ivf-flat", {nlist})
 import main
 sys.exit(main.main())

@@ -112,11 +112,15 @@ DRIVER = textwrap.dedent('''
     Figures are not drawn: they cost seconds per epoch and are not what these cases test."""
     import errno, io, os, signal, sys
     sys.path.insert(0, os.environ["SEQMATCHNET_ROOT"])
-    import main, plots, test, torch, train, utils
+    import main, torch
+    from seqmatchnet.cli import test
+    from seqmatchnet.evaluation import figures
+    from seqmatchnet.runs import tracking
+    from seqmatchnet.training import epochs, steps
 
-    test.write_figures = train.write_figures = lambda *args, **kwargs: {}
-    plots.training_curves_figure = plots.save_figure = lambda *args, **kwargs: None
-    utils.MetricsWriter.figure = lambda self, *args, **kwargs: None
+    test.write_figures = epochs.write_figures = lambda *args, **kwargs: {}
+    figures.training_curves_figure = figures.save_figure = lambda *args, **kwargs: None
+    tracking.MetricsWriter.figure = lambda self, *args, **kwargs: None
 
     action, target, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
     calls = [0]
@@ -157,14 +161,14 @@ DRIVER = textwrap.dedent('''
             os.fsync(f.fileno())
             fire()
         torch.save = save
-    elif action != "none":          # train.cache_distances, train.mine, train.batch_loss
-        real = getattr(train, target)
+    elif action != "none":          # steps.model_cache_distances, steps.mine, steps.batch_loss
+        real = getattr(steps, target)
         def wrapped(*args, **kwargs):
             calls[0] += 1
             if calls[0] == nth:
                 fire()
             return real(*args, **kwargs)
-        setattr(train, target, wrapped)
+        setattr(steps, target, wrapped)
     sys.exit(main.main(sys.argv[4:]))
 ''')
 

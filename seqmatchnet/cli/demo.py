@@ -1,15 +1,15 @@
 """``make demo`` (``python main.py --mode demo``): why SeqMatchNet exists, in a few minutes on a
 CPU, with no download.
 
-On the embedded synthetic benchmark (``--dataset synthetic``) it evaluates the
-test split three ways and prints one table:
+On the embedded synthetic benchmark (``--dataset synthetic``) it evaluates the test split three ways
+and prints one table:
 
 1. single-frame retrieval on the raw descriptors (``--seqL 1 --matcher None``),
 2. sequence matching on the raw descriptors (``--seqL 5``),
 3. sequence matching after SeqMatchNet training (``--seqL 5 --pooling``).
 
-Every step is the real pipeline (the same code as ``python main.py``); the
-commands it runs are printed so they can be repeated one by one.
+Every step is the real pipeline (the same code as ``python main.py``); the commands it runs are
+printed so they can be repeated one by one.
 """
 from __future__ import annotations
 

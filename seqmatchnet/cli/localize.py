@@ -201,8 +201,8 @@ def _console_log_to_stderr():
 
 
 def _run_stream(opt: argparse.Namespace, localizer: Localizer, stream: str, setup_s: float) -> dict:
-    """Localise frames from ``--stream`` as they arrive: one flushed CSV line per frame
-    (to ``--output``, else to stdout with log messages moved to stderr)."""
+    """Localise frames from ``--stream`` as they arrive: one flushed CSV line per frame (to
+    ``--output``, else to stdout with log messages moved to stderr)."""
     with contextlib.ExitStack() as stack:
         source, count, dim, dtype, name = stack.enter_context(open_stream(stream, opt.dim))
         if dim != localizer.input_dim:
@@ -229,8 +229,8 @@ def stream_localize(localizer: Localizer, frames: Iterator[np.ndarray],
                     out: TextIO) -> tuple[list[float], float]:
     """Write the CSV header, then one flushed line per frame of ``frames`` as it arrives.
 
-    Returns ``(latencies_ms, wall seconds)``. An error raised by ``frames``
-    ends the run after the lines of the frames before it.
+    Returns ``(latencies_ms, wall seconds)``. An error raised by ``frames`` ends the run after the
+    lines of the frames before it.
     """
     out.write(",".join(CSV_COLUMNS) + "\n")
     out.flush()

@@ -1,10 +1,10 @@
 """The one table of ``--mode``s: name, entry, one-line help, whether the mode reads the shared
 options (``cli/options.py``) or its own command line, and whether it runs under torchrun.
 
-``main.py`` reads ``--mode`` once (``split_mode``) and calls ``MODES[name].run(rest)``; the
-options parser takes its choices and help from here. Every entry has one signature,
-``run(argv) -> exit code``, where ``argv`` is the command line without ``--mode``. Each entry
-imports its mode when called, so that a quick mode (``compare``) does not load torch.
+``main.py`` reads ``--mode`` once (``split_mode``) and calls ``MODES[name].run(rest)``; the options
+parser takes its choices and help from here. Every entry has one signature, ``run(argv) -> exit
+code``, where ``argv`` is the command line without ``--mode``. Each entry imports its mode when
+called, so that a quick mode (``compare``) does not load torch.
 """
 from __future__ import annotations
 

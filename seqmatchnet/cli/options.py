@@ -1,5 +1,5 @@
-"""The command line: every reference flag with its spelling and default, plus
-a few additions, parsed and checked in one place."""
+"""The command line: every reference flag with its spelling and default, plus a few additions,
+parsed and checked in one place."""
 from __future__ import annotations
 
 import argparse

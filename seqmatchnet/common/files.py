@@ -14,10 +14,10 @@ from seqmatchnet.common.errors import UserError
 # ---------------------------------------------------------------- checkpoints
 
 def atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file_object)`` into a temporary file in
-    the same folder, fsync, then rename over the target: readers see the old
-    or the new file, never half of one. A failed write (disk full, folder not
-    writable) raises ``UserError`` and leaves the old file as it was."""
+    """Write ``path`` through ``write(file_object)`` into a temporary file in the same folder,
+    fsync, then rename over the target: readers see the old or the new file, never half of one. A
+    failed write (disk full, folder not writable) raises ``UserError`` and leaves the old file as it
+    was."""
     path = Path(path)
     tmp = None
     try:

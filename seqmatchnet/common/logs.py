@@ -12,8 +12,8 @@ from seqmatchnet.common import distributed
 # ---------------------------------------------------------------- logging
 
 def setup_logging(log_file: Path | None = None, quiet: bool = False, debug: bool = False) -> None:
-    """Console: INFO (WARNING with --quiet, DEBUG with --debug), short lines.
-    File (optional): DEBUG with timestamps, including tracebacks."""
+    """Console: INFO (WARNING with --quiet, DEBUG with --debug), short lines. File (optional): DEBUG
+    with timestamps, including tracebacks."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

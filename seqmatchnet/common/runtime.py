@@ -25,8 +25,8 @@ def make_deterministic(seed: int, rank: int = 0) -> None:
 
 
 def get_device(nocuda: bool, device: str = "auto") -> torch.device:
-    """The CPU with ``--nocuda`` or ``--device cpu``; CUDA with ``--device cuda`` (an error
-    when there is none); by default (``auto``) CUDA when available, else the CPU."""
+    """The CPU with ``--nocuda`` or ``--device cpu``; CUDA with ``--device cuda`` (an error when
+    there is none); by default (``auto``) CUDA when available, else the CPU."""
     if nocuda or device == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():

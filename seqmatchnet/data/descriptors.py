@@ -1,7 +1,7 @@
 """Reading descriptors and struct files, and building sequence windows.
 
-Everything that touches a file checks it and raises ``UserError`` with a
-message that names the file and says what to do.
+Everything that touches a file checks it and raises ``UserError`` with a message that names the file
+and says what to do.
 """
 from __future__ import annotations
 

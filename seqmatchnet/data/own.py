@@ -1,8 +1,8 @@
 """``python main.py --mode prepare``: turn your own descriptors and positions into a dataset.
 
-Input, per traversal (database/reference and query): a descriptor file (``.npy``,
-or HDF5 with one 2-D dataset), one row per frame in capture order, and a
-positions CSV with a header and one line per frame in the same order:
+Input, per traversal (database/reference and query): a descriptor file (``.npy``, or HDF5 with one
+2-D dataset), one row per frame in capture order, and a positions CSV with a header and one line per
+frame in the same order:
 
 - ``x,y`` or ``easting,northing`` (metres), or ``lat,lon`` (degrees; converted
   to local metres, equirectangular around the mean of all frames of both
@@ -11,14 +11,12 @@ positions CSV with a header and one line per frame in the same order:
 - optional ``sequence_id``: a sequence is a run of consecutive rows with the
   same id, and no sequence window (docs/how-it-works.md) crosses two sequences.
 
-Output, in ``--structPath``: ``custom_<name>_{train,val,test}.db`` (struct
-files like the real ones), ``custom_<name>_splitInds.npz``,
-``seqBoundsFiles/custom_<name>_<split>_{database,query}_seqBounds.txt``
-(always written: one ``lo hi`` line per frame of the split, its run of
-consecutive rows with one sequence id, relative to the split's own row list)
-and, last, ``custom_<name>.json``, which ``--dataset custom:<name>`` reads
-(see ``get_datasets._custom``). The descriptor files are referenced by
-absolute path, not copied.
+Output, in ``--structPath``: ``custom_<name>_{train,val,test}.db`` (struct files like the real
+ones), ``custom_<name>_splitInds.npz``,
+``seqBoundsFiles/custom_<name>_<split>_{database,query}_seqBounds.txt`` (always written: one ``lo
+hi`` line per frame of the split, its run of consecutive rows with one sequence id, relative to the
+split's own row list) and, last, ``custom_<name>.json``, which ``--dataset custom:<name>`` reads
+(see ``get_datasets._custom``). The descriptor files are referenced by absolute path, not copied.
 
 Instead of a descriptor file, a traversal can be given as images (``--db_images`` /
 ``--q_images``: a folder or a list file, see extract.py) with ``--model M --weights FILE`` (or

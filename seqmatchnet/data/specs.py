@@ -29,10 +29,9 @@ NORDLAND_STRUCTS = {"train": "nordland_train_d-40_d2-10.db", "val": "nordland_va
 class DatasetSpec:
     """Where a dataset's files are and which rows each split uses.
 
-    Rows come either from ``rows`` (the same ``[start, stop)`` range of both
-    traversals, Nordland) or from ``split_inds`` (an ``*_splitInds.npz``).
-    ``bounds`` names per-frame sequence-bounds files (MSLS); otherwise each
-    traversal of a split is one segment.
+    Rows come either from ``rows`` (the same ``[start, stop)`` range of both traversals, Nordland)
+    or from ``split_inds`` (an ``*_splitInds.npz``). ``bounds`` names per-frame sequence-bounds
+    files (MSLS); otherwise each traversal of a split is one segment.
     """
 
     name: str
@@ -106,9 +105,9 @@ def custom_config_path(struct_dir: Path, name: str) -> Path:
 
 
 def _custom(opt: argparse.Namespace, name: str) -> DatasetSpec:
-    """A dataset prepared with ``--mode prepare`` (see prepare.py): its JSON config names
-    the descriptor files (absolute, or relative to descData/<descType>/), the struct and
-    split-index files, and per-split sequence-bounds files when the data has several sequences."""
+    """A dataset prepared with ``--mode prepare`` (see prepare.py): its JSON config names the
+    descriptor files (absolute, or relative to descData/<descType>/), the struct and split-index
+    files, and per-split sequence-bounds files when the data has several sequences."""
     import json
 
     path = custom_config_path(Path(opt.structPath), name)
@@ -169,9 +168,9 @@ def get_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
     """Load one split (train/val/test) of ``--dataset``: descriptors, positions, thresholds, bounds.
 
     With ``lazy`` the descriptors stay in their files (``datasets.DescriptorSource``, checked one
-    chunk at a time) and are read as they are needed; otherwise they are loaded into memory.
-    With ``--oxfordHonestVal`` on Oxford, train and val come from the training
-    route (see ``honest_validation``) instead of validating on the test split.
+    chunk at a time) and are read as they are needed; otherwise they are loaded into memory. With
+    ``--oxfordHonestVal`` on Oxford, train and val come from the training route (see
+    ``honest_validation``) instead of validating on the test split.
     """
     if opt.oxfordHonestVal and split in ("train", "val"):
         if not opt.dataset.startswith("oxford"):
@@ -187,11 +186,10 @@ def honest_validation(train: Split, val_pos_thr: float,
                       fraction: float = HONEST_VAL_FRACTION) -> tuple[Split, Split]:
     """Hold out a spatial block of the training route for validation.
 
-    The block is the ``fraction`` of database frames with the largest
-    coordinate along one axis (the axis that loses fewest frames). Frames of
-    either side within ``train.pos_dist_thr`` of the other side are dropped,
-    so no validation place is a training positive; queries go with the side
-    of their nearest database frame.
+    The block is the ``fraction`` of database frames with the largest coordinate along one axis (the
+    axis that loses fewest frames). Frames of either side within ``train.pos_dist_thr`` of the other
+    side are dropped, so no validation place is a training positive; queries go with the side of
+    their nearest database frame.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -288,8 +286,8 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
 
 
 def drop_short_sequences(split: Split, seq_len: int) -> Split:
-    """Leave out the frames of capture sequences shorter than ``seq_len`` (MSLS has
-    sequences of a few frames), so no window has to cross a sequence bound."""
+    """Leave out the frames of capture sequences shorter than ``seq_len`` (MSLS has sequences of a
+    few frames), so no window has to cross a sequence bound."""
     def keep_and_remap(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = (bounds[:, 1] - bounds[:, 0]) >= seq_len
         # new index of an old row = kept rows before it

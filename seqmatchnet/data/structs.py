@@ -132,8 +132,8 @@ def _strings(v) -> list[str]:
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Unpickles NumPy arrays (and object arrays of them) and nothing else: a pickle
-    that names any other callable could run arbitrary code."""
+    """Unpickles NumPy arrays (and object arrays of them) and nothing else: a pickle that names any
+    other callable could run arbitrary code."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),

@@ -1,11 +1,10 @@
 """A small, deterministic route benchmark in the real SeqMatchNet file layout.
 
-`--dataset synthetic` uses it so that the whole pipeline (loaders, windows,
-training, evaluation) runs without a download, in minutes on a laptop CPU.
+`--dataset synthetic` uses it so that the whole pipeline (loaders, windows, training, evaluation)
+runs without a download, in minutes on a laptop CPU.
 
-The model of the problem. A vehicle drives one route twice: a database
-(reference) traversal and a query traversal under another condition. Every
-frame's descriptor is
+The model of the problem. A vehicle drives one route twice: a database (reference) traversal and a
+query traversal under another condition. Every frame's descriptor is
 
     normalise(place(s) + nuisance_condition(frame) + noise(frame))
 
@@ -22,11 +21,10 @@ frame's descriptor is
   condition stays that no projection can undo.
 - ``noise``: independent per-frame noise, which sequence matching averages out.
 
-Splits are disjoint stretches of the route in driving order (train, val,
-test), separated by gaps longer than any positive threshold. Positions are
-metres in a local planar (UTM-like) frame; thresholds are Oxford's: train
-posDistThr 20 m, val/test 10 m, nonTrivPosDistSqThr 25 (5 m), for a frame
-spacing of about 2 m like Oxford RobotCar.
+Splits are disjoint stretches of the route in driving order (train, val, test), separated by gaps
+longer than any positive threshold. Positions are metres in a local planar (UTM-like) frame;
+thresholds are Oxford's: train posDistThr 20 m, val/test 10 m, nonTrivPosDistSqThr 25 (5 m), for a
+frame spacing of about 2 m like Oxford RobotCar.
 """
 from __future__ import annotations
 
@@ -67,8 +65,8 @@ _GRID_M = 1.0  # resolution of the arc-length grid on which signals are built
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    """Knobs of the synthetic benchmark (lengths in metres, stds relative to
-    the place signal, whose per-dimension std is 1)."""
+    """Knobs of the synthetic benchmark (lengths in metres, stds relative to the place signal, whose
+    per-dimension std is 1)."""
 
     seed: int = 0
     frames: int = 5000  # database frames for the whole route
@@ -155,16 +153,16 @@ def _split_ranges(params: SyntheticParams, length_m: float) -> dict[str, tuple[f
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """Gaussian white noise smoothed along axis 0 with `sigma` samples, then
-    rescaled to unit std per column."""
+    """Gaussian white noise smoothed along axis 0 with `sigma` samples, then rescaled to unit std
+    per column."""
     x = gaussian_filter1d(rng.standard_normal(shape), sigma, axis=0, mode='reflect') if sigma > 0 \
         else rng.standard_normal(shape)
     return x / x.std(axis=0, keepdims=True)
 
 
 def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    """Linear interpolation of the rows of `fp` (n, k) given at increasing `xp`
-    (n,) to the points `x` (m,): (m, k). Clamped at the ends."""
+    """Linear interpolation of the rows of `fp` (n, k) given at increasing `xp` (n,) to the points
+    `x` (m,): (m, k). Clamped at the ends."""
     x = np.clip(x, xp[0], xp[-1])
     i = np.clip(np.searchsorted(xp, x, side='right') - 1, 0, len(xp) - 2)
     w = ((x - xp[i]) / (xp[i + 1] - xp[i]))[:, None]
@@ -173,9 +171,9 @@ def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
 
 def _smooth_field(rng: np.random.Generator, s: np.ndarray, length_m: float, dims: int,
                   scale_m: float) -> np.ndarray:
-    """A random field of `dims` unit-std columns, smooth along the route with
-    Gaussian scale `scale_m`, sampled at the arc lengths `s`: (len(s), dims).
-    Built on a coarse grid (scale / 4) to stay cheap."""
+    """A random field of `dims` unit-std columns, smooth along the route with Gaussian scale
+    `scale_m`, sampled at the arc lengths `s`: (len(s), dims). Built on a coarse grid (scale / 4) to
+    stay cheap."""
     step = scale_m / 4
     coarse = np.arange(-8 * step, length_m + 9 * step, step)
     return _interp_rows(s, coarse, _smooth_noise(rng, (len(coarse), dims), 4.0))
@@ -198,8 +196,7 @@ def _query_positions(rng: np.random.Generator, params: SyntheticParams,
     The query advances ``spacing_m * query_speed`` metres per frame, times the smooth ``speed_var``
     factor, times a factor per stretch (exponential lengths, mean 50 frames; log-uniform in
     ``[1/(1+c), 1+c]`` for ``c = query_speed_changes``; smoothed over a few frames: accelerations).
-    At
-    ``query_stops_per_km`` stops per km (uniform along the route) it slows down over 4 frames,
+    At ``query_stops_per_km`` stops per km (uniform along the route) it slows down over 4 frames,
     stands still for ``query_stop_frames`` frames on average (0.5x to 1.5x), and speeds up again.
     The number of frames follows from the profile (``query_ratio`` is not used).
     """
@@ -228,9 +225,8 @@ def _query_positions(rng: np.random.Generator, params: SyntheticParams,
 
 
 def _route_xy(rng: np.random.Generator, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Planar route on the arc-length grid: (xy (n, 2), unit normals (n, 2)).
-    The heading meanders within +-60 degrees of one direction, so the route
-    never comes back near itself."""
+    """Planar route on the arc-length grid: (xy (n, 2), unit normals (n, 2)). The heading meanders
+    within +-60 degrees of one direction, so the route never comes back near itself."""
     heading = rng.uniform(0, 2 * np.pi) + np.deg2rad(60) * np.tanh(
         _smooth_noise(rng, (len(grid),), 150.0 / _GRID_M))
     direction = np.stack([np.cos(heading), np.sin(heading)], axis=1)
@@ -391,10 +387,9 @@ def ensure_synthetic(desc_dir: Path, struct_dir: Path,
                      params: SyntheticParams = SyntheticParams()) -> bool:
     """Write the benchmark unless an identical one is already there.
 
-    Descriptors go to `desc_dir` (SYNTHETIC_FILES 'db', 'query'), struct files
-    and split indices to `struct_dir`, and `struct_dir/synthetic_params.json`
-    last, as the mark of a complete benchmark. Returns True when it
-    (re)generated.
+    Descriptors go to `desc_dir` (SYNTHETIC_FILES 'db', 'query'), struct files and split indices to
+    `struct_dir`, and `struct_dir/synthetic_params.json` last, as the mark of a complete benchmark.
+    Returns True when it (re)generated.
     """
     desc_dir, struct_dir = Path(desc_dir), Path(struct_dir)
     paths = _file_paths(desc_dir, struct_dir)

@@ -15,9 +15,9 @@ from seqmatchnet.data.descriptors import DescriptorSource, rows_of
 def sequence_windows(bounds: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Windows of ``seq_len`` frames centred on each frame (docs/how-it-works.md).
 
-    ``bounds`` ``[N, 2]`` holds each frame's segment ``[lo, hi)``. Returns
-    ``(starts [N], valid [N])``: window ``i`` is ``starts[i] + arange(seq_len)``;
-    ``valid[i]`` is True when the window did not have to be shifted.
+    ``bounds`` ``[N, 2]`` holds each frame's segment ``[lo, hi)``. Returns ``(starts [N], valid
+    [N])``: window ``i`` is ``starts[i] + arange(seq_len)``; ``valid[i]`` is True when the window
+    did not have to be shifted.
     """
     bounds = np.asarray(bounds, dtype=np.int64)
     idx = np.arange(len(bounds), dtype=np.int64)

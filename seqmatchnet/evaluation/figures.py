@@ -1,12 +1,10 @@
 """Figures of evaluation and training results.
 
-Each ``*_figure`` function takes plain arrays and returns a
-``matplotlib.figure.Figure`` (built without pyplot, on the Agg canvas); the
-caller saves it with ``save_figure`` and/or logs it with
-``MetricsWriter.figure``. Sizes are fixed (``figsize`` x ``FIG_DPI``) so the
-PNGs have a known pixel size. Nothing here computes a metric: the numbers
-come from ``metrics`` and ``test`` (``evaluation_figures`` draws all test-mode
-figures from them).
+Each ``*_figure`` function takes plain arrays and returns a ``matplotlib.figure.Figure`` (built
+without pyplot, on the Agg canvas); the caller saves it with ``save_figure`` and/or logs it with
+``MetricsWriter.figure``. Sizes are fixed (``figsize`` x ``FIG_DPI``) so the PNGs have a known pixel
+size. Nothing here computes a metric: the numbers come from ``metrics`` and ``test``
+(``evaluation_figures`` draws all test-mode figures from them).
 """
 from __future__ import annotations
 
@@ -61,8 +59,8 @@ TITLE_SHARE = 0.9        # of the figure's width that a title line may take
 
 
 def _wrap(text: str, fig, size: float = TITLE_SIZE, share: float = TITLE_SHARE) -> str:
-    """``text`` with each line wrapped to fit ``share`` of ``fig``'s width at ``size`` points
-    (a DejaVu Sans character is about 0.6 em wide on average, less in lower case)."""
+    """``text`` with each line wrapped to fit ``share`` of ``fig``'s width at ``size`` points (a
+    DejaVu Sans character is about 0.6 em wide on average, less in lower case)."""
     chars = max(int(fig.get_figwidth() * share * 72 / (0.6 * size)), 20)
     return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
@@ -80,9 +78,9 @@ def recall_at_n_figure(n_values: Sequence[int], recalls_by_label: Mapping[str, S
                        title: str = "Recall@N", detail: str = ""):
     """Recall@N curves, one labelled line per run or method.
 
-    ``n_values`` ``[K]`` (e.g. 1, 5, 10, 20, 100); each value of
-    ``recalls_by_label`` is ``[K]`` recalls in [0, 1] (NaN/None = not measured). ``detail`` goes
-    under the title; a single line labelled with it needs no legend.
+    ``n_values`` ``[K]`` (e.g. 1, 5, 10, 20, 100); each value of ``recalls_by_label`` is ``[K]``
+    recalls in [0, 1] (NaN/None = not measured). ``detail`` goes under the title; a single line
+    labelled with it needs no legend.
     """
     fig = _new_figure(SMALL)
     ax = fig.add_subplot()
@@ -220,13 +218,11 @@ def distance_matrix_figure(dists_block: np.ndarray, db_offset: int, q_offset: in
                            detail: str = ""):
     """A section of the distance matrix with ground truth and top-1 matches.
 
-    ``dists_block`` ``[Nd_sub, Nq_sub]``: rows are database windows
-    ``db_offset + i``, columns query windows ``q_offset + j`` (the axes show
-    these frame numbers). ``gt_pairs`` is a boolean mask ``[Nd_sub, Nq_sub]``
-    or ``(row, column)`` pairs in block coordinates; ``top1`` ``[Nq_sub]`` the
-    block row of each query's top-1 match (outside ``[0, Nd_sub)``, e.g. -1:
-    the match is outside the section and is not drawn). A match is correct
-    when it is a ground-truth pair.
+    ``dists_block`` ``[Nd_sub, Nq_sub]``: rows are database windows ``db_offset + i``, columns query
+    windows ``q_offset + j`` (the axes show these frame numbers). ``gt_pairs`` is a boolean mask
+    ``[Nd_sub, Nq_sub]`` or ``(row, column)`` pairs in block coordinates; ``top1`` ``[Nq_sub]`` the
+    block row of each query's top-1 match (outside ``[0, Nd_sub)``, e.g. -1: the match is outside
+    the section and is not drawn). A match is correct when it is a ground-truth pair.
     """
     block = np.asarray(dists_block, dtype=float)
     nd, nq = block.shape
@@ -266,8 +262,8 @@ def training_curves_figure(epochs: Sequence[int], losses: Sequence[float],
                            val_epochs: Sequence[int] | None = None, title: str = "Training"):
     """Average training loss (left) and validation Recall@N (right) by epoch.
 
-    ``losses`` ``[E]`` per epoch of ``epochs``; ``val_recalls`` maps N to
-    recalls at ``val_epochs`` (default ``epochs``; differs with ``--evalEvery``).
+    ``losses`` ``[E]`` per epoch of ``epochs``; ``val_recalls`` maps N to recalls at ``val_epochs``
+    (default ``epochs``; differs with ``--evalEvery``).
     """
     from matplotlib.ticker import MaxNLocator
 

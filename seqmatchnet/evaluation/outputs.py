@@ -1,5 +1,5 @@
-"""The files of an evaluation: ``results.npz``, the distance-matrix section and the figures
-(PNG and TensorBoard), and t-SNE embeddings.
+"""The files of an evaluation: ``results.npz``, the distance-matrix section and the figures (PNG and
+TensorBoard), and t-SNE embeddings.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Retrieval metrics: Recall@N, recall at localisation radii, top-1 outcomes and the
-precision-recall of the top-1 match. Pure NumPy on predictions and positions; nothing
-here knows models, datasets or figures.
+precision-recall of the top-1 match. Pure NumPy on predictions and positions; nothing here knows
+models, datasets or figures.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def recall_table(preds: np.ndarray, db_positions: np.ndarray, q_positions: np.nd
                  n_values=N_VALUES, nearest: np.ndarray | None = None) -> tuple[dict, int]:
     """Recall@N with positives within ``radius`` (<=); queries without any positive are left out.
 
-    ``preds`` ``[Nq, k]`` indexes ``db_positions``. Only what was retrieved counts: for
-    ``N > k`` a query is a hit only when one of its ``k`` predictions is (the reference's
-    ``pred[:N]``). Returns ``({N: recall}, queries with a positive)``.
+    ``preds`` ``[Nq, k]`` indexes ``db_positions``. Only what was retrieved counts: for ``N > k`` a
+    query is a hit only when one of its ``k`` predictions is (the reference's ``pred[:N]``). Returns
+    ``({N: recall}, queries with a positive)``.
     """
     has_pos = has_positive(db_positions, q_positions, radius, nearest)
     hit = np.linalg.norm(q_positions[:, None, :] - db_positions[preds], axis=-1) <= radius
@@ -61,8 +61,8 @@ def top1_outcomes(top1: np.ndarray, db_positions: np.ndarray, q_positions: np.nd
                   radius: float) -> tuple[np.ndarray, np.ndarray]:
     """``(top1_correct [Nq], has_positive [Nq])`` for ``precision_recall``.
 
-    ``top1`` ``[Nq]`` indexes ``db_positions`` ``[Nd, k]``; ``q_positions`` is
-    ``[Nq, k]``; a match is correct within ``radius`` (<=, as ``recall_table``).
+    ``top1`` ``[Nq]`` indexes ``db_positions`` ``[Nd, k]``; ``q_positions`` is ``[Nq, k]``; a match
+    is correct within ``radius`` (<=, as ``recall_table``).
     """
     q_positions = np.asarray(q_positions, dtype=float)
     db_positions = np.asarray(db_positions, dtype=float)
@@ -75,15 +75,13 @@ def precision_recall(top1_dists: np.ndarray, top1_correct: np.ndarray,
                      has_positive: np.ndarray) -> dict:
     """Precision-recall of the top-1 match over the distance threshold.
 
-    All inputs ``[Nq]``. A query is accepted when its top-1 distance is <= the
-    threshold (non-finite distances are never accepted); precision = correct
-    accepted / accepted, recall = correct accepted / queries with a positive.
-    A top-1 of a query without a positive is never correct. Thresholds are the
-    distinct finite distances, ascending. ``auc`` is the trapezoid area over
-    recall from recall 0, where the curve starts at the precision of the
-    smallest threshold; ``recall_at_100_precision`` is the largest recall
-    whose precision is exactly 1 (0 when none). Both are NaN when no query
-    has a positive.
+    All inputs ``[Nq]``. A query is accepted when its top-1 distance is <= the threshold (non-finite
+    distances are never accepted); precision = correct accepted / accepted, recall = correct
+    accepted / queries with a positive. A top-1 of a query without a positive is never correct.
+    Thresholds are the distinct finite distances, ascending. ``auc`` is the trapezoid area over
+    recall from recall 0, where the curve starts at the precision of the smallest threshold;
+    ``recall_at_100_precision`` is the largest recall whose precision is exactly 1 (0 when none).
+    Both are NaN when no query has a positive.
     """
     d = np.asarray(top1_dists, dtype=float).ravel()
     has_pos = np.asarray(has_positive, dtype=bool).ravel()

@@ -1,9 +1,8 @@
 """Run summaries: what was run, on what, with which code, and how well.
 
-``build_summary`` produces the content of ``summary.json`` (options, library
-versions, git commit, data-file checksums, recalls, precision-recall figures,
-timings, UTC timestamp); ``compare_runs`` puts several summaries side by side
-(``main_compare`` is its command-line entry).
+``build_summary`` produces the content of ``summary.json`` (options, library versions, git commit,
+data-file checksums, recalls, precision-recall figures, timings, UTC timestamp); ``compare_runs``
+puts several summaries side by side (``main_compare`` is its command-line entry).
 """
 from __future__ import annotations
 
@@ -42,9 +41,8 @@ def _git(args: list[str], cwd: Path) -> str | None:
 def environment_info(project_dir: Path = PROJECT_DIR) -> dict:
     """Python, library versions, platform, CUDA, and the git commit of ``project_dir``.
 
-    ``git_commit`` is None outside a git checkout (or without git);
-    ``git_dirty`` is True when ``git status --porcelain`` lists anything
-    (None when unknown).
+    ``git_commit`` is None outside a git checkout (or without git); ``git_dirty`` is True when ``git
+    status --porcelain`` lists anything (None when unknown).
     """
     import torch
 
@@ -93,9 +91,8 @@ def file_info(paths: Iterable[Path], full_limit: int = FULL_HASH_LIMIT,
               part: int = PARTIAL_HASH_PART) -> list[dict]:
     """``[{name, path, size, sha256, partial}]`` per file (1 MiB blocks).
 
-    Files over ``full_limit`` bytes are hashed by their first and last
-    ``part`` bytes plus their size (``partial: true``). A missing file gets
-    ``missing: true`` and None for size and checksum.
+    Files over ``full_limit`` bytes are hashed by their first and last ``part`` bytes plus their
+    size (``partial: true``). A missing file gets ``missing: true`` and None for size and checksum.
     """
     out = []
     for p in paths:
@@ -140,13 +137,11 @@ def build_summary(mode: str, options: dict, recalls: dict, radius_recalls: dict,
                   timings: dict, files: Sequence[Path], extra: dict | None = None) -> dict:
     """The content of ``summary.json`` (JSON-native: ``json.dumps`` works on it).
 
-    ``options`` is ``vars(opt)``; ``recalls`` ``{N: recall}``;
-    ``radius_recalls`` ``{radius: {N: recall}}`` (or ``{radius: [recall per
-    N]}``); ``pr`` the output of
-    ``plots.precision_recall`` (only its AUC and recall at 100 % precision are
-    kept) or None; ``timings`` seconds per phase; ``files`` the data files
-    read (checksummed). ``extra`` keys are added at the top level and may not
-    replace the standard ones.
+    ``options`` is ``vars(opt)``; ``recalls`` ``{N: recall}``; ``radius_recalls`` ``{radius: {N:
+    recall}}`` (or ``{radius: [recall per N]}``); ``pr`` the output of ``plots.precision_recall``
+    (only its AUC and recall at 100 % precision are kept) or None; ``timings`` seconds per phase;
+    ``files`` the data files read (checksummed). ``extra`` keys are added at the top level and may
+    not replace the standard ones.
     """
     options = plain(dict(options))
     summary = {

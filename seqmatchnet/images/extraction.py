@@ -2,9 +2,9 @@
 
 The models (``image_models.py``): ``netvlad`` (Patch-NetVLAD's NetVLAD + WPCA, VGG16), ``cosplace``
 and ``eigenplaces`` (ResNet or VGG16 + GeM + linear layer) and ``mixvpr`` (ResNet-50 to layer3 +
-feature mixer), all built with torchvision from their authors' released checkpoints
-(``--weights FILE``; ``--netvladCkpt`` is NetVLAD's spelling). Images are read with Pillow and go
-through torchvision's transforms: RGB, resize (Pillow bilinear) to the model's default size or
+feature mixer), all built with torchvision from their authors' released checkpoints (``--weights
+FILE``; ``--netvladCkpt`` is NetVLAD's spelling). Images are read with Pillow and go through
+torchvision's transforms: RGB, resize (Pillow bilinear) to the model's default size or
 ``--imageSize``, ``ToTensor``, ImageNet ``Normalize``.
 
 The output is ``.npy`` or HDF5, float32 ``[N, D]``, with the sidecars ``OUT.images.txt`` (each

@@ -49,9 +49,9 @@ class NetVLADPool(nn.Module):
 
 
 class NetVLADModel(nn.Module):
-    """Patch-NetVLAD's global descriptor network: ``[N, 3, H, W]`` normalised images ->
-    ``[N, P]`` L2-normalised descriptors (``P = K*512`` without WPCA). Module names match the
-    checkpoints' keys (``encoder``, ``pool``, ``WPCA``)."""
+    """Patch-NetVLAD's global descriptor network: ``[N, 3, H, W]`` normalised images -> ``[N, P]``
+    L2-normalised descriptors (``P = K*512`` without WPCA). Module names match the checkpoints' keys
+    (``encoder``, ``pool``, ``WPCA``)."""
 
     def __init__(self, num_clusters: int, num_pcs: int | None = None,
                  assignment_bias: bool = False) -> None:
@@ -76,9 +76,9 @@ class NetVLADModel(nn.Module):
 
 
 def netvlad_from_state(state: dict[str, torch.Tensor], source: str = "checkpoint") -> NetVLADModel:
-    """Check a Patch-NetVLAD state dict and load it into a ``NetVLADModel`` (CPU, eval mode).
-    K and P are read from the shapes; a missing, unexpected or wrongly shaped key is a
-    ``UserError`` naming the key and its shape."""
+    """Check a Patch-NetVLAD state dict and load it into a ``NetVLADModel`` (CPU, eval mode). K and
+    P are read from the shapes; a missing, unexpected or wrongly shaped key is a ``UserError``
+    naming the key and its shape."""
     for key in ("pool.centroids", "pool.conv.weight"):
         if key not in state:
             raise UserError(f"{source}: key {key!r} is missing: not a NetVLAD checkpoint in "

@@ -1,16 +1,14 @@
 """Sequence matching as pure tensor functions.
 
-Shapes use ``Nd`` database frames, ``Nq`` query frames, ``D`` descriptor
-dimensions and ``L`` the sequence length. A *window* is given by the index of
-its first frame (its *start*); windows are contiguous runs of ``L`` frames
-(see ``datasets.sequence_windows``). Frame descriptors are L2-normalised, so
-the Euclidean frame distance is ``sqrt(2 - 2 a.b)``, clamped at 0.
+Shapes use ``Nd`` database frames, ``Nq`` query frames, ``D`` descriptor dimensions and ``L`` the
+sequence length. A *window* is given by the index of its first frame (its *start*); windows are
+contiguous runs of ``L`` frames (see ``datasets.sequence_windows``). Frame descriptors are
+L2-normalised, so the Euclidean frame distance is ``sqrt(2 - 2 a.b)``, clamped at 0.
 
-The sequence distance of two windows is the mean (``meanOfPairs``) or the
-centre term (``centerOnly``) of the frame distances along their diagonal,
-i.e. a 2-D convolution of the frame-distance matrix with an ``L x L`` identity
-kernel. Everything here is vectorised: one matrix product per chunk plus ``L``
-shifted additions.
+The sequence distance of two windows is the mean (``meanOfPairs``) or the centre term
+(``centerOnly``) of the frame distances along their diagonal, i.e. a 2-D convolution of the
+frame-distance matrix with an ``L x L`` identity kernel. Everything here is vectorised: one matrix
+product per chunk plus ``L`` shifted additions.
 """
 from __future__ import annotations
 
@@ -34,9 +32,8 @@ def diagonal_sums(frame_dists: torch.Tensor, seq_len: int,
                   method: str = "meanOfPairs") -> torch.Tensor:
     """Aggregate a frame-distance matrix along its diagonals.
 
-    ``[M, N] -> [M - L + 1, N - L + 1]``: entry ``[a, b]`` is the sequence
-    distance of the windows starting at database frame ``a`` and query frame
-    ``b``.
+    ``[M, N] -> [M - L + 1, N - L + 1]``: entry ``[a, b]`` is the sequence distance of the windows
+    starting at database frame ``a`` and query frame ``b``.
     """
     _check_method(method)
     m, n = frame_dists.shape
@@ -57,13 +54,11 @@ def window_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, db_starts: t
                      query_chunk: int = 2048) -> torch.Tensor:
     """Dense sequence distances ``[len(db_starts), len(q_starts)]``.
 
-    ``db_feats`` ``[Nd, D]`` and ``q_feats`` ``[Nq, D]`` are frame descriptors;
-    the starts index their rows. Queries are processed ``query_chunk`` at a
-    time into one preallocated result, so the extra memory is a few
-    ``Nd x query_chunk`` blocks. Each chunk takes the cheaper of two exact
-    routes: the diagonal sums over the frame range the chunk covers, or, for
-    scattered queries (a random mining chunk), one product per window offset
-    over just the chosen windows.
+    ``db_feats`` ``[Nd, D]`` and ``q_feats`` ``[Nq, D]`` are frame descriptors; the starts index
+    their rows. Queries are processed ``query_chunk`` at a time into one preallocated result, so the
+    extra memory is a few ``Nd x query_chunk`` blocks. Each chunk takes the cheaper of two exact
+    routes: the diagonal sums over the frame range the chunk covers, or, for scattered queries (a
+    random mining chunk), one product per window offset over just the chosen windows.
     """
     _check_method(method)
     out = torch.empty((len(db_starts), len(q_starts)), dtype=db_feats.dtype, device=db_feats.device)
@@ -134,8 +129,7 @@ def sequence_distance(a: torch.Tensor, b: torch.Tensor,
                       method: str = "meanOfPairs") -> torch.Tensor:
     """Distance of aligned sequences ``[..., L, D] x [..., L, D] -> [...]`` (broadcasting).
 
-    Uses ``sqrt(clamp(sum((a-b)^2)))`` with a safe gradient at 0 so it can be
-    used in the loss.
+    Uses ``sqrt(clamp(sum((a-b)^2)))`` with a safe gradient at 0 so it can be used in the loss.
     """
     _check_method(method)
     if method == "centerOnly":
@@ -159,8 +153,8 @@ def triplet_loss(d_pos: torch.Tensor, d_neg: torch.Tensor, neg_mask: torch.Tenso
                  margin: float) -> torch.Tensor:
     """Mean over valid triplets of ``max(0, d_pos - d_neg + sqrt(margin))``.
 
-    ``d_pos`` ``[B]``, ``d_neg`` and ``neg_mask`` ``[B, K]``; ``margin`` is the
-    reference's ``--margin`` (its square root is the hinge margin).
+    ``d_pos`` ``[B]``, ``d_neg`` and ``neg_mask`` ``[B, K]``; ``margin`` is the reference's
+    ``--margin`` (its square root is the hinge margin).
     """
     hinge = torch.relu(d_pos[:, None] - d_neg + math.sqrt(margin))
     mask = neg_mask.to(hinge.dtype)

@@ -1,16 +1,15 @@
-"""The SeqMatchNet model: a per-frame projection (``pool``) and the sequence matcher,
-and the comparison methods, behind one interface.
+"""The SeqMatchNet model: a per-frame projection (``pool``) and the sequence matcher, and the
+comparison methods, behind one interface.
 
-Two families of models compare windows of L frames. *Frame models* (``seqmatch``,
-``single``) project each frame and compare windows by sequence matching (single:
-L = 1); *window models* (``smooth``, ``delta``, ``seqnet``) turn each window into
-one descriptor. Both offer the same three calls, so evaluation, mining and the
-loss need not know which they have: ``embed_windows`` (a traversal's windows as a
-``WindowEmbedding``), ``window_distance_matrix`` (the mining matrix) and
+Two families of models compare windows of L frames. *Frame models* (``seqmatch``, ``single``)
+project each frame and compare windows by sequence matching (single: L = 1); *window models*
+(``smooth``, ``delta``, ``seqnet``) turn each window into one descriptor. Both offer the same three
+calls, so evaluation, mining and the loss need not know which they have: ``embed_windows`` (a
+traversal's windows as a ``WindowEmbedding``), ``window_distance_matrix`` (the mining matrix) and
 ``triplet_distances`` (the loss's distances).
 
-State-dict keys follow the reference (``pool.1.conv.weight`` / ``.bias``) so
-released checkpoints load unchanged.
+State-dict keys follow the reference (``pool.1.conv.weight`` / ``.bias``) so released checkpoints
+load unchanged.
 """
 from __future__ import annotations
 
@@ -51,8 +50,8 @@ class WXpB(nn.Module):
 
 
 class SeqNetConv(nn.Module):
-    """SeqNet: a temporal convolution over a window, averaged over time:
-    ``[N, L, C] -> [N, outDims]`` (kernel ``w`` <= L)."""
+    """SeqNet: a temporal convolution over a window, averaged over time: ``[N, L, C] -> [N,
+    outDims]`` (kernel ``w`` <= L)."""
 
     def __init__(self, in_dims: int, out_dims: int, w: int) -> None:
         super().__init__()
@@ -292,15 +291,13 @@ def project_frames(model: SeqMatchModel, desc: np.ndarray, device: torch.device,
                      overwrite: bool = False) -> torch.Tensor:
     """Project every frame with the model in eval mode: ``[N, C]`` -> ``[N, outDims]`` on
     ``device``, stored in ``dtype`` (default: the model's; float16 halves the memory, values rounded
-    once).
-    ``desc`` is an array or anything sliced like one (``datasets.DescriptorSource`` reads each
-    block).
+    once). ``desc`` is an array or anything sliced like one (``datasets.DescriptorSource`` reads
+    each block).
 
     Frames go through in blocks of ``batch_size`` rows, or of ``FEATURE_BLOCK_BYTES`` of input and
     output when that is more (a projection is one matrix product per block; small blocks cost
     several times more per frame on the CPU), straight into one preallocated result (one block is
-    the result).
-    ``overwrite``: ``desc`` may be overwritten (normalised in place); always so for a
+    the result). ``overwrite``: ``desc`` may be overwritten (normalised in place); always so for a
     ``DescriptorSource``, whose reads are fresh buffers, never for an array unless asked."""
     model.eval()
     rows = max(batch_size, FEATURE_BLOCK_BYTES // (4 * (desc.shape[1] + model.out_dims)), 1)
@@ -387,8 +384,8 @@ def get_model(opt: argparse.Namespace, encoder_dim: int) -> SeqMatchModel:
 
 
 def init_identity(model: SeqMatchModel) -> None:
-    """Start the projection at the identity (needs outDims == input dims):
-    training then begins from the raw descriptors instead of a random projection."""
+    """Start the projection at the identity (needs outDims == input dims): training then begins from
+    the raw descriptors instead of a random projection."""
     conv = model.pool[1].conv
     if conv.out_channels != conv.in_channels:
         raise UserError("--init identity needs --outDims equal to the descriptor dimensions "

@@ -1,21 +1,19 @@
 """Online relocalisation: causal sequence matching, one query frame at a time.
 
-``Localizer`` holds the database frame descriptors, projected once (``[Nd, D]``,
-L2-normalised, contiguous float32). Each ``step(frame)`` costs one
-matrix-vector product for the new frame: its ``Nd`` frame distances go into a
-ring buffer ``[L, Nd]`` holding the last ``L`` query frames, and the scores of
-all database windows are ``L`` shifted additions of those rows. Frame
-distances of older frames are never recomputed.
+``Localizer`` holds the database frame descriptors, projected once (``[Nd, D]``, L2-normalised,
+contiguous float32). Each ``step(frame)`` costs one matrix-vector product for the new frame: its
+``Nd`` frame distances go into a ring buffer ``[L, Nd]`` holding the last ``L`` query frames, and
+the scores of all database windows are ``L`` shifted additions of those rows. Frame distances of
+older frames are never recomputed.
 
-Windows are *trailing*: the query window at time ``t`` is the last ``L``
-frames since the last ``reset()``; the database window ending at ``j`` is
-frames ``j-L+1..j`` and never crosses a database sequence bound. The sequence
-distance is the mean of the ``L`` Euclidean frame distances along the aligned
-frames (``seqMatchNet``'s meanOfPairs).
+Windows are *trailing*: the query window at time ``t`` is the last ``L`` frames since the last
+``reset()``; the database window ending at ``j`` is frames ``j-L+1..j`` and never crosses a database
+sequence bound. The sequence distance is the mean of the ``L`` Euclidean frame distances along the
+aligned frames (``seqMatchNet``'s meanOfPairs).
 
-``run_localize(opt)`` is ``--mode localize``: it replays a split's query
-traversal frame by frame, or localises descriptors streamed from another
-process (``--stream FILE.npy|-``), and writes one CSV row per query frame.
+``run_localize(opt)`` is ``--mode localize``: it replays a split's query traversal frame by frame,
+or localises descriptors streamed from another process (``--stream FILE.npy|-``), and writes one CSV
+row per query frame.
 """
 from __future__ import annotations
 
@@ -40,14 +38,13 @@ PROJECT_BATCH = 4096
 class Match:
     """The best database window for the current query window.
 
-    ``db_frame``: the last frame of that window (a row of the database);
-    ``distance``: its sequence distance (mean Euclidean frame distance, in
-    ``[0, 2]``); ``confidence``: ``distance`` divided by the best distance
-    among the database windows whose last frame lies farther than the
-    confidence radius from ``db_frame`` (lower = more confident: 1 means an
-    equally good match elsewhere; NaN when no such window exists);
-    ``position``: the database position of ``db_frame`` when positions are known;
-    ``velocity``: the velocity of the matched trajectory (database frames per query frame).
+    ``db_frame``: the last frame of that window (a row of the database); ``distance``: its sequence
+    distance (mean Euclidean frame distance, in ``[0, 2]``); ``confidence``: ``distance`` divided by
+    the best distance among the database windows whose last frame lies farther than the confidence
+    radius from ``db_frame`` (lower = more confident: 1 means an equally good match elsewhere; NaN
+    when no such window exists); ``position``: the database position of ``db_frame`` when positions
+    are known; ``velocity``: the velocity of the matched trajectory (database frames per query
+    frame).
     """
 
     db_frame: int
@@ -61,15 +58,15 @@ class Match:
 class SearchSettings:
     """How a ``Localizer`` searches the database: across which speeds, and how it projects it.
 
-    ``velocities``: the speeds searched, in database frames per query frame: a tuple, one number,
-    or the command line's text form ``"VMIN:VMAX:VSTEP"`` or ``"a,b,c"`` (``--velocities``, read
-    by ``speeds.trajectories.parse_velocities``, which raises ``UserError`` on malformed text); the
-    default ``(1.0,)`` is the diagonal (one speed, the plain sequence match).
-    ``rule``: a ``speeds.rules.ScoringRule`` that combines the trajectories causally (None:
-    ``speeds.rules.DEFAULT_RULE``); unused on the diagonal.
-    ``grid``: 1 for trajectories on whole frames, 2 (the default) for the half grid
-    (``speeds.trajectories.GRIDS`` maps ``--trajectoryGrid`` to it).
-    ``batch_size`` (keyword-only): database frames projected at once (``PROJECT_BATCH``).
+    ``velocities``: the speeds searched, in database frames per query frame: a tuple, one number, or
+    the command line's text form ``"VMIN:VMAX:VSTEP"`` or ``"a,b,c"`` (``--velocities``, read by
+    ``speeds.trajectories.parse_velocities``, which raises ``UserError`` on malformed text); the
+    default ``(1.0,)`` is the diagonal (one speed, the plain sequence match). ``rule``: a
+    ``speeds.rules.ScoringRule`` that combines the trajectories causally (None:
+    ``speeds.rules.DEFAULT_RULE``); unused on the diagonal. ``grid``: 1 for trajectories on whole
+    frames, 2 (the default) for the half grid (``speeds.trajectories.GRIDS`` maps
+    ``--trajectoryGrid`` to it). ``batch_size`` (keyword-only): database frames projected at once
+    (``PROJECT_BATCH``).
 
     ``SearchSettings("0.5:2:0.5")`` searches speeds 0.5 to 2 on the half grid.
     """
@@ -95,9 +92,8 @@ def project_database(descriptors: np.ndarray | torch.Tensor, model=None,
                      batch_size: int = PROJECT_BATCH) -> torch.Tensor:
     """Database frames ``[Nd, C]`` -> contiguous float32 ``[Nd, D]`` on ``device``, L2-normalised.
 
-    With ``model``: ``model.encode`` on batches (eval mode, no gradients);
-    without: the raw descriptors, normalised. Raises ValueError on NaN/Inf or
-    all-zero rows (naming the first one).
+    With ``model``: ``model.encode`` on batches (eval mode, no gradients); without: the raw
+    descriptors, normalised. Raises ValueError on NaN/Inf or all-zero rows (naming the first one).
     """
     device = torch.device(device)
     x = torch.as_tensor(descriptors)
@@ -154,26 +150,23 @@ class Localizer:
     - ``search``: a ``SearchSettings`` (None: its defaults): the velocities, the scoring rule and
       the grid of the speed search, and the projection batch size.
 
-    ``step(frame [C]) -> Match | None``: None until ``seq_len`` frames have
-    arrived since construction or the last ``reset()``. Among exactly tied
-    scores the smallest database frame wins.
+    ``step(frame [C]) -> Match | None``: None until ``seq_len`` frames have arrived since
+    construction or the last ``reset()``. Among exactly tied scores the smallest database frame
+    wins.
 
-    ``search.velocities`` (database frames per query frame, ``speeds.trajectories``): with
-    the default ``(1.0,)`` the diagonal above. Otherwise the trailing query
-    window (offsets ``k = -(L-1)..0``) is compared with every database
-    trajectory ending at ``j`` (on ``grid`` 1 the frames ``j + round(v k)``;
-    on the half grid, 2, also the trajectories ending at ``j + 1/2``, positions
-    rounded to half frames, a midpoint the mean of its two neighbours'
-    distances; all inside ``j``'s segment, see ``speeds.trajectories``):
-    still one matrix-vector product per step, then shifted sums of the ring
-    buffer's rows per trajectory. ``search.rule`` (``speeds.rules.ScoringRule``,
-    default ``speeds.rules.DEFAULT_RULE``) combines the trajectories causally: its
-    statistics come from the current and the previous ``rule.window`` query
-    frames of the current sequence only. ``Match.distance`` is then the mean
-    frame distance along the chosen trajectory, ``confidence`` that distance
-    over the best one (along each window's chosen trajectory) of the windows
-    beyond the radius, and ``last_velocity`` the chosen velocity. Ties: the
-    smallest database frame, then the velocity nearest 1.
+    ``search.velocities`` (database frames per query frame, ``speeds.trajectories``): with the
+    default ``(1.0,)`` the diagonal above. Otherwise the trailing query window (offsets ``k =
+    -(L-1)..0``) is compared with every database trajectory ending at ``j`` (on ``grid`` 1 the
+    frames ``j + round(v k)``; on the half grid, 2, also the trajectories ending at ``j + 1/2``,
+    positions rounded to half frames, a midpoint the mean of its two neighbours' distances; all
+    inside ``j``'s segment, see ``speeds.trajectories``): still one matrix-vector product per step,
+    then shifted sums of the ring buffer's rows per trajectory. ``search.rule``
+    (``speeds.rules.ScoringRule``, default ``speeds.rules.DEFAULT_RULE``) combines the trajectories
+    causally: its statistics come from the current and the previous ``rule.window`` query frames of
+    the current sequence only. ``Match.distance`` is then the mean frame distance along the chosen
+    trajectory, ``confidence`` that distance over the best one (along each window's chosen
+    trajectory) of the windows beyond the radius, and ``last_velocity`` the chosen velocity. Ties:
+    the smallest database frame, then the velocity nearest 1.
     """
 
     def __init__(self, db_descriptors: np.ndarray | torch.Tensor, model=None, seq_len: int = 5, *,
@@ -292,8 +285,8 @@ class Localizer:
 
     @torch.no_grad()
     def step(self, frame: np.ndarray | torch.Tensor) -> Match | None:
-        """Add query frame ``[C]`` and match the trailing window; None while it has fewer than
-        L frames.
+        """Add query frame ``[C]`` and match the trailing window; None while it has fewer than L
+        frames.
 
         Raises ValueError for a frame of the wrong width, with NaN/Inf values or all zeros.
         """

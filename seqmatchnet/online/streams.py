@@ -19,9 +19,9 @@ def read_frames(source: BinaryIO, dim: int, dtype: np.dtype | str = "<f4", name:
                 count: int | None = None) -> Iterator[np.ndarray]:
     """Rows of ``dim`` values of ``dtype`` read one at a time from ``source``, as float32 ``[dim]``.
 
-    Stops at the end of the input (or after ``count`` rows). A partial row,
-    fewer than ``count`` rows, or NaN/Inf values raise ``UserError`` naming the
-    frame number (0-based); the rows before it have already been yielded.
+    Stops at the end of the input (or after ``count`` rows). A partial row, fewer than ``count``
+    rows, or NaN/Inf values raise ``UserError`` naming the frame number (0-based); the rows before
+    it have already been yielded.
     """
     dtype = np.dtype(dtype)
     row_bytes = dim * dtype.itemsize
@@ -64,8 +64,8 @@ def open_stream(stream: str,
     """``--stream``: ``(source, rows or None, dims, dtype, name)`` with ``source`` positioned at the
     first row.
 
-    ``-``: raw little-endian float32 rows of ``dim`` values on standard input;
-    otherwise a ``.npy`` file of ``[frames, dims]`` floats, read row by row.
+    ``-``: raw little-endian float32 rows of ``dim`` values on standard input; otherwise a ``.npy``
+    file of ``[frames, dims]`` floats, read row by row.
     """
     if stream == "-":
         yield sys.stdin.buffer, None, int(dim), np.dtype("<f4"), "standard input"

@@ -2,8 +2,8 @@
 checkpoint paths, saving and loading checkpoints, the resume command and stale temporary files.
 
 A run folder is ``<runsPath>/<Mon><DD>_<HH-MM-SS>_l<seqL>[_<expName>]/`` with
-``<savePath>/checkpoint.pth.tar``, ``model_best.pth.tar`` and ``flags.json``
-(the reference's layout, so released runs load unchanged).
+``<savePath>/checkpoint.pth.tar``, ``model_best.pth.tar`` and ``flags.json`` (the reference's
+layout, so released runs load unchanged).
 """
 from __future__ import annotations
 

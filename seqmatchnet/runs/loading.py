@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def open_run(opt: argparse.Namespace) -> tuple[argparse.Namespace, Path, Path, dict]:
-    """For ``--resume RUNDIR``: the options with those of the run's flags.json restored,
-    the run folder, the checkpoint's path and the checkpoint (loaded to the CPU)."""
+    """For ``--resume RUNDIR``: the options with those of the run's flags.json restored, the run
+    folder, the checkpoint's path and the checkpoint (loaded to the CPU)."""
     run_dir = Path(opt.resume)
     flags_file = run_dir / opt.savePath / "flags.json"
     saved = read_flags(flags_file)

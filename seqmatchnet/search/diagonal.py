@@ -136,9 +136,9 @@ def rank(database: Windows, queries: Windows, seq_len: int, k: int = TOP_K, quer
     """Top-k database windows per query window by meanOfPairs sequence distance (``database`` and
     ``queries``: features ``[F, D]`` and window starts ``[N]``).
 
-    Returns ``(indices into database.starts [Nq, k], distances [Nq, k])``. The
-    database is split into chunks too when one query chunk's block of
-    distances would exceed ``DENSE_LIMIT_BYTES`` (or with ``db_chunk``).
+    Returns ``(indices into database.starts [Nq, k], distances [Nq, k])``. The database is split
+    into chunks too when one query chunk's block of distances would exceed ``DENSE_LIMIT_BYTES`` (or
+    with ``db_chunk``).
 
     Under torchrun each rank scores a consecutive share of the database windows (a share never
     splits the frames of one window start, so tied windows are scored together) and the ranks'
@@ -203,9 +203,9 @@ def faiss_search(db_feats: torch.Tensor, q_feats: torch.Tensor, k: int,
     available).
 
     Exact ties are ordered by ascending database index, also at the ``k`` boundary, whatever order
-    the index returns them in: faiss is asked for ``extra`` more neighbours than ``k``, each
-    row is sorted by (distance, index), and the rows whose ``k``-th distance is still tied with the
-    last one returned are searched again with twice as many until the tie group is complete.
+    the index returns them in: faiss is asked for ``extra`` more neighbours than ``k``, each row is
+    sorted by (distance, index), and the rows whose ``k``-th distance is still tied with the last
+    one returned are searched again with twice as many until the tie group is complete.
     """
     import faiss
 
@@ -288,12 +288,12 @@ def database_chunks(config: SearchConfig, model: SeqMatchModel, database: Window
 def rank_streamed(database: Windows, queries: Windows, seq_len: int, k: int = TOP_K,
                   query_chunk: int = 1024, db_chunk: int = 0,
                   on_chunk=None) -> tuple[np.ndarray, np.ndarray]:
-    """``rank`` over a database that arrives in chunks of frames: ``database.frames`` yields them
-    as ``database_chunks`` does. Each window is scored in the chunk that holds its first frame,
-    and the chunks' top-k lists are merged by (distance, window index), so the result equals
-    ``rank`` on the whole database, tie order included. ``on_chunk(windows, their starts in the
-    chunk, chunk features)`` sees every chunk (index building).
-    Returns ``(indices into database.starts [Nq, k], distances [Nq, k])``."""
+    """``rank`` over a database that arrives in chunks of frames: ``database.frames`` yields them as
+    ``database_chunks`` does. Each window is scored in the chunk that holds its first frame, and the
+    chunks' top-k lists are merged by (distance, window index), so the result equals ``rank`` on the
+    whole database, tie order included. ``on_chunk(windows, their starts in the chunk, chunk
+    features)`` sees every chunk (index building). Returns ``(indices into database.starts [Nq, k],
+    distances [Nq, k])``."""
     db_starts, q_feats, q_starts = database.starts, queries.frames, queries.starts
     order = np.argsort(db_starts, kind="stable")
     sorted_starts = db_starts[order]

@@ -130,10 +130,8 @@ def chunk_distances(feats: torch.Tensor, q_feats: torch.Tensor, anchors: np.ndar
                     q_starts: np.ndarray, traj: Trajectories, query_chunk: int):
     """Yields ``(first query, trajectory distances [T, A, B])`` per chunk of ``query_chunk`` query
     windows (centred, starting at ``q_starts``): the frame distances of the chunk's frames to the
-    database rows
-    ``feats`` once (one product), then every trajectory of the ``anchors`` (rows of ``feats``,
-    sequences
-    ``bounds``) as shifted sums of them (``trajectory_distances``)."""
+    database rows ``feats`` once (one product), then every trajectory of the ``anchors`` (rows of
+    ``feats``, sequences ``bounds``) as shifted sums of them (``trajectory_distances``)."""
     half = traj.seq_len // 2
     for lo in range(0, len(q_starts), query_chunk):
         starts = np.asarray(q_starts[lo:lo + query_chunk])

@@ -14,15 +14,13 @@ def trajectory_frames(anchors, bounds, traj: Trajectories) -> tuple[torch.Tensor
     """Database frames of every trajectory of every anchor, for gathering descriptors in the loss.
 
     ``anchors`` ``[...]`` database anchor frames (for centred windows: window start + ``L // 2``),
-    ``bounds``
-    ``[..., 2]`` their sequences ``[lo, hi)``. Returns ``(frames, valid [..., T])``: ``frames``
-    ``[..., T, L]`` the frames ``anchor + steps[t]`` on the whole grid, and ``[..., T, L, 2]`` (the
-    lower and the upper frame of each position, weighted by ``tap_weights``; the upper is the lower
-    on a whole frame) when
-    ``traj`` has midpoints. Frames are clamped into the bounds where the trajectory leaves them
-    (``valid`` False there), so ``feats[frames]`` is always defined. The caller must hold the
-    descriptors of all those frames (the anchor's frames ``-before .. +after`` of ``anchor_margin``,
-    within its sequence).
+    ``bounds`` ``[..., 2]`` their sequences ``[lo, hi)``. Returns ``(frames, valid [..., T])``:
+    ``frames`` ``[..., T, L]`` the frames ``anchor + steps[t]`` on the whole grid, and ``[..., T, L,
+    2]`` (the lower and the upper frame of each position, weighted by ``tap_weights``; the upper is
+    the lower on a whole frame) when ``traj`` has midpoints. Frames are clamped into the bounds
+    where the trajectory leaves them (``valid`` False there), so ``feats[frames]`` is always
+    defined. The caller must hold the descriptors of all those frames (the anchor's frames ``-before
+    .. +after`` of ``anchor_margin``, within its sequence).
     """
     anchors = torch.as_tensor(anchors, dtype=torch.long)
     bounds = torch.as_tensor(bounds, dtype=torch.long, device=anchors.device)
@@ -56,12 +54,12 @@ def trajectory_sequence_distance(fq: torch.Tensor, fdb: torch.Tensor,
 
     ``fq`` the query window's frames (in ``q_offsets`` order), ``fdb`` each trajectory's database
     frames (``trajectory_frames``), ``valid`` ``[..., T]`` (default: all). Per trajectory the
-    aligned
-    ``seqMatchNet.sequence_distance``; then the minimum over the valid trajectories (``temperature``
-    0: the gradient flows through the best one) or the soft minimum ``-tau * logsumexp(-d / tau)``
-    (``tau > 0``). With midpoints, ``fdb`` is ``[..., T, L, 2, D]`` and ``weights`` ``[T, L, 2]``
-    (``tap_weights``): a position's distance is the weighted sum of its two frames' distances.
-    ``+inf`` where no trajectory is valid. With the diagonal alone this is ``sequence_distance``.
+    aligned ``seqMatchNet.sequence_distance``; then the minimum over the valid trajectories
+    (``temperature`` 0: the gradient flows through the best one) or the soft minimum ``-tau *
+    logsumexp(-d / tau)`` (``tau > 0``). With midpoints, ``fdb`` is ``[..., T, L, 2, D]`` and
+    ``weights`` ``[T, L, 2]`` (``tap_weights``): a position's distance is the weighted sum of its
+    two frames' distances. ``+inf`` where no trajectory is valid. With the diagonal alone this is
+    ``sequence_distance``.
     """
     if weights is None:
         d = sequence_distance(fq[..., None, :, :], fdb, method)                    # [..., T]

@@ -17,12 +17,10 @@ class ScoringRule:
     of the neighbouring query windows, see the module docstring), ``"prior"`` (a fixed offset
     towards the trajectory that most windows of the query's sequence prefer), ``"zscore"`` (each
     (query, trajectory) normalised by the mean and std of its scores over the database; combine with
-    ``consensus`` through ``normalise``).
-    ``window``: neighbours ``+-window`` query windows (consensus); ``weight``: the offset's weight
-    (``b`` is
-    ``weight`` times a distance difference for ``consensus``, ``weight`` times the vote share
-    missing for
-    ``prior``); ``normalise``: z-normalise each (query, trajectory) first (``a = 1 / std``).
+    ``consensus`` through ``normalise``). ``window``: neighbours ``+-window`` query windows
+    (consensus); ``weight``: the offset's weight (``b`` is ``weight`` times a distance difference
+    for ``consensus``, ``weight`` times the vote share missing for ``prior``); ``normalise``:
+    z-normalise each (query, trajectory) first (``a = 1 / std``).
     """
 
     kind: str = "consensus"
@@ -78,9 +76,8 @@ def rule_coefficients(rule: ScoringRule, stats: dict[str, np.ndarray],
     database.
 
     ``stats``: ``best`` (smallest distance), ``sum``, ``sumsq`` and ``count`` of the finite
-    distances, each
-    ``[Nq, T]``; ``q_segments``: the queries' sequences (``segment_ids``). ``b`` is ``+inf`` for a
-    trajectory that the rule excludes (never scored for that query).
+    distances, each ``[Nq, T]``; ``q_segments``: the queries' sequences (``segment_ids``). ``b`` is
+    ``+inf`` for a trajectory that the rule excludes (never scored for that query).
     """
     best = stats["best"].astype(np.float64)
     nq, nt = best.shape
@@ -129,9 +126,8 @@ def causal_coefficients(rule: ScoringRule, best: np.ndarray, mean: np.ndarray, s
     ``best``, ``mean``, ``std`` ``[W, T]``: per trajectory, the best distance over the database and
     the mean and std of its distances, for the newest ``W <= window + 1`` queries of the current
     sequence (oldest first, the newest last). ``consensus`` averages over those queries instead of a
-    centred neighbourhood;
-    ``min``: ``a = 1, b = 0``. (``prior`` and ``zscore`` alone have no causal form here:
-    ``ValueError``.)
+    centred neighbourhood; ``min``: ``a = 1, b = 0``. (``prior`` and ``zscore`` alone have no causal
+    form here: ``ValueError``.)
     """
     best = np.asarray(best, dtype=np.float64)
     nt = best.shape[1]

@@ -17,16 +17,13 @@ class TrajectoryTopK:
     """Per query and trajectory, the ``k`` best database windows of a search streamed in blocks.
 
     ``num_queries`` query windows (in driving order); ``traj`` the trajectories; ``k`` the list
-    length.
-    ``add(q_lo, dists, db_ids)`` takes one block: ``dists`` ``[T, A, B]`` from
+    length. ``add(q_lo, dists, db_ids)`` takes one block: ``dists`` ``[T, A, B]`` from
     ``trajectory_distances`` for the queries ``q_lo .. q_lo + B - 1`` and the database windows with
     global ids ``db_ids`` ``[A]`` (each window at most once per query over all blocks). It keeps,
-    per (query, trajectory), the
-    ``k`` smallest
-    ``(distance, id)`` (ties by ascending id, ``seqMatchNet.topk_by_value_then_index``) and the
-    statistics the scoring rules need (``best``, ``sum``, ``sumsq``, ``count`` of the finite
-    distances, float64).
-    ``finish(q_segments, rule)`` applies the rule and merges the lists.
+    per (query, trajectory), the ``k`` smallest ``(distance, id)`` (ties by ascending id,
+    ``seqMatchNet.topk_by_value_then_index``) and the statistics the scoring rules need (``best``,
+    ``sum``, ``sumsq``, ``count`` of the finite distances, float64). ``finish(q_segments, rule)``
+    applies the rule and merges the lists.
     """
 
     def __init__(self, num_queries: int, traj: Trajectories, k: int,
@@ -111,10 +108,8 @@ class TrajectoryTopK:
         database id, then the velocity nearest 1. ``scores`` are the rule's adjusted scores (the
         plain ``"min"``: the mean frame distance); ``velocity`` is the trajectory's that gave each
         score. Each database window appears once; windows no trajectory could score come last with
-        ``+inf``.
-        ``q_segments``:
-        ``[Nq]`` ids or
-        ``[Nq, 2]`` bounds of each query's sequence (``segment_ids``).
+        ``+inf``. ``q_segments``: ``[Nq]`` ids or ``[Nq, 2]`` bounds of each query's sequence
+        (``segment_ids``).
         """
         if not self.seen.all():
             raise ValueError(f"{int((self.seen == 0).sum())} queries were never scored")

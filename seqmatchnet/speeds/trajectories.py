@@ -5,25 +5,23 @@ a database *trajectory* may advance ``v`` database frames per query frame (the S
 query window with offsets ``k`` (``query_offsets``: centred for ``--mode test``, trailing for
 ``--mode localize``) is compared with the database positions ``j + s + v * k`` of each anchor frame
 ``j``, rounded to whole frames (``grid`` 1, SeqSLAM's ``j + round(v * k)``, ``s = 0``) or to half
-frames (``grid`` 2: anchors ``s = 0`` and
-``1/2``, a midpoint's distance the mean of its two neighbours'); see ``trajectories``. A
-trajectory's distance is the mean of its ``L`` position distances, summed in ascending ``k`` as
-``seqMatchNet.diagonal_sums`` does, so the diagonal equals ``seqMatchNet.window_distances`` exactly;
-one that leaves its anchor's database sequence is not scored (``+inf``).
+frames (``grid`` 2: anchors ``s = 0`` and ``1/2``, a midpoint's distance the mean of its two
+neighbours'); see ``trajectories``. A trajectory's distance is the mean of its ``L`` position
+distances, summed in ascending ``k`` as ``seqMatchNet.diagonal_sums`` does, so the diagonal equals
+``seqMatchNet.window_distances`` exactly; one that leaves its anchor's database sequence is not
+scored (``+inf``).
 
-Scoring across trajectories (``ScoringRule``). Every rule is of the form
-``score(q, j) = min_t [a(q, t) * d_t(q, j) + b(q, t)]`` with ``a > 0``, where ``a`` and ``b`` depend
-only on per-(query, trajectory) statistics over the whole database (best score, mean, std) and on
-the query's neighbours in its own query sequence. Within one trajectory the order of the database
-windows is therefore that of ``d_t``, and the top-k of the final scores is exactly the merge of the
-per-trajectory top-k
-lists:
-``TrajectoryTopK`` streams blocks, keeps those lists and the statistics, and ``finish`` merges them.
-The default rule (``DEFAULT_RULE``) is the *normalised speed consensus*: each (query, trajectory)'s
-distances are z-normalised by their mean and std over the database (``a = 1 / std``, ``b0 = -mean /
-std``); the best normalised score of each trajectory, averaged over the query windows within
-``+-20`` of the query (same query sequence), says which speed the query traversal drives there, and
-``b = b0 + 3 * (consensus(q, t) - min_t' consensus(q, t'))``. ``docs/speeds.md`` has the
+Scoring across trajectories (``ScoringRule``). Every rule is of the form ``score(q, j) = min_t [a(q,
+t) * d_t(q, j) + b(q, t)]`` with ``a > 0``, where ``a`` and ``b`` depend only on per-(query,
+trajectory) statistics over the whole database (best score, mean, std) and on the query's neighbours
+in its own query sequence. Within one trajectory the order of the database windows is therefore that
+of ``d_t``, and the top-k of the final scores is exactly the merge of the per-trajectory top-k
+lists: ``TrajectoryTopK`` streams blocks, keeps those lists and the statistics, and ``finish``
+merges them. The default rule (``DEFAULT_RULE``) is the *normalised speed consensus*: each (query,
+trajectory)'s distances are z-normalised by their mean and std over the database (``a = 1 / std``,
+``b0 = -mean / std``); the best normalised score of each trajectory, averaged over the query windows
+within ``+-20`` of the query (same query sequence), says which speed the query traversal drives
+there, and ``b = b0 + 3 * (consensus(q, t) - min_t' consensus(q, t'))``. ``docs/speeds.md`` has the
 measurements behind it and the alternatives (``ScoringRule``).
 
 API (shapes: ``T`` trajectories, ``L`` sequence length, ``A`` database anchors, ``B`` query
@@ -128,16 +126,12 @@ class Trajectories:
 
     ``q_offsets`` ``[L]`` the query window's frames relative to its anchor. Each row ``t`` is one
     trajectory whose ``k``-th frame sits at the database position ``anchor + steps[t, k] +
-    weights[t, k]``:
-    ``steps``
-    ``[T, L]`` whole frames (the floor), ``weights`` ``[T, L]`` the fraction in ``[0, 1)`` (0 on
-    whole frames,
-    ``1/2`` at the midpoint of two frames on the half grid). ``velocities`` ``[T]`` the velocity
-    nearest 1 giving each row and ``phases`` ``[T]`` its anchor's sub-frame phase (``0`` or
-    ``1/2``), ordered by
-    ``|v - 1|``, then ``v``, then the phase (row 0 wins ties); ``anchor`` ``"centre"`` or ``"end"``;
-    ``grid`` positions per frame (1 whole frames, 2 half frames); ``listed`` how many velocities
-    were asked for.
+    weights[t, k]``: ``steps`` ``[T, L]`` whole frames (the floor), ``weights`` ``[T, L]`` the
+    fraction in ``[0, 1)`` (0 on whole frames, ``1/2`` at the midpoint of two frames on the half
+    grid). ``velocities`` ``[T]`` the velocity nearest 1 giving each row and ``phases`` ``[T]`` its
+    anchor's sub-frame phase (``0`` or ``1/2``), ordered by ``|v - 1|``, then ``v``, then the phase
+    (row 0 wins ties); ``anchor`` ``"centre"`` or ``"end"``; ``grid`` positions per frame (1 whole
+    frames, 2 half frames); ``listed`` how many velocities were asked for.
     """
 
     q_offsets: np.ndarray
@@ -189,12 +183,11 @@ def trajectories(velocities, seq_len: int, anchor: str = "centre", grid: int = 1
 
     ``grid`` 1 (whole frames, SeqSLAM): the trajectory of velocity ``v`` anchored at frame ``j``
     uses the frames ``j + round(v * k)``. ``grid`` 2 (half frames): trajectories are anchored at
-    ``j`` and at
-    ``j + 1/2`` (phase ``s``), their positions ``j + s + v * k`` are rounded to the nearest half
-    frame, and a midpoint's frame distance is the mean of its two neighbours'; either anchor reports
-    frame ``j``. Rounding is half away from zero in grid units. Velocities ``{1}`` alone are the
-    diagonal on any grid. Raises
-    ``UserError`` naming ``--velocities`` when they give more than ``MAX_TRAJECTORIES``.
+    ``j`` and at ``j + 1/2`` (phase ``s``), their positions ``j + s + v * k`` are rounded to the
+    nearest half frame, and a midpoint's frame distance is the mean of its two neighbours'; either
+    anchor reports frame ``j``. Rounding is half away from zero in grid units. Velocities ``{1}``
+    alone are the diagonal on any grid. Raises ``UserError`` naming ``--velocities`` when they give
+    more than ``MAX_TRAJECTORIES``.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}")

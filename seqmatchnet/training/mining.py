@@ -30,8 +30,8 @@ N_NEG_CANDIDATES = N_NEG * 10
 class TrainingSet:
     """Valid windows of a training split and their relations.
 
-    Database and query windows are those that needed no shift (docs/how-it-works.md).
-    Indices below are positions in ``db_frames`` / ``q_frames``.
+    Database and query windows are those that needed no shift (docs/how-it-works.md). Indices below
+    are positions in ``db_frames`` / ``q_frames``.
     """
 
     split: Split
@@ -89,9 +89,9 @@ class TrainingSet:
 def cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, tset: TrainingSet,
                     queries: np.ndarray,
                     method: str) -> torch.Tensor:
-    """The mining matrix ``[Nd, len(queries)]``: sequence distances (``method``)
-    between every valid database window and the given queries' windows.
-    ``db_feats`` / ``q_feats`` are pooled features of all split frames."""
+    """The mining matrix ``[Nd, len(queries)]``: sequence distances (``method``) between every valid
+    database window and the given queries' windows. ``db_feats`` / ``q_feats`` are pooled features
+    of all split frames."""
     device = db_feats.device
     return window_distances(db_feats, q_feats, torch.as_tensor(tset.db_starts, device=device),
                             torch.as_tensor(tset.q_starts[queries], device=device), tset.seq_len,
@@ -117,13 +117,13 @@ def trajectory_cache_distances(db_feats: torch.Tensor, q_feats: torch.Tensor, ts
 
 def sample_negatives(tset: TrainingSet, queries: np.ndarray, rng: np.random.Generator,
                      n: int = N_NEG_SAMPLE) -> np.ndarray:
-    """``n`` potential negatives per query, drawn uniformly with replacement from
-    the database windows farther than posDistThr: ``[len(queries), n]``.
+    """``n`` potential negatives per query, drawn uniformly with replacement from the database
+    windows farther than posDistThr: ``[len(queries), n]``.
 
-    Each query draws from its own candidates directly (no rejection), so a query
-    with only a handful of potential negatives costs the same as any other: draw
-    ``u`` uniformly among the ``Nd - |close|`` candidates, then step over the
-    sorted close windows at or below it (``u + #{j: close_j - j <= u}``).
+    Each query draws from its own candidates directly (no rejection), so a query with only a handful
+    of potential negatives costs the same as any other: draw ``u`` uniformly among the ``Nd -
+    |close|`` candidates, then step over the sorted close windows at or below it (``u + #{j: close_j
+    - j <= u}``).
     """
     n_db = len(tset.db_frames)
     close = [tset.close[i] for i in queries]
@@ -147,12 +147,11 @@ def mine(dists: np.ndarray, nontriv_pos: list, sampled: np.ndarray, neg_cache: n
          n_candidates: int = N_NEG_CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hard triplets for a set of queries (docs/how-it-works.md), all at once.
 
-    ``dists`` ``[Nd, B]`` cached distances; ``nontriv_pos`` B arrays of database
-    indices; ``sampled`` ``[B, S]`` drawn potential negatives; ``neg_cache``
-    ``[B, n_neg]`` previous negatives (-1 = empty). Returns ``(positive [B],
-    negatives [B, n_neg] (-1 padded, ascending distance), kept [B])``; a query
-    with no negative inside the margin is not kept. The new negative cache of
-    the kept queries is their ``negatives``.
+    ``dists`` ``[Nd, B]`` cached distances; ``nontriv_pos`` B arrays of database indices;
+    ``sampled`` ``[B, S]`` drawn potential negatives; ``neg_cache`` ``[B, n_neg]`` previous
+    negatives (-1 = empty). Returns ``(positive [B], negatives [B, n_neg] (-1 padded, ascending
+    distance), kept [B])``; a query with no negative inside the margin is not kept. The new negative
+    cache of the kept queries is their ``negatives``.
     """
     b = dists.shape[1]
     cols = np.arange(b)

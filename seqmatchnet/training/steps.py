@@ -147,9 +147,9 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, triplets: Triplets, loss
                device: torch.device, forward=None, total_valid: int | None = None) -> torch.Tensor:
     """Mean triplet loss of a batch of ``triplets`` under the ``loss`` settings.
 
-    Every distinct frame of the batch is read (and, by frame models, projected)
-    once; the distances of all triplets are computed together. ``forward`` computes them
-    (default ``model.triplet_distances``; under torchrun the DistributedDataParallel module). With
+    Every distinct frame of the batch is read (and, by frame models, projected) once; the distances
+    of all triplets are computed together. ``forward`` computes them (default
+    ``model.triplet_distances``; under torchrun the DistributedDataParallel module). With
     ``total_valid`` the sum over the valid triplets is divided by that count instead of their own
     (when these triplets are one rank's part of a batch of ``total_valid``). With ``loss.traj``
     (``--velocities``) a positive's or negative's distance is the smallest over its trajectories
@@ -192,9 +192,8 @@ def batch_loss(model: SeqMatchModel, tset: TrainingSet, triplets: Triplets, loss
 
 def _trajectory_rows(tset: TrainingSet, windows: np.ndarray, traj: trajectories_mod.Trajectories):
     """The database rows of every trajectory of the database windows ``windows`` ``[...]``
-    (positions in
-    ``tset.db_frames``): ``(rows [..., T, L] (``[..., T, L, 2]`` with midpoints), valid [..., T])``
-    (``velocity.trajectory_frames``)."""
+    (positions in ``tset.db_frames``): ``(rows [..., T, L] (``[..., T, L, 2]`` with midpoints),
+    valid [..., T])`` (``velocity.trajectory_frames``)."""
     split = tset.split
     frames, valid = loss_mod.trajectory_frames(tset.db_starts[windows] + tset.seq_len // 2,
                                                split.db_bounds[tset.db_frames[windows]], traj)
@@ -204,8 +203,8 @@ def _trajectory_rows(tset: TrainingSet, windows: np.ndarray, traj: trajectories_
 # ---------------------------------------------------------------- one epoch
 
 def refresh_chunks(queries: np.ndarray, refresh_rate: int) -> list[np.ndarray]:
-    """The reference's cache-refresh chunks: ``ceil(len / refresh_rate)`` consecutive
-    pieces of the queries in route order (``np.array_split`` sizes); 0 = one chunk."""
+    """The reference's cache-refresh chunks: ``ceil(len / refresh_rate)`` consecutive pieces of the
+    queries in route order (``np.array_split`` sizes); 0 = one chunk."""
     n_chunks = math.ceil(len(queries) / refresh_rate) if refresh_rate > 0 else 1
     return np.array_split(np.asarray(queries), max(n_chunks, 1))
 
