@@ -17,7 +17,7 @@ install:
 demo: install
 	$(PYTHON) main.py --mode demo
 
-# everything (the reference-fidelity, fault and torchrun tests included); about 6 minutes on 2 cores
+# everything (the reference-fidelity, fault and torchrun tests included); about 7 minutes on 2 cores
 test: install
 	$(PYTHON) -m pytest -q tests
 
