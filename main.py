@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --mode {name} runs in one process: start it with python, not torchrun "
               f"(torchrun serves --mode {served})", file=sys.stderr)
         return 2
-    return mode.run(rest)
+    try:
+        return mode.run(rest)
+    except BrokenPipeError:  # `| head -1` closed the output (e.g. during --help): not an error
+        from seqmatchnet.cli.entry import closed_pipe
+        return closed_pipe()
 
 
 if __name__ == "__main__":

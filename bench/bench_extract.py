@@ -1,7 +1,7 @@
 """Extraction speed per model: ``extract.extract_descriptors`` (batches, channels-last, inference
 mode, decoding in worker processes) in images/s, against the model's compute floor on this machine.
 
-    python bench/bench_extract.py [--quick] [--models netvlad,cosplace,eigenplaces,mixvpr] [--images 4]
+    python bench/bench_extract.py [--quick] [--models netvlad,cosplace,...,megaloc] [--images 4]
                                   [--repeats 2] [--batchSize 4] [--workers 1] [--loop] [--device cpu|cuda]
                                   [--threads N]
 
@@ -9,13 +9,20 @@ Each model is a random network with its released layout (no weights are download
 - netvlad: VGG16 to conv5_3 + NetVLAD K=64 + WPCA 4096, images resized to 640x480;
 - cosplace, eigenplaces: ResNet-50 + GeM + Linear(2048, 2048), each image at its own size (the
   JPEGs are 640x480);
-- mixvpr: ResNet-50 to layer3 + MixVPR (1024 channels, 20x20 cells, depth 4, 4096-D), 320x320.
+- mixvpr: ResNet-50 to layer3 + MixVPR (1024 channels, 20x20 cells, depth 4, 4096-D), 320x320;
+- boq: DINOv2 ViT-B/14 (no final norm) + BoQ (384 channels, 64 queries x 2 blocks, 12288-D),
+  322x322 (bicubic); ``--models boq-resnet50``: ResNet-50 to layer3 + BoQ 16384-D, 384x384;
+- salad: DINOv2 ViT-B/14 + SALAD (64 x 128 + 256, 8448-D), 322x322;
+- megaloc: DINOv2 ViT-B/14 + SALAD (64 x 256 + 256) + Linear to 8448-D, each image at its own size
+  (the network resizes 640x480 to 644x476).
 
 The compute floor: the network's multiply-adds per image (every convolution and linear layer,
-counted on one forward pass at that size) divided by the multiply-add rate of a 2048x2048 float32
+and, for the transformers, the attention products, counted on one forward pass at that size)
+divided by the multiply-add rate of a 2048x2048 float32
 matrix product measured here (timed in every round beside the models, the best time counts).
 ``floor ratio`` = measured images/s / floor images/s: 1.0 would mean the network runs at the
-speed of one large matrix product.
+speed of one large matrix product. ``Nordland h``: hours for one Nordland traversal (27,592
+frames) at the measured rate.
 With ``--loop`` a plain per-image loop of the same model (decoding in this process, default
 memory format) is timed too, in interleaved rounds, and its descriptors compared.
 Goals: descriptors finite and unit-length; with ``--loop``, the same descriptors as the loop
@@ -40,6 +47,8 @@ from torch import nn
 
 from seqmatchnet.images import extraction
 from seqmatchnet.images import base
+from seqmatchnet.images import boq
+from seqmatchnet.images import salad
 from seqmatchnet.images import cosplace
 from seqmatchnet.images import mixvpr
 from seqmatchnet.images import netvlad
@@ -47,6 +56,30 @@ from seqmatchnet.images import registry
 from common import add_threads_option, apply_threads, goal, interleaved, machine_line, table
 
 MIXVPR_RELEASED = {"in_channels": 1024, "cells": 400, "out_channels": 1024, "depth": 4, "hidden": 400, "rows": 4}
+VIT_B = (768, 12, 37)                    # DINOv2 ViT-B/14: width, depth, grid of the 518-pixel training size
+SALAD_RELEASED = {"channels": 768, "clusters": 64, "cluster_dim": 128, "token": 256, "hidden": 512}
+MEGALOC_RELEASED = dict(SALAD_RELEASED, cluster_dim=256)
+EXTRA_MODELS = ("boq-resnet50",)
+
+
+def build_dinov2(name: str) -> base.ImageModel:
+    """A random DINOv2 model of ``name`` with its released layout."""
+    if name == "boq":
+        agg = {"in_channels": 768, "proj": 384, "queries": 64, "layers": 2, "rows": 32}
+        net = boq.BoQNet(boq.BoQDino(*VIT_B), agg)
+        return base.ImageModel("boq", net.eval(), 12288, "DINOv2 ViT-B/14 + BoQ 12288", boq.BOQ_DINO_SIZE,
+                               resize="bicubic", multiple=14)
+    if name == "boq-resnet50":
+        agg = {"in_channels": 1024, "proj": 512, "queries": 64, "layers": 2, "rows": 32}
+        net = boq.BoQNet(boq.BoQResNet("resnet50", 3), agg)
+        return base.ImageModel("boq", net.eval(), 16384, "ResNet-50 to layer3 + BoQ 16384", boq.BOQ_RESNET_SIZE,
+                               resize="bicubic")
+    if name == "salad":
+        net = salad.SaladNet(VIT_B, SALAD_RELEASED)
+        return base.ImageModel("salad", net.eval(), 8448, "DINOv2 ViT-B/14 + SALAD 8448", salad.SALAD_SIZE,
+                               multiple=14)
+    net = salad.MegaLocNet(VIT_B, MEGALOC_RELEASED, 8448)
+    return base.ImageModel("megaloc", net.eval(), 8448, "DINOv2 ViT-B/14 + SALAD + Linear 8448", None)
 
 
 def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
@@ -63,6 +96,8 @@ def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[
 def build(name: str, quick: bool, seed: int) -> base.ImageModel:
     """A random network of ``name`` with its released layout (smaller NetVLAD with ``quick``)."""
     torch.manual_seed(seed)
+    if name in ("boq", "boq-resnet50", "salad", "megaloc"):
+        return build_dinov2(name)
     if name == "netvlad":
         k, p = (16, 512) if quick else (64, 4096)
         return registry.model_from_state("netvlad", netvlad.random_netvlad_state(k, p, seed))
@@ -84,10 +119,19 @@ def multiply_adds(network: nn.Module, size: tuple[int, int]) -> int:
             total[0] += output.numel() * per_out
         elif isinstance(module, nn.Linear):
             total[0] += output.numel() * module.in_features
+        elif isinstance(module, nn.MultiheadAttention):     # projections (F.linear) and the two products
+            q, kv = inputs[0].shape[1], inputs[1].shape[1]
+            total[0] += (2 * q + 2 * kv) * module.embed_dim ** 2 + 2 * q * kv * module.embed_dim
+        elif isinstance(module, Attention):                  # timm: qkv and proj are Linear modules
+            n, c = inputs[0].shape[1:]
+            total[0] += 2 * n * n * c
 
-    hooks = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.inference_mode():
+    from timm.models.vision_transformer import Attention
+
+    kinds = (nn.Conv2d, nn.Linear, nn.MultiheadAttention, Attention)
+    hooks = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, kinds)]
+    try:   # with autograd on: the fused transformer-encoder path would skip the modules' hooks
+        with torch.enable_grad():
             out = network(torch.zeros(1, 3, size[1], size[0]))
     finally:
         for h in hooks:
@@ -99,6 +143,7 @@ def multiply_adds(network: nn.Module, size: tuple[int, int]) -> int:
 
 
 MATMUL_N = 2048
+NORDLAND_FRAMES = 27592             # one Nordland traversal: hours = frames / images/s / 3600
 
 
 def matmul_product() -> Callable[[], object]:
@@ -115,7 +160,7 @@ def per_image_loop(model: base.ImageModel, paths: list[Path], size, device: torc
     with torch.no_grad():
         for path in paths:
             with Image.open(path) as image:
-                x = extraction.preprocess(image, size)[None].to(device)
+                x = extraction.preprocess(image, size, model.mean, model.std, model.resize)[None].to(device)
             rows.append(network(x).cpu().numpy()[0])
     return np.stack(rows)
 
@@ -125,6 +170,8 @@ def bench_model(name: str, args: argparse.Namespace, paths: list[Path], tmp: Pat
     model = build(name, args.quick, args.seed)
     size = model.default_size if name != "netvlad" else extraction.parse_image_size(args.netvladSize)
     image_size = size or Image.open(paths[0]).size
+    if name == "megaloc":          # what the network feeds its ViT: the sides rounded to multiples of 14
+        image_size = tuple(round(s / 14) * 14 for s in image_size)
     macs = multiply_adds(model.network, image_size)
     run = {}
 
@@ -152,7 +199,7 @@ def report(results: list[dict], args: argparse.Namespace) -> bool:
         per_s = args.images / min(r["times"]["project"])
         floor = rate / r["macs"]
         row = [r["name"], r["model"].architecture, f"{r['size'][0]}x{r['size'][1]}", f"{r['macs'] / 1e9:.1f}",
-               f"{per_s:.3f}", f"{floor:.3f}", f"{per_s / floor:.2f}"]
+               f"{per_s:.3f}", f"{floor:.3f}", f"{per_s / floor:.2f}", f"{NORDLAND_FRAMES / per_s / 3600:.1f}"]
         norms = np.linalg.norm(r["rows"]["project"], axis=1)
         ok &= goal(bool(np.all(np.isfinite(norms)) and np.allclose(norms, 1, atol=1e-4)),
                    f"{r['name']}: finite unit-length descriptors")
@@ -166,7 +213,7 @@ def report(results: list[dict], args: argparse.Namespace) -> bool:
                                          f"{cosine:.6f})")
             ok &= goal(speedup >= 0.95, f"{r['name']}: not slower than the per-image loop ({speedup:.2f}x)")
         rows.append(row)
-    header = ["model", "network", "size", "GMAC/image", "images/s", "floor images/s", "floor ratio"]
+    header = ["model", "network", "size", "GMAC/image", "images/s", "floor images/s", "floor ratio", "Nordland h"]
     print(table(rows, header + (["loop images/s", "speed-up"] if args.loop else [])))
     print(f"matrix-product rate: {rate / 1e9:.1f} GMAC/s ({MATMUL_N}x{MATMUL_N} float32, best of every round); best "
           f"of {args.repeats} rounds per model; another process may share the CPU")
@@ -192,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.repeats, args.netvladSize, jpeg_size = 2, 1, "320,240", (320, 240)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in registry.MODELS]
+    unknown = [m for m in models if m not in registry.MODELS + EXTRA_MODELS]
     if unknown:
-        p.error(f"--models: unknown {unknown}; choose from {', '.join(registry.MODELS)}")
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(registry.MODELS + EXTRA_MODELS)}")
     apply_threads(args.threads)
     device = torch.device(args.device)
     print(machine_line())

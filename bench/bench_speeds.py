@@ -19,11 +19,19 @@ no goal). Only ratios are printed as results.
 
     python bench/bench_speeds.py [--small] [--split test] [--velocities 0.5:2:0.5] [--grid half] [--seeds 0 1]
                                  [--rules consensus:10:1 min zscore ...] [--skip-cost] [--skip-recall]
+
+The range comparison (``--ranges``): Recall@1 of the default rule with each candidate ``--velocities`` range on
+constant-speed profiles between the grid's values (``--profiles``, e.g. 0.6x .. 0.9x and 1.2x .. 1.8x) and on
+the grid's own speeds, each as a ratio to the diagonal's equal-speed Recall@1, with each range's trajectory
+count and, unless ``--skip-cost``, its cost over the diagonal's on the cost problem:
+
+    python bench/bench_speeds.py --ranges 0.5:2:0.5 0.5:2:0.25 --profiles 0.6x 0.7x 1x 1.5x [--skip-cost]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +62,7 @@ BASE = {"dim": 64, "speed_var": 0.0, "query_ratio": 1.0, "place_scale_m": 1.0, "
         "nuisance_std": 2.0}
 DEFAULT_RULES = ("consensus:20:3:z", "min", "zscore", "consensus:20:3", "consensus:5:3:z", "consensus:20:1:z",
                  "consensus:20:10:z", "prior:0:0.1")
+SPEED_PROFILES = ("0.5x", "0.6x", "0.7x", "0.8x", "0.9x", "1x", "1.2x", "1.5x", "1.8x", "2x")
 GOALS = {"0.5x": 0.75, "1.5x": 0.75, "2x": 0.75, "stops": 0.65, "1x": 0.9}
 
 
@@ -69,9 +78,14 @@ def parse_rule(text: str) -> rules_mod.ScoringRule:
     return rules_mod.ScoringRule(**kw)
 
 
+def profile_fields(profile: str) -> dict:
+    """``SyntheticParams`` fields of a profile: a name of ``PROFILES`` or a constant speed ``"0.7x"``."""
+    return PROFILES[profile] if profile in PROFILES else {"query_speed": float(profile.rstrip("x"))}
+
+
 def profile_split(seed: int, frames: int, profile: str, split: str) -> dict:
     """One profile's split: unit-row features, positions and the positive radius."""
-    params = SyntheticParams(seed=seed, frames=frames, **BASE, **PROFILES[profile])
+    params = SyntheticParams(seed=seed, frames=frames, **BASE, **profile_fields(profile))
     data = generate(params)
     db_rows, q_rows = data[f"{split}_inds"]
     return {"db": torch.from_numpy(data["db"][db_rows]), "q": torch.from_numpy(data["query"][q_rows]),
@@ -146,6 +160,63 @@ def print_recall(rows: list[list], args) -> bool:
         ok &= goal(default[1 + i] / diag_1x >= GOALS[p],
                    f"{args.rules[0]} on {p}: {default[1 + i]:.3f} >= {GOALS[p]} x diagonal 1x {diag_1x:.3f}")
     return ok
+
+
+def range_rows(args) -> list[list]:
+    """Recall@1 of the first rule of ``--rules`` with each range of ``--ranges`` on each profile of
+    ``--profiles`` (averaged over the seeds), the diagonal's first; with each range's trajectory count."""
+    grid, rule = trajectories_mod.GRIDS[args.grid], parse_rule(args.rules[0])
+    ranges = {r: trajectories_mod.trajectories(trajectories_mod.parse_velocities(r), args.seqL, grid=grid)
+              for r in ["1", *args.ranges]}
+    res = {r: {p: [] for p in args.profiles} for r in ranges}
+    for seed in args.seeds:
+        for p in args.profiles:
+            split = profile_split(seed, args.frames, p, args.split)
+            q_seg = np.zeros(len(split["q"]), dtype=np.int64)
+            for r, traj in ranges.items():
+                ids = search(split, args.seqL, traj).finish(q_seg, rules_mod.PLAIN_MIN if r == "1" else rule)[0]
+                res[r][p].append(recall_at_1(ids, split))
+            print(f"  seed {seed} {p}: {len(split['db'])} database / {len(split['q'])} query frames", flush=True)
+    return [[r, ranges[r].count] + [float(np.mean(res[r][p])) for p in args.profiles] for r in ranges]
+
+
+def print_ranges(rows: list[list], args) -> None:
+    """The range table: Recall@1 per profile, then each as a ratio to the diagonal's at 1x (when measured)."""
+    base = rows[0][2 + args.profiles.index("1x")] if "1x" in args.profiles else None
+    out = [[("diagonal (1)" if r[0] == "1" else r[0]), str(r[1])] + [f"{v:.3f}" for v in r[2:]]
+           + ([f"{np.mean(r[2:]) / base:.3f}"] if base else []) for r in rows]
+    print(f"\nRecall@1 within 10 m, {args.split} split, seqL {args.seqL}, {args.grid} grid, rule {args.rules[0]}, "
+          f"seeds {args.seeds}, {args.frames} frames per route")
+    print(table(out, ["--velocities", "T"] + list(args.profiles) + (["mean / diag 1x"] if base else [])))
+
+
+def range_costs(args) -> None:
+    """Each range's ``--mode test`` scoring time over the diagonal's, interleaved in one run (the cost problem)."""
+    n, dim, L, k = args.cost_frames, args.cost_dim, args.seqL, 100
+    gen = torch.Generator().manual_seed(0)
+    db = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    starts, _ = sequence_windows(segment_bounds(n), L)
+    bounds = np.tile([[0, n]], (n, 1))
+    runs = {"diagonal": lambda: diagonal_mod.rank(Windows(db, starts), Windows(q, starts), L, k, quiet=True)}
+    for r in args.ranges:
+        traj = trajectories_mod.trajectories(trajectories_mod.parse_velocities(r), L,
+                                             grid=trajectories_mod.GRIDS[args.grid])
+        runs[r] = (lambda traj=traj: speeds.rank_across_speeds_in_memory(
+            Windows(db, starts, bounds), Windows(q, starts, bounds), traj, rules_mod.DEFAULT_RULE, k))
+    wall, cpu = {r: [] for r in runs}, {r: [] for r in runs}
+    for fn in runs.values():                                   # warm up
+        fn()
+    for _ in range(args.repeats):
+        for r, fn in runs.items():
+            c0 = time.process_time()
+            wall[r].append(timed(fn)[0])
+            cpu[r].append(time.process_time() - c0)
+    print(f"\n--mode test scoring, {n} x {n} frames, D {dim}, seqL {L}, top-{k}, {torch.get_num_threads()} "
+          f"thread(s) (medians of {args.repeats} interleaved repeats), over the diagonal's: wall-clock time "
+          + ", ".join(f"{r} {median(wall[r]) / median(wall['diagonal']):.2f}x" for r in args.ranges)
+          + "; CPU time of this process (what other processes on the machine change least) "
+          + ", ".join(f"{r} {median(cpu[r]) / median(cpu['diagonal']):.2f}x" for r in args.ranges))
 
 
 def cost_ratios(args) -> bool:
@@ -225,6 +296,9 @@ def main() -> int:
     ap.add_argument("--cost-dim", type=int, default=4096)
     ap.add_argument("--loc-frames", type=int, default=30000, help="database frames of the localisation step")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ranges", nargs="+", help="compare these --velocities ranges (the range comparison)")
+    ap.add_argument("--profiles", nargs="+", default=list(SPEED_PROFILES),
+                    help="profiles of the range comparison: constant speeds NNx or names of the main table")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,6 +306,13 @@ def main() -> int:
         args.seeds, args.frames = args.seeds[:1], min(args.frames, 3000)
         args.cost_frames, args.loc_frames, args.repeats = 1000, 10000, 2
     ok = True
+    if args.ranges:
+        if not args.skip_recall:
+            print_ranges(range_rows(args), args)
+        if not args.skip_cost:
+            print(CPU_NOTE)
+            range_costs(args)
+        return 0
     if not args.skip_recall:
         rows, _ = recall_rows(args)
         ok &= print_recall(rows, args)

@@ -65,7 +65,8 @@ def main() -> int:
                 "--outDims", str(BASE["dim"]), "--nEpochs", str(a.nEpochs), "--velocities", train_v,
                 "--figures", "none", "--expName", "speeds"]
         print("  python main.py " + " ".join(args), flush=True)
-        runs[name] = str(train(parse_options(args)))
+        # without --quiet: the epochs' progress shows (a bar, or a line every 30 s in a log)
+        runs[name] = str(train(parse_options([x for x in args if x != "--quiet"])))
     rows = [("single frame, raw", ["--seqL", "1", "--matcher", "None"]),
             ("diagonal, raw", ["--seqL", str(a.seqL)]),
             ("--velocities, raw", ["--seqL", str(a.seqL), "--velocities", a.velocities])]

@@ -490,6 +490,8 @@ def test_documented_worked_example_runs_and_prints_its_expected_recalls(tmp_path
                      r"epoch 1, latest\)", proc.stdout), proc.stdout[-3000:]
     want, got = recall_at_1(section), recall_at_1(proc.stdout)
     assert len(want) == 2 and got.keys() == want.keys(), (want, got)
+    batches = re.search(r"epoch of (\d+) batches", section).group(1)       # the page's count, as printed
+    assert f"over {batches} batches" in proc.stdout, proc.stdout[-3000:]
     for head, r1 in want.items():
         assert abs(got[head] - r1) <= RECALL_TOLERANCE, f"{PAGE}: '{head}' shows R@1 {r1}, the run gave {got[head]}"
 

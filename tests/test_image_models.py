@@ -170,12 +170,27 @@ ROUTE_VARIANTS = {"cosplace": "ResNet18_32", "eigenplaces": "VGG16_64", "mixvpr"
 def write_checkpoint(name: str, folder, variant: str | None = None):
     """A random checkpoint of ``name`` saved as the authors release it (a bare state dict):
     ``(path, descriptor size)``."""
+    if name in ("boq", "salad", "megaloc"):      # DINOv2 models: tests/test_dinov2_models.py
+        from test_dinov2_models import CASES, save_authors_format
+
+        _, build, _, file_name = CASES[{"boq": "boq-dinov2"}.get(name, name)]
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        net = ref_perturb(build())
+        save_authors_format(net, folder / file_name)
+        return folder / file_name, registry.load_model(name, folder / file_name).dim
     net, file_name = reference(name, variant or ROUTE_VARIANTS[name])
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), folder / file_name)
     if name == "mixvpr":
         return folder / file_name, net.aggregator.channel_proj.out_features * net.aggregator.row_proj.out_features
     return folder / file_name, net.aggregation[3].out_features
+
+
+def ref_perturb(net: nn.Module) -> nn.Module:
+    import dinov2_reference
+
+    return dinov2_reference.perturb(net, seed=1)
 
 
 def reference_descriptors(net: nn.Module, size: tuple[int, int] | None) -> np.ndarray:

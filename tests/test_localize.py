@@ -511,3 +511,107 @@ def test_default_and_diagonal_velocities_are_todays_localizer():
     assert all(loc._traj is None for loc in runs)
 
 
+
+
+# ---------------------------------------------------------------- --spacing: steps by distance travelled
+
+def spaced_twin(db, q, odometry, resets, seq_len, spacing):
+    """From the definition: a plain ``Localizer`` fed only the frames a loop over the odometry keeps
+    (each sequence's first frame, then every frame ``spacing`` beyond the last kept one); every other
+    frame repeats the last match, held."""
+    loc, out, last, kept_at, steps = Localizer(db, seq_len=seq_len), [], None, None, []
+    for t in range(len(q)):
+        if t in resets:
+            loc.reset()
+            last, kept_at = None, None
+        if kept_at is None or odometry[t] >= kept_at + spacing:
+            kept_at = odometry[t]
+            last = loc.step(q[t])
+            out.append(last)
+            steps.append(t)
+        else:
+            out.append(None if last is None else (last.db_frame, last.distance, "held"))
+    return out, steps
+
+
+def test_spacing_steps_by_odometry_like_the_plain_twin():
+    rng = np.random.default_rng(3)
+    db, q = unit_rows(rng, 120, 16), unit_rows(rng, 300, 16)
+    step = rng.uniform(0.1, 0.3, 300)
+    step[100:180] = 0.0                                 # standing still at a light
+    odometry = np.cumsum(step)
+    odometry[200:] -= odometry[200]                      # a new sequence restarts its odometry
+    loc = Localizer(db, seq_len=4, search=SearchSettings(spacing=1.5))
+    calls = []
+    real = loc._step
+    loc._step = lambda frame: calls.append(1) or real(frame)
+    got = []
+    for t in range(300):
+        if t == 200:
+            loc.reset()
+        got.append(loc.step(q[t], float(odometry[t])))
+    want, steps = spaced_twin(db, q, odometry, {200}, 4, 1.5)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        elif isinstance(w, tuple):
+            assert g.held and (g.db_frame, g.distance) == w[:2]
+        else:
+            assert not g.held and g == w
+    assert len(calls) == len(steps) < 300 // 2           # the matcher ran on the kept frames only
+    assert not set(steps) & set(range(101, 180))         # standing still never advances the window
+    assert 200 in steps                                  # a new sequence steps at once
+
+
+def test_spacing_reset_and_bad_odometry():
+    rng = np.random.default_rng(4)
+    db, q = unit_rows(rng, 50, 8), unit_rows(rng, 10, 8)
+    loc = Localizer(db, seq_len=2, search=SearchSettings(spacing=1.0))
+    assert loc.step(q[0], 0.0) is None and loc.step(q[1], 0.5) is None      # held, window not full
+    match = loc.step(q[2], 1.0)
+    assert match is not None and not match.held
+    assert loc.step(q[3], 1.2).held
+    loc.reset()
+    assert loc.step(q[4], 0.0) is None                   # after a reset: no held match, a new window
+    with pytest.raises(ValueError, match="odometry went back"):
+        loc.step(q[5], -0.5)
+    with pytest.raises(ValueError, match="needs its odometry"):
+        loc.step(q[5])
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="spacing must be a positive"):
+            SearchSettings(spacing=bad)
+    plain_loc = Localizer(db, seq_len=2)
+    assert plain_loc.step(q[0], 5.0) is None and not plain_loc.step(q[1], 5.0).held   # no spacing: every frame
+
+
+def read_spaced_csv(path: Path) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    assert tuple(reader.fieldnames) == CSV_COLUMNS + ("held",)
+    return list(reader)
+
+
+def test_replay_and_stream_with_spacing(tiny_oxford, tmp_path, capsys):
+    from seqmatchnet.cli import localize
+
+    out = tmp_path / "spaced.csv"
+    result = run_localize(localize_options(tiny_oxford, "--seqL", "3", "--output", str(out), "--spacing", "5"))
+    rows = read_spaced_csv(out)
+    assert len(rows) == N_TEST and result["spacing_m"] == 5.0
+    stepped = [int(r["query_frame"]) for r in rows if r["held"] == "0" and r["db_frame"]]
+    assert result["matcher_steps"] == len(stepped) < N_TEST / 2
+    held = [r for r in rows if r["held"] == "1"]
+    assert held and all(r["db_frame"] for r in held)
+    # the stream format: each row's last value is the odometry
+    db, q = tiny_test_split(tiny_oxford)
+    split_odometry = np.array([float(v) for v in localize.replay_odometry(
+        np.stack([TEST_ROWS * 2.0, np.zeros(N_TEST)], 1), bounds_of([N_TEST]))])
+    np.save(tmp_path / "q.npy", np.column_stack([q, split_odometry]))
+    run_localize(localize_options(tiny_oxford, "--seqL", "3", "--stream", str(tmp_path / "q.npy"), "--output",
+                                  str(tmp_path / "stream.csv"), "--spacing", "5"))
+    streamed = read_spaced_csv(tmp_path / "stream.csv")
+    assert [(r["db_frame"], r["held"]) for r in streamed] == [(r["db_frame"], r["held"]) for r in rows]
+    capsys.readouterr()
+    for bad in (["--spacing", "0"], ["--spacing=-3"], ["--spacing", "x"]):
+        assert localize.main(["--dataset", "oxford-v1.0", "--seqL", "2", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(("error: --spacing", "error: argument --spacing"))

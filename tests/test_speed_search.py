@@ -258,6 +258,166 @@ def test_in_memory_search_equals_the_block_search(seq_len, rule, grid):
     assert diagonal.DENSE_LIMIT_BYTES and speeds.fits_in_memory(traj, len(db_starts), len(q_starts))
 
 
+@pytest.mark.parametrize("query_chunk, window", [(1, 3), (1, 1), (2, 3), (3, 2)])
+def test_in_memory_tiles_wait_for_every_neighbour_the_rule_reads(query_chunk, window):
+    """Query tiles of 1 to 3 windows and a consensus over +-1 to 3 neighbours: every tile is ranked only when
+    the statistics of its last neighbour are known, also when they become known exactly at a tile's end (the
+    tiles of 4 and the window of 20 above never meet that case). Exactly the block search's result."""
+    db, q, db_starts, q_starts, db_bounds, q_bounds = route(41, 3)
+    traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0), 3, grid=2)
+    rule = rules.ScoringRule("consensus", window=window, weight=3.0, normalise=True)
+    queries = Windows(q, q_starts, q_bounds)
+    want = speeds.rank_across_speeds(Windows([(0, db, np.arange(len(db_starts)))], db_starts, db_bounds), queries,
+                                     traj, rule, 10, query_chunk=query_chunk)
+    got = speeds.rank_across_speeds_in_memory(Windows(db, db_starts, db_bounds), queries, traj, rule, 10,
+                                              query_chunk=query_chunk)
+    finite = np.isfinite(want[1])
+    assert finite[:, 0].all()
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g[finite], w[finite])
+
+
+@pytest.mark.parametrize("speed, rule", [(2, rules.DEFAULT_RULE), (0.5, rules.DEFAULT_RULE), (2, rules.PLAIN_MIN)],
+                         ids=["2x", "0.5x", "2x-min"])
+def test_share_of_top1_velocities_is_what_the_search_chose(speed, rule):
+    """``--mode test``'s line "top-1 matches by velocity" counts, per velocity, the queries whose top-1 match
+    came from a trajectory of that velocity: each query's reported velocity is the one whose adjusted score
+    (plain loop) is the top-1's score, the first in the trajectory order among equal ones; and a query
+    traversal driven at ``speed`` x the database's shows that speed for most of its matches."""
+    from seqmatchnet.data.windows import Split
+    from seqmatchnet.evaluation.evaluate import EvalConfig, evaluate, format_recalls
+    from seqmatchnet.models.sequence import SeqMatchModel
+
+    rng = np.random.default_rng(7)
+    n_db = 90
+    db = unit(rng, n_db, 6)
+    q_rows = np.arange(0, n_db - 1, speed).astype(int) if speed >= 1 else np.repeat(np.arange(n_db // 2), 2)
+    q = torch.nn.functional.normalize(db[q_rows] + 0.15 * unit(rng, len(q_rows), 6), dim=1)
+    db_bounds, q_bounds = bounds_of([n_db]), bounds_of([len(q_rows)])
+    split = Split(name="test", db_desc=db.numpy(), q_desc=q.numpy(),
+                  db_positions=np.stack([np.arange(n_db) * 2.0, np.zeros(n_db)], axis=1),
+                  q_positions=np.stack([q_rows * 2.0, np.zeros(len(q_rows))], axis=1), pos_dist_thr=5.0,
+                  non_triv_pos_dist_sq_thr=9.0, db_bounds=db_bounds, q_bounds=q_bounds)
+    velocities = (0.5, 1.0, 1.5, 2.0)
+    config = EvalConfig(5, search=diagonal.SearchConfig(velocities=velocities, grid=2, rule=rule))
+    result = evaluate(config, split, SeqMatchModel(6, False, 6), torch.device("cpu"))
+    db_starts, q_starts = sequence_windows(db_bounds, 5)[0], sequence_windows(q_bounds, 5)[0]
+    adj, vels = plain_scores(db, q, db_starts, q_starts, db_bounds, q_bounds, 5, velocities, rule, 2)
+    for i, j in enumerate(result.preds[:, 0]):
+        t = min(range(len(vels)), key=lambda t: (adj[i, t, j], t))
+        assert result.velocities[i, 0] == np.float32(vels[t])
+        assert result.dists[i, 0] == pytest.approx(adj[i, t, j], abs=1e-5)
+    share = dict(zip(*np.unique(result.velocities[:, 0], return_counts=True)))
+    line = format_recalls(result).splitlines()[-1]
+    assert line == ("top-1 matches by velocity (database frames per query frame): "
+                    + ", ".join(f"{v:g} {c / len(result.velocities):.0%}" for v, c in sorted(share.items())))
+    assert share.get(np.float32(speed), 0) / len(result.velocities) > 0.8
+
+
+# ---------------------------------------------------------------- two ranks, faked (threads)
+
+class TwoRanks:
+    """``distributed``'s rank, world size and collectives faked for ``world`` threads (one per rank): each
+    collective deposits its piece, waits for every rank, combines the pieces in rank order, waits again."""
+
+    def __init__(self, monkeypatch, world: int = 2):
+        import threading
+
+        from seqmatchnet.common import distributed
+
+        self.world, self.local, self.pieces = world, threading.local(), [None] * world
+        self.barrier = threading.Barrier(world, timeout=60)
+        for name, fn in (("active", lambda: True), ("world_size", lambda: world), ("rank", lambda: self.local.rank),
+                         ("all_reduce_sum", self.all_reduce_sum), ("all_gather_rows", self.all_gather_rows),
+                         ("all_gather_arrays", self.all_gather_arrays)):
+            monkeypatch.setattr(distributed, name, fn)
+
+    def exchange(self, piece):
+        self.pieces[self.local.rank] = piece
+        self.barrier.wait()
+        out = list(self.pieces)
+        self.barrier.wait()
+        return out
+
+    def all_reduce_sum(self, t, what=""):
+        return sum(p.clone() for p in self.exchange(t))
+
+    def all_gather_rows(self, t, what=""):
+        return torch.cat(self.exchange(t))
+
+    def all_gather_arrays(self, *arrays, what=""):
+        return tuple(np.concatenate(p) for p in zip(*self.exchange(arrays)))
+
+    def run(self, fn):
+        """``fn(rank)`` on every rank at once: the results in rank order (an error of any rank raised)."""
+        import threading
+
+        results, errors = [None] * self.world, []
+
+        def one(r):
+            self.local.rank = r
+            try:
+                results[r] = fn(r)
+            except BaseException as exc:            # noqa: BLE001 - re-raised below
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.mark.parametrize("rule", [rules.PLAIN_MIN, rules.DEFAULT_RULE], ids=["min", "default"])
+def test_two_ranks_shares_of_the_database_give_the_search_of_one_process(monkeypatch, rule):
+    """Under torchrun (two ranks faked with threads) each rank searches its share of the database windows
+    and ``gather_shares`` combines them: the statistics summed, the best distances' minimum over the ranks
+    (the better one is on rank 1 for some queries and trajectories), the lists merged. Every rank ends
+    with exactly the one-process result."""
+    db, q, db_starts, q_starts, db_bounds, q_bounds = route(52, 3)
+    traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0), 3, grid=2)
+    queries = Windows(q, q_starts, q_bounds)
+    all_windows = np.arange(len(db_starts))
+    want = speeds.rank_across_speeds(Windows([(0, db, all_windows)], db_starts, db_bounds), queries, traj,
+                                     rule, 12, query_chunk=5)
+    shares = np.array_split(all_windows, 2)
+    one = speeds.rank_across_speeds       # the statistics of each share: rank 1 holds the best of some
+    fake = TwoRanks(monkeypatch)
+    got = fake.run(lambda r: one(Windows([(0, db, shares[r])], db_starts, db_bounds), queries, traj, rule, 12,
+                                 query_chunk=5))
+    for result in got:
+        for w, g in zip(want, result):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_two_ranks_rerank_each_query_with_its_own_coefficients(monkeypatch):
+    """``rerank_across_speeds`` under torchrun (two ranks faked with threads): each rank re-ranks its share of
+    the queries with the rule's coefficients of those queries (the statistics travel between the ranks),
+    and both ranks end with exactly the one-process result."""
+    from seqmatchnet.models.sequence import SeqMatchModel
+
+    db, q, db_starts, q_starts, db_bounds, q_bounds = route(63, 3)
+    rng = np.random.default_rng(3)
+    cand = np.stack([rng.choice(len(db_starts), 12, replace=False) for _ in q_starts])
+    traj = trajectories.trajectories((0.5, 1.0, 1.5, 2.0), 3, grid=2)
+    config = diagonal.SearchConfig(rule=rules.DEFAULT_RULE, batch_size=64)
+    model = SeqMatchModel(6, False, 6)
+
+    def rerank(_rank=0):
+        return speeds.rerank_across_speeds(config, model, Windows(db.numpy(), db_starts, db_bounds),
+                                           Windows(q, q_starts, q_bounds), cand, traj, torch.device("cpu"))
+
+    want = rerank()
+    fake = TwoRanks(monkeypatch)
+    for result in fake.run(rerank):
+        for w, g in zip(want, result):
+            np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.parametrize("grid", [1, 2])
 @pytest.mark.parametrize("seq_len", [3, 5])
 def test_shortlist_covering_the_map_across_speeds_equals_the_full_search(seq_len, grid):
@@ -331,3 +491,46 @@ def test_equal_trajectories_report_the_velocity_nearest_one(rule, grid):
                                                        10)):
         assert (result[2] == np.float32(nearest)).all()
         np.testing.assert_array_equal(result[0], np.tile(np.arange(10), (20, 1)))     # ties: ascending frame
+
+
+def test_localizer_takes_the_command_lines_velocity_text():
+    """``Localizer(..., search=SearchSettings(velocities="0.5:2:0.5"))`` searches exactly what the tuple
+    ``(0.5, 1, 1.5, 2)`` does (matches, distances and each ``Match.velocity``, one of those asked for); one
+    number is one speed; malformed text is the command line's one-line error naming ``--velocities``."""
+    from seqmatchnet.common.errors import UserError
+    from seqmatchnet.online.localizer import Localizer, SearchSettings
+
+    db, q, _, _, db_bounds, _ = route(71, 3)
+    q = torch.nn.functional.normalize(db[np.arange(0, 32, 2)] + 0.1 * q[:16], dim=1)    # driven at 2x
+    assert SearchSettings("0.5:2:0.5").velocities == (0.5, 1.0, 1.5, 2.0) == SearchSettings("0.5,1,1.5,2").velocities
+    assert SearchSettings(2).velocities == (2.0,)
+    runs = {}
+    for velocities in ("0.5:2:0.5", (0.5, 1.0, 1.5, 2.0)):
+        loc = Localizer(db, seq_len=3, db_bounds=db_bounds, search=SearchSettings(velocities=velocities))
+        runs[str(velocities)] = [loc.step(f) for f in q]
+    text, tup = runs.values()
+    assert text == tup and text[1] is None and text[2] is not None
+    assert {m.velocity for m in text[2:]} <= {0.5, 1.0, 1.5, 2.0}
+    assert sum(m.velocity == 2.0 for m in text[2:]) > len(text[2:]) / 2
+    for bad in ("0.5:2", "2:1:0.5", "fast"):
+        with pytest.raises(UserError, match=f"^--velocities '{bad}'") as err:
+            SearchSettings(velocities=bad)
+        assert "\n" not in str(err.value)
+
+
+def test_range_comparison_of_the_speed_benchmark_runs():
+    """``bench/bench_speeds.py --ranges`` (docs/speeds.md, choosing a range) on a short route: one row per
+    range with its trajectory count and Recall@1 per profile; a range around 0.7 finds a 0.7x traversal
+    at least as well as the diagonal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "bench_speeds.py"), "--ranges", "0.5:2:0.5", "0.6:1:0.1",
+                          "--profiles", "0.7x", "1x", "--seeds", "0", "--frames", "1500", "--skip-cost"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("diagonal (1)", "0.5:2:0.5 ", "0.6:1:0.1 "))}
+    assert rows["0.5:2:0.5"][0] == "8" and rows["0.6:1:0.1"][0] == "8" and rows["diagonal"][1] == "1"
+    assert float(rows["0.6:1:0.1"][1]) >= float(rows["diagonal"][2])         # 0.7x: range around it vs diagonal

@@ -203,7 +203,7 @@ def test_parse_velocities(text, expected):
 
 @pytest.mark.parametrize("text, words", [
     ("2:1:0.1", "VMIN is above VMAX"), ("1:2:0", "step must be > 0"), ("1:2:-0.1", "step must be > 0"),
-    ("-0.5,1", "outside"), ("-1:1:0.5", "outside"), ("0.5:x:0.1", "not numbers"), ("1:2", "not numbers"),
+    ("-0.5,1", "outside"), ("-1:1:0.5", "outside"), ("0.5:x:0.1", "not numbers"), ("1:2", "needs three"),
     ("", "empty"), ("nan", "non-finite"), ("0:100:0.01", "at most"), ("9", "outside")])
 def test_malformed_velocities_are_one_line_errors_naming_the_flag(text, words):
     with pytest.raises(UserError) as err:
@@ -233,6 +233,30 @@ def test_trajectories_match_plain_twin(seq_len, anchor, text, grid):
     assert_same_trajectories(traj, plain, grid)
     assert traj.seq_len == seq_len and traj.count == plain.count and traj.anchor == anchor
     assert traj.is_diagonal == (plain.count == 1 and list(plain.positions[0]) == plain.offsets)
+
+
+@pytest.mark.parametrize("text, seq_len, anchor, grid", [("4.1", 16, "end", 1), ("2.05", 16, "end", 2),
+                                                         ("0.3,4.1", 16, "centre", 1), ("2.05,0.7", 16, "end", 1)])
+def test_decimal_velocities_snap_their_positions_before_rounding(text, seq_len, anchor, grid):
+    """``v * k`` of a decimal velocity lands a hair off a half in binary (4.1 * 5 = 20.499999999999996): the
+    position is the decimal one's (20.5, rounded away from zero), as the plain twin computes it."""
+    vs = trajectories.parse_velocities(text)
+    plain = plain_trajectories(vs, seq_len, anchor, grid)
+    traj = trajectories.trajectories(vs, seq_len, anchor, grid=grid)
+    assert_same_trajectories(traj, plain, grid)
+    if text == "4.1":                                      # by hand: k = -5 sits at -20.5 -> -21
+        assert traj.steps[0][traj.q_offsets.tolist().index(-5)] == -21
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0.6:1.4:0.2", (0.6, 0.8, 1.0, 1.2, 1.4)), ("0.1:0.3:0.1", (0.1, 0.2, 0.3)), ("0.7:2.1:0.7", (0.7, 1.4, 2.1)),
+    ("0.5:2:0.5", (0.5, 1.0, 1.5, 2.0)), ("0.3:0.9:0.3", (0.3, 0.6, 0.9))])
+def test_a_range_keeps_its_upper_end(text, expected):
+    """VMAX is included although ``(VMAX - VMIN) / VSTEP`` falls a hair below a whole number in binary
+    ((1.4 - 0.6) / 0.2 = 3.9999999999999996)."""
+    vmin, vmax, step = (float(x) for x in text.split(":"))
+    assert (vmax - vmin) / step != round((vmax - vmin) / step) or text == "0.5:2:0.5"   # the binary trap
+    assert trajectories.parse_velocities(text) == expected
 
 
 def test_half_grid_trajectories_by_hand():
@@ -448,6 +472,62 @@ def test_neighbour_mean_stays_in_its_segment():
         for t in range(3):
             vals = [x[p, t] for p in near if np.isfinite(x[p, t])]
             assert got[q, t] == pytest.approx(sum(vals) / len(vals))
+
+
+@pytest.mark.parametrize("rule", RULES[1:3], ids=["default", "consensus-raw"])
+def test_a_trajectory_that_fits_no_database_sequence_leaves_the_others_scores_alone(rule):
+    """Database sequences shorter than the fast trajectories' reach: those are never scored (no finite
+    distance, a consensus over no value) and the other trajectories' coefficients are the plain twin's,
+    the same as if the fast ones had not been asked for."""
+    rng = np.random.default_rng(4)
+    db_bounds, q_bounds = segments([5, 6, 8, 7, 6]), segments([9, 12])
+    fd = frame_distances(torch.from_numpy(unit_rows(rng, len(db_bounds), 8)),
+                         torch.from_numpy(unit_rows(rng, len(q_bounds), 8)))
+    anchors, q_cols = windows(db_bounds, 5), windows(q_bounds, 5)
+    slow, fast = (0.5, 1.0), (0.5, 1.0, 2.0, 2.5)           # 2 and 2.5 span 9 and 11 frames: no sequence has them
+    got = {}
+    for vs in (slow, fast):
+        traj = trajectories.trajectories(vs, 5)
+        plain = plain_trajectories(vs, 5)
+        acc = run_blocks(fd, db_bounds, anchors, q_cols, traj, 6, db_chunk=7, q_chunk=8)
+        assert np.isinf(acc.stats["best"][len(slow):]).all() and np.isfinite(acc.stats["best"][:len(slow)]).all()
+        a, b = acc.coefficients(q_bounds, rule)
+        dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain).transpose(2, 0, 1)
+        p_a, p_b = plain_coefficients(rule, dense, q_bounds[:, 0])
+        np.testing.assert_allclose(a, p_a, rtol=1e-9)
+        np.testing.assert_allclose(b, p_b, rtol=1e-9, atol=1e-12)
+        got[vs] = [x.numpy() for x in acc.finish(q_bounds, rule)]
+    for x, y in zip(got[slow], got[fast]):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("rows", [255, 256, 257, 600, 1030])
+def test_float64_column_sums_read_every_row_of_every_tile(rows):
+    """The statistics' sums and sums of squares a tile of rows at a time equal the plain float64 sums."""
+    from seqmatchnet.matching import blocks
+
+    d = torch.from_numpy(np.random.default_rng(rows).random((rows, 7)).astype(np.float32))
+    total, squares = blocks.float64_column_sums(d)
+    x = d.numpy().astype(np.float64)
+    np.testing.assert_allclose(total.numpy(), [sum(x[:, j]) for j in range(7)], rtol=1e-12)
+    np.testing.assert_allclose(squares.numpy(), [sum(v * v for v in x[:, j]) for j in range(7)], rtol=1e-12)
+
+
+def test_statistics_of_a_block_of_more_than_one_tile_equal_the_plain_ones():
+    """``TrajectoryTopK`` over one block of 400 database windows (more than a 256-row tile): best, sum, sum
+    of squares and count per (trajectory, query) equal the plain loop's."""
+    rng = np.random.default_rng(8)
+    db_bounds, q_bounds = segments([400]), segments([12])
+    fd = frame_distances(torch.from_numpy(unit_rows(rng, 400, 8)), torch.from_numpy(unit_rows(rng, 12, 8)))
+    anchors, q_cols = windows(db_bounds, 3), windows(q_bounds, 3)
+    traj, plain = trajectories.trajectories((0.5, 1.0, 2.0), 3, grid=2), plain_trajectories((0.5, 1.0, 2.0), 3, grid=2)
+    acc = run_blocks(fd, db_bounds, anchors, q_cols, traj, 4, db_chunk=1000, q_chunk=1000)
+    dense = plain_distances(fd.numpy(), anchors, db_bounds, q_cols, plain).astype(np.float64)   # [T, A, B]
+    finite = np.isfinite(dense)
+    np.testing.assert_array_equal(acc.stats["count"], finite.sum(axis=1))
+    np.testing.assert_allclose(acc.stats["sum"], np.where(finite, dense, 0).sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(acc.stats["sumsq"], np.where(finite, dense ** 2, 0).sum(axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(acc.stats["best"], dense.min(axis=1))
 
 
 def test_causal_coefficients_use_only_the_given_history():

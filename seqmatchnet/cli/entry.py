@@ -1,5 +1,6 @@
 """The one entry shell of every mode: option parsers that fail on one line, and errors turned
-into exit codes (0 done, 1 bad data or a failed step, 2 bad options, 130 interrupted).
+into exit codes (0 done, 1 bad data or a failed step, 2 bad options, 130 interrupted, 141 output
+into a closed pipe, e.g. ``| head -1``: not an error, nothing printed).
 
 ``main.py`` runs the shared-option modes through ``run_guarded``; the modes with their own
 parser (extract, prepare, demo, compare) build it from ``OneLineParser`` and call
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,6 +22,24 @@ log = logging.getLogger("seqmatchnet")
 
 OS_ERROR_HINT = ("check that the paths given exist and are writable and that the disk has space "
                  "(--debug shows where it happened)")
+
+
+# 128 + SIGPIPE: what a shell reports for a command that a closed pipe stopped (| head -1)
+CLOSED_PIPE = 141
+
+
+def closed_pipe() -> int:
+    """Output went into a closed pipe (``main.py ... | head -1``): not an error to report. The
+    console streams are pointed at /dev/null so that nothing more (not the interpreter's last
+    flush either) fails; returns ``CLOSED_PIPE``."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):    # a stream without a file descriptor
+            pass
+    os.close(devnull)
+    return CLOSED_PIPE
 
 
 def one_line(exc: BaseException | str) -> str:
@@ -79,7 +99,8 @@ def run_guarded(work: Callable[[], int | None], *, os_error: Callable[[OSError],
     returns 1; an ``OSError`` the file system raised where no check foresaw it prints
     ``os_error(exc)`` (default: the error and ``OS_ERROR_HINT``) and returns 1; each ``(type,
     message)`` of ``more`` does the same for its type; Ctrl-C prints ``interrupted`` and returns
-    130. With ``trace`` tracebacks are logged at debug level (``--debug`` shows them)."""
+    130; a closed pipe returns 141 silently (``closed_pipe``). With ``trace`` tracebacks are
+    logged at debug level (``--debug`` shows them)."""
     def debug_trace() -> None:
         if trace:
             log.debug("traceback:\n%s", traceback.format_exc())
@@ -90,6 +111,8 @@ def run_guarded(work: Callable[[], int | None], *, os_error: Callable[[OSError],
         debug_trace()
         error(exc)
         return 1
+    except BrokenPipeError:
+        return closed_pipe()
     except OSError as exc:
         debug_trace()
         error(os_error(exc) if os_error is not None else f"{one_line(exc)}: {OS_ERROR_HINT}")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from seqmatchnet.cli.entry import OneLineParser, run_own_mode
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.logs import progress_enabled, setup_logging
 from seqmatchnet.common.runtime import get_device
+from seqmatchnet.data.spacing import check_spacing
 from seqmatchnet.images import registry
 from seqmatchnet.images.base import (  # noqa: F401 (re-exported)
     CHECKPOINT_URL,
@@ -29,9 +31,10 @@ from seqmatchnet.images.extraction import (
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         mode="extract",
-        description="Compute global descriptors (NetVLAD, CosPlace, EigenPlaces or MixVPR, from "
-                    "the authors' checkpoints) of a folder or list of images: one row per image, "
-                    "for --mode prepare --db_descriptors/--q_descriptors.")
+        description="Compute global descriptors (NetVLAD, CosPlace, EigenPlaces, MixVPR, BoQ, "
+                    "SALAD or MegaLoc, from the authors' checkpoints) of a folder or list of "
+                    "images: one row per image, for --mode prepare --db_descriptors/"
+                    "--q_descriptors.")
     p.add_argument("--images", required=True, metavar="SRC",
                    help="folder of .jpg/.jpeg/.png/.bmp images (natural order of names) or a text "
                         "file with one image path per line (relative to the file)")
@@ -39,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy or .h5 file: float32 [images, dims]; "
                                                 "OUT.images.txt lists each row's image, "
                                                 "OUT.model.json the model")
+    p.add_argument("--positions", metavar="CSV", default=None,
+                   help="with --spacing: the traversal's positions CSV (one row per image, as "
+                        "for --mode prepare; an odometry column drives the spacing)")
+    p.add_argument("--spacing", type=float, default=None, metavar="METRES",
+                   help="extract only the images --mode prepare --spacing METRES keeps (one "
+                        "whenever the traversal has travelled this far)")
+    p.add_argument("--seqL", type=int, default=1,
+                   help="with --spacing: every sequence must keep at least this many frames (1)")
     p.add_argument("--batchSize", type=int, default=8, help="images per forward pass")
     p.add_argument("--threads", type=int, default=2,
                    help="image-decoding worker processes (0: main process)")
@@ -64,9 +75,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="a Patch-NetVLAD checkpoint (same as --model netvlad --weights CKPT), "
                         f"e.g. {CHECKPOINT_URL}")
     p.add_argument("--imageSize", default=None, metavar="W,H",
-                   help="resize every image to W,H pixels (bilinear); 0 keeps each image's size; "
-                        "default: the model's (netvlad 640,480; cosplace/eigenplaces 0; mixvpr "
-                        "320,320 from its checkpoint)")
+                   help="resize every image to W,H pixels; 0 keeps each image's size; default: "
+                        "the model's (netvlad 640,480; cosplace/eigenplaces 0; mixvpr 320,320 "
+                        "from its checkpoint; boq 322,322 with DINOv2, 384,384 with ResNet-50, "
+                        "bicubic; salad 322,322; megaloc 0); DINOv2 models need multiples of 14")
 
 
 def check_model_options(opt: argparse.Namespace) -> None:
@@ -97,13 +109,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opt = build_parser().parse_args(argv)
     check_model_options(opt)
     if not opt.weights:
-        raise UserError("give the checkpoint: --model netvlad|cosplace|eigenplaces|mixvpr "
-                        "--weights FILE, or --netvladCkpt FILE")
+        raise UserError(f"give the checkpoint: --model {'|'.join(MODELS)} --weights FILE, or "
+                        "--netvladCkpt FILE")
     if opt.batchSize < 1:
         raise UserError(f"--batchSize must be at least 1, got {opt.batchSize}")
     if opt.threads < 0:
         raise UserError("--threads must be 0 (decode in the main process) or more, got "
                         f"{opt.threads}")
+    check_spacing(opt.spacing, "--spacing")
+    if (opt.spacing is None) != (opt.positions is None):
+        raise UserError("--spacing and --positions go together: the positions (or odometry) "
+                        "say which images are kept")
     if Path(opt.out).suffix.lower() not in OUT_SUFFIXES:
         raise UserError(f"--out {opt.out}: the file name must end in {', '.join(OUT_SUFFIXES)}")
     return opt
@@ -125,9 +141,35 @@ def _extract(opt: argparse.Namespace) -> None:
     device = get_device(opt.nocuda, opt.device)
     settings = ExtractSettings(image_size_option(opt), opt.batchSize, opt.threads, device,
                                progress_enabled(opt.quiet))
-    result = extract_images(Path(opt.images), Path(opt.weights), Path(opt.out), model=opt.model,
-                            settings=settings)
+    if opt.spacing is None:
+        result = extract_images(Path(opt.images), Path(opt.weights), Path(opt.out),
+                                model=opt.model, settings=settings)
+    else:
+        result = _extract_spaced(opt, settings)
     resumed = f", continuing after {result.resumed_from} done before" if result.resumed_from else ""
     print(f"wrote {result.rows} x {result.dim} {registry.TITLES[opt.model]} descriptors to "
           f"{result.path} (images listed in {result.images_file}){resumed}; "
           f"{result.images_per_second:.2f} images/s on {device}")
+
+
+def _extract_spaced(opt: argparse.Namespace, settings: ExtractSettings):
+    """Extract only the images that ``--spacing`` keeps (the rows ``--mode prepare --spacing``
+    keeps from the same positions CSV)."""
+    from seqmatchnet.data.positions import read_positions
+    from seqmatchnet.data.spacing import kept_rows
+    from seqmatchnet.images import extraction
+
+    paths = extraction.list_images(Path(opt.images))
+    table = read_positions(Path(opt.positions), "traversal")
+    if len(paths) != len(table.values):
+        raise UserError(f"--images {opt.images} has {len(paths)} images but {table.path} has "
+                        f"{len(table.values)} positions: one image per position row, in the same "
+                        "order")
+    rows = kept_rows(table, opt.spacing, opt.seqL, f"--positions {table.path}")
+    print(f"--spacing {opt.spacing:g}: extracting {len(rows)} of {len(paths)} images")
+    loaded, size = extraction.load_for_extraction(opt.model, Path(opt.weights),
+                                                  settings.image_size)
+    return extraction.extract_descriptors(
+        loaded, [paths[r] for r in rows.tolist()], Path(opt.out),
+        checkpoint_id=extraction.file_digest(Path(opt.weights)),
+        settings=dataclasses.replace(settings, image_size=size), weights=Path(opt.weights))

@@ -19,6 +19,7 @@ import numpy as np
 from seqmatchnet.cli.shared import run_with_options
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.files import atomic_write, ensure_output_dir, write_json_atomic
+from seqmatchnet.data.spacing import check_spacing, path_distance
 from seqmatchnet.evaluation import figures
 from seqmatchnet.evaluation import recall as recall_mod
 from seqmatchnet.evaluation import summary as summary_mod
@@ -42,20 +43,34 @@ def load_model_for(opt: argparse.Namespace):
     return loaded.opt, loaded.split, (model.eval() if model.learned else None), loaded.device
 
 
-def csv_row(query_frame: int, match: Match | None, latency_ms: float) -> str:
+def csv_row(query_frame: int, match: Match | None, latency_ms: float, held: bool = False) -> str:
     """One CSV line (no newline); db_frame, distance, confidence and velocity are empty without a
-    match."""
+    match. With ``held`` (``--spacing``) a last column says whether the match is the last one
+    again (1) or a step of the matcher (0)."""
+    end = f",{int(match is not None and match.held)}" if held else ""
     if match is None:
-        return f"{query_frame},,,,{latency_ms:.3f},"
+        return f"{query_frame},,,,{latency_ms:.3f},{end}"
     return (f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},"
-            f"{latency_ms:.3f},{match.velocity:g}")
+            f"{latency_ms:.3f},{match.velocity:g}{end}")
 
 
-def timed_step(localizer: Localizer, frame: np.ndarray) -> tuple[Match | None, float]:
+def csv_header(spacing: float | None) -> str:
+    """The CSV's header line: ``CSV_COLUMNS``, and ``held`` with ``--spacing``."""
+    return ",".join(CSV_COLUMNS + (("held",) if spacing is not None else ()))
+
+
+def timed_step(localizer: Localizer, frame: np.ndarray,
+               odometry: float | None = None) -> tuple[Match | None, float]:
     """``(match, latency in ms)`` of one ``step``."""
     t0 = time.perf_counter()
-    match = localizer.step(frame)
+    match = localizer.step(frame, odometry)
     return match, (time.perf_counter() - t0) * 1e3
+
+
+def replay_odometry(q_positions: np.ndarray, q_bounds: np.ndarray) -> np.ndarray:
+    """The odometry of a replayed query traversal: metres along its positions, from 0 at the start
+    of each segment (``q_bounds``)."""
+    return path_distance(np.asarray(q_positions, dtype=np.float64), q_bounds[:, 0])
 
 
 def latency_stats(latencies_ms: np.ndarray, wall_s: float) -> dict:
@@ -74,12 +89,12 @@ def format_latency(stats: dict) -> str:
             f"{stats['frames_per_s']:.1f} frames/s over {stats['frames']} frames")
 
 
-def replay(localizer: Localizer, q_desc: np.ndarray,
-           q_bounds: np.ndarray) -> tuple[list, np.ndarray, float]:
+def replay(localizer: Localizer, q_desc: np.ndarray, q_bounds: np.ndarray,
+           odometry: np.ndarray | None = None) -> tuple[list, np.ndarray, float]:
     """Localise a query traversal frame by frame, resetting at each new segment.
 
-    ``q_desc`` ``[Nq, C]``, ``q_bounds`` ``[Nq, 2]``. Returns ``(matches [Nq] (None before a
-    window is full), latencies_ms [Nq], wall seconds)``.
+    ``q_desc`` ``[Nq, C]``, ``q_bounds`` ``[Nq, 2]``, ``odometry`` ``[Nq]`` (with a spacing).
+    Returns ``(matches [Nq] (None before a window is full), latencies_ms [Nq], wall seconds)``.
     """
     matches: list[Match | None] = []
     latencies = np.empty(len(q_desc))
@@ -87,18 +102,19 @@ def replay(localizer: Localizer, q_desc: np.ndarray,
     for t in range(len(q_desc)):
         if t == q_bounds[t, 0]:
             localizer.reset()
-        match, latencies[t] = timed_step(localizer, q_desc[t])
+        step_odometry = None if odometry is None else float(odometry[t])
+        match, latencies[t] = timed_step(localizer, q_desc[t], step_odometry)
         matches.append(match)
     return matches, latencies, time.perf_counter() - t0
 
 
-def build_localizer(opt: argparse.Namespace, split, model, device,
-                    radius: float) -> Localizer:
+def build_localizer(opt: argparse.Namespace, split, model, device, radius: float,
+                    spacing: float | None = None) -> Localizer:
     """The ``Localizer`` of ``split``'s database for the options; a database it refuses is a
     ``UserError`` naming the split."""
     try:
         search = SearchSettings(opt.velocities, grid=trajectories.GRIDS[opt.trajectoryGrid],
-                                batch_size=opt.cacheBatchSize)
+                                batch_size=opt.cacheBatchSize, spacing=spacing)
         return Localizer(split.db_desc, model=model, seq_len=opt.seqL,
                          positions=split.db_positions, db_bounds=split.db_bounds,
                          conf_radius=radius, device=device, search=search)
@@ -106,30 +122,44 @@ def build_localizer(opt: argparse.Namespace, split, model, device,
         raise UserError(f"split {split.name}: {exc}") from exc
 
 
+def write_replay_csv(path: Path, matches: list, latencies: np.ndarray,
+                     spacing: float | None) -> None:
+    """The replay's CSV, one row per query frame, atomically."""
+    held = spacing is not None
+    lines = [csv_header(spacing)] + [csv_row(t, m, lat, held) for t, (m, lat)
+                                     in enumerate(zip(matches, latencies))]
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
 def run_localize(opt: argparse.Namespace) -> dict:
     """``--mode localize``: replay the split's queries (or ``--stream``) causally; CSV, Recall@1,
-    latency."""
+    latency. With ``--spacing`` the matcher steps only after that many metres of odometry: along
+    the query positions in a replay, the last value of each row in a stream."""
+    spacing = opt.spacing
     if opt.resultsPath:
         ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
     stream = opt.stream
     t0 = time.perf_counter()
     opt, split, model, device = load_model_for(opt)
     radius = split.pos_dist_thr if opt.confRadius is None else opt.confRadius
-    localizer = build_localizer(opt, split, model, device, radius)
+    localizer = build_localizer(opt, split, model, device, radius, spacing)
     setup_s = time.perf_counter() - t0
     if stream is not None:
         return _run_stream(opt, localizer, stream, setup_s)
 
-    matches, latencies, wall = replay(localizer, split.q_desc, split.q_bounds)
+    odometry = (None if spacing is None
+                else replay_odometry(split.q_positions, split.q_bounds))
+    matches, latencies, wall = replay(localizer, split.q_desc, split.q_bounds, odometry)
     if opt.output:
-        lines = [",".join(CSV_COLUMNS)] + [csv_row(t, m, lat) for t, (m, lat)
-                                           in enumerate(zip(matches, latencies))]
-        atomic_write(Path(opt.output), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        write_replay_csv(Path(opt.output), matches, latencies, spacing)
     done = np.array([m is not None for m in matches])
     stats = latency_stats(latencies, wall)
     result = {"mode": "localize", "queries": split.num_q, "queries_localised": int(done.sum()),
               "conf_radius": float(radius), "velocities": opt.velocities,
               "trajectoryGrid": opt.trajectoryGrid, **stats}
+    if spacing is not None:
+        result.update(spacing_m=spacing,
+                      matcher_steps=int(sum(m is not None and not m.held for m in matches)))
     recall, pr = math.nan, None
     if done.any():
         q_rows = np.flatnonzero(done)
@@ -204,11 +234,13 @@ def _run_stream(opt: argparse.Namespace, localizer: Localizer, stream: str, setu
     """Localise frames from ``--stream`` as they arrive: one flushed CSV line per frame (to
     ``--output``, else to stdout with log messages moved to stderr)."""
     with contextlib.ExitStack() as stack:
-        source, count, dim, dtype, name = stack.enter_context(open_stream(stream, opt.dim))
-        if dim != localizer.input_dim:
+        extra = int(localizer.spacing is not None)      # the odometry after the descriptor
+        width = None if opt.dim is None else opt.dim + extra
+        source, count, dim, dtype, name = stack.enter_context(open_stream(stream, width))
+        if dim != localizer.input_dim + extra:
             raise UserError(f"{name}: frame 0 has {dim} values but the database descriptors have "
-                            f"{localizer.input_dim}: stream descriptors of the same type "
-                            "(--descType)")
+                            f"{localizer.input_dim}{' (plus the odometry)' if extra else ''}: "
+                            "stream descriptors of the same type (--descType)")
         if opt.output:
             try:
                 out = stack.enter_context(open(opt.output, "w", encoding="utf-8"))
@@ -232,16 +264,20 @@ def stream_localize(localizer: Localizer, frames: Iterator[np.ndarray],
     Returns ``(latencies_ms, wall seconds)``. An error raised by ``frames`` ends the run after the
     lines of the frames before it.
     """
-    out.write(",".join(CSV_COLUMNS) + "\n")
+    spacing = localizer.spacing
+    out.write(csv_header(spacing) + "\n")
     out.flush()
     latencies: list[float] = []
     t0 = time.perf_counter()
     for i, frame in enumerate(frames):
         try:
-            match, lat = timed_step(localizer, frame)
+            if spacing is None:
+                match, lat = timed_step(localizer, frame)
+            else:
+                match, lat = timed_step(localizer, frame[:-1], float(frame[-1]))
         except ValueError as exc:
             raise UserError(f"stream frame {i}: {exc}") from exc
-        out.write(csv_row(i, match, lat) + "\n")
+        out.write(csv_row(i, match, lat, spacing is not None) + "\n")
         out.flush()
         latencies.append(lat)
     return latencies, time.perf_counter() - t0

@@ -11,6 +11,7 @@ import re
 from seqmatchnet.cli.entry import HelpFormatter, OneLineParser
 from seqmatchnet.cli.modes import MODES, SHARED, split_mode
 from seqmatchnet.common.errors import UserError
+from seqmatchnet.data.spacing import check_spacing
 from seqmatchnet.data.synthetic import SyntheticParams
 from seqmatchnet.matching.seqmatch import DISTANCES
 from seqmatchnet.models.sequence import METHODS
@@ -75,6 +76,10 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--oxfordHonestVal", action="store_true",
                    help="Oxford: validate on a spatial block held out of the training route "
                         "instead of the test split (the reference validates on the test split)")
+    g.add_argument("--splitGaps", type=str, default="join", choices=["join", "cut"],
+                   help="Oxford: where a split index file skips frames, join the parts into one "
+                        "segment (join, the reference) or cut the segment there, so that no window "
+                        "spans a gap (cut)")
     add_synthetic_options(p)
     add_localize_options(p)
 
@@ -91,8 +96,9 @@ def build_parser(mode: str | None = None) -> argparse.ArgumentParser:
                    help="how sequences are compared: seqmatch (SeqMatchNet's sequence matching), "
                         "single (single frames), smooth (window mean), delta (Delta Descriptors), "
                         "seqnet (SeqNet)")
-    g.add_argument("--w", type=int, default=5,
-                   help="SeqNet temporal kernel width (--method seqnet)")
+    g.add_argument("--w", type=int, default=3,
+                   help="SeqNet temporal kernel width (--method seqnet; 3, as SeqNet's command "
+                        "line)")
     g.add_argument("--cacheBatchSize", type=int, default=64,
                    help="frames per batch when computing descriptors")
     g.add_argument("--velocities", type=str, default="1", metavar="VMIN:VMAX:VSTEP",
@@ -278,6 +284,10 @@ def add_localize_options(parser: argparse.ArgumentParser) -> None:
                    help="confidence = best distance / best distance among database windows ending "
                         "farther than R (position units: metres, frames on Nordland) from the "
                         "match; lower is more confident (not given: the split's posDistThr)")
+    g.add_argument("--spacing", type=float, default=None, metavar="METRES",
+                   help="step the matcher only when the vehicle has travelled this far (the "
+                        "replay's odometry along the query positions; the last value of each "
+                        "--stream row); the frames in between get the last match, marked held")
 
 
 def check_localize_options(opt: argparse.Namespace) -> None:
@@ -293,6 +303,7 @@ def check_localize_options(opt: argparse.Namespace) -> None:
     radius = getattr(opt, "confRadius", None)
     if radius is not None and not (math.isfinite(radius) and radius >= 0):
         raise UserError(f"--confRadius must be a non-negative number, got {radius}")
+    check_spacing(opt.spacing, "--spacing")
     if getattr(opt, "method", "seqmatch") in ("smooth", "delta", "seqnet"):
         raise UserError(f"--mode localize matches frame sequences; --method {opt.method} compares "
                         "one descriptor per window: use --method seqmatch")
@@ -392,7 +403,19 @@ def parse_options(argv: list[str], mode: str | None = None) -> argparse.Namespac
         mode, argv = split_mode(argv)
     parser = build_parser(mode if mode in SHARED_MODES else None)
     parser.set_defaults(mode=mode)
-    return check_options(parser.parse_args(argv))
+    return check_options(parser.parse_args(join_dash_values(argv)))
+
+
+def join_dash_values(argv: list[str], options: tuple[str, ...] = ("--velocities",)) -> list[str]:
+    """``--velocities -1:1:0.5`` read as ``--velocities=-1:1:0.5``: argparse takes a value that
+    starts with ``-`` and is not a plain number for an option ("expected one argument")."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in options and arg[:1] == "-" and arg[1:2] in tuple("0123456789."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def dataclass_overrides(params, opt: argparse.Namespace, prefix: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 from seqmatchnet.cli.entry import OneLineParser, run_own_mode
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.data.own import IMAGE_MODELS, NAME_PATTERN, SPLITS, check_image_options, prepare
+from seqmatchnet.data.spacing import check_spacing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs --model and --weights, or --netvladCkpt)")
     g.add_argument("--db_positions", required=True,
                    help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] "
-                        "[,sequence_id]")
+                        "[,sequence_id] [,odometry]")
     g.add_argument("--q_descriptors", help="query traversal descriptors (.npy, or .h5/.hdf5)")
     g.add_argument("--q_images", metavar="SRC",
                    help="instead of --q_descriptors: folder or list file of the query images")
@@ -41,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize the images to W,H (0: each image's own size); default: the model's")
     g.add_argument("--q_positions", required=True,
                    help="query positions CSV (same columns as --db_positions)")
+    g = p.add_argument_group("frames by distance travelled (video, GPS or odometry; "
+                             "docs/own-data.md)")
+    g.add_argument("--spacing", type=float, default=None, metavar="METRES",
+                   help="keep a frame whenever the traversal has travelled at least this far "
+                        "since the last kept frame (along the positions, or the odometry column); "
+                        "both traversals")
+    g.add_argument("--db_spacing", type=float, default=None, metavar="METRES",
+                   help="the database traversal's spacing (overrides --spacing)")
+    g.add_argument("--q_spacing", type=float, default=None, metavar="METRES",
+                   help="the query traversal's spacing (overrides --spacing)")
     g = p.add_argument_group("splits (fractions of the database route, or explicit row ranges)")
     g.add_argument("--splits", default=None,
                    help="train,val,test fractions of the database traversal in capture order "
@@ -96,6 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if opt.nonTrivPosDistThr > opt.posDistThr:
         raise UserError(f"--nonTrivPosDistThr {opt.nonTrivPosDistThr} must not exceed --posDistThr "
                         f"{opt.posDistThr}: a training positive would also count as a negative")
+    for flag in ("spacing", "db_spacing", "q_spacing"):
+        check_spacing(getattr(opt, flag), f"--{flag}")
     if opt.seqL < 1:
         raise UserError(f"--seqL must be at least 1, got {opt.seqL}")
     return opt
@@ -111,6 +124,12 @@ def summary_lines(result: dict, opt: argparse.Namespace) -> list[str]:
                      f"({f['sequences'][0]} / {f['sequences'][1]} sequences), posDistThr {thr:g} "
                      f"m, {result['queries_with_positive'][s]} queries with a database frame "
                      "within it")
+    if result.get("spacing_m"):
+        lines.append("  spacing: " + "; ".join(
+            f"{side} {result['frames_kept'][side]} of {result['rows_in_files'][side]} rows kept "
+            + (f"at {m:g} m ({result['spacing_distance'][side]})" if m else "(all)")
+            for side, m in result["spacing_m"].items())
+            + f"; each kept frame's row in {', '.join(result['frames_files'].values())}")
     lines.append(f"  nonTrivPosDistSqThr {result['nonTrivPosDistSqThr']:g} (training positives "
                  f"within {opt.nonTrivPosDistThr:g} m)")
     if result["dropped_queries_near_split_boundaries"]:

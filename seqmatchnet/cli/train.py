@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from seqmatchnet.cli.options import build_parser
 from seqmatchnet.cli.shared import run_with_options
 from seqmatchnet.common import distributed
 from seqmatchnet.common.errors import UserError
@@ -20,6 +21,7 @@ from seqmatchnet.data.windows import Split
 from seqmatchnet.evaluation import summary as summary_mod
 from seqmatchnet.models.sequence import SeqMatchModel, get_model, load_state, parallelize
 from seqmatchnet.runs import folders, loading
+from seqmatchnet.runs.checkpoints import load_checkpoint
 from seqmatchnet.runs.tracking import MetricsWriter, check_wandb
 from seqmatchnet.training.epochs import Run, TrainState, run_epochs, say
 from seqmatchnet.training.mining import (
@@ -59,6 +61,8 @@ def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchM
         state = TrainState.from_checkpoint(ckpt, str(ckpt_file), model, optimizer, scheduler,
                                            len(tset.q_frames))
         model.to(device)
+        say(opt.quiet, f"resuming from {ckpt_file} (epoch {state.epoch}): training epochs "
+                       f"{state.epoch + 1} to {opt.nEpochs}")
     ckpt_dir = run_dir / opt.savePath
     if distributed.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,14 @@ def open_run_folder(opt: argparse.Namespace, tset: TrainingSet, model: SeqMatchM
     say(opt.quiet, f"run folder: {run_dir}")
     log.info("training set: %s", tset.summary())
     return state, run_dir
+
+
+def saved_epoch(ckpt_dir: Path) -> int | None:
+    """The epoch the last checkpoint holds (None without a readable one)."""
+    try:
+        return int(load_checkpoint(Path(ckpt_dir) / "checkpoint.pth.tar")["epoch"])
+    except UserError:
+        return None
 
 
 def load_training_splits(opt: argparse.Namespace) -> tuple[Split, Split]:
@@ -80,14 +92,26 @@ def load_training_splits(opt: argparse.Namespace) -> tuple[Split, Split]:
     return get_split(opt, "train"), get_split(opt, "val")
 
 
-def start_from(opt: argparse.Namespace) -> tuple:
+def given_options(argv: list[str]) -> set[str]:
+    """The options ``argv`` gives (whatever their spelling: ``--nEpochs=8``, an abbreviation), by
+    parsing it once more with every default suppressed."""
+    parser = build_parser("train")
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(list(argv))[0]))
+
+
+def start_from(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple:
     """``(opt, resumed, initial, finished)``: with ``--resume`` the options restored from the run's
-    flags.json (they restore --pooling / --method before these are checked) and ``resumed`` =
-    ``[run_dir, ckpt_file, ckpt]``, ``finished`` its folder when it has nothing left to do; with
-    ``--init RUN`` ``initial`` = ``[ckpt, source]``, that run's weights."""
+    flags.json (they restore --pooling / --method before these are checked, and --nEpochs unless
+    ``argv``, the command line, gives it) and ``resumed`` = ``[run_dir, ckpt_file, ckpt]``,
+    ``finished`` its folder when it has nothing left to do; with ``--init RUN`` ``initial`` =
+    ``[ckpt, source]``, that run's weights."""
     resumed, initial = None, None
     if opt.resume:
         opt, *resumed = loading.open_run(opt)
+        if argv is not None and "nEpochs" not in given_options(argv):
+            opt = folders.restore_epochs(opt, resumed[0])
         done = folders.nothing_to_do(resumed[0], resumed[2], opt.nEpochs, opt.patience,
                                      opt.evalEvery)
         if done:
@@ -107,7 +131,7 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
                         "per GPU (torchrun --nproc_per_node N) and leave --nGPU at 1")
     device = get_device(opt.nocuda, opt.device)
     check_wandb(opt.wandb)
-    opt, resumed, initial, finished = start_from(opt)
+    opt, resumed, initial, finished = start_from(opt, argv)
     if finished is not None:
         return finished
     if not (opt.pooling or opt.method == "seqnet"):
@@ -127,9 +151,10 @@ def train(opt: argparse.Namespace, argv: list[str] | None = None) -> Path:
     try:
         pr = run_epochs(TrainConfig.from_options(opt), run)
     except KeyboardInterrupt:
-        if distributed.is_main():
-            folders.log_interrupted(run.ckpt_dir, state.epoch + 1,
-                                    folders.resume_command(opt, argv, run_dir))
+        if distributed.is_main():      # the epoch in progress: the one after the last saved
+            saved = saved_epoch(run.ckpt_dir)
+            folders.log_interrupted(run.ckpt_dir, (opt.start_epoch if saved is None else saved) + 1,
+                                    folders.resume_command(opt, argv, run_dir), saved)
         raise
     finally:
         run.writer.close()

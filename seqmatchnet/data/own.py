@@ -25,12 +25,19 @@ Instead of a descriptor file, a traversal can be given as images (``--db_images`
 ``custom_<name>_descriptors/{database,query}.npy`` in ``--structPath``. Descriptor files made by
 ``--mode extract`` carry their model in ``OUT.model.json``: two traversals extracted with
 different models, checkpoints or image sizes are refused.
+
+With ``--spacing`` (``--db_spacing``/``--q_spacing``) only the frames ``data/spacing.py`` keeps by
+distance travelled (positions, or an ``odometry`` column) make the dataset; images are extracted for
+those frames only, and ``custom_<name>_{database,query}_frames.csv`` maps each back to the user's
+rows. Everything that needs no descriptors is checked before any image is extracted, and complete
+descriptors of the same images and model are reused (``data/own_images.py``).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +46,26 @@ from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.files import atomic_write, write_json_atomic
 from seqmatchnet.common.logs import progress_enabled
 from seqmatchnet.common.runtime import get_device
+from seqmatchnet.data import spacing as spacing_mod
 from seqmatchnet.data.descriptors import open_descriptors
+from seqmatchnet.data.own_checks import (
+    OUTLIER_FACTOR,  # noqa: F401 (re-exported)
+    check_traversal,
+    drop_short_runs,
+    run_bounds,
+    run_starts,  # noqa: F401 (re-exported)
+)
+from seqmatchnet.data.own_images import (
+    Extraction,
+    check_same_model,
+    extract_or_reuse,
+    extraction_identity,
+    refuse_mixed,
+)
 from seqmatchnet.data.positions import Positions, latlon_origin, latlon_to_local, read_positions
 
 SPLITS = ("train", "val", "test")
 SIDES = ("database", "query")
-OUTLIER_FACTOR = 100.0              # a frame this many median steps from its neighbours is a glitch
 IMAGE_MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr")      # image_models.MODELS
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # more frame names than this are written as a char matrix, not cells
@@ -76,112 +97,6 @@ def check_image_options(opt: argparse.Namespace) -> None:
         )
 
         parse_image_size(opt.imageSize)
-
-
-def extraction_identity(meta: dict | None) -> tuple | None:
-    """(model, checkpoint SHA-256, image size) of a descriptor file's extraction metadata."""
-    if meta is None:
-        return None
-    size = (meta.get("preprocessing") or {}).get("image_size")
-    return meta.get("model"), meta.get("weights_sha256"), list(size) if size else None
-
-
-def refuse_mixed(db: tuple | None, query: tuple | None, where: str) -> None:
-    """A one-line ``UserError`` when both traversals' extraction identities are known and differ."""
-    if db is None or query is None or db == query:
-        return
-    differs = ("models" if db[0] != query[0] else "checkpoints" if db[1] != query[1]
-               else "image sizes")
-    raise UserError(f"the database descriptors are {db[0]} (checkpoint {str(db[1])[:12]}, image "
-                    f"size {db[2]}) but the query descriptors {query[0]} (checkpoint "
-                    f"{str(query[1])[:12]}, image size {query[2]}) ({where}): different {differs} "
-                    "do not match; extract both traversals with the same --model, --weights and "
-                    "--imageSize")
-
-
-def check_same_model(desc_paths: list[Path]) -> None:
-    """Refuse database and query descriptors that ``--mode extract`` made with different models,
-    checkpoints or image sizes (read from their ``OUT.model.json``; files without one pass)."""
-    from seqmatchnet.images.extraction import read_metadata
-
-    db, query = (extraction_identity(read_metadata(p)) for p in desc_paths)
-    refuse_mixed(db, query, f"from the .model.json files next to {desc_paths[0]} and "
-                            f"{desc_paths[1]}")
-
-
-# ---------------------------------------------------------------- sequences and checks
-
-def run_starts(rows: np.ndarray, seq_ids: np.ndarray | None) -> np.ndarray:
-    """Start positions (into ``rows``) of the runs of consecutive row numbers with the same sequence
-    id."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        return np.zeros(0, dtype=np.int64)
-    breaks = np.diff(rows) != 1
-    if seq_ids is not None:
-        ids = seq_ids[rows]
-        breaks |= ids[1:] != ids[:-1]
-    return np.concatenate([[0], np.flatnonzero(breaks) + 1]).astype(np.int64)
-
-
-def run_bounds(rows: np.ndarray, seq_ids: np.ndarray | None) -> np.ndarray:
-    """Per frame of ``rows``, its run ``[lo, hi)`` as positions into ``rows``: [len(rows), 2]."""
-    starts = run_starts(rows, seq_ids)
-    if len(starts) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    ends = np.append(starts[1:], len(rows))
-    lengths = ends - starts
-    return np.stack([np.repeat(starts, lengths), np.repeat(ends, lengths)], axis=1)
-
-
-def check_traversal(pos: Positions, metres: np.ndarray, seq_len: int, label: str) -> None:
-    """Timestamps increase, no position glitches, every sequence has at least ``seq_len`` frames."""
-    n = len(metres)
-    bounds = run_bounds(np.arange(n), pos.sequence_ids)
-    short = np.flatnonzero(bounds[:, 1] - bounds[:, 0] < seq_len)
-    if len(short):
-        lo, hi = int(bounds[short[0], 0]), int(bounds[short[0], 1])
-        which = (f"sequence {pos.sequence_ids[lo]!r}" if pos.sequence_ids is not None
-                 else "the traversal")
-        raise UserError(f"{label} positions {pos.path}: {which} has {hi - lo} frame(s) (rows "
-                        f"{lo}..{hi - 1}), fewer than --seqL {seq_len}: remove it (from the CSV "
-                        "and the descriptors) or lower --seqL")
-    same_run = bounds[1:, 0] == bounds[:-1, 0]           # row i and i+1 belong to one sequence
-    if pos.timestamps is not None:
-        dt = np.diff(pos.timestamps)
-        bad = np.flatnonzero(same_run & (dt <= 0))
-        if len(bad):
-            i = int(bad[0]) + 1
-            what = "repeats" if dt[bad[0]] == 0 else "is earlier than"
-            raise UserError(f"{label} positions: the timestamp of {pos.where(i)} "
-                            f"({pos.timestamps[i]:.17g}) {what} the previous frame's "
-                            f"({pos.timestamps[i - 1]:.17g}): rows must be in capture order, one "
-                            "per frame")
-    step = np.linalg.norm(np.diff(metres, axis=0), axis=1)
-    step = np.where(same_run, step, np.nan)               # no step across two sequences
-    # only one-frame sequences: nothing to compare
-    if not np.isfinite(step).any():
-        return
-    moving = step[np.isfinite(step) & (step > 0)]
-    if len(moving) == 0:
-        raise UserError(f"{label} positions {pos.path}: all frames of each sequence have the same "
-                        "position: check the position columns")
-    median = float(np.median(moving))
-    limit = OUTLIER_FACTOR * median
-    # distance to the previous frame of the same sequence
-    before = np.r_[np.nan, step]
-    after = np.r_[step, np.nan]
-    # NaN (no neighbour) counts as far
-    far_before, far_after = ~(before <= limit), ~(after <= limit)
-    has_neighbour = np.isfinite(before) | np.isfinite(after)
-    outlier = far_before & far_after & has_neighbour
-    if outlier.any():
-        i = int(np.argmax(outlier))
-        dist = np.nanmin([before[i], after[i]])
-        raise UserError(f"{label} positions: {pos.where(i)} is {dist:.1f} m from its neighbouring "
-                        f"frame(s), more than {OUTLIER_FACTOR:g}x the median step ({median:.2f} "
-                        "m): a GPS glitch? fix or remove that frame (in the CSV and the "
-                        "descriptors)")
 
 
 # ---------------------------------------------------------------- splits
@@ -254,14 +169,6 @@ def fraction_splits(fractions, db_pos: np.ndarray, q_pos: np.ndarray,
     return splits, int((~keep).sum())
 
 
-def drop_short_runs(rows: np.ndarray, seq_ids: np.ndarray | None,
-                    seq_len: int) -> tuple[np.ndarray, int]:
-    """Remove the frames of runs shorter than ``seq_len`` (pieces cut off at split boundaries)."""
-    bounds = run_bounds(rows, seq_ids)
-    keep = bounds[:, 1] - bounds[:, 0] >= seq_len
-    return rows[keep], int((~keep).sum())
-
-
 # ---------------------------------------------------------------- writing
 
 def file_names(name: str) -> dict:
@@ -272,13 +179,18 @@ def file_names(name: str) -> dict:
         "bounds_files": {s: [f"seqBoundsFiles/custom_{name}_{s}_{side}_seqBounds.txt"
                              for side in SIDES]
                          for s in SPLITS},
+        "frames_files": {side: f"custom_{name}_{side}_frames.csv" for side in SIDES},
         "config": f"custom_{name}.json",
     }
 
 
-def make_struct(name: str, split: str, db_rows: np.ndarray, q_rows: np.ndarray, db_pos: np.ndarray,
-                q_pos: np.ndarray, pos_thr: float, non_triv_sq: float) -> dict:
-    """A ``dbStruct`` with the fields of the real struct files (positions as [2, N])."""
+def make_struct(name: str, split: str, rows: tuple, utm: tuple, pos_thr: float,
+                non_triv_sq: float) -> dict:
+    """A ``dbStruct`` with the fields of the real struct files: ``rows`` (database, query) the
+    split's rows in the user's files (they name the frames), ``utm`` their positions [N, 2]
+    (stored as [2, N])."""
+    (db_rows, q_rows), (db_utm, q_utm) = rows, utm
+
     def names(side: str, rows: np.ndarray) -> np.ndarray:
         text = np.char.add(f"custom_{name}/{side}/", np.char.zfill(np.asarray(rows).astype(str), 6))
         if len(rows) > CELL_NAMES_MAX:      # a char matrix: writing a million cells takes minutes
@@ -291,13 +203,14 @@ def make_struct(name: str, split: str, db_rows: np.ndarray, q_rows: np.ndarray, 
             "qImageFns": names("query", q_rows),
             "numImages": len(db_rows), "numQueries": len(q_rows), "posDistThr": float(pos_thr),
             "posDistSqThr": float(pos_thr) ** 2, "nonTrivPosDistSqThr": float(non_triv_sq),
-            "dataset": f"custom_{name}", "utmDb": db_pos[db_rows].T.copy(),
-            "utmQ": q_pos[q_rows].T.copy()}
+            "dataset": f"custom_{name}", "utmDb": db_utm.T.copy(),
+            "utmQ": q_utm.T.copy()}
 
 
 def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bounds: dict,
-                  config: dict) -> None:
-    """Everything atomically, the JSON config (which makes the dataset usable) last."""
+                  config: dict, frames: dict) -> None:
+    """Everything atomically, the JSON config (which makes the dataset usable) last; ``frames``:
+    the lines of each ``frames_files`` table (with ``--spacing``)."""
     import scipy.io
 
 
@@ -316,60 +229,118 @@ def write_dataset(struct_dir: Path, names: dict, structs: dict, splits: dict, bo
     for s in SPLITS:
         for rel, b in zip(names["bounds_files"][s], bounds[s]):
             atomic_write(struct_dir / rel, lambda f, b=b: np.savetxt(f, b, fmt="%d"))
+    for side, text in frames.items():
+        atomic_write(struct_dir / names["frames_files"][side],
+                     lambda f, t=text: f.write(("\n".join(t) + "\n").encode()))
     write_json_atomic(config, struct_dir / names["config"])
 
 
 # ---------------------------------------------------------------- the command
 
-def descriptor_files(opt: argparse.Namespace, struct_dir: Path) -> list[Path]:
-    """The database and query descriptor files: as given, or extracted from ``--db_images`` /
-    ``--q_images`` into ``custom_<name>_descriptors/`` (checked against the positions CSVs
-    first)."""
+@dataclass(frozen=True)
+class Traversal:
+    """One traversal's frames as the dataset keeps them: the positions table, positions in metres
+    and each frame's ``rows`` in the user's files (all rows without ``--spacing``), of ``n_rows``
+    rows in all; ``spacing`` in metres or None; ``images`` when given as images."""
+
+    table: Positions
+    metres: np.ndarray
+    rows: np.ndarray
+    n_rows: int
+    spacing: float | None
+    images: list | None = None
+
+
+def spacing_of(opt: argparse.Namespace, side: str) -> float | None:
+    """``--db_spacing`` / ``--q_spacing``, else ``--spacing``, else None."""
+    own = getattr(opt, f"{'db' if side == 'database' else 'q'}_spacing", None)
+    return own if own is not None else getattr(opt, "spacing", None)
+
+
+def read_traversals(opt: argparse.Namespace) -> tuple[list[Traversal], tuple | None]:
+    """Both positions CSVs read, in metres, checked and spaced: ``(traversals, latlon origin)``."""
+    tables = [read_positions(Path(opt.db_positions), "database"),
+              read_positions(Path(opt.q_positions), "query")]
+    images = image_lists(opt, tables) if opt.weights else [None, None]
+    if tables[0].latlon != tables[1].latlon:
+        raise UserError(f"{tables[0].path} and {tables[1].path} use different coordinates (one "
+                        "lat,lon, the other metres): give both traversals in the same form")
+    origin = None
+    if tables[0].latlon:
+        origin = latlon_origin(tables[0].values, tables[1].values)
+        metres = [latlon_to_local(t.values, origin) for t in tables]
+    else:
+        metres = [t.values for t in tables]
+    out = []
+    for side, table, pos, paths in zip(SIDES, tables, metres, images):
+        check_traversal(table, pos, opt.seqL, side)
+        rows, spacing = np.arange(len(pos)), spacing_of(opt, side)
+        if spacing is not None:
+            rows = spacing_mod.kept_rows(table, spacing, opt.seqL, side)
+            table = spacing_mod.subset(table, rows)
+        out.append(Traversal(table, pos[rows], rows, len(pos), spacing, paths))
+    return out, origin
+
+
+def image_lists(opt: argparse.Namespace, tables: list[Positions]) -> list[list | None]:
+    """The image lists of ``--db_images``/``--q_images`` (None for a traversal given as
+    descriptors), one image per positions row."""
+    from seqmatchnet.images import extraction
+
+    out = []
+    for side, flag, images, table in zip(SIDES, ("--db_images", "--q_images"),
+                                         (opt.db_images, opt.q_images), tables):
+        paths = None
+        if images is not None:
+            paths = extraction.list_images(Path(images))
+            if len(paths) != len(table.values):
+                raise UserError(f"{side}: {flag} {images} has {len(paths)} images but "
+                                f"{table.path} has {len(table.values)} positions: one image per "
+                                "position row, in the same order")
+        out.append(paths)
+    return out
+
+
+def plan_extraction(opt: argparse.Namespace) -> Extraction | None:
+    """The loaded image model for ``--db_images``/``--q_images`` (None without images), refused when
+    a given descriptor file of the other traversal was made with another model."""
     if not opt.weights:
-        return [Path(opt.db_descriptors), Path(opt.q_descriptors)]
+        return None
     from seqmatchnet.cli import extract
     from seqmatchnet.images import extraction
 
-    out_dir = struct_dir / f"custom_{opt.name}_descriptors"
-    jobs = []
-    for side, flag, images, csv_file in (("database", "--db_images", opt.db_images,
-                                          opt.db_positions),
-                                         ("query", "--q_images", opt.q_images, opt.q_positions)):
-        if images is None:
-            continue
-        paths = extraction.list_images(Path(images))
-        table = read_positions(Path(csv_file), side)
-        if len(paths) != len(table.values):
-            raise UserError(f"{side}: {flag} {images} has {len(paths)} images but {table.path} "
-                            f"has {len(table.values)} positions: one image per position row, in "
-                            "the same order")
-        jobs.append((side, paths))
     model, size = extraction.load_for_extraction(opt.model, Path(opt.weights),
                                                  extract.image_size_option(opt))
-    checkpoint_id = extraction.file_digest(Path(opt.weights))
-    planned = (model.name, checkpoint_id, list(size) if size else None)
+    settings = extraction.ExtractSettings(size, device=get_device(False),
+                                          progress=progress_enabled())
+    job = Extraction(model, size, Path(opt.weights), extraction.file_digest(Path(opt.weights)),
+                     settings)
     for side, given in (("database", opt.db_descriptors), ("query", opt.q_descriptors)):
         known = extraction_identity(extraction.read_metadata(Path(given))) if given else None
-        pair = (known, planned) if side == "database" else (planned, known)
+        pair = (known, job.identity) if side == "database" else (job.identity, known)
         refuse_mixed(*pair, f"{given} was extracted with another model than "
                             f"--{'q' if side == 'database' else 'db'}_images would be")
-    device = get_device(False)
-    out = {}
-    for side, paths in jobs:
-        settings = extraction.ExtractSettings(size, device=device, progress=progress_enabled())
-        out[side] = extraction.extract_descriptors(
-            model, paths, out_dir / f"{side}.npy", checkpoint_id=checkpoint_id, settings=settings,
-            weights=Path(opt.weights)).path
-    return [out.get("database") or Path(opt.db_descriptors),
-            out.get("query") or Path(opt.q_descriptors)]
+    return job
 
 
-def read_inputs(opt: argparse.Namespace,
-                struct_dir: Path) -> tuple[list[Path], list, np.ndarray, np.ndarray, tuple]:
-    """Descriptor files, position tables and positions in metres, all checked against each other:
-    ``(desc_paths, tables, db_pos, q_pos, latlon origin or None)``."""
+def descriptor_files(opt: argparse.Namespace, struct_dir: Path, job: Extraction | None,
+                     travs: list[Traversal]) -> list[Path]:
+    """The database and query descriptor files: as given, or extracted from the kept frames of
+    ``--db_images``/``--q_images`` into ``custom_<name>_descriptors/`` (or reused, when complete
+    for the same images and model)."""
+    out_dir = struct_dir / f"custom_{opt.name}_descriptors"
+    out = []
+    for side, given, trav in zip(SIDES, (opt.db_descriptors, opt.q_descriptors), travs):
+        if trav.images is None:
+            out.append(Path(given))
+            continue
+        paths = [trav.images[r] for r in trav.rows.tolist()]
+        out.append(extract_or_reuse(job, paths, out_dir / f"{side}.npy", side))
+    return out
 
-    desc_paths = descriptor_files(opt, struct_dir)
+
+def open_checked(desc_paths: list[Path]) -> list:
+    """Both descriptor files opened and checked (present, finite, one model, the same size)."""
     for flag, path in zip(("--db_descriptors", "--q_descriptors"), desc_paths):
         if not path.is_file():
             raise UserError(f"descriptor file {path} not found: check {flag}")
@@ -379,55 +350,61 @@ def read_inputs(opt: argparse.Namespace,
         raise UserError(f"the database descriptors have {descs[0].shape[1]} dimensions but the "
                         f"query descriptors {descs[1].shape[1]}: use descriptors of the same type "
                         "for both traversals")
-    tables = [read_positions(Path(opt.db_positions), "database"),
-              read_positions(Path(opt.q_positions), "query")]
-    for side, desc, table, path in zip(SIDES, descs, tables, desc_paths):
-        if len(desc) != len(table.values):
-            raise UserError(f"{side}: {path} has {len(desc)} descriptor rows but {table.path} has "
-                            f"{len(table.values)} positions: the files must have one row per "
-                            "frame, in the same order")
-    if tables[0].latlon != tables[1].latlon:
-        raise UserError(f"{tables[0].path} and {tables[1].path} use different coordinates (one "
-                        "lat,lon, the other metres): give both traversals in the same form")
-    origin = None
-    if tables[0].latlon:
-        origin = latlon_origin(tables[0].values, tables[1].values)
-        db_pos, q_pos = (latlon_to_local(t.values, origin) for t in tables)
-    else:
-        db_pos, q_pos = tables[0].values, tables[1].values
-    for side, table, pos in zip(SIDES, tables, (db_pos, q_pos)):
-        check_traversal(table, pos, opt.seqL, side)
-    return desc_paths, tables, db_pos, q_pos, origin
+    return descs
 
 
-def cut_splits(opt: argparse.Namespace, tables: list, db_pos: np.ndarray,
-               q_pos: np.ndarray) -> tuple[dict, int, int]:
-    """Rows of each split (``{split: (db rows, q rows)}``), without sequence pieces shorter than
-    ``--seqL``; also the queries dropped near split boundaries and the frames in short pieces."""
+def descriptor_rows(desc_paths: list[Path], descs: list,
+                    travs: list[Traversal]) -> list[np.ndarray]:
+    """Per traversal, the descriptor row of each kept frame: the user's row in a file of all
+    frames, the frame itself in a file of the kept frames only (``--spacing``)."""
+    out = []
+    for side, desc, trav, path in zip(SIDES, descs, travs, desc_paths):
+        if len(desc) == trav.n_rows:
+            out.append(trav.rows)
+        elif trav.spacing is not None and len(desc) == len(trav.rows):
+            out.append(np.arange(len(trav.rows)))
+        else:
+            kept = (f" (or the {len(trav.rows)} frames kept at spacing {trav.spacing:g} m)"
+                    if trav.spacing is not None else "")
+            raise UserError(f"{side}: {path} has {len(desc)} descriptor rows but "
+                            f"{trav.table.path} has {trav.n_rows} positions{kept}: the files must "
+                            "have one row per frame, in the same order")
+    return out
+
+
+def cut_splits(opt: argparse.Namespace, travs: list[Traversal]) -> tuple[dict, int, int]:
+    """Frames of each split (``{split: (db frames, q frames)}``, numbers of kept frames), without
+    sequence pieces shorter than ``--seqL``; also the queries dropped near split boundaries and
+    the frames in short pieces."""
     dropped_boundary = 0
     if opt.train_rows:
-        splits = explicit_splits(opt, len(db_pos), len(q_pos))
+        rows = explicit_splits(opt, travs[0].n_rows, travs[1].n_rows)
+        splits = {s: tuple(np.flatnonzero(np.isin(t.rows, r)) for t, r in zip(travs, rows[s]))
+                  for s in SPLITS}
     else:
-        splits, dropped_boundary = fraction_splits(parse_fractions(opt.splits), db_pos, q_pos,
-                                                   max(opt.posDistThr, opt.evalPosDistThr))
+        splits, dropped_boundary = fraction_splits(
+            parse_fractions(opt.splits), travs[0].metres, travs[1].metres,
+            max(opt.posDistThr, opt.evalPosDistThr))
     dropped_short = 0
     for s in SPLITS:
         kept = []
-        for rows, table in zip(splits[s], tables):
-            rows, n = drop_short_runs(rows, table.sequence_ids, opt.seqL)
-            kept.append(rows)
+        for frames, trav in zip(splits[s], travs):
+            frames, n = drop_short_runs(frames, trav.table.sequence_ids, opt.seqL)
+            kept.append(frames)
             dropped_short += n
         splits[s] = tuple(kept)
-        for side, rows in zip(SIDES, kept):
-            if len(rows) == 0:
-                raise UserError(f"split {s} has no {side} frames (every sequence piece in it is "
-                                f"shorter than --seqL {opt.seqL}, or no queries are near its "
-                                "database frames): change --splits or the row ranges")
+        for side, frames, trav in zip(SIDES, kept, travs):
+            if len(frames) == 0:
+                spaced = (f" at spacing {trav.spacing:g} m (lower --spacing)"
+                          if trav.spacing is not None else "")
+                raise UserError(f"split {s} has no {side} frames{spaced} (every sequence piece "
+                                f"in it is shorter than --seqL {opt.seqL}, or no queries are near "
+                                "its database frames): change --splits or the row ranges")
     return splits, dropped_boundary, dropped_short
 
 
-def split_files(opt: argparse.Namespace, splits: dict, tables: list, db_pos: np.ndarray,
-                q_pos: np.ndarray) -> tuple[dict, dict, dict, dict]:
+def split_files(opt: argparse.Namespace, splits: dict,
+                travs: list[Traversal]) -> tuple[dict, dict, dict, dict]:
     """Per split: the struct, the sequence bounds, the frame counts and the queries with a
     positive."""
     from scipy.spatial import cKDTree
@@ -435,20 +412,36 @@ def split_files(opt: argparse.Namespace, splits: dict, tables: list, db_pos: np.
     thresholds = {"train": opt.posDistThr, "val": opt.evalPosDistThr, "test": opt.evalPosDistThr}
     structs, bounds, frames, with_positive = {}, {}, {}, {}
     for s in SPLITS:
-        db_rows, q_rows = splits[s]
-        structs[s] = make_struct(opt.name, s, db_rows, q_rows, db_pos, q_pos, thresholds[s],
-                                 opt.nonTrivPosDistThr ** 2)
-        bounds[s] = [run_bounds(db_rows, tables[0].sequence_ids),
-                     run_bounds(q_rows, tables[1].sequence_ids)]
-        frames[s] = {"database": len(db_rows), "query": len(q_rows),
+        utm = tuple(t.metres[f] for t, f in zip(travs, splits[s]))
+        structs[s] = make_struct(opt.name, s, tuple(t.rows[f] for t, f in zip(travs, splits[s])),
+                                 utm, thresholds[s], opt.nonTrivPosDistThr ** 2)
+        bounds[s] = [run_bounds(f, t.table.sequence_ids) for t, f in zip(travs, splits[s])]
+        frames[s] = {"database": len(splits[s][0]), "query": len(splits[s][1]),
                      "sequences": [len(np.unique(b[:, 0])) for b in bounds[s]]}
-        near = cKDTree(db_pos[db_rows]).query(q_pos[q_rows])[0]
+        near = cKDTree(utm[0]).query(utm[1])[0]
         with_positive[s] = int((near <= thresholds[s]).sum())
     return structs, bounds, frames, with_positive
 
 
+def spacing_record(names: dict, travs: list[Traversal]) -> tuple[dict, dict]:
+    """With ``--spacing``: the JSON's record of it, and the frames tables mapping each kept frame
+    back to the user's files; nothing without it (the default dataset stays as it was)."""
+    if all(t.spacing is None for t in travs):
+        return {}, {}
+    record = {"spacing_m": {side: t.spacing for side, t in zip(SIDES, travs)},
+              "spacing_distance": {side: "odometry" if t.table.odometry is not None
+                                   else "positions" for side, t in zip(SIDES, travs)},
+              "rows_in_files": {side: t.n_rows for side, t in zip(SIDES, travs)},
+              "frames_kept": {side: len(t.rows) for side, t in zip(SIDES, travs)},
+              "frames_files": names["frames_files"]}
+    frames = {side: spacing_mod.frames_lines(t.rows, t.table.lines, t.images)
+              for side, t in zip(SIDES, travs)}
+    return record, frames
+
+
 def prepare(opt: argparse.Namespace) -> dict:
-    """Check the inputs and write the dataset; returns the config written (plus a few counts)."""
+    """Check the inputs and write the dataset; returns the config written (plus a few counts).
+    Everything that needs no descriptors is checked before any image is extracted."""
     struct_dir = Path(opt.structPath)
     names = file_names(opt.name)
     targets = [names["config"], names["split_inds"], *names["struct_files"].values(),
@@ -457,9 +450,18 @@ def prepare(opt: argparse.Namespace) -> dict:
     if existing and not opt.force:
         raise UserError(f"dataset {opt.name!r} already exists in {struct_dir} ({existing[0]}): "
                         "add --force to overwrite it, or choose another --name")
-    desc_paths, tables, db_pos, q_pos, origin = read_inputs(opt, struct_dir)
-    splits, dropped_boundary, dropped_short = cut_splits(opt, tables, db_pos, q_pos)
-    structs, bounds, frames, with_positive = split_files(opt, splits, tables, db_pos, q_pos)
+    given = None if opt.weights else [Path(opt.db_descriptors), Path(opt.q_descriptors)]
+    descs = open_checked(given) if given else None
+    travs, origin = read_traversals(opt)
+    desc_rows = descriptor_rows(given, descs, travs) if given else None
+    job = plan_extraction(opt)
+    splits, dropped_boundary, dropped_short = cut_splits(opt, travs)
+    structs, bounds, frames, with_positive = split_files(opt, splits, travs)
+    record, frames_tables = spacing_record(names, travs)
+    desc_paths = descriptor_files(opt, struct_dir, job, travs)
+    if desc_rows is None:
+        desc_rows = descriptor_rows(desc_paths, open_checked(desc_paths), travs)
+    split_inds = {s: tuple(r[f] for r, f in zip(desc_rows, splits[s])) for s in SPLITS}
     config = {
         "name": opt.name,
         "db_descriptors": str(desc_paths[0].resolve()),
@@ -467,8 +469,8 @@ def prepare(opt: argparse.Namespace) -> dict:
         "struct_files": names["struct_files"],
         "split_inds": names["split_inds"],
         "bounds_files": names["bounds_files"],
-        "db_positions": str(tables[0].path.resolve()),
-        "q_positions": str(tables[1].path.resolve()),
+        "db_positions": str(travs[0].table.path.resolve()),
+        "q_positions": str(travs[1].table.path.resolve()),
         "coordinates": ({"kind": "latlon", "origin_lat": origin[0], "origin_lon": origin[1],
                          "projection": "equirectangular, metres east/north of the origin"} if origin
                         else {"kind": "metric"}),
@@ -480,6 +482,7 @@ def prepare(opt: argparse.Namespace) -> dict:
         "frames": frames,
         "dropped_queries_near_split_boundaries": dropped_boundary,
         "dropped_frames_in_short_pieces": dropped_short,
+        **record,
     }
-    write_dataset(struct_dir, names, structs, splits, bounds, config)
+    write_dataset(struct_dir, names, structs, split_inds, bounds, config, frames_tables)
     return {**config, "queries_with_positive": with_positive, "struct_dir": str(struct_dir)}

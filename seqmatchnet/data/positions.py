@@ -2,7 +2,8 @@
 
 Columns: ``x,y`` or ``easting,northing`` (metres), or ``lat,lon`` (degrees; converted to local
 metres, equirectangular around the mean of all frames of both traversals); optional
-``timestamp`` (numbers or ISO 8601) and ``sequence_id``. ``read_positions`` checks the columns,
+``timestamp`` (numbers or ISO 8601), ``sequence_id`` and ``odometry`` (cumulative metres
+travelled, for ``--spacing``). ``read_positions`` checks the columns,
 numbers and lat/lon ranges and names the line of anything wrong.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ EARTH_RADIUS_M = 6378137.0          # WGS84 equatorial radius
 METRIC_COLUMNS = (("x", "y"), ("easting", "northing"))
 LATLON_ALIASES = {"lat": "lat", "latitude": "lat", "lon": "lon", "lng": "lon", "long": "lon",
                   "longitude": "lon"}
-OPTIONAL_COLUMNS = ("timestamp", "sequence_id")
+OPTIONAL_COLUMNS = ("timestamp", "sequence_id", "odometry")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Positions:
     timestamps: np.ndarray | None       # [N] float seconds (or the numbers as given)
     sequence_ids: np.ndarray | None     # [N] str
     lines: np.ndarray                   # [N] line number of each row in the file (header = 1)
+    odometry: np.ndarray | None = None  # [N] cumulative metres travelled (``--spacing``)
 
     def where(self, row: int) -> str:
         return f"row {row} (line {int(self.lines[row])} of {self.path})"
@@ -43,8 +45,8 @@ def _columns(header: list[str], path: Path) -> tuple[tuple[int, int], bool, dict
     """Indices of the two position columns, whether they are lat/lon, and of the optional
     columns."""
     names = [h.strip().lower() for h in header]
-    expected = ("x,y or easting,northing (metres) or lat,lon (degrees), optionally timestamp and "
-                "sequence_id")
+    expected = ("x,y or easting,northing (metres) or lat,lon (degrees), optionally timestamp, "
+                "sequence_id and odometry")
     if len(set(names)) != len(names):
         raise UserError(f"positions file {path}: repeated column names in the header {header}")
     known = {c for pair in METRIC_COLUMNS
@@ -60,6 +62,10 @@ def _columns(header: list[str], path: Path) -> tuple[tuple[int, int], bool, dict
     if lat and lon:
         pairs.append((lat[0], lon[0]))
     position_names = [n for n in names if n not in OPTIONAL_COLUMNS]
+    if not position_names and "odometry" in optional:
+        raise UserError(f"positions file {path} has odometry but no positions (x,y or lat,lon): "
+                        "the splits and Recall@N need positions of both traversals; odometry "
+                        "only drives --spacing")
     if len(pairs) != 1 or len(position_names) != 2:
         raise UserError(f"positions file {path}: header {header} does not name one pair of "
                         f"position columns; expected {expected}")
@@ -98,6 +104,7 @@ def read_positions(path: Path, label: str) -> Positions:
     values = np.empty((len(body), 2))
     stamps = np.empty(len(body)) if "timestamp" in optional else None
     seq_ids = np.empty(len(body), dtype=object) if "sequence_id" in optional else None
+    odometry = np.empty(len(body)) if "odometry" in optional else None
     for k, (line, r) in enumerate(body):
         if len(r) != len(header):
             raise UserError(f"positions file {path}, line {line}: {len(r)} values but the header "
@@ -110,12 +117,32 @@ def read_positions(path: Path, label: str) -> Positions:
             except ValueError:
                 raise UserError(f"positions file {path}, line {line} (row {k}): timestamp "
                                 f"{text!r} is neither a number nor an ISO 8601 time") from None
+        if odometry is not None:
+            odometry[k] = _odometry_value(path, line, k, r[optional["odometry"]])
         if seq_ids is not None:
             seq_ids[k] = r[optional["sequence_id"]].strip()
             if not seq_ids[k]:
                 raise UserError(f"positions file {path}, line {line} (row {k}): empty sequence_id")
     lines = np.array([line for line, _ in body])
-    return _checked(Positions(path, values, latlon, stamps, seq_ids, lines))
+    return _checked(Positions(path, values, latlon, stamps, seq_ids, lines, odometry))
+
+
+def _odometry_value(path: Path, line: int, k: int, text: str) -> float:
+    """One odometry value: a finite number; an empty cell means the odometry has fewer values than
+    the positions."""
+    text = text.strip()
+    if not text:
+        raise UserError(f"positions file {path}, line {line} (row {k}): no odometry value: "
+                        "positions and odometry must have one value per frame each")
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"positions file {path}, line {line} (row {k}): odometry is {text!r}, "
+                        "not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"positions file {path}, line {line} (row {k}): odometry is {text}: "
+                        "every frame needs a finite distance travelled")
+    return value
 
 
 def _position_value(path: Path, line: int, k: int, column: str, text: str) -> float:
@@ -167,12 +194,14 @@ def _read_positions_fast(path: Path) -> Positions | None:
         if table.shape != (len(keep) - 1, len(header)):
             return None
         values = np.char.strip(table[:, [ia, ib]]).astype(np.float64)
-        stamps = None
+        stamps = odometry = None
         if "timestamp" in optional:
             stamps = np.char.strip(table[:, optional["timestamp"]]).astype(np.float64)
+        if "odometry" in optional:
+            odometry = np.char.strip(table[:, optional["odometry"]]).astype(np.float64)
     except (UserError, ValueError):
         return None
-    if not np.isfinite(values).all():
+    if not np.isfinite(values).all() or (odometry is not None and not np.isfinite(odometry).all()):
         return None
     seq_ids = None
     if "sequence_id" in optional:
@@ -180,7 +209,7 @@ def _read_positions_fast(path: Path) -> Positions | None:
         if (np.char.str_len(seq_ids) == 0).any():
             return None
         seq_ids = seq_ids.astype(object)
-    return _checked(Positions(path, values, latlon, stamps, seq_ids, keep[1:] + 1))
+    return _checked(Positions(path, values, latlon, stamps, seq_ids, keep[1:] + 1, odometry))
 
 
 def latlon_to_local(latlon: np.ndarray, origin: tuple[float, float]) -> np.ndarray:

@@ -13,7 +13,7 @@ from seqmatchnet.common.errors import UserError
 from seqmatchnet.data.descriptors import GET_DATA_HINT, load_descriptors, open_descriptors
 from seqmatchnet.data.structs import load_split_indices, load_struct
 from seqmatchnet.data.synthetic import SYNTHETIC_FILES, SyntheticParams, ensure_synthetic
-from seqmatchnet.data.windows import Split, segment_bounds
+from seqmatchnet.data.windows import Split, cut_at_gaps, segment_bounds, subset_bounds
 
 log = logging.getLogger(__name__)
 
@@ -177,19 +177,22 @@ def get_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split:
             raise UserError("--oxfordHonestVal is for the Oxford datasets; the others have their "
                             "own val split")
         train_part, val_part = honest_validation(load_split(opt, "train"),
-                                                 load_split(opt, "test").pos_dist_thr)
-        return train_part if split == "train" else val_part
+                                                 load_split(opt, "test").pos_dist_thr,
+                                                 cut=cuts_gaps(opt))
+        part = train_part if split == "train" else val_part
+        return drop_short_sequences(part, opt.seqL) if cuts_gaps(opt) else part
     return load_split(opt, split, lazy)
 
 
-def honest_validation(train: Split, val_pos_thr: float,
-                      fraction: float = HONEST_VAL_FRACTION) -> tuple[Split, Split]:
+def honest_validation(train: Split, val_pos_thr: float, fraction: float = HONEST_VAL_FRACTION,
+                      cut: bool = False) -> tuple[Split, Split]:
     """Hold out a spatial block of the training route for validation.
 
     The block is the ``fraction`` of database frames with the largest coordinate along one axis (the
     axis that loses fewest frames). Frames of either side within ``train.pos_dist_thr`` of the other
     side are dropped, so no validation place is a training positive; queries go with the side of
-    their nearest database frame.
+    their nearest database frame. Each side of each part is one segment, or, with ``cut``, cut
+    where its frames skip a frame or pass into another segment of ``train``.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -212,15 +215,20 @@ def honest_validation(train: Split, val_pos_thr: float,
     if min(len(db_train), len(db_val), len(q_train), len(q_val)) == 0:
         raise UserError("--oxfordHonestVal could not separate a validation block from the "
                         "training route")
-    return (subset_split(train, db_train, q_train, "train", train.pos_dist_thr),
-            subset_split(train, db_val, q_val, "val", val_pos_thr))
+    return (subset_split(train, db_train, q_train, "train", train.pos_dist_thr, cut),
+            subset_split(train, db_val, q_val, "val", val_pos_thr, cut))
 
 
 def subset_split(split: Split, db_rows: np.ndarray, q_rows: np.ndarray, name: str,
-                 pos_dist_thr: float) -> Split:
-    """Some frames of a split as a split of their own (each side one contiguous segment)."""
-    return split.select(db_rows, q_rows, segment_bounds(len(db_rows)), segment_bounds(len(q_rows)),
-                        name=name, pos_dist_thr=pos_dist_thr)
+                 pos_dist_thr: float, cut: bool = False) -> Split:
+    """Some frames of a split as a split of their own: each side one contiguous segment, or, with
+    ``cut``, segments cut where the frames skip a frame or leave a segment of ``split``."""
+    if cut:
+        db_bounds = subset_bounds(split.db_bounds, db_rows)
+        q_bounds = subset_bounds(split.q_bounds, q_rows)
+    else:
+        db_bounds, q_bounds = segment_bounds(len(db_rows)), segment_bounds(len(q_rows))
+    return split.select(db_rows, q_rows, db_bounds, q_bounds, name=name, pos_dist_thr=pos_dist_thr)
 
 
 def _split_rows(spec, struct_dir: Path, split: str, struct, files: list) -> tuple:
@@ -267,14 +275,10 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
         raise UserError(f"descriptor files {db_path} ({db_desc.shape[1]} dims) and {q_path} "
                         f"({q_desc.shape[1]} dims) differ in dimensions: both must come from the "
                         "same descriptor (--descType)")
-    if spec.bounds:
-        db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db,
-                                 missing_hint(spec.name, "bounds"))
-        q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q,
-                                missing_hint(spec.name, "bounds"))
-        files += [struct_dir / b for b in spec.bounds[split]]
-    else:
-        db_bounds, q_bounds = segment_bounds(struct.num_db), segment_bounds(struct.num_q)
+    db_bounds, q_bounds = _segments(spec, struct_dir, split, struct, files)
+    cut = cuts_gaps(opt) and bool(spec.split_inds)
+    if cut:
+        db_bounds, q_bounds = cut_at_gaps(db_bounds, db_rows), cut_at_gaps(q_bounds, q_rows)
     if split == "val" and spec.note and not opt.oxfordHonestVal:
         log.info("%s: %s", spec.name, spec.note)
     out = Split(name=split, db_desc=db_desc, q_desc=q_desc, db_positions=struct.db_positions,
@@ -282,7 +286,26 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
                 non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
                 db_bounds=db_bounds, q_bounds=q_bounds, files=files,
                 position_unit=spec.position_unit)
-    return drop_short_sequences(out, opt.seqL) if spec.bounds else out
+    return drop_short_sequences(out, opt.seqL) if spec.bounds or cut else out
+
+
+def cuts_gaps(opt: argparse.Namespace) -> bool:
+    """``--splitGaps cut``: segments end at the gaps of the split index files (the reference,
+    ``join``, makes each traversal of a split one segment)."""
+    return opt.splitGaps == "cut"
+
+
+def _segments(spec, struct_dir: Path, split: str, struct, files: list) -> tuple:
+    """Each frame's segment ``(db_bounds, q_bounds)``: from the dataset's sequence-bounds files
+    (they join ``files``), otherwise one segment per traversal."""
+    if not spec.bounds:
+        return segment_bounds(struct.num_db), segment_bounds(struct.num_q)
+    db_bounds = _read_bounds(struct_dir / spec.bounds[split][0], struct.num_db,
+                             missing_hint(spec.name, "bounds"))
+    q_bounds = _read_bounds(struct_dir / spec.bounds[split][1], struct.num_q,
+                            missing_hint(spec.name, "bounds"))
+    files += [struct_dir / b for b in spec.bounds[split]]
+    return db_bounds, q_bounds
 
 
 def drop_short_sequences(split: Split, seq_len: int) -> Split:

@@ -42,6 +42,40 @@ def segment_bounds(n: int) -> np.ndarray:
     return np.tile(np.array([[0, n]], dtype=np.int64), (n, 1))
 
 
+def run_bounds(breaks: np.ndarray) -> np.ndarray:
+    """The segments of frames cut after each frame ``k`` where ``breaks[k]`` (``[N - 1]`` bools):
+    each frame's ``[lo, hi)``, ``[N, 2]``."""
+    breaks = np.asarray(breaks, dtype=bool)
+    n = len(breaks) + 1
+    starts = np.concatenate([[0], np.flatnonzero(breaks) + 1]).astype(np.int64)
+    ends = np.concatenate([starts[1:], [n]]).astype(np.int64)
+    seg = np.concatenate([[0], np.cumsum(breaks)])          # each frame's segment
+    return np.stack([starts[seg], ends[seg]], axis=1)
+
+
+def cut_at_gaps(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``bounds`` (``[N, 2]``) also cut where ``rows`` (the frames' ascending rows in their file,
+    e.g. a split index file's) skip rows, so that no segment joins frames that are not neighbours
+    in the file (``--splitGaps cut``)."""
+    bounds = np.asarray(bounds, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return bounds
+    runs = run_bounds(np.diff(rows) != 1)
+    return np.stack([np.maximum(bounds[:, 0], runs[:, 0]), np.minimum(bounds[:, 1], runs[:, 1])],
+                    axis=1)
+
+
+def subset_bounds(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The segments of the frames ``rows`` (ascending) of a split whose segments are ``bounds``:
+    cut where ``rows`` skip a frame or pass into another segment."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    seg_lo = np.asarray(bounds, dtype=np.int64)[rows, 0]
+    return run_bounds((np.diff(rows) != 1) | (np.diff(seg_lo) != 0))
+
+
 # ---------------------------------------------------------------- one split
 
 @dataclass

@@ -12,9 +12,10 @@ from torch import nn
 
 from seqmatchnet.common.errors import UserError
 
-MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr")
+MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr", "boq", "salad", "megaloc")
 TITLES = {"netvlad": "NetVLAD (Patch-NetVLAD)", "cosplace": "CosPlace",
-          "eigenplaces": "EigenPlaces", "mixvpr": "MixVPR"}
+          "eigenplaces": "EigenPlaces", "mixvpr": "MixVPR", "boq": "BoQ", "salad": "SALAD",
+          "megaloc": "MegaLoc"}
 RELEASES = {
     "netvlad": "https://huggingface.co/TobiasRobotics/Patch-NetVLAD/resolve/main/"
                "pitts_WPCA4096.pth.tar",
@@ -23,7 +24,15 @@ RELEASES = {
                    "ResNet50_2048_eigenplaces.pth)",
     "mixvpr": "the MixVPR README (github.com/amaralibey/MixVPR): "
               "resnet50_MixVPR_4096_channels(1024)_rows(4).ckpt",
+    "boq": "https://github.com/amaralibey/Bag-of-Queries/releases/tag/v1.0 (dinov2_12288.pth or "
+           "resnet50_16384.pth)",
+    "salad": "https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt",
+    "megaloc": "https://huggingface.co/gberton/MegaLoc (model.safetensors)",
 }
+# how an image is resized to the model's input size
+RESIZES = {"bilinear": "Pillow bilinear to image_size (W, H)",
+           "bicubic": "torchvision Resize to image_size (W, H) on the [0, 1] tensor, bicubic, "
+                      "antialias"}
 CHECKPOINT_URL = RELEASES["netvlad"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +53,8 @@ class ImageModel:
     default_size: tuple[int, int] | None
     cells: int | None = None
     stride_steps: int = 0                    # halvings of the image before the aggregator (MixVPR)
+    resize: str = "bilinear"                 # a key of RESIZES
+    multiple: int | None = None              # the image sides must be multiples of it (ViT/14)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     extras: dict = field(default_factory=dict)
@@ -54,6 +65,8 @@ class ImageModel:
 
     def check_size(self, size: tuple[int, int] | None) -> None:
         """A ``UserError`` when images of ``size`` (W, H) cannot go through the network."""
+        if self.multiple is not None:
+            self._check_multiple(size)
         if self.cells is None:
             return
         side = math.isqrt(self.cells)
@@ -68,11 +81,24 @@ class ImageModel:
                             f"MixVPR checkpoint mixes {self.cells} (H/16 x W/16): use e.g. "
                             f"--imageSize {example}")
 
+    def _check_multiple(self, size: tuple[int, int] | None) -> None:
+        m = self.multiple
+        if size is None:
+            raise UserError(f"this {self.name} network needs a fixed --imageSize with sides that "
+                            f"are multiples of {m}, e.g. --imageSize {23 * m},{23 * m}")
+        if size[0] % m or size[1] % m:
+            near = ",".join(str(max(m, round(s / m) * m)) for s in size)
+            raise UserError(f"--imageSize {size[0]},{size[1]}: this {self.name} network takes "
+                            f"sides that are multiples of {m} (patches of {m} pixels): use e.g. "
+                            f"--imageSize {near}")
+
     def preprocessing(self, size: tuple[int, int] | None) -> dict:
         """What is done to an image before the network, as stored in the extraction metadata."""
+        own = "none (each image at its own size)" + (
+            "; the network resizes to the nearest multiples of 14 (bilinear, antialias)"
+            if self.name == "megaloc" else "")
         return {"image_size": list(size) if size else None,
-                "resize": "Pillow bilinear to image_size (W, H)" if size
-                else "none (each image at its own size)",
+                "resize": RESIZES[self.resize] if size else own,
                 "colour": "RGB", "scale": "[0, 1]", "mean": list(self.mean), "std": list(self.std)}
 
 
@@ -103,6 +129,12 @@ def looks_like(state: dict[str, torch.Tensor]) -> str | None:
         return "mixvpr"
     if "aggregation.1.p" in state:
         return "cosplace"
+    if "aggregator.proj_c.weight" in state:
+        return "boq"
+    if "aggregator.linear.weight" in state and "aggregator.agg.dust_bin" in state:
+        return "megaloc"
+    if "aggregator.dust_bin" in state:
+        return "salad"
     return None
 
 
@@ -120,7 +152,9 @@ def found_keys(state: dict[str, torch.Tensor]) -> str:
     hint = {"netvlad": "; a NetVLAD checkpoint: use --model netvlad",
             "mixvpr": "; a MixVPR checkpoint: use --model "
             "mixvpr", "cosplace": "; a CosPlace/EigenPlaces checkpoint: use --model cosplace or "
-                                  "eigenplaces"}
+                                  "eigenplaces",
+            "boq": "; a BoQ checkpoint: use --model boq", "salad": "; a SALAD checkpoint: use "
+            "--model salad", "megaloc": "; a MegaLoc checkpoint: use --model megaloc"}
     more = " ..." if len(groups) > 6 else ""
     return f"found {len(state)} keys: {listed}{more}{hint.get(other, '')}"
 

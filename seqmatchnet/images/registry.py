@@ -17,8 +17,13 @@ maps ``[N, 3, H, W]`` ImageNet-normalised images to ``[N, D]`` L2-normalised des
   without ``layer4`` (and without ``fc``/``avgpool``), ``aggregator.*`` = feature mixer layers
   over the H*W cells, channel and row projections, L2 normalisation.
 
+- ``boq``: BoQ (``images/boq.py``), ResNet-50 to layer3 or DINOv2 ViT-B/14 (no final norm).
+- ``salad`` and ``megaloc``: DINOv2 ViT-B/14 + SALAD (``images/salad.py``; the ViT from timm,
+  ``images/dinov2.py``).
+
 The architecture is read from the checkpoint: the backbone depth from its keys, the output size
-from the last layer's shape, MixVPR's aggregator settings from its weights' shapes.
+from the last layer's shape, the aggregators' settings from their weights' shapes. Files load
+without running code: ``torch.load(weights_only=True)`` or safetensors.
 """
 from __future__ import annotations
 
@@ -29,9 +34,32 @@ import torch
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.files import numpy_safe_globals
 from seqmatchnet.images.base import MODELS, RELEASES, TITLES, ImageModel, strip_module_prefix
+from seqmatchnet.images.boq import boq_from_state
 from seqmatchnet.images.cosplace import geolocalization_from_state
 from seqmatchnet.images.mixvpr import mixvpr_from_state
 from seqmatchnet.images.netvlad import NETVLAD_SIZE, netvlad_from_state
+from seqmatchnet.images.salad import megaloc_from_state, salad_from_state
+
+FROM_STATE = {"mixvpr": mixvpr_from_state, "boq": boq_from_state, "salad": salad_from_state,
+              "megaloc": megaloc_from_state}
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file (an 8-byte header length, then a JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _load_file(path: Path, name: str):
+    """The file's content, read without running code: safetensors, or ``torch.load`` weights-only
+    (a pickled object is refused)."""
+    if is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    with torch.serialization.safe_globals(numpy_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state(path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -43,8 +71,7 @@ def read_state(path: Path, name: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{TITLES[name]} checkpoint {path} not found: download one, e.g. "
                         f"{RELEASES[name]}, and pass it with {flag}")
     try:
-        with torch.serialization.safe_globals(numpy_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _load_file(path, name)
     except Exception as exc:   # torch raises many error types for bad files
         text = " ".join(str(exc).split())
         raise UserError(f"{TITLES[name]} checkpoint {path} could not be loaded weights-only "
@@ -71,8 +98,8 @@ def model_from_state(name: str, state: dict[str, torch.Tensor],
         what = f"VGG16 to conv5_3 + NetVLAD K={net.pool.num_clusters}" + (f" + WPCA {net.out_dim}"
                                                                           if net.WPCA else "")
         return ImageModel("netvlad", net, net.out_dim, what, NETVLAD_SIZE)
-    if name == "mixvpr":
-        return mixvpr_from_state(state, source)
+    if name in FROM_STATE:
+        return FROM_STATE[name](state, source)
     return geolocalization_from_state(state, name, source)
 
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from seqmatchnet.common.errors import UserError
-from seqmatchnet.common.logs import progress_enabled
+from seqmatchnet.common.logs import progress, progress_enabled
 from seqmatchnet.data.descriptors import rows_of
 from seqmatchnet.matching.seqmatch import frame_distances, sequence_distance, window_distances
 from seqmatchnet.models.layers import Flatten, L2Norm
@@ -309,7 +308,7 @@ def project_frames(model: SeqMatchModel, desc: np.ndarray, device: torch.device,
                              overwrite)
         return feats if dtype is None else feats.to(dtype)
     out = None
-    for lo in tqdm(blocks, desc=f"features ({desc_name})", unit="block",
+    for lo in progress(blocks, desc=f"features ({desc_name})", unit="block",
                    disable=not progress_enabled(quiet),
                    leave=False):
         feats = model.encode(torch.from_numpy(np.ascontiguousarray(desc[lo:lo + rows])).to(device),

@@ -18,7 +18,7 @@ row per query frame.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Real
 
 import numpy as np
@@ -52,6 +52,7 @@ class Match:
     confidence: float
     position: tuple[float, ...] | None = None
     velocity: float = 1.0
+    held: bool = False          # with a spacing: the last match again (moved less than it)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ class SearchSettings:
     ``speeds.rules.DEFAULT_RULE``); unused on the diagonal. ``grid``: 1 for trajectories on whole
     frames, 2 (the default) for the half grid (``speeds.trajectories.GRIDS`` maps
     ``--trajectoryGrid`` to it). ``batch_size`` (keyword-only): database frames projected at once
-    (``PROJECT_BATCH``).
+    (``PROJECT_BATCH``). ``spacing`` (keyword-only, metres): step the matcher only when the
+    odometry passed to ``step`` has grown by at least this much since the last step (None: every
+    frame).
 
     ``SearchSettings("0.5:2:0.5")`` searches speeds 0.5 to 2 on the half grid.
     """
@@ -75,8 +78,11 @@ class SearchSettings:
     rule: rules.ScoringRule | None = None
     grid: int = 2
     batch_size: int = field(default=PROJECT_BATCH, kw_only=True)
+    spacing: float | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.spacing is not None and not (math.isfinite(self.spacing) and self.spacing > 0):
+            raise ValueError(f"spacing must be a positive number of metres, got {self.spacing}")
         velocities = self.velocities
         if isinstance(velocities, str):
             velocities = trajectories.parse_velocities(velocities)
@@ -152,7 +158,10 @@ class Localizer:
 
     ``step(frame [C]) -> Match | None``: None until ``seq_len`` frames have arrived since
     construction or the last ``reset()``. Among exactly tied scores the smallest database frame
-    wins.
+    wins. With ``search.spacing`` S, ``step(frame, odometry)`` takes each frame's odometry (metres
+    travelled, non-decreasing until a ``reset``): the first frame after a reset and each frame S or
+    more beyond the last stepped one step the matcher; the others return the last match with
+    ``held=True`` (None before the first), so a vehicle standing still never advances the window.
 
     ``search.velocities`` (database frames per query frame, ``speeds.trajectories``): with the
     default ``(1.0,)`` the diagonal above. Otherwise the trailing query window (offsets ``k =
@@ -194,6 +203,8 @@ class Localizer:
             raise ValueError(f"conf_radius must be a non-negative number, got {conf_radius}")
         self._allocate_buffers()
         self._setup_trajectories(search, db_bounds)
+        self.spacing = search.spacing
+        self._last_match = self._stepped_at = self._odometry = None
 
     def _window_penalty(self, db_bounds: np.ndarray | None) -> torch.Tensor | None:
         """0 for the valid database windows, inf for those crossing a segment bound (None: all
@@ -280,16 +291,42 @@ class Localizer:
     def reset(self) -> None:
         """Start a new query sequence: the next ``seq_len - 1`` steps return None."""
         self._count = 0
+        self._last_match = self._stepped_at = self._odometry = None
         if getattr(self, "_traj", None) is not None:
             self._history.clear()
 
-    @torch.no_grad()
-    def step(self, frame: np.ndarray | torch.Tensor) -> Match | None:
+    def step(self, frame: np.ndarray | torch.Tensor, odometry: float | None = None) -> Match | None:
         """Add query frame ``[C]`` and match the trailing window; None while it has fewer than L
-        frames.
+        frames. With ``search.spacing``, ``odometry`` (metres travelled) decides whether the frame
+        steps the matcher or gets the last match again (``held``); without it, it is not used.
 
-        Raises ValueError for a frame of the wrong width, with NaN/Inf values or all zeros.
+        Raises ValueError for a frame of the wrong width, with NaN/Inf values or all zeros, and with
+        a spacing for a missing or decreasing odometry.
         """
+        if self.spacing is not None and not self._moved(odometry):
+            last = self._last_match
+            return None if last is None else replace(last, held=True)
+        self._last_match = self._step(frame)
+        return self._last_match
+
+    def _moved(self, odometry: float | None) -> bool:
+        """Whether the vehicle has moved ``spacing`` since the last stepped frame (then this frame
+        steps); checks the odometry."""
+        if odometry is None or not math.isfinite(odometry):
+            raise ValueError(f"with a spacing every frame needs its odometry (metres travelled), "
+                             f"got {odometry}")
+        if self._odometry is not None and odometry < self._odometry:
+            raise ValueError(f"the odometry went back from {self._odometry:g} to {odometry:g}: it "
+                             "is the distance travelled (reset() starts a new sequence)")
+        self._odometry = odometry
+        if self._stepped_at is not None and odometry < self._stepped_at + self.spacing:
+            return False
+        self._stepped_at = odometry
+        return True
+
+    @torch.no_grad()
+    def _step(self, frame: np.ndarray | torch.Tensor) -> Match | None:
+        """``step`` of every frame: encode, add to the ring buffer, match the trailing window."""
         q = self._encode(frame)
         L = self.seq_len
         slot = self._count % L

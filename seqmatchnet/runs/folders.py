@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -35,7 +36,8 @@ RESTORED_FLAGS = {
 }
 # What a run was trained on: --resume in --mode train refuses other values (refuse_other_data).
 MODEL_FLAGS = ("outDims", "method", "w", "pooling", "matcher")     # what --init RUN takes from RUN
-RUN_DATA = ("dataset", "seqL", "descType", "msls_trainCity", "msls_valCity", "oxfordHonestVal")
+RUN_DATA = ("dataset", "seqL", "descType", "msls_trainCity", "msls_valCity", "oxfordHonestVal",
+            "splitGaps")
 
 
 
@@ -221,11 +223,40 @@ def nothing_to_do(run_dir: Path, ckpt: dict, n_epochs: int, patience: int,
     return None
 
 
-def log_interrupted(ckpt_dir: Path, epoch: int, command: str) -> None:
-    """What Ctrl-C during training prints: where the last checkpoint is and how to continue."""
+def restore_epochs(opt: argparse.Namespace, run_dir: Path) -> argparse.Namespace:
+    """``opt`` with the run's own ``--nEpochs`` (from its flags.json), for ``--resume RUN`` without
+    ``--nEpochs`` on the command line: a resumed run finishes its own plan."""
+    flags_file = Path(run_dir) / opt.savePath / "flags.json"
+    planned = read_flags(flags_file).get("nEpochs")
+    if isinstance(planned, bool) or not isinstance(planned, int) or planned < 1:
+        raise UserError(f"{flags_file}: option nEpochs should be a positive integer, got "
+                        f"{planned!r:.60}: fix it in the file, or give --nEpochs")
+    out = copy.copy(opt)
+    out.nEpochs = planned
+    log.info("training to the run's own --nEpochs %d (give --nEpochs to change it)", planned)
+    return out
+
+
+def log_interrupted(ckpt_dir: Path, epoch: int, command: str, saved: int | None = None) -> None:
+    """What Ctrl-C during training prints (a warning: shown with --quiet too, and in train.log):
+    the epoch in progress, the last checkpoint and the epoch it holds (``saved``), how to go on."""
     last = Path(ckpt_dir) / "checkpoint.pth.tar"
-    where = f"the last checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    if not last.exists():
+        where = "no checkpoint was written yet"
+    else:
+        where = f"the last checkpoint is {last}"
+        where += f" (epoch {saved})" if saved is not None else ""
     log.warning("interrupted during epoch %d: %s; continue with: %s", epoch, where, command)
+
+
+def main_script() -> str:
+    """The path of ``main.py`` that works from the user's folder: the script that runs, or the
+    repository's next to the package, as an absolute path (``main.py`` when neither is found)."""
+    given = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if given is not None and given.name == "main.py" and given.is_file():
+        return str(given.resolve())
+    beside = Path(__file__).resolve().parents[2] / "main.py"
+    return str(beside) if beside.is_file() else "main.py"
 
 
 def resume_command(opt: argparse.Namespace, argv: list[str] | None, run_dir: Path) -> str:
@@ -244,4 +275,5 @@ def resume_command(opt: argparse.Namespace, argv: list[str] | None, run_dir: Pat
             skip = True
         elif not a.startswith("--resume="):
             args.append(a)
-    return "python main.py " + " ".join(shlex.quote(a) for a in args + ["--resume", str(run_dir)])
+    return (f"python {shlex.quote(main_script())} "
+            + " ".join(shlex.quote(a) for a in args + ["--resume", str(run_dir)]))

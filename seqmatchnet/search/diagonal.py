@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from seqmatchnet.common import distributed
 from seqmatchnet.common.errors import UserError
-from seqmatchnet.common.logs import progress_enabled
+from seqmatchnet.common.logs import progress, progress_enabled
 from seqmatchnet.matching.seqmatch import candidate_distances
 from seqmatchnet.matching.topk import topk_by_value_then_index
 from seqmatchnet.models.sequence import Projection, SeqMatchModel, project_frames, window_frames
@@ -154,7 +153,7 @@ def rank(database: Windows, queries: Windows, seq_len: int, k: int = TOP_K, quer
     db_chunk = database_chunk(len(db_starts), len(q_starts), query_chunk, db_chunk)
     dists = torch.empty((n_q, 0), dtype=db_feats.dtype, device=device)
     idx = torch.empty((n_q, 0), dtype=torch.long, device=device)
-    with tqdm(total=len(q_starts), desc="sequence matching", unit="query",
+    with progress(total=len(q_starts), desc="sequence matching", unit="query",
               disable=not progress_enabled(quiet) or not distributed.is_main(), leave=False) as bar:
         if len(db_starts):
             dists, idx = chunked_topk(Windows(db_feats, torch.as_tensor(db_starts, device=device)),
@@ -272,7 +271,7 @@ def database_chunks(config: SearchConfig, model: SeqMatchModel, database: Window
     added to ``clock``."""
     desc, chunk = database.frames, config.map_chunk
     first, n = (0, len(desc)) if frames is None else (frames.start, frames.stop)
-    for lo in tqdm(range(first, n, chunk), desc="database chunks", unit="chunk",
+    for lo in progress(range(first, n, chunk), desc="database chunks", unit="chunk",
                    disable=not progress_enabled(config.quiet), leave=False):
         t = time.perf_counter()
         own_hi, hi = min(lo + chunk, n), min(lo + chunk + seq_len - 1, n)

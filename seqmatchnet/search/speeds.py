@@ -15,11 +15,10 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from seqmatchnet.common import distributed
 from seqmatchnet.common.errors import UserError
-from seqmatchnet.common.logs import progress_enabled
+from seqmatchnet.common.logs import progress, progress_enabled
 from seqmatchnet.matching.topk import topk_by_value_then_index
 from seqmatchnet.models.sequence import Projection, SeqMatchModel, project_frames
 from seqmatchnet.search.diagonal import (
@@ -116,7 +115,7 @@ def trajectory_blocks(config: SearchConfig, model: SeqMatchModel, database: Wind
     before, after = trajectories.anchor_margin(traj)
     anchors = np.asarray(database.starts) + traj.seq_len // 2
     order = np.argsort(anchors, kind="stable")
-    for lo in tqdm(range(0, len(desc), chunk), desc="database chunks", unit="chunk",
+    for lo in progress(range(0, len(desc), chunk), desc="database chunks", unit="chunk",
                    disable=not progress_enabled(config.quiet), leave=False):
         a, b = np.searchsorted(anchors[order], [lo, lo + chunk])
         if a == b:
@@ -151,7 +150,7 @@ def rank_across_speeds(database: Windows, queries: Windows, traj: trajectories.T
     anchors = np.asarray(database.starts) + traj.seq_len // 2
     db_bounds = np.asarray(database.bounds)
     top = streaming.TrajectoryTopK(n_q, traj, min(k, n_db), q_feats.device)
-    with tqdm(desc="matching across speeds", unit="block", disable=not progress_enabled(quiet),
+    with progress(desc="matching across speeds", unit="block", disable=not progress_enabled(quiet),
               leave=False) as bar:
         for row0, feats, windows in database.frames:
             # a query chunk's block: frame distances [rows, chunk frames] + T scores per window

@@ -82,11 +82,12 @@ def parse_velocities(text: str) -> tuple[float, ...]:
             "1 is the diagonal")
     if not text:
         raise UserError(f"{FLAG} is empty: {hint}")
+    if ":" in text and text.count(":") != 2:
+        raise UserError(f"{FLAG} {text!r} is a range of {text.count(':') + 1} parts: a range needs "
+                        f"three, VMIN:VMAX:VSTEP (e.g. {RECOMMENDED}); a comma list names values")
     try:
         if ":" in text:
             parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3:
-                raise ValueError
         else:
             parts = [float(p) for p in text.split(",")]
     except ValueError:

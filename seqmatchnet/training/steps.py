@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from seqmatchnet.common import distributed
-from seqmatchnet.common.logs import progress_enabled
+from seqmatchnet.common.logs import progress, progress_enabled
 from seqmatchnet.evaluation.evaluate import EvalConfig
 from seqmatchnet.evaluation.recall import recall_table
 from seqmatchnet.matching.seqmatch import triplet_loss
@@ -299,7 +298,7 @@ def step_batches(learner: Learner, tset: TrainingSet, mined: MinedChunk, config:
     slots = mined.batch_slots()
     local = slots[rng.permutation(len(slots))]
     losses, steps = [], []
-    bar = tqdm(range(0, len(local), config.batch_size), desc=label, unit="batch",
+    bar = progress(range(0, len(local), config.batch_size), desc=label, unit="batch",
                disable=not progress_enabled(config.quiet) or not distributed.is_main(), leave=False)
     for i, lo in enumerate(bar):
         sel = local[lo:lo + config.batch_size]
