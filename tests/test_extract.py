@@ -596,8 +596,8 @@ def test_images_to_prepare_train_test(tmp_path, capsys, ckpt, name, monkeypatch)
 
 @pytest.mark.parametrize("args, needle", [
     (["--db_descriptors", "d.npy", "--db_images", "db", "--q_descriptors", "q.npy"],
-     "exactly one of --db_descriptors and --db_images"),
-    (["--db_descriptors", "d.npy"], "exactly one of --q_descriptors and --q_images (the traversal needs"),
+     "exactly one of --db_descriptors, --db_images and --db_bag"),
+    (["--db_descriptors", "d.npy"], "exactly one of --q_descriptors, --q_images and --q_bag (the traversal needs"),
     (["--db_descriptors", "d.npy", "--q_images", "q"], "--db_images/--q_images need --model and --weights (or "
                                                        "--netvladCkpt)"),
     (["--db_descriptors", "d.npy", "--q_images", "q", "--weights", "w.pth"], "need --model and --weights"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_train import TRAIN, only_run, run_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from seqmatchnet.cli.bag_options import add_bag_options, check_bag_options
 from seqmatchnet.cli.entry import OneLineParser, run_own_mode
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.logs import progress_enabled, setup_logging
@@ -35,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "SALAD or MegaLoc, from the authors' checkpoints) of a folder or list of "
                     "images: one row per image, for --mode prepare --db_descriptors/"
                     "--q_descriptors.")
-    p.add_argument("--images", required=True, metavar="SRC",
+    p.add_argument("--images", default=None, metavar="SRC",
                    help="folder of .jpg/.jpeg/.png/.bmp images (natural order of names) or a text "
                         "file with one image path per line (relative to the file)")
+    add_bag_options(p)
     add_model_options(p)
     p.add_argument("--out", required=True, help="output .npy or .h5 file: float32 [images, dims]; "
                                                 "OUT.images.txt lists each row's image, "
@@ -117,7 +119,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError("--threads must be 0 (decode in the main process) or more, got "
                         f"{opt.threads}")
     check_spacing(opt.spacing, "--spacing")
-    if (opt.spacing is None) != (opt.positions is None):
+    if (opt.images is None) == (opt.bag is None):
+        raise UserError("give the images: --images SRC or --bag BAG --imageTopic TOPIC (one)")
+    if opt.bag is not None:
+        check_bag_options(opt, opt.positions, opt.spacing)
+    elif (opt.spacing is None) != (opt.positions is None):
         raise UserError("--spacing and --positions go together: the positions (or odometry) "
                         "say which images are kept")
     if Path(opt.out).suffix.lower() not in OUT_SUFFIXES:
@@ -141,7 +147,9 @@ def _extract(opt: argparse.Namespace) -> None:
     device = get_device(opt.nocuda, opt.device)
     settings = ExtractSettings(image_size_option(opt), opt.batchSize, opt.threads, device,
                                progress_enabled(opt.quiet))
-    if opt.spacing is None:
+    if opt.bag is not None:
+        result = _extract_bag(opt, settings)
+    elif opt.spacing is None:
         result = extract_images(Path(opt.images), Path(opt.weights), Path(opt.out),
                                 model=opt.model, settings=settings)
     else:
@@ -173,3 +181,38 @@ def _extract_spaced(opt: argparse.Namespace, settings: ExtractSettings):
         loaded, [paths[r] for r in rows.tolist()], Path(opt.out),
         checkpoint_id=extraction.file_digest(Path(opt.weights)),
         settings=dataclasses.replace(settings, image_size=size), weights=Path(opt.weights))
+
+
+def _extract_bag(opt: argparse.Namespace, settings: ExtractSettings):
+    """Extract the frames of ``--bag`` (only those ``--spacing`` keeps) and, with a GPS or odometry
+    topic, write ``OUT.positions.csv`` (every frame in their time span, as ``--mode prepare``
+    reads it)."""
+    from seqmatchnet.common.files import atomic_write
+    from seqmatchnet.data import bags
+    from seqmatchnet.data.bag_frames import BagFrames
+    from seqmatchnet.data.spacing import kept_rows
+    from seqmatchnet.images import extraction
+
+    source = bags.BagSource(Path(opt.bag), opt.imageTopic, opt.gpsTopic, opt.odomTopic)
+    track = bags.scan_bag(source, settings.progress)
+    csv = Path(opt.out).with_name(Path(opt.out).name + ".positions.csv")
+    rows = None
+    if opt.spacing is not None:
+        rows = kept_rows(bags.track_positions(track, csv), opt.spacing, opt.seqL, source.label)
+        print(f"--spacing {opt.spacing:g}: extracting {len(rows)} of {len(track.messages)} "
+              "images")
+    loaded, size = extraction.load_for_extraction(opt.model, Path(opt.weights),
+                                                  settings.image_size)
+    if track.has_positions:
+        lines = bags.positions_lines(track)
+        atomic_write(csv, lambda f: f.write("".join(f"{x}\n" for x in lines).encode()))
+        print(f"wrote the positions of {len(lines) - 1} frames to {csv}")
+    frames = BagFrames(track, rows)
+    try:
+        return extraction.extract_descriptors(
+            loaded, frames.refs, Path(opt.out),
+            checkpoint_id=extraction.file_digest(Path(opt.weights)),
+            settings=dataclasses.replace(settings, image_size=size, threads=0),
+            weights=Path(opt.weights))
+    finally:
+        frames.close()

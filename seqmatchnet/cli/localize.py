@@ -19,7 +19,7 @@ import numpy as np
 from seqmatchnet.cli.shared import run_with_options
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.files import atomic_write, ensure_output_dir, write_json_atomic
-from seqmatchnet.data.spacing import check_spacing, path_distance
+from seqmatchnet.data.spacing import path_distance
 from seqmatchnet.evaluation import figures
 from seqmatchnet.evaluation import recall as recall_mod
 from seqmatchnet.evaluation import summary as summary_mod

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from seqmatchnet.cli.bag_options import add_bag_options, check_bag_options, read_bags
 from seqmatchnet.cli.entry import OneLineParser, run_own_mode
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.data.own import IMAGE_MODELS, NAME_PATTERN, SPLITS, check_image_options, prepare
@@ -25,7 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--db_images", metavar="SRC",
                    help="instead of --db_descriptors: folder or list file of the database images "
                         "(needs --model and --weights, or --netvladCkpt)")
-    g.add_argument("--db_positions", required=True,
+    g.add_argument("--db_bag", metavar="BAG",
+                   help="instead of --db_descriptors/--db_images and --db_positions: a recording "
+                        "(ROS 1 .bag, ROS 2 bag folder, .mcap) read with --imageTopic and "
+                        "--gpsTopic/--odomTopic")
+    g.add_argument("--q_bag", metavar="BAG", help="the query traversal's recording (as --db_bag)")
+    add_bag_options(g, flag="prepare")
+    g.add_argument("--db_positions",
                    help="database positions CSV: x,y | easting,northing | lat,lon [,timestamp] "
                         "[,sequence_id] [,odometry]")
     g.add_argument("--q_descriptors", help="query traversal descriptors (.npy, or .h5/.hdf5)")
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Patch-NetVLAD checkpoint (= --model netvlad --weights CKPT)")
     g.add_argument("--imageSize", default=None, metavar="W,H",
                    help="resize the images to W,H (0: each image's own size); default: the model's")
-    g.add_argument("--q_positions", required=True,
+    g.add_argument("--q_positions",
                    help="query positions CSV (same columns as --db_positions)")
     g = p.add_argument_group("frames by distance travelled (video, GPS or odometry; "
                              "docs/own-data.md)")
@@ -87,11 +94,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UserError(f"--name {opt.name!r}: use letters, digits, '_', '-' and '.' only (it "
                         "becomes a file name)")
     for side in ("db", "q"):
-        given = [f"--{side}_{kind}" for kind in ("descriptors", "images")
+        given = [f"--{side}_{kind}" for kind in ("descriptors", "images", "bag")
                  if getattr(opt, f"{side}_{kind}")]
         if len(given) != 1:
-            raise UserError(f"give exactly one of --{side}_descriptors and --{side}_images"
-                            f"{'' if given else ' (the traversal needs descriptors or images)'}")
+            need = "" if given else " (the traversal needs descriptors or images)"
+            raise UserError(f"give exactly one of --{side}_descriptors, --{side}_images and "
+                            f"--{side}_bag{need}")
+        if getattr(opt, f"{side}_bag"):
+            check_bag_options(opt, getattr(opt, f"{side}_positions"))
+            if not (opt.gpsTopic or opt.odomTopic):
+                raise UserError(f"--{side}_bag needs --gpsTopic or --odomTopic: the positions of "
+                                "its frames")
+            setattr(opt, f"{side}_images", getattr(opt, f"{side}_bag"))
+        elif not getattr(opt, f"{side}_positions"):
+            raise UserError(f"--{side}_positions is required (or --{side}_bag)")
+    if (opt.imageTopic or opt.gpsTopic or opt.odomTopic) and not (opt.db_bag or opt.q_bag):
+        raise UserError("--imageTopic/--gpsTopic/--odomTopic go with --db_bag/--q_bag")
     check_image_options(opt)
     explicit = [getattr(opt, f"{s}_rows") for s in SPLITS]
     if any(explicit):
@@ -169,11 +187,15 @@ def main(argv: list[str]) -> int:
 
 
 def _prepare(opt: argparse.Namespace) -> None:
+    opened = read_bags(opt)
     try:
         result = prepare(opt)
     except OSError as exc:
         raise UserError(f"could not write the dataset to {opt.structPath} ({exc.strerror or exc}): "
                         "choose a writable --structPath") from exc
+    finally:
+        for frames in opened:
+            frames.close()
     print("\n".join(summary_lines(result, opt)))
     for line in warnings_for(result):
         print(line, file=sys.stderr)

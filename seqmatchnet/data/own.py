@@ -292,7 +292,8 @@ def image_lists(opt: argparse.Namespace, tables: list[Positions]) -> list[list |
                                          (opt.db_images, opt.q_images), tables):
         paths = None
         if images is not None:
-            paths = extraction.list_images(Path(images))
+            frames = getattr(opt, f"{side[0] if side == 'query' else 'db'}_frames", None)
+            paths = frames if frames is not None else extraction.list_images(Path(images))
             if len(paths) != len(table.values):
                 raise UserError(f"{side}: {flag} {images} has {len(paths)} images but "
                                 f"{table.path} has {len(table.values)} positions: one image per "

@@ -4,6 +4,7 @@ unless complete descriptors of the same images and model are there already.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,11 @@ def extract_or_reuse(job: Extraction, paths: Sequence[Path], out: Path, side: st
         print(f"{side}: reusing the complete descriptors of the same {len(paths)} images and "
               f"model in {out} (delete it to extract again)")
         return out
+    from seqmatchnet.data.bag_frames import is_frame_list
+
+    settings = job.settings
+    if is_frame_list(paths):            # a bag's frames: read in order, in the main process
+        settings = dataclasses.replace(settings, threads=0)
     return extraction.extract_descriptors(
-        job.model, paths, out, checkpoint_id=job.checkpoint_id, settings=job.settings,
+        job.model, paths, out, checkpoint_id=job.checkpoint_id, settings=settings,
         weights=job.weights).path

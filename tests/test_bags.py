@@ -1,0 +1,363 @@
+"""Robot recordings as input (issue 36): ROS 1, ROS 2 sqlite3 and MCAP bags written with rosbags' own
+writers from small synthetic frames give the same descriptors as the same frames as a folder of images,
+positions equal to a plain-loop interpolation, only kept frames decoded with --spacing, and one line
+with nothing written for each bad input."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rosbags.rosbag1 import Writer as Writer1
+from rosbags.rosbag2 import StoragePlugin
+from rosbags.rosbag2 import Writer as Writer2
+from rosbags.typesys import Stores, get_typestore
+from torch import nn
+
+T0 = 1_700_000_000 * 10**9          # ns
+N, W, H = 30, 16, 12
+
+
+# ---------------------------------------------------------------- writing bags
+
+def typestore(fmt: str):
+    return get_typestore(Stores.ROS1_NOETIC if fmt == "ros1" else Stores.ROS2_HUMBLE)
+
+
+def header(ts, ns: int):
+    Time, Header = ts.types["builtin_interfaces/msg/Time"], ts.types["std_msgs/msg/Header"]
+    stamp = Time(sec=ns // 10**9, nanosec=ns % 10**9)
+    if "seq" in Header.__dataclass_fields__:
+        return Header(seq=0, stamp=stamp, frame_id="f")
+    return Header(stamp=stamp, frame_id="f")
+
+
+def image_msg(ts, ns: int, rgb: np.ndarray, encoding: str):
+    if encoding in ("jpeg", "png"):
+        buf = io.BytesIO()
+        from PIL import Image
+
+        Image.fromarray(rgb).save(buf, format=encoding.upper(), **({"quality": 90} if encoding == "jpeg" else {}))
+        return "sensor_msgs/msg/CompressedImage", ts.types["sensor_msgs/msg/CompressedImage"](
+            header=header(ts, ns), format=encoding, data=np.frombuffer(buf.getvalue(), np.uint8))
+    pixels = {"rgb8": rgb, "bgr8": rgb[..., ::-1], "mono8": rgb[..., :1],
+              "rgba8": np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])}.get(encoding, rgb)
+    pixels = np.ascontiguousarray(pixels)
+    return "sensor_msgs/msg/Image", ts.types["sensor_msgs/msg/Image"](
+        header=header(ts, ns), height=H, width=W, encoding=encoding, is_bigendian=0,
+        step=W * pixels.shape[2], data=pixels.reshape(-1))
+
+
+def fix_msg(ts, ns: int, lat: float, lon: float, status: int = 0):
+    t = ts.types
+    return "sensor_msgs/msg/NavSatFix", t["sensor_msgs/msg/NavSatFix"](
+        header=header(ts, ns), status=t["sensor_msgs/msg/NavSatStatus"](status=status, service=1),
+        latitude=lat, longitude=lon, altitude=10.0, position_covariance=np.zeros(9),
+        position_covariance_type=0)
+
+
+def odom_msg(ts, ns: int, x: float, y: float):
+    t = ts.types
+    pose = t["geometry_msgs/msg/Pose"](position=t["geometry_msgs/msg/Point"](x=x, y=y, z=0.0),
+                                       orientation=t["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))
+    v = t["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=0.0)
+    return "nav_msgs/msg/Odometry", t["nav_msgs/msg/Odometry"](
+        header=header(ts, ns), child_frame_id="base",
+        pose=t["geometry_msgs/msg/PoseWithCovariance"](pose=pose, covariance=np.zeros(36)),
+        twist=t["geometry_msgs/msg/TwistWithCovariance"](twist=t["geometry_msgs/msg/Twist"](linear=v, angular=v),
+                                                         covariance=np.zeros(36)))
+
+
+def write_bag(path: Path, fmt: str, messages: list) -> Path:
+    """``messages``: (topic, receive ns, (msgtype, msg)), written in receive order."""
+    ts = typestore(fmt)
+    if fmt == "ros1":
+        writer = Writer1(path)
+    else:
+        storage = StoragePlugin.MCAP if fmt == "mcap" else StoragePlugin.SQLITE3
+        writer = Writer2(path, version=9, storage_plugin=storage)
+    conns = {}
+    with writer:
+        for topic, ns, (msgtype, msg) in sorted(messages, key=lambda m: m[1]):
+            if topic not in conns:
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
+            data = ts.serialize_ros1(msg, msgtype) if fmt == "ros1" else ts.serialize_cdr(msg, msgtype)
+            writer.write(conns[topic], ns, data)
+    return path
+
+
+def frames(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(N)]
+
+
+def route(fmt: str, path: Path, encoding: str = "rgb8", *, gps=True, odom=True, bad_fix: int = 3,
+          image_ns=None, empty_stamp: bool = False) -> tuple[Path, dict]:
+    """A drive: N images at 10 Hz, GPS at 4 Hz starting after the first image and ending before the last
+    (images outside its span are dropped), one fix without a fix; odometry at 20 Hz along x at varying speed."""
+    ts = typestore(fmt)
+    rgb = frames()
+    image_ns = [T0 + i * 100_000_000 for i in range(N)] if image_ns is None else image_ns
+    # received 5 ms after the (regular) capture time, whatever the header says
+    msgs = [("/cam/image", T0 + i * 100_000_000 + 5_000_000, image_msg(ts, 0 if empty_stamp else ns, im, encoding))
+            for i, (ns, im) in enumerate(zip(image_ns, rgb))]
+    gps_ns = [T0 + 150_000_000 + k * 250_000_000 for k in range(11)]    # 0.15 s .. 2.65 s
+    fixes = [(-27.47 + 1e-5 * k + 2e-6 * k * k, 153.02 + 3e-6 * k) for k in range(11)]
+    if gps:
+        msgs += [("/gps/fix", ns, fix_msg(ts, ns, lat, lon, -1 if k == bad_fix else 0))
+                 for k, (ns, (lat, lon)) in enumerate(zip(gps_ns, fixes))]
+    odom_ns = [T0 + k * 50_000_000 for k in range(62)]
+    xs = np.cumsum(np.r_[0.0, 0.05 + 0.1 * np.abs(np.sin(np.arange(61) / 5))])
+    if odom:
+        msgs += [("/odom", ns, odom_msg(ts, ns, float(x), 0.5)) for ns, x in zip(odom_ns, xs)]
+    truth = {"rgb": rgb, "image_ns": image_ns,
+             "gps": [(ns, f) for k, (ns, f) in enumerate(zip(gps_ns, fixes)) if k != bad_fix],
+             "odom": list(zip(odom_ns, xs))}
+    return write_bag(path, fmt, msgs), truth
+
+
+def bag_path(tmp_path: Path, fmt: str) -> Path:
+    return tmp_path / {"ros1": "drive.bag", "sqlite3": "drive", "mcap": "drive_mcap"}[fmt]
+
+
+# ---------------------------------------------------------------- plain-loop twins
+
+def plain_interp(t: float, samples: list) -> float:
+    """Linear interpolation between the two samples around ``t`` (a plain loop)."""
+    for (t0, v0), (t1, v1) in zip(samples, samples[1:]):
+        if t0 <= t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+    raise AssertionError("outside the span")
+
+
+def plain_positions(truth: dict) -> list[tuple]:
+    """Per image inside the GPS span: (ns, lat, lon, x, y, odometry) by plain loops."""
+    gps = [((ns - T0) * 1e-9, f) for ns, f in truth["gps"]]
+    odom = [((ns - T0) * 1e-9, x) for ns, x in truth["odom"]]
+    along, total = [], 0.0
+    for k, (_, x) in enumerate(odom):
+        total += abs(x - odom[k - 1][1]) if k else 0.0
+        along.append(total)
+    rows = []
+    for ns in truth["image_ns"]:
+        t = (ns - T0) * 1e-9
+        if not gps[0][0] <= t <= gps[-1][0] or not odom[0][0] <= t <= odom[-1][0]:
+            continue
+        lat = plain_interp(t, [(a, f[0]) for a, f in gps])
+        lon = plain_interp(t, [(a, f[1]) for a, f in gps])
+        x = plain_interp(t, odom)
+        dist = plain_interp(t, [(a, d) for (a, _), d in zip(odom, along)])
+        rows.append((ns, lat, lon, x, 0.5, dist))
+    return rows
+
+
+# ---------------------------------------------------------------- a small model that sees every pixel
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return nn.functional.normalize(self.conv(x).flatten(1)[:, :24], dim=1)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    from seqmatchnet.images import extraction
+    from seqmatchnet.images.base import ImageModel
+
+    net = TinyNet()
+    monkeypatch.setattr(extraction, "load_for_extraction",
+                        lambda *a, **k: (ImageModel("netvlad", net, 24, "tiny", (W, H)), (W, H)))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    return net, weights
+
+
+def extract_args(weights: Path, out: Path, *more) -> list[str]:
+    return ["--model", "netvlad", "--weights", str(weights), "--out", str(out), "--nocuda", "--quiet",
+            "--threads", "0", *more]
+
+
+def folder_of(frames_rgb: list, encoding: str, folder: Path) -> Path:
+    """The same frames as image files (what a user would dump from the bag)."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, rgb in enumerate(frames_rgb):
+        if encoding in ("jpeg", "png"):
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format=encoding.upper(), **({"quality": 90} if encoding == "jpeg" else {}))
+            (folder / f"{i:04d}.{'jpg' if encoding == 'jpeg' else 'png'}").write_bytes(buf.getvalue())
+        else:
+            Image.fromarray(rgb[..., 0] if encoding == "mono8" else rgb).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("fmt,encoding", [("ros1", "rgb8"), ("sqlite3", "bgr8"), ("mcap", "jpeg"),
+                                          ("ros1", "png"), ("mcap", "mono8"), ("sqlite3", "rgba8")])
+def test_bag_gives_the_descriptors_of_the_same_frames_as_a_folder(tmp_path, capsys, tiny, fmt, encoding):
+    from seqmatchnet.cli import extract
+
+    _, weights = tiny
+    bag, truth = route(fmt, bag_path(tmp_path, fmt), encoding)
+    out = tmp_path / "bag.npy"
+    rc = extract.main(extract_args(weights, out, "--bag", str(bag), "--imageTopic", "/cam/image",
+                                   "--gpsTopic", "/gps/fix", "--odomTopic", "/odom"))
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    want = plain_positions(truth)
+    assert "left out 1 GPS message(s) without a fix" in text.out
+    assert f"dropped {N - len(want)} of {N} images outside" in text.out
+    # the folder of the frames kept in the span
+    kept = [i for i, ns in enumerate(truth["image_ns"]) if ns in {r[0] for r in want}]
+    folder = folder_of([truth["rgb"][i] for i in kept], encoding, tmp_path / "frames")
+    assert extract.main(extract_args(weights, tmp_path / "folder.npy", "--images", str(folder))) == 0
+    assert np.load(out).tobytes() == np.load(tmp_path / "folder.npy").tobytes()
+    lines = (tmp_path / "bag.npy.positions.csv").read_text().splitlines()
+    assert lines[0] == "timestamp,lat,lon,odometry" and len(lines) == len(want) + 1
+    for line, (ns, lat, lon, _, _, dist) in zip(lines[1:], want):
+        t, a, b, d = line.split(",")
+        assert t == f"{ns // 10**9}.{ns % 10**9:09d}"
+        assert float(a) == pytest.approx(lat, abs=1e-12) and float(b) == pytest.approx(lon, abs=1e-12)
+        assert float(d) == pytest.approx(dist, abs=1e-9)
+    listed = (tmp_path / "bag.npy.images.txt").read_text().splitlines()
+    assert listed[0].endswith(f"#/cam/image@{want[0][0] // 10**9}.{want[0][0] % 10**9:09d}")
+
+
+def test_odometry_only_gives_xy_positions(tmp_path, capsys, tiny):
+    from seqmatchnet.cli import extract
+
+    _, weights = tiny
+    bag, truth = route("mcap", tmp_path / "drive.mcap", gps=False)
+    assert extract.main(extract_args(weights, tmp_path / "d.npy", "--bag", str(bag), "--imageTopic",
+                                     "/cam/image", "--odomTopic", "/odom")) == 0
+    lines = (tmp_path / "d.npy.positions.csv").read_text().splitlines()
+    assert lines[0] == "timestamp,x,y,odometry"
+    odom = [((ns - T0) * 1e-9, x) for ns, x in truth["odom"]]
+    inside = [ns for ns in truth["image_ns"] if (ns - T0) * 1e-9 <= odom[-1][0]]
+    assert len(lines) == len(inside) + 1
+    for line, ns in zip(lines[1:], inside):
+        assert float(line.split(",")[1]) == pytest.approx(plain_interp((ns - T0) * 1e-9, odom), abs=1e-9)
+
+
+def test_spacing_decodes_only_the_kept_frames(tmp_path, capsys, tiny, monkeypatch):
+    from seqmatchnet.cli import extract
+    from seqmatchnet.data import bag_frames
+    from seqmatchnet.data.spacing import spaced_rows
+
+    net, weights = tiny
+    decoded = []
+    real = bag_frames.frame_bytes
+    monkeypatch.setattr(bag_frames, "frame_bytes", lambda msg, t: decoded.append(1) or real(msg, t))
+    bag, truth = route("ros1", tmp_path / "drive.bag")
+    rc = extract.main(extract_args(weights, tmp_path / "k.npy", "--bag", str(bag), "--imageTopic",
+                                   "/cam/image", "--gpsTopic", "/gps/fix", "--odomTopic", "/odom",
+                                   "--spacing", "0.5"))
+    assert rc == 0, capsys.readouterr().err
+    want = plain_positions(truth)
+    kept = spaced_rows(np.array([r[5] for r in want]), None, 0.5)
+    assert 3 < len(kept) < len(want)
+    assert len(decoded) == net.images == len(kept) == len(np.load(tmp_path / "k.npy"))
+
+
+def test_prepare_takes_bags_for_both_traversals(tmp_path, capsys, tiny):
+    from seqmatchnet.cli import prepare
+
+    net, weights = tiny
+    db, _ = route("sqlite3", tmp_path / "db")
+    q, _ = route("mcap", tmp_path / "q.mcap", encoding="jpeg")
+    struct = tmp_path / "structFiles"
+    rc = prepare.main(["--name", "drive", "--db_bag", str(db), "--q_bag", str(q), "--imageTopic", "/cam/image",
+                       "--gpsTopic", "/gps/fix", "--odomTopic", "/odom", "--model", "netvlad", "--weights",
+                       str(weights), "--structPath", str(struct), "--seqL", "2", "--splits", "0.5,0.25,0.25",
+                       "--posDistThr", "1", "--evalPosDistThr", "1", "--nonTrivPosDistThr", "0.5"])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert (struct / "custom_drive.json").is_file()
+    n_db = len(np.load(struct / "custom_drive_descriptors" / "database.npy"))
+    assert n_db == len((struct / "custom_drive_bags" / "db.csv").read_text().splitlines()) - 1
+    assert net.images == 2 * n_db
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing written
+
+def refused(capsys, tmp_path: Path, weights: Path, *args) -> str:
+    from seqmatchnet.cli import extract
+
+    out = tmp_path / "out" / "d.npy"
+    rc = extract.main(extract_args(weights, out, *args))
+    err = capsys.readouterr().err.strip()
+    assert rc == 1, err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    return err
+
+
+def test_missing_topic_lists_the_topics_the_bag_holds(tmp_path, capsys, tiny):
+    bag, _ = route("ros1", tmp_path / "d.bag")
+    err = refused(capsys, tmp_path, tiny[1], "--bag", str(bag), "--imageTopic", "/camera/rgb",
+                  "--gpsTopic", "/gps/fix")
+    assert "/camera/rgb is not in" in err
+    assert "image topics: /cam/image" in err and "GPS topics: /gps/fix" in err and "odometry topics: /odom" in err
+    err = refused(capsys, tmp_path, tiny[1], "--bag", str(bag), "--imageTopic", "/odom")
+    assert "is nav_msgs/msg/Odometry, not sensor_msgs/msg/Image" in err
+
+
+def test_unsupported_encoding_lists_the_supported_ones(tmp_path, capsys, tiny):
+    ts = typestore("mcap")
+    msgs = [("/cam/image", T0 + i, ("sensor_msgs/msg/Image", ts.types["sensor_msgs/msg/Image"](
+        header=header(ts, T0 + i), height=2, width=2, encoding="16UC1", is_bigendian=0, step=4,
+        data=np.zeros(8, np.uint8)))) for i in range(3)]
+    bag = write_bag(tmp_path / "depth.mcap", "mcap", msgs)
+    err = refused(capsys, tmp_path, tiny[1], "--bag", str(bag), "--imageTopic", "/cam/image")
+    assert "'16UC1' is not supported" in err and "rgb8" in err and "jpeg" in err
+
+
+def test_no_valid_fix(tmp_path, capsys, tiny):
+    ts = typestore("ros1")
+    rgb = frames()
+    msgs = [("/cam/image", T0 + i * 10**8, image_msg(ts, T0 + i * 10**8, rgb[i], "rgb8")) for i in range(5)]
+    msgs += [("/gps/fix", T0 + i * 10**8, fix_msg(ts, T0 + i * 10**8, float("nan") if i % 2 else 1.0, 2.0,
+                                                   -1 if i % 2 == 0 else 0)) for i in range(5)]
+    bag = write_bag(tmp_path / "nofix.bag", "ros1", msgs)
+    err = refused(capsys, tmp_path, tiny[1], "--bag", str(bag), "--imageTopic", "/cam/image", "--gpsTopic",
+                  "/gps/fix")
+    assert "none of its 5 message(s) has a valid fix" in err
+
+
+def test_image_timestamps_going_backwards(tmp_path, capsys, tiny):
+    stamps = [T0 + i * 10**8 for i in range(N)]
+    stamps[7] = stamps[5] - 1
+    bag, _ = route("sqlite3", tmp_path / "back", image_ns=stamps)
+    err = refused(capsys, tmp_path, tiny[1], "--bag", str(bag), "--imageTopic", "/cam/image")
+    assert "message 7" in err and "is earlier than message 6's" in err
+
+
+@pytest.mark.parametrize("fmt", ["ros1", "sqlite3", "mcap"])
+def test_truncated_bag(tmp_path, capsys, tiny, fmt):
+    bag, _ = route(fmt, bag_path(tmp_path, fmt))
+    storage = bag if fmt == "ros1" else next(p for p in bag.iterdir() if p.suffix in (".db3", ".mcap"))
+    data = storage.read_bytes()
+    storage.write_bytes(data[: len(data) // 2])
+    err = refused(capsys, tmp_path, tiny[1], "--bag", str(bag), "--imageTopic", "/cam/image")
+    assert "damaged or truncated" in err
+
+
+def test_empty_header_stamps_use_the_receive_time_said_once(tmp_path, capsys, tiny):
+    from seqmatchnet.cli import extract
+
+    bag, truth = route("mcap", tmp_path / "d.mcap", gps=False, odom=False, empty_stamp=True)
+    assert extract.main(extract_args(tiny[1], tmp_path / "d.npy", "--bag", str(bag), "--imageTopic",
+                                     "/cam/image")) == 0
+    out = capsys.readouterr().out
+    assert out.count("empty header stamp") == 1 and f"{N} image message(s)" in out
+    listed = (tmp_path / "d.npy.images.txt").read_text().splitlines()
+    ns = truth["image_ns"][0] + 5_000_000
+    assert listed[0].endswith(f"@{ns // 10**9}.{ns % 10**9:09d}") and len(listed) == N
