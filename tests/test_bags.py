@@ -94,11 +94,11 @@ def frames(seed: int = 0) -> list[np.ndarray]:
 
 
 def route(fmt: str, path: Path, encoding: str = "rgb8", *, gps=True, odom=True, bad_fix: int = 3,
-          image_ns=None, empty_stamp: bool = False) -> tuple[Path, dict]:
+          image_ns=None, empty_stamp: bool = False, seed: int = 0) -> tuple[Path, dict]:
     """A drive: N images at 10 Hz, GPS at 4 Hz starting after the first image and ending before the last
     (images outside its span are dropped), one fix without a fix; odometry at 20 Hz along x at varying speed."""
     ts = typestore(fmt)
-    rgb = frames()
+    rgb = frames(seed)
     image_ns = [T0 + i * 100_000_000 for i in range(N)] if image_ns is None else image_ns
     # received 5 ms after the (regular) capture time, whatever the header says
     msgs = [("/cam/image", T0 + i * 100_000_000 + 5_000_000, image_msg(ts, 0 if empty_stamp else ns, im, encoding))
@@ -361,3 +361,128 @@ def test_empty_header_stamps_use_the_receive_time_said_once(tmp_path, capsys, ti
     listed = (tmp_path / "d.npy.images.txt").read_text().splitlines()
     ns = truth["image_ns"][0] + 5_000_000
     assert listed[0].endswith(f"@{ns // 10**9}.{ns % 10**9:09d}") and len(listed) == N
+
+
+# ---------------------------------------------------------------- --mode localize --bag, --out_bag
+
+TOPICS = ["--imageTopic", "/cam/image", "--gpsTopic", "/gps/fix", "--odomTopic", "/odom"]
+
+
+def prepared(tmp_path: Path, capsys, weights: Path) -> Path:
+    """A dataset prepared from a database and a query bag (the tiny model): its --structPath."""
+    from seqmatchnet.cli import prepare
+
+    db, _ = route("sqlite3", tmp_path / "db")
+    q, _ = route("mcap", tmp_path / "q.mcap", encoding="jpeg", seed=2)
+    struct = tmp_path / "structFiles"
+    rc = prepare.main(["--name", "drive", "--db_bag", str(db), "--q_bag", str(q), *TOPICS, "--model", "netvlad",
+                       "--weights", str(weights), "--structPath", str(struct), "--seqL", "2", "--splits",
+                       "0.5,0.25,0.25", "--posDistThr", "1", "--evalPosDistThr", "1", "--nonTrivPosDistThr", "0.5"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    return struct
+
+
+def localize_args(struct: Path, *more) -> list[str]:
+    return ["--dataset", "custom:drive", "--structPath", str(struct), "--split", "train", "--seqL", "2",
+            "--nocuda", "--quiet", *more]
+
+
+def without_latency(path: Path) -> list[list[str]]:
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    k = rows[0].index("latency_ms")
+    return [r[:k] + r[k + 1:] for r in rows]
+
+
+@pytest.mark.parametrize("spacing", [None, "0.4"])
+def test_localize_from_a_bag_equals_localizing_its_descriptors(tmp_path, capsys, tiny, spacing):
+    """Frames decoded from the bag, described and stepped one at a time give the CSV that --stream gives
+    for the descriptors --mode extract makes of the same frames; with --spacing only the frames that step
+    the matcher are decoded; --out_bag holds one message per matched frame with the CSV's fields."""
+    from rosbags.highlevel import AnyReader
+
+    from seqmatchnet.cli import extract, localize
+    from seqmatchnet.data import bag_frames
+    from seqmatchnet.online.bag_output import MATCH_MSGTYPE, MATCH_TOPIC
+
+    net, weights = tiny
+    struct = prepared(tmp_path, capsys, weights)
+    query, _ = route("ros1", tmp_path / "query.bag", seed=1)
+    assert extract.main(extract_args(weights, tmp_path / "q.npy", "--bag", str(query), *TOPICS)) == 0
+    positions = [line.split(",") for line in (tmp_path / "q.npy.positions.csv").read_text().splitlines()[1:]]
+    desc = np.load(tmp_path / "q.npy")
+    extra = []
+    if spacing is not None:      # a stream carries the odometry after each descriptor
+        desc = np.hstack([desc, np.array([[float(p[3])] for p in positions], np.float32)])
+        extra = ["--spacing", spacing]
+    np.save(tmp_path / "stream.npy", desc)
+    assert localize.main(localize_args(struct, "--stream", str(tmp_path / "stream.npy"), "--output",
+                                       str(tmp_path / "stream.csv"), *extra)) == 0
+    decoded = []
+    real = bag_frames.frame_bytes
+    bag_frames.frame_bytes = lambda msg, t: decoded.append(1) or real(msg, t)
+    try:
+        rc = localize.main(localize_args(struct, "--bag", str(query), *TOPICS, "--model", "netvlad", "--weights",
+                                         str(weights), "--output", str(tmp_path / "bag.csv"), "--out_bag",
+                                         str(tmp_path / "matches.mcap"), *extra))
+    finally:
+        bag_frames.frame_bytes = real
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    rows, want = without_latency(tmp_path / "bag.csv"), without_latency(tmp_path / "stream.csv")
+    assert len(rows) == len(want) == len(positions) + 1 and rows[0] == want[0]
+    # one frame per forward pass against extract's batches: the same matches, numbers to float32 rounding
+    for got, row in zip(rows[1:], want[1:]):
+        assert [got[k] for k in (0, 1, 4, *range(5, len(got)))] == [row[k] for k in (0, 1, 4, *range(5, len(row)))]
+        assert [float(x or "nan") for x in got[2:4]] == pytest.approx([float(x or "nan") for x in row[2:4]],
+                                                                       rel=1e-5, nan_ok=True)
+    matched = [r for r in rows[1:] if r[1]]
+    steps = sum(1 for r in rows[1:] if not (spacing and r[-1] == "1"))
+    assert len(decoded) == (len(positions) if spacing is None else steps) and (spacing is None or steps < len(rows) - 1)
+    header = rows[0]
+    with AnyReader([tmp_path / "matches.mcap"]) as reader:
+        (conn,) = reader.connections
+        assert (conn.topic, conn.msgtype) == (MATCH_TOPIC, MATCH_MSGTYPE)
+        msgs = [(t, reader.deserialize(raw, conn.msgtype)) for _, t, raw in reader.messages()]
+    assert len(msgs) == len(matched) > 0
+    for (t, msg), row in zip(msgs, matched):
+        q = int(row[0])
+        stamp = positions[q][0]
+        assert t == int(stamp.replace(".", "")) and f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}" == stamp
+        assert msg.query_frame == q and msg.db_frame == int(row[header.index("db_frame")])
+        for name in ("distance", "confidence", "velocity"):
+            assert f"{getattr(msg, name):.7g}" == f"{float(row[header.index(name)]):.7g}", name
+        assert msg.held == (spacing is not None and row[-1] == "1") and len(msg.db_position) == 2
+    assert not list(tmp_path.glob(".matches.mcap*"))
+
+
+def localize_refused(capsys, tmp_path: Path, *args) -> str:
+    from seqmatchnet.cli import localize
+
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    rc = localize.main([*args, "--output", str(out / "m.csv"), "--out_bag", str(out / "m.mcap")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0, err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert not any(out.iterdir())
+    return err
+
+
+def test_localize_bag_refuses_bad_input_in_one_line(tmp_path, capsys, tiny):
+    _, weights = tiny
+    struct = prepared(tmp_path, capsys, weights)
+    query, _ = route("mcap", tmp_path / "query.mcap")
+    model = ["--model", "netvlad", "--weights", str(weights)]
+    err = localize_refused(capsys, tmp_path, *localize_args(struct, "--bag", str(query), "--imageTopic",
+                                                            "/camera/rgb", *model))
+    assert "/camera/rgb is not in" in err and "image topics: /cam/image" in err
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"other weights")
+    err = localize_refused(capsys, tmp_path, *localize_args(struct, "--bag", str(query), *TOPICS, "--model",
+                                                            "netvlad", "--weights", str(other)))
+    assert "prepared with netvlad descriptors" in err and "--weights" in err
+    err = localize_refused(capsys, tmp_path, *localize_args(struct, "--bag", str(query), *TOPICS))
+    assert "--model" in err
+    err = localize_refused(capsys, tmp_path, *localize_args(struct, "--out_bag", str(tmp_path / "x.mcap")))
+    assert "only used with --bag" in err

@@ -75,7 +75,7 @@ def test_a_stationary_traversal_keeps_one_frame_and_every_sequence_keeps_its_fir
 NEAR = {"posDistThr": 4, "evalPosDistThr": 2, "nonTrivPosDistThr": 1}     # thresholds for short routes
 
 def dense_route(root: Path, seed: int = 0, odometry: bool = False, n_db: int = 3000,
-                n_q: int = 2600) -> dict:
+                n_q: int = 2600, odometry_scale: float = 1.02) -> dict:
     """Two video-rate traversals of one straight road with stops (x,y metres, or x,y with a 2 %
     scaled odometry column), random descriptors."""
     rng = np.random.default_rng(seed)
@@ -85,7 +85,7 @@ def dense_route(root: Path, seed: int = 0, odometry: bool = False, n_db: int = 3
         s = dense_drive(rng, n)
         np.save(files[f"{side}_desc"], unit_rows(rng, n, 8))
         if odometry:
-            rows = [(float(x), 0.0, float(1.02 * x)) for x in s]
+            rows = [(float(x), 0.0, float(odometry_scale * x)) for x in s]
             files[f"{side}_pos"] = write_csv(root / f"{side}.csv", "x,y,odometry", rows)
         else:
             files[f"{side}_pos"] = write_csv(root / f"{side}.csv", "x,y", [(float(x), 0.0) for x in s])
@@ -305,3 +305,159 @@ def test_explicit_row_ranges_are_rows_of_the_users_files(tmp_path, capsys):
         kept_db = frames["database"]["row"]
         assert db_rows.tolist() == kept_db[(kept_db >= a) & (kept_db < b)].tolist()
         assert ((q_rows >= c) & (q_rows < d)).all()
+
+
+# ---------------------------------------------------------------- --mode test / localize report the user's rows
+
+def test_options(struct: Path, *extra: str):
+    from seqmatchnet.cli import options
+
+    argv = ["--dataset", "custom:road", "--structPath", str(struct), "--seqL", "3", "--split", "test",
+            "--nocuda", "--quiet", "--threads", "0", *extra]
+    return options.check_options(options.build_parser().parse_args(argv))
+
+
+def run_test_mode(struct: Path, results: Path, monkeypatch, name: str = "road") -> dict:
+    import main
+
+    monkeypatch.chdir(struct.parent)
+    assert main.main(["--mode", "test", "--dataset", f"custom:{name}", "--structPath", str(struct), "--seqL", "3",
+                      "--split", "test", "--resultsPath", str(results), "--figures", "none", "--nocuda",
+                      "--threads", "0", "--quiet"]) == 0
+    with np.load(results / "results.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def read_rows_csv(path: Path) -> list[dict]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_mode_test_reports_the_users_rows(tmp_path, capsys, monkeypatch):
+    files = dense_route(tmp_path, seed=2)
+    struct = tmp_path / "structFiles"
+    assert run_prepare(capsys, *args_for(files, spacing=2, seqL=3, **NEAR))[0] == 0
+    config, inds, frames = read_dataset(struct)
+    res = run_test_mode(struct, tmp_path / "res", monkeypatch)
+    db_inds, q_inds = inds["test"]                      # the split's rows of the user's descriptor files
+    assert res["db_rows"].tolist() == [int(db_inds[f]) for f in res["dbFrames"]]
+    assert res["q_rows"].tolist() == [int(q_inds[f]) for f in res["qFrames"]]
+    assert set(res["db_rows"].tolist()) <= set(frames["database"]["row"].tolist())
+    top1 = read_rows_csv(tmp_path / "res" / "top1_rows.csv")
+    assert len(top1) == len(res["qFrames"])
+    struct_file = load_struct(struct / config["struct_files"]["test"])
+    for i, line in enumerate(top1):
+        q, d = int(res["qFrames"][i]), int(res["dbFrames"][res["preds"][i, 0]])
+        assert (int(line["q_frame"]), int(line["q_row"])) == (q, int(q_inds[q]))
+        assert (int(line["db_frame"]), int(line["db_row"])) == (d, int(db_inds[d]))
+        assert line["q_image"] == line["db_image"] == ""
+        assert float(line["distance"]) == pytest.approx(float(res["dists"][i, 0]), rel=1e-6)
+        # the user's positions of the two rows decide "correct" (posDistThr of the test split, 2 m)
+        gap = abs(files["q_s"][int(line["q_row"])] - files["db_s"][int(line["db_row"])])
+        has_pos = np.abs(files["db_s"][db_inds] - files["q_s"][int(line["q_row"])]).min() <= 2
+        assert line["correct"] == ("" if not has_pos else str(int(gap <= 2)))
+        assert struct_file.q_image_fns[q].endswith(f"/{int(line['q_row']):06d}")
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["top1_rows"] == "top1_rows.csv"
+    # a query descriptor file of the kept frames only: the same user rows, through the frames table
+    np.save(tmp_path / "q_kept.npy", np.load(files["q_desc"])[frames["query"]["row"]])
+    assert run_prepare(capsys, *args_for(files, name="kept", spacing=2, seqL=3,
+                                         q_descriptors=tmp_path / "q_kept.npy", **NEAR))[0] == 0
+    kept = run_test_mode(struct, tmp_path / "res_kept", monkeypatch, "kept")
+    assert kept["q_rows"].tolist() == res["q_rows"].tolist()
+    assert kept["db_rows"].tolist() == res["db_rows"].tolist()
+
+
+def test_localize_csv_reports_the_users_rows(tmp_path, capsys):
+    from seqmatchnet.cli import localize
+    from seqmatchnet.cli.localize import run_localize
+    from seqmatchnet.online.localizer import CSV_COLUMNS
+
+    files = dense_route(tmp_path, seed=3)
+    struct = tmp_path / "structFiles"
+    assert run_prepare(capsys, *args_for(files, spacing=2, seqL=3, **NEAR))[0] == 0
+    _, inds, _ = read_dataset(struct)
+    db_inds, q_inds = inds["test"]
+    run_localize(test_options(struct, "--output", str(tmp_path / "m.csv")))
+    text = (tmp_path / "m.csv").read_text()
+    assert text.splitlines()[0] == ",".join(CSV_COLUMNS + ("q_row", "db_row"))
+    rows = read_rows_csv(tmp_path / "m.csv")
+    assert len(rows) == len(q_inds)
+    for r in rows:
+        assert int(r["q_row"]) == q_inds[int(r["query_frame"])]
+        assert r["db_row"] == ("" if not r["db_frame"] else str(db_inds[int(r["db_frame"])]))
+    assert sum(bool(r["db_row"]) for r in rows) == len(rows) - 2           # seqL 3: two frames to fill
+    # with --spacing the columns come after held
+    run_localize(test_options(struct, "--output", str(tmp_path / "s.csv"), "--spacing", "3"))
+    assert (tmp_path / "s.csv").read_text().splitlines()[0].endswith(",held,q_row,db_row")
+    assert localize.user_columns(localize.load_model_for(test_options(struct))[1]) == ("q_row", "db_row")
+
+
+def test_replay_steps_by_the_datasets_odometry_column(tmp_path, capsys):
+    from seqmatchnet.cli.localize import load_model_for, run_localize, split_odometry
+
+    files = dense_route(tmp_path, seed=4, odometry=True, odometry_scale=1.5)   # odometry 50 % long
+    struct = tmp_path / "structFiles"
+    assert run_prepare(capsys, *args_for(files, spacing=2, seqL=3, **NEAR))[0] == 0
+    _, inds, frames = read_dataset(struct)
+    q_inds = inds["test"][1]
+    np.testing.assert_array_equal(frames["query"]["odometry"], 1.5 * files["q_s"][frames["query"]["row"]])
+    split = load_model_for(test_options(struct))[1]
+    odometry = [1.5 * files["q_s"][r] for r in q_inds]                   # the CSV's column at the split's rows
+    np.testing.assert_array_equal(split_odometry(split), odometry)
+    run_localize(test_options(struct, "--output", str(tmp_path / "o.csv"), "--spacing", "4"))
+    rows = read_rows_csv(tmp_path / "o.csv")
+    steps, kept_at = set(), None                                          # a loop over the odometry
+    for t, (value, lo) in enumerate(zip(odometry, split.q_bounds[:, 0])):
+        if t == lo:
+            kept_at = None
+        if kept_at is None or value >= kept_at + 4:
+            kept_at = value
+            steps.add(t)
+    along_positions = set(spacing.spaced_rows(
+        spacing.path_distance(split.q_positions, split.q_bounds[:, 0]), split.q_bounds[:, 0], 4).tolist())
+    assert steps != along_positions                                       # the two disagree on this route
+    assert {int(r["query_frame"]) for r in rows if r["db_frame"] and r["held"] == "0"} == \
+        {t for t in steps if rows[t]["db_frame"]}
+    assert all(r["held"] == "1" for r in rows if r["db_frame"] and int(r["query_frame"]) not in steps)
+
+
+def test_datasets_without_frames_tables_report_as_before(tmp_path, capsys, monkeypatch):
+    from seqmatchnet.cli import localize
+    from seqmatchnet.online.localizer import CSV_COLUMNS, Match
+
+    files = dense_route(tmp_path, n_db=1200, n_q=1200)
+    struct = tmp_path / "structFiles"
+    assert run_prepare(capsys, *args_for(files, seqL=3, **NEAR))[0] == 0
+    res = run_test_mode(struct, tmp_path / "res", monkeypatch)
+    assert set(res) == {"recalls", "rAtL", "preds", "dists", "n_values", "radii", "dbFrames", "qFrames"}
+    assert not (tmp_path / "res" / "top1_rows.csv").exists()
+    assert "top1_rows" not in json.loads((tmp_path / "res" / "summary.json").read_text())
+    split = localize.load_model_for(test_options(struct))[1]
+    assert split.db_source is None and split.q_source is None and localize.user_columns(split) == ()
+    matches = [None, Match(3, 0.25, 1.5, (0.0, 0.0)), Match(4, 0.5, 2.0, None, held=True)]
+    lat = np.array([0.1, 0.2, 0.3])
+    for spacing_m in (None, 2.0):
+        localize.write_replay_csv(tmp_path / "a.csv", matches, lat, spacing_m)
+        localize.write_replay_csv(tmp_path / "b.csv", matches, lat, spacing_m, split)
+        assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+        assert (tmp_path / "a.csv").read_text().splitlines()[0] == ",".join(
+            CSV_COLUMNS + (("held",) if spacing_m else ()))
+
+
+def test_malformed_frames_table_is_one_line(tmp_path, capsys, monkeypatch):
+    import main
+
+    files = dense_route(tmp_path, seed=5)
+    struct = tmp_path / "structFiles"
+    assert run_prepare(capsys, *args_for(files, spacing=2, seqL=3, **NEAR))[0] == 0
+    table = struct / "custom_road_query_frames.csv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(lines[:1] + lines[2:]) + "\n")          # a frame missing
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--mode", "test", "--dataset", "custom:road", "--structPath", str(struct), "--seqL", "3",
+                      "--nocuda", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "custom_road_query_frames.csv is malformed" in err[0] and "prepare" in err[0]

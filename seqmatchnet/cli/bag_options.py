@@ -17,6 +17,11 @@ def add_bag_options(p: argparse.ArgumentParser, flag: str = "--bag") -> None:
                        help="instead of --images: a ROS 1 .bag, a ROS 2 bag folder (sqlite3 or "
                             "MCAP) or an .mcap file; with --gpsTopic/--odomTopic also writes "
                             "OUT.positions.csv (one row per frame, for --mode prepare)")
+    add_topic_options(p)
+
+
+def add_topic_options(p) -> None:
+    """``--imageTopic``, ``--gpsTopic`` and ``--odomTopic`` (also ``--mode localize --bag``)."""
     p.add_argument("--imageTopic", default=None, metavar="TOPIC",
                    help="the bag's camera topic (sensor_msgs/Image or CompressedImage)")
     p.add_argument("--gpsTopic", default=None, metavar="TOPIC",

@@ -16,10 +16,11 @@ from typing import TextIO
 
 import numpy as np
 
+from seqmatchnet.cli import localize_bag
 from seqmatchnet.cli.shared import run_with_options
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.files import atomic_write, ensure_output_dir, write_json_atomic
-from seqmatchnet.data.spacing import path_distance
+from seqmatchnet.data.spacing import csv_cell, path_distance
 from seqmatchnet.evaluation import figures
 from seqmatchnet.evaluation import recall as recall_mod
 from seqmatchnet.evaluation import summary as summary_mod
@@ -43,20 +44,49 @@ def load_model_for(opt: argparse.Namespace):
     return loaded.opt, loaded.split, (model.eval() if model.learned else None), loaded.device
 
 
-def csv_row(query_frame: int, match: Match | None, latency_ms: float, held: bool = False) -> str:
+def csv_row(query_frame: int, match: Match | None, latency_ms: float, held: bool = False,
+            user: str = "") -> str:
     """One CSV line (no newline); db_frame, distance, confidence and velocity are empty without a
-    match. With ``held`` (``--spacing``) a last column says whether the match is the last one
-    again (1) or a step of the matcher (0)."""
+    match. With ``held`` (``--spacing``) a column says whether the match is the last one again
+    (1) or a step of the matcher (0); ``user`` (``user_cells``) ends the line."""
     end = f",{int(match is not None and match.held)}" if held else ""
     if match is None:
-        return f"{query_frame},,,,{latency_ms:.3f},{end}"
+        return f"{query_frame},,,,{latency_ms:.3f},{end}{user}"
     return (f"{query_frame},{match.db_frame},{match.distance:.7g},{match.confidence:.7g},"
-            f"{latency_ms:.3f},{match.velocity:g}{end}")
+            f"{latency_ms:.3f},{match.velocity:g}{end}{user}")
 
 
-def csv_header(spacing: float | None) -> str:
-    """The CSV's header line: ``CSV_COLUMNS``, and ``held`` with ``--spacing``."""
-    return ",".join(CSV_COLUMNS + (("held",) if spacing is not None else ()))
+def csv_header(spacing: float | None, user: tuple[str, ...] = ()) -> str:
+    """The CSV's header line: ``CSV_COLUMNS``, ``held`` with ``--spacing``, then the ``user``
+    columns (``user_columns``)."""
+    return ",".join(CSV_COLUMNS + (("held",) if spacing is not None else ()) + tuple(user))
+
+
+def user_columns(split) -> tuple[str, ...]:
+    """The replay CSV's columns of the user's rows for a dataset prepared with ``--spacing``:
+    ``q_row``, ``db_row`` and, where images were given, ``q_image``, ``db_image``; none for the
+    other datasets (their CSV stays as it was)."""
+    if split.q_source is None or split.db_source is None:
+        return ()
+    images = split.q_source.images is not None or split.db_source.images is not None
+    return ("q_row", "db_row") + (("q_image", "db_image") if images else ())
+
+
+def user_cells(split, query_frame: int, match: Match | None, columns: tuple[str, ...]) -> str:
+    """The ``columns`` (``user_columns``) of one replay CSV line, each after a comma; the
+    database cells are empty without a match."""
+    if not columns:
+        return ""
+    q, db = split.q_source, split.db_source
+    d = None if match is None else match.db_frame
+
+    def image(source, frame: int | None) -> str:
+        return "" if frame is None or source.images is None else csv_cell(str(source.images[frame]))
+
+    cells = [str(q.rows[query_frame]), "" if d is None else str(db.rows[d])]
+    if len(columns) == 4:
+        cells += [image(q, query_frame), image(db, d)]
+    return "," + ",".join(cells)
 
 
 def timed_step(localizer: Localizer, frame: np.ndarray,
@@ -71,6 +101,15 @@ def replay_odometry(q_positions: np.ndarray, q_bounds: np.ndarray) -> np.ndarray
     """The odometry of a replayed query traversal: metres along its positions, from 0 at the start
     of each segment (``q_bounds``)."""
     return path_distance(np.asarray(q_positions, dtype=np.float64), q_bounds[:, 0])
+
+
+def split_odometry(split) -> np.ndarray:
+    """The odometry a replay with ``--spacing`` steps by: the ``odometry`` column of the user's
+    positions CSV when the dataset recorded one (prepared with ``--spacing`` from a CSV with that
+    column), else the path length along the query positions (``replay_odometry``)."""
+    if split.q_source is not None and split.q_source.odometry is not None:
+        return np.asarray(split.q_source.odometry, dtype=np.float64)
+    return replay_odometry(split.q_positions, split.q_bounds)
 
 
 def latency_stats(latencies_ms: np.ndarray, wall_s: float) -> dict:
@@ -123,12 +162,26 @@ def build_localizer(opt: argparse.Namespace, split, model, device, radius: float
 
 
 def write_replay_csv(path: Path, matches: list, latencies: np.ndarray,
-                     spacing: float | None) -> None:
-    """The replay's CSV, one row per query frame, atomically."""
+                     spacing: float | None, split=None) -> None:
+    """The replay's CSV, one row per query frame, atomically; with a ``split`` of a dataset
+    prepared with ``--spacing``, the user's rows (``user_columns``) end each line."""
     held = spacing is not None
-    lines = [csv_header(spacing)] + [csv_row(t, m, lat, held) for t, (m, lat)
-                                     in enumerate(zip(matches, latencies))]
+    user = () if split is None else user_columns(split)
+    lines = [csv_header(spacing, user)] + [
+        csv_row(t, m, lat, held, user_cells(split, t, m, user))
+        for t, (m, lat) in enumerate(zip(matches, latencies))]
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def query_frames(query, split, localizer: Localizer, device) -> tuple[list, np.ndarray, float,
+                                                                      np.ndarray | None]:
+    """``replay``'s ``(matches, latencies_ms, wall seconds)`` and the query positions (None:
+    unknown) of the split's queries, or of a query bag's frames (``localize_bag``)."""
+    if query is not None:
+        return (*localize_bag.localize_query_bag(query, localizer, device),
+                localize_bag.query_positions(query))
+    odometry = None if localizer.spacing is None else split_odometry(split)
+    return (*replay(localizer, split.q_desc, split.q_bounds, odometry), split.q_positions)
 
 
 def run_localize(opt: argparse.Namespace) -> dict:
@@ -140,6 +193,7 @@ def run_localize(opt: argparse.Namespace) -> dict:
         ensure_output_dir(Path(opt.resultsPath), "--resultsPath")
     stream = opt.stream
     t0 = time.perf_counter()
+    query = localize_bag.open_query_bag(opt) if opt.bag is not None else None
     opt, split, model, device = load_model_for(opt)
     radius = split.pos_dist_thr if opt.confRadius is None else opt.confRadius
     localizer = build_localizer(opt, split, model, device, radius, spacing)
@@ -147,26 +201,25 @@ def run_localize(opt: argparse.Namespace) -> dict:
     if stream is not None:
         return _run_stream(opt, localizer, stream, setup_s)
 
-    odometry = (None if spacing is None
-                else replay_odometry(split.q_positions, split.q_bounds))
-    matches, latencies, wall = replay(localizer, split.q_desc, split.q_bounds, odometry)
+    matches, latencies, wall, q_positions = query_frames(query, split, localizer, device)
     if opt.output:
-        write_replay_csv(Path(opt.output), matches, latencies, spacing)
+        write_replay_csv(Path(opt.output), matches, latencies, spacing,
+                         split if query is None else None)
     done = np.array([m is not None for m in matches])
     stats = latency_stats(latencies, wall)
-    result = {"mode": "localize", "queries": split.num_q, "queries_localised": int(done.sum()),
+    result = {"mode": "localize", "queries": len(matches), "queries_localised": int(done.sum()),
               "conf_radius": float(radius), "velocities": opt.velocities,
               "trajectoryGrid": opt.trajectoryGrid, **stats}
     if spacing is not None:
         result.update(spacing_m=spacing,
                       matcher_steps=int(sum(m is not None and not m.held for m in matches)))
     recall, pr = math.nan, None
-    if done.any():
+    if done.any() and q_positions is not None:
         q_rows = np.flatnonzero(done)
         db_frames = np.array([matches[t].db_frame for t in q_rows])
         confidence = np.array([matches[t].confidence for t in q_rows])
         recall, n_pos, pr = evaluate_matches(
-            db_frames, confidence, split.db_positions, split.q_positions[q_rows],
+            db_frames, confidence, split.db_positions, q_positions[q_rows],
             split.pos_dist_thr, Path(opt.resultsPath) if opt.resultsPath else None,
             f"{opt.dataset} {opt.split} seqL {opt.seqL}")
         result.update(queries_with_positives=n_pos)
@@ -174,7 +227,7 @@ def run_localize(opt: argparse.Namespace) -> dict:
     print(f"{opt.dataset} {opt.split} (seqL {opt.seqL}, causal): Recall@1 {recall:.4f} within "
           f"posDistThr {split.pos_dist_thr:g} {split.position_unit} over "
           f"{result.get('queries_with_positives', 0)} localised queries with a positive "
-          f"({result['queries_localised']} of {split.num_q} localised)")
+          f"({result['queries_localised']} of {len(matches)} localised)")
     print(format_latency(stats))
     if opt.output:
         print(f"matches written to {opt.output}")

@@ -288,6 +288,32 @@ def add_localize_options(parser: argparse.ArgumentParser) -> None:
                    help="step the matcher only when the vehicle has travelled this far (the "
                         "replay's odometry along the query positions; the last value of each "
                         "--stream row); the frames in between get the last match, marked held")
+    add_query_bag_options(g)
+
+
+def add_query_bag_options(g) -> None:
+    """``--bag`` with its topics, the image model and ``--out_bag`` (docs/localize.md, "From a
+    recorded bag")."""
+    from seqmatchnet.cli.bag_options import add_topic_options
+    from seqmatchnet.images.base import MODELS
+
+    g.add_argument("--bag", type=str, default=None, metavar="BAG",
+                   help="localise the frames of a recording (ROS 1 .bag, ROS 2 bag folder, .mcap) "
+                        "instead of replaying the split's queries; needs --imageTopic, the image "
+                        "model (--model/--weights) and --dataset custom:NAME")
+    add_topic_options(g)
+    g.add_argument("--model", type=str, choices=MODELS, default=None,
+                   help="with --bag: the image model of the dataset's descriptors")
+    g.add_argument("--weights", type=str, default=None, metavar="FILE",
+                   help="with --bag: that model's checkpoint")
+    g.add_argument("--netvladCkpt", type=str, default=None, metavar="CKPT",
+                   help="with --bag: same as --model netvlad --weights CKPT")
+    g.add_argument("--imageSize", type=str, default=None, metavar="W,H",
+                   help="with --bag: the image size the dataset was extracted at (default: the "
+                        "model's)")
+    g.add_argument("--out_bag", type=str, default=None, metavar="FILE.mcap",
+                   help="with --bag: also write the matches as an MCAP recording, one "
+                        "seqmatchnet_msgs/msg/Match per matched frame on /seqmatchnet/match")
 
 
 def check_localize_options(opt: argparse.Namespace) -> None:
@@ -304,9 +330,32 @@ def check_localize_options(opt: argparse.Namespace) -> None:
     if radius is not None and not (math.isfinite(radius) and radius >= 0):
         raise UserError(f"--confRadius must be a non-negative number, got {radius}")
     check_spacing(opt.spacing, "--spacing")
+    _check_query_bag(opt)
     if getattr(opt, "method", "seqmatch") in ("smooth", "delta", "seqnet"):
         raise UserError(f"--mode localize matches frame sequences; --method {opt.method} compares "
                         "one descriptor per window: use --method seqmatch")
+
+
+def _check_query_bag(opt: argparse.Namespace) -> None:
+    """``--bag`` goes with ``--imageTopic`` (and not with ``--stream``); the image model and
+    ``--out_bag`` go with ``--bag``."""
+    bag = getattr(opt, "bag", None)
+    if bag is None:
+        given = [f"--{k}" for k in ("imageTopic", "gpsTopic", "odomTopic", "model", "weights",
+                                    "netvladCkpt", "imageSize", "out_bag")
+                 if getattr(opt, k, None) is not None]
+        if given:
+            raise UserError(f"{given[0]} is only used with --bag (localise a recording)")
+        return
+    if opt.stream is not None:
+        raise UserError("give the query frames once: --bag BAG or --stream, not both")
+    if opt.imageTopic is None:
+        raise UserError("--bag needs --imageTopic TOPIC (the camera topic)")
+    if opt.spacing is not None and not (opt.gpsTopic or opt.odomTopic):
+        raise UserError("--spacing with --bag needs --gpsTopic or --odomTopic (the distance "
+                        "travelled)")
+    if opt.out_bag is not None and not opt.out_bag.lower().endswith(".mcap"):
+        raise UserError(f"--out_bag {opt.out_bag}: the file name must end in .mcap")
 
 
 # ---------------------------------------------------------------- the mode

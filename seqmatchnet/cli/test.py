@@ -30,7 +30,13 @@ from seqmatchnet.evaluation.evaluate import (
     select_frames,
     top1_precision_recall,
 )
-from seqmatchnet.evaluation.outputs import save_results, tsne_embeddings, write_figures
+from seqmatchnet.evaluation.outputs import (
+    save_results,
+    source_rows,
+    tsne_embeddings,
+    write_figures,
+    write_top1_rows,
+)
 from seqmatchnet.evaluation.recall import N_VALUES, RADII
 from seqmatchnet.models.sequence import parallelize, project_frames
 from seqmatchnet.runs.loading import Loaded, load_run
@@ -83,7 +89,9 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
             embeddings = tsne_embeddings(result.db_feats, result.q_feats, opt.numSamples2Project,
                                          opt.seed)
             draw_embeddings(embeddings, results_dir, loaded.label)
-    path = save_results(results_dir, result, embeddings=embeddings)
+    path = save_results(results_dir, result, extra=source_rows(result, split),
+                        embeddings=embeddings)
+    top1_rows = write_top1_rows(results_dir, result, split)
     title = f"{opt.dataset} {opt.split} seqL {opt.seqL}, {loaded.label}"
     if opt.figures == "none":
         pr = top1_precision_recall(result, split)
@@ -100,7 +108,8 @@ def write_test_outputs(loaded: Loaded, result: EvalResult, results_dir: Path) ->
                                           "method_label": loaded.label, "checkpoint": loaded.info,
                                           "feat_dtype": opt.featDtype, "velocities": opt.velocities,
                                           "trajectoryGrid": opt.trajectoryGrid,
-                                          "shortlist": result.shortlist})
+                                          "shortlist": result.shortlist,
+                                          **({"top1_rows": top1_rows.name} if top1_rows else {})})
     write_json_atomic(summary, results_dir / "summary.json")
     log.info("results, figures and summary.json written to %s", path.parent)
     return summary

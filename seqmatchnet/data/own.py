@@ -63,10 +63,11 @@ from seqmatchnet.data.own_images import (
     refuse_mixed,
 )
 from seqmatchnet.data.positions import Positions, latlon_origin, latlon_to_local, read_positions
+from seqmatchnet.images.base import MODELS
 
 SPLITS = ("train", "val", "test")
 SIDES = ("database", "query")
-IMAGE_MODELS = ("netvlad", "cosplace", "eigenplaces", "mixvpr")      # image_models.MODELS
+IMAGE_MODELS = MODELS      # the image models of --mode extract
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # more frame names than this are written as a char matrix, not cells
 CELL_NAMES_MAX = 100_000
@@ -435,7 +436,7 @@ def spacing_record(names: dict, travs: list[Traversal]) -> tuple[dict, dict]:
               "rows_in_files": {side: t.n_rows for side, t in zip(SIDES, travs)},
               "frames_kept": {side: len(t.rows) for side, t in zip(SIDES, travs)},
               "frames_files": names["frames_files"]}
-    frames = {side: spacing_mod.frames_lines(t.rows, t.table.lines, t.images)
+    frames = {side: spacing_mod.frames_lines(t.rows, t.table.lines, t.images, t.table.odometry)
               for side, t in zip(SIDES, travs)}
     return record, frames
 

@@ -123,13 +123,21 @@ def check_spaced_sequences(pos: Positions, kept: np.ndarray, seq_len: int, spaci
                         f"frame(s), fewer than --seqL {seq_len}: lower the spacing or --seqL")
 
 
-def frames_lines(rows: np.ndarray, lines: np.ndarray, images: Sequence[Path] | None) -> list[str]:
+def csv_cell(text: str) -> str:
+    """``text`` as one CSV cell: quoted when it holds a comma or a quote."""
+    if "," in text or '"' in text or "\n" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def frames_lines(rows: np.ndarray, lines: np.ndarray, images: Sequence[Path] | None,
+                 odometry: np.ndarray | None = None) -> list[str]:
     """The frames table: per kept frame its number, its row in the user's files (0-based, the
-    descriptor and CSV row), its line in the positions CSV and its image (empty without images)."""
-    out = [FRAMES_HEADER]
+    descriptor and CSV row), its line in the positions CSV and its image (empty without images);
+    with ``odometry`` (the kept frames' ``odometry`` column) a last column of it."""
+    out = [FRAMES_HEADER + (",odometry" if odometry is not None else "")]
     for k, (row, line) in enumerate(zip(rows.tolist(), lines.tolist())):
-        image = str(images[row]) if images is not None else ""
-        if "," in image or '"' in image:
-            image = '"' + image.replace('"', '""') + '"'
-        out.append(f"{k},{row},{line},{image}")
+        image = csv_cell(str(images[row])) if images is not None else ""
+        odo = f",{float(odometry[k])!r}" if odometry is not None else ""
+        out.append(f"{k},{row},{line},{image}{odo}")
     return out

@@ -44,6 +44,9 @@ class DatasetSpec:
     bounds: dict = field(default_factory=dict)
     note: str = ""
     position_unit: str = "m"      # Nordland's positions are frame numbers
+    # --spacing (custom datasets): side -> frames table under structPath, and rows in the files
+    frames_files: dict = field(default_factory=dict)
+    rows_in_files: dict = field(default_factory=dict)
 
 
 def _same(value: str) -> dict:
@@ -124,7 +127,9 @@ def _custom(opt: argparse.Namespace, name: str) -> DatasetSpec:
             struct_files={s: str(cfg["struct_files"][s]) for s in splits},
             split_inds=str(cfg["split_inds"]),
             bounds={s: tuple(map(str, cfg["bounds_files"][s])) for s in splits}
-            if cfg.get("bounds_files") else {})
+            if cfg.get("bounds_files") else {},
+            frames_files={side: str(f) for side, f in (cfg.get("frames_files") or {}).items()},
+            rows_in_files={side: int(n) for side, n in (cfg.get("rows_in_files") or {}).items()})
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"custom dataset config {path} is malformed ({type(exc).__name__}: {exc}): "
                         "prepare the dataset again") from exc
@@ -285,8 +290,28 @@ def load_split(opt: argparse.Namespace, split: str, lazy: bool = False) -> Split
                 q_positions=struct.q_positions, pos_dist_thr=struct.pos_dist_thr,
                 non_triv_pos_dist_sq_thr=struct.non_triv_pos_dist_sq_thr,
                 db_bounds=db_bounds, q_bounds=q_bounds, files=files,
-                position_unit=spec.position_unit)
+                position_unit=spec.position_unit,
+                **_frame_sources(spec, struct_dir, (db_path, q_path), (db_rows, q_rows), files))
     return drop_short_sequences(out, opt.seqL) if spec.bounds or cut else out
+
+
+def _frame_sources(spec, struct_dir: Path, desc_paths: tuple, desc_rows: tuple,
+                   files: list) -> dict:
+    """``db_source``/``q_source`` of a dataset prepared with ``--spacing`` (its frames tables join
+    ``files``): each split frame's row in the user's files; nothing for the other datasets."""
+    if not spec.frames_files:
+        return {}
+    from seqmatchnet.data.frame_sources import read_frames_table, split_source
+
+    out = {}
+    for key, side, path, rows in zip(("db_source", "q_source"), ("database", "query"),
+                                     desc_paths, desc_rows):
+        table_path = struct_dir / spec.frames_files[side]
+        files.append(table_path)
+        out[key] = split_source(read_frames_table(table_path), rows,
+                                len(open_descriptors(path, check=False)),
+                                spec.rows_in_files.get(side, -1), f"{spec.name} {side}")
+    return out
 
 
 def cuts_gaps(opt: argparse.Namespace) -> bool:

@@ -78,6 +78,28 @@ def subset_bounds(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one split
 
+@dataclass(frozen=True)
+class FrameSource:
+    """Where one traversal's frames of a split come from in the user's files (a dataset prepared
+    with ``--spacing``, ``data/spacing.py``): per frame its ``rows`` (0-based row of the user's
+    descriptor and positions files), its ``images`` (None when not given as images) and its
+    ``odometry`` (metres; None when the positions CSV had no ``odometry`` column)."""
+
+    rows: np.ndarray
+    images: np.ndarray | None = None
+    odometry: np.ndarray | None = None
+
+    def take(self, frames: np.ndarray) -> FrameSource:
+        """The source of the frames ``frames`` (indices into this one)."""
+        def pick(a):
+            return None if a is None else a[frames]
+
+        return FrameSource(self.rows[frames], pick(self.images), pick(self.odometry))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 @dataclass
 class Split:
     """One split of a dataset: descriptors, positions, thresholds and segments.
@@ -97,6 +119,9 @@ class Split:
     q_bounds: np.ndarray         # [numQ, 2]
     files: list[Path] = field(default_factory=list)
     position_unit: str = "m"     # of positions and radii: metres, or frames (Nordland)
+    # each frame's row in the user's files (datasets prepared with --spacing), else None
+    db_source: FrameSource | None = None
+    q_source: FrameSource | None = None
 
     def __post_init__(self) -> None:
         if self.db_desc.shape[1] != self.q_desc.shape[1]:
@@ -113,6 +138,12 @@ class Split:
                 raise UserError(f"split {self.name}: {len(desc)} {side} descriptors but "
                                 f"{len(pos)} positions and {len(bounds)} bounds: the struct file "
                                 "does not match the descriptors")
+        for side, source, desc in (("database", self.db_source, self.db_desc),
+                                   ("query", self.q_source, self.q_desc)):
+            if source is not None and len(source) != len(desc):
+                raise UserError(f"split {self.name}: {len(desc)} {side} descriptors but "
+                                f"{len(source)} rows in the frames table: prepare the dataset "
+                                "again")
 
     def select(self, db_rows: np.ndarray, q_rows: np.ndarray, db_bounds: np.ndarray,
                q_bounds: np.ndarray,
@@ -122,7 +153,9 @@ class Split:
         return dataclasses.replace(
             self, db_desc=rows_of(self.db_desc, db_rows), q_desc=rows_of(self.q_desc, q_rows),
             db_positions=self.db_positions[db_rows], q_positions=self.q_positions[q_rows],
-            db_bounds=db_bounds, q_bounds=q_bounds, **changes)
+            db_bounds=db_bounds, q_bounds=q_bounds,
+            db_source=None if self.db_source is None else self.db_source.take(db_rows),
+            q_source=None if self.q_source is None else self.q_source.take(q_rows), **changes)
 
     @property
     def num_db(self) -> int:

@@ -15,6 +15,7 @@ from seqmatchnet.evaluation.evaluate import EvalResult, top1_precision_recall
 from seqmatchnet.evaluation.recall import (
     N_VALUES,
     RADII,
+    top1_outcomes,
 )
 from seqmatchnet.matching.seqmatch import window_distances
 
@@ -88,6 +89,47 @@ def save_results(results_dir: Path, result: EvalResult, extra: dict | None = Non
     arrays.update(extra or {})
     path = results_dir / "results.npz"
     atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+TOP1_COLUMNS = ("q_frame", "q_row", "q_image", "db_frame", "db_row", "db_image", "distance",
+                "correct")
+
+
+def source_rows(result: EvalResult, split: Split) -> dict:
+    """``results.npz``'s ``db_rows``/``q_rows`` for a dataset prepared with ``--spacing``: the
+    user's row (in the descriptor and positions files) of each ``dbFrames``/``qFrames`` entry;
+    nothing for the other datasets."""
+    if split.db_source is None or split.q_source is None:
+        return {}
+    return {"db_rows": split.db_source.rows[result.db_frames],
+            "q_rows": split.q_source.rows[result.q_frames]}
+
+
+def write_top1_rows(results_dir: Path, result: EvalResult, split: Split) -> Path | None:
+    """``top1_rows.csv`` for a dataset prepared with ``--spacing``: per evaluated query its split
+    frame, its row and image in the user's files, the same of its top-1 database frame, the
+    sequence distance and whether the match is within posDistThr (1/0; empty without a positive).
+    None (nothing written) for the other datasets."""
+    from seqmatchnet.data.spacing import csv_cell
+
+    if split.db_source is None or split.q_source is None:
+        return None
+    top1 = result.db_frames[result.preds[:, 0]]
+    correct, has_pos = top1_outcomes(top1, split.db_positions, split.q_positions[result.q_frames],
+                                     split.pos_dist_thr)
+
+    def image(source, frame: int) -> str:
+        return "" if source.images is None else csv_cell(str(source.images[frame]))
+
+    lines = [",".join(TOP1_COLUMNS)]
+    for i, (q, d) in enumerate(zip(result.q_frames.tolist(), top1.tolist())):
+        ok = str(int(correct[i])) if has_pos[i] else ""
+        lines.append(f"{q},{split.q_source.rows[q]},{image(split.q_source, q)},{d},"
+                     f"{split.db_source.rows[d]},{image(split.db_source, d)},"
+                     f"{float(result.dists[i, 0]):.7g},{ok}")
+    path = Path(results_dir) / "top1_rows.csv"
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
     return path
 
 
