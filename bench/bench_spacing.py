@@ -84,9 +84,15 @@ def route(seed: int, frames: int) -> dict:
             "db_pos": syn._interp_rows(s_db, grid, xy)}
 
 
+DRIVES = {"2m (1x)": 0, "slow 0.1m": 2, "fast 0.5m": 3}     # every other profile: the video+stops drive (1)
+
+
 def query(r: dict, profile: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(descriptors, true positions, distance travelled as the recording knows it) of one profile."""
-    rng = np.random.default_rng([r["params"].seed, PROFILES.index(profile)])
+    """(descriptors, true positions, distance travelled as the recording knows it) of one profile. The
+    video+stops, odometry and GPS profiles are one drive with the same descriptors (random streams seeded by
+    the drive): they differ only in what the recording knows of the distance, so their rows are paired."""
+    drive_id = DRIVES.get(profile, 1)
+    rng = np.random.default_rng([r["params"].seed, drive_id])
     steps = {"2m (1x)": (2.0, 2.0), "slow 0.1m": (0.1, 0.1), "fast 0.5m": (0.5, 0.5)}.get(profile, (0.1, 0.2))
     stops = 3.0 if steps == (0.1, 0.2) else 0.0
     s = drive(rng, r["lo"], r["hi"], steps, stops)
@@ -99,7 +105,8 @@ def query(r: dict, profile: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = rng.uniform(1.0, 3.0)
         noise = gaussian_filter1d(rng.standard_normal((len(s), 2)), 150.0, axis=0)
         known = path_distance(pos + size * noise / noise.std(axis=0), None)
-    desc = syn._traversal(r["rng"], r["params"], r["grid"], r["place"], s, r["basis_q"])
+    desc = syn._traversal(np.random.default_rng([r["params"].seed, drive_id, 1]), r["params"], r["grid"],
+                          r["place"], s, r["basis_q"])
     return desc, pos, known
 
 

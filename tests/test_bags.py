@@ -403,6 +403,7 @@ def test_localize_from_a_bag_equals_localizing_its_descriptors(tmp_path, capsys,
 
     from seqmatchnet.cli import extract, localize
     from seqmatchnet.data import bag_frames
+    from seqmatchnet.data.spacing import spaced_rows
     from seqmatchnet.online.bag_output import MATCH_MSGTYPE, MATCH_TOPIC
 
     net, weights = tiny
@@ -437,8 +438,9 @@ def test_localize_from_a_bag_equals_localizing_its_descriptors(tmp_path, capsys,
         assert [float(x or "nan") for x in got[2:4]] == pytest.approx([float(x or "nan") for x in row[2:4]],
                                                                        rel=1e-5, nan_ok=True)
     matched = [r for r in rows[1:] if r[1]]
-    steps = sum(1 for r in rows[1:] if not (spacing and r[-1] == "1"))
-    assert len(decoded) == (len(positions) if spacing is None else steps) and (spacing is None or steps < len(rows) - 1)
+    steps = len(positions) if spacing is None else len(
+        spaced_rows(np.array([float(p[3]) for p in positions]), None, float(spacing)))
+    assert len(decoded) == steps and (spacing is None or sum(r[-1] == "1" for r in rows[1:]) > 0)
     header = rows[0]
     with AnyReader([tmp_path / "matches.mcap"]) as reader:
         (conn,) = reader.connections
@@ -486,3 +488,77 @@ def test_localize_bag_refuses_bad_input_in_one_line(tmp_path, capsys, tiny):
     assert "--model" in err
     err = localize_refused(capsys, tmp_path, *localize_args(struct, "--out_bag", str(tmp_path / "x.mcap")))
     assert "only used with --bag" in err
+
+
+# ---------------------------------------------------------------- end to end (slow)
+
+def drive(fmt: str, path: Path, rgb: list, frames_kept=None, east: float = 0.0) -> Path:
+    """A straight drive at 10 Hz (one image per 1 m), GPS at 5 Hz and odometry at 20 Hz spanning every image;
+    ``frames_kept``: write only those images (the GPS and odometry in full)."""
+    ts = typestore(fmt)
+    n = len(rgb)
+    keep = range(n) if frames_kept is None else frames_kept
+    msgs = [("/cam/image", T0 + i * 10**8, image_msg(ts, T0 + i * 10**8, rgb[i], "rgb8")) for i in keep]
+    msgs += [("/gps/fix", T0 - 10**8 + k * 2 * 10**8,
+              fix_msg(ts, T0 - 10**8 + k * 2 * 10**8, -27.47 + 9e-6 * (2 * k - 1), 153.02 + east * 1e-5))
+             for k in range(n // 2 + 2)]
+    msgs += [("/odom", T0 - 10**8 + k * 5 * 10**7, odom_msg(ts, T0 - 10**8 + k * 5 * 10**7, 0.5 * k - 1.0, east))
+             for k in range(2 * n + 4)]
+    return write_bag(path, fmt, msgs)
+
+
+@pytest.mark.slow
+def test_bags_end_to_end_give_the_recalls_of_a_folder_and_csv(tmp_path, capsys, tiny, monkeypatch):
+    """Bags -> prepare -> train (1 epoch) -> test -> localize from a query bag gives the recalls of the same
+    frames given as folders of images and the positions CSVs."""
+    import json
+    import shutil
+
+    import main
+    from seqmatchnet.cli import prepare
+
+    _, weights = tiny
+    n = 120
+    rng = np.random.default_rng(5)
+    db_rgb = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(n)]
+    q_rgb = [np.clip(im.astype(int) + rng.integers(-12, 13, im.shape), 0, 255).astype(np.uint8) for im in db_rgb]
+    rows = ["--train_rows", "0:60,0:60", "--val_rows", "60:85,60:85", "--test_rows", "85:120,85:120"]
+    thresholds = ["--posDistThr", "3", "--evalPosDistThr", "3", "--nonTrivPosDistThr", "2", "--seqL", "3"]
+    model = ["--seqL", "3", "--pooling", "--outDims", "8", "--nocuda", "--quiet"]
+    results = {}
+    for kind in ("bags", "folder"):
+        cwd = tmp_path / kind
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        if kind == "bags":
+            data = ["--db_bag", str(drive("sqlite3", cwd / "db", db_rgb)),
+                    "--q_bag", str(drive("mcap", cwd / "q.mcap", q_rgb, east=1.0)), *TOPICS]
+        else:                        # the same frames as PNG folders, with the positions CSVs prepare wrote
+            for side in ("db", "q"):
+                shutil.copy(tmp_path / "bags" / "structFiles" / "custom_bags_bags" / f"{side}.csv", cwd / f"{side}.csv")
+            data = ["--db_images", str(folder_of(db_rgb, "rgb8", cwd / "db_frames")), "--db_positions", "db.csv",
+                    "--q_images", str(folder_of(q_rgb, "rgb8", cwd / "q_frames")), "--q_positions", "q.csv"]
+        assert prepare.main(["--name", kind, *data, "--model", "netvlad", "--weights", str(weights), *rows,
+                             *thresholds]) == 0, capsys.readouterr().err
+        dataset = ["--dataset", f"custom:{kind}"]
+        assert main.main(["--mode", "train", "--nEpochs", "1", "--threads", "0", *dataset, *model]) == 0
+        (run,) = (cwd / "data" / "runs").iterdir()
+        assert main.main(["--mode", "test", "--split", "test", "--resume", str(run), "--resultsPath", "test",
+                          *dataset, *model]) == 0
+        query = []
+        if kind == "bags":           # the test split's query frames, recorded as a bag of their own
+            query = ["--bag", str(drive("ros1", cwd / "q_test.bag", q_rgb, range(85, 120), east=1.0)), *TOPICS,
+                     "--model", "netvlad", "--weights", str(weights)]
+        assert main.main(["--mode", "localize", "--split", "test", "--resume", str(run), "--resultsPath", "loc",
+                          "--output", "matches.csv", *query, *dataset, *model]) == 0, capsys.readouterr().err
+        with np.load(cwd / "test" / "results.npz") as z:
+            test = {k: z[k] for k in z.files if "recall" in k.lower()}
+        loc = json.loads((cwd / "loc" / "summary.json").read_text())
+        matches = [line.split(",")[:2] for line in (cwd / "matches.csv").read_text().splitlines()]
+        results[kind] = (test, loc["recalls"]["1"], matches)
+    (test_a, loc_a, m_a), (test_b, loc_b, m_b) = results["bags"], results["folder"]
+    assert test_a.keys() == test_b.keys() and test_a
+    for k in test_a:
+        np.testing.assert_array_equal(test_a[k], test_b[k])
+    assert m_a == m_b and len(m_a) == 36
+    assert loc_a == loc_b > 0.5

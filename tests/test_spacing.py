@@ -246,6 +246,20 @@ def test_prepare_extracts_only_the_kept_frames_and_reuses_complete_descriptors(t
     assert Path(frames["query"]["image"][5]).name == f"{frames['query']['row'][5]:05d}.png"
     listed = (tmp_path / "structFiles" / "custom_road_descriptors" / "query.npy.images.txt").read_text().split()
     assert [Path(p).name for p in listed] == [f"{r:05d}.png" for r in frames["query"]["row"]]
+    # --mode test and --mode localize name each row's image
+    from seqmatchnet.cli.localize import run_localize
+
+    res = run_test_mode(tmp_path / "structFiles", tmp_path / "res", monkeypatch)
+    top1 = read_rows_csv(tmp_path / "res" / "top1_rows.csv")
+    assert len(top1) == len(res["qFrames"]) and top1[0]["db_row"]
+    run_localize(spaced_options(tmp_path / "structFiles", "--output", str(tmp_path / "m.csv")))
+    assert (tmp_path / "m.csv").read_text().splitlines()[0].endswith(",q_row,db_row,q_image,db_image")
+    localized = [r for r in read_rows_csv(tmp_path / "m.csv") if r["db_row"]]
+    assert localized and not any(r["db_image"] for r in read_rows_csv(tmp_path / "m.csv") if not r["db_row"])
+    for line in top1 + localized:
+        for side, key in (("q", "q"), ("db", "db")):
+            image = Path(line[f"{key}_image"])
+            assert (image.parent, image.name) == (tmp_path / side, f"{int(line[f'{key}_row']):05d}.png")
     # a retry (here with --force after a changed threshold) reuses the complete descriptors
     rc, out, err = run_prepare(capsys, *args, "--force", "--nonTrivPosDistThr", "2")
     assert rc == 0, err
@@ -309,7 +323,7 @@ def test_explicit_row_ranges_are_rows_of_the_users_files(tmp_path, capsys):
 
 # ---------------------------------------------------------------- --mode test / localize report the user's rows
 
-def test_options(struct: Path, *extra: str):
+def spaced_options(struct: Path, *extra: str):
     from seqmatchnet.cli import options
 
     argv = ["--dataset", "custom:road", "--structPath", str(struct), "--seqL", "3", "--split", "test",
@@ -380,7 +394,7 @@ def test_localize_csv_reports_the_users_rows(tmp_path, capsys):
     assert run_prepare(capsys, *args_for(files, spacing=2, seqL=3, **NEAR))[0] == 0
     _, inds, _ = read_dataset(struct)
     db_inds, q_inds = inds["test"]
-    run_localize(test_options(struct, "--output", str(tmp_path / "m.csv")))
+    run_localize(spaced_options(struct, "--output", str(tmp_path / "m.csv")))
     text = (tmp_path / "m.csv").read_text()
     assert text.splitlines()[0] == ",".join(CSV_COLUMNS + ("q_row", "db_row"))
     rows = read_rows_csv(tmp_path / "m.csv")
@@ -390,9 +404,9 @@ def test_localize_csv_reports_the_users_rows(tmp_path, capsys):
         assert r["db_row"] == ("" if not r["db_frame"] else str(db_inds[int(r["db_frame"])]))
     assert sum(bool(r["db_row"]) for r in rows) == len(rows) - 2           # seqL 3: two frames to fill
     # with --spacing the columns come after held
-    run_localize(test_options(struct, "--output", str(tmp_path / "s.csv"), "--spacing", "3"))
+    run_localize(spaced_options(struct, "--output", str(tmp_path / "s.csv"), "--spacing", "3"))
     assert (tmp_path / "s.csv").read_text().splitlines()[0].endswith(",held,q_row,db_row")
-    assert localize.user_columns(localize.load_model_for(test_options(struct))[1]) == ("q_row", "db_row")
+    assert localize.user_columns(localize.load_model_for(spaced_options(struct))[1]) == ("q_row", "db_row")
 
 
 def test_replay_steps_by_the_datasets_odometry_column(tmp_path, capsys):
@@ -404,10 +418,10 @@ def test_replay_steps_by_the_datasets_odometry_column(tmp_path, capsys):
     _, inds, frames = read_dataset(struct)
     q_inds = inds["test"][1]
     np.testing.assert_array_equal(frames["query"]["odometry"], 1.5 * files["q_s"][frames["query"]["row"]])
-    split = load_model_for(test_options(struct))[1]
+    split = load_model_for(spaced_options(struct))[1]
     odometry = [1.5 * files["q_s"][r] for r in q_inds]                   # the CSV's column at the split's rows
     np.testing.assert_array_equal(split_odometry(split), odometry)
-    run_localize(test_options(struct, "--output", str(tmp_path / "o.csv"), "--spacing", "4"))
+    run_localize(spaced_options(struct, "--output", str(tmp_path / "o.csv"), "--spacing", "4"))
     rows = read_rows_csv(tmp_path / "o.csv")
     steps, kept_at = set(), None                                          # a loop over the odometry
     for t, (value, lo) in enumerate(zip(odometry, split.q_bounds[:, 0])):
@@ -435,7 +449,7 @@ def test_datasets_without_frames_tables_report_as_before(tmp_path, capsys, monke
     assert set(res) == {"recalls", "rAtL", "preds", "dists", "n_values", "radii", "dbFrames", "qFrames"}
     assert not (tmp_path / "res" / "top1_rows.csv").exists()
     assert "top1_rows" not in json.loads((tmp_path / "res" / "summary.json").read_text())
-    split = localize.load_model_for(test_options(struct))[1]
+    split = localize.load_model_for(spaced_options(struct))[1]
     assert split.db_source is None and split.q_source is None and localize.user_columns(split) == ()
     matches = [None, Match(3, 0.25, 1.5, (0.0, 0.0)), Match(4, 0.5, 2.0, None, held=True)]
     lat = np.array([0.1, 0.2, 0.3])
