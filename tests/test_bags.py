@@ -1,7 +1,7 @@
-"""Robot recordings as input (issue 36): ROS 1, ROS 2 sqlite3 and MCAP bags written with rosbags' own
-writers from small synthetic frames give the same descriptors as the same frames as a folder of images,
-positions equal to a plain-loop interpolation, only kept frames decoded with --spacing, and one line
-with nothing written for each bad input."""
+"""Robot recordings as input: ROS 1, ROS 2 sqlite3 and MCAP bags written with rosbags' own writers
+from small synthetic frames (and from crops of real photographs) give the same descriptors as the
+same frames as a folder of images, positions equal to a plain-loop interpolation, only kept frames
+decoded with --spacing, and one line with nothing written for each bad input."""
 from __future__ import annotations
 
 import io
@@ -18,6 +18,7 @@ from torch import nn
 
 T0 = 1_700_000_000 * 10**9          # ns
 N, W, H = 30, 16, 12
+PHOTOS = -1                         # frames(PHOTOS): crops of real photographs
 
 
 # ---------------------------------------------------------------- writing bags
@@ -89,6 +90,14 @@ def write_bag(path: Path, fmt: str, messages: list) -> Path:
 
 
 def frames(seed: int = 0) -> list[np.ndarray]:
+    """``N`` frames: random pixels, or (``seed`` -1) a camera panning across the sample photographs
+    scikit-learn ships (``china.jpg``, then ``flower.jpg``)."""
+    if seed == PHOTOS:
+        from sklearn.datasets import load_sample_images
+
+        photos = load_sample_images().images
+        return [photos[i * 2 // N][100 + 7 * i: 100 + 7 * i + H, 150 + 11 * i: 150 + 11 * i + W].copy()
+                for i in range(N)]
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(N)]
 
@@ -200,13 +209,14 @@ def folder_of(frames_rgb: list, encoding: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt,encoding", [("ros1", "rgb8"), ("sqlite3", "bgr8"), ("mcap", "jpeg"),
-                                          ("ros1", "png"), ("mcap", "mono8"), ("sqlite3", "rgba8")])
-def test_bag_gives_the_descriptors_of_the_same_frames_as_a_folder(tmp_path, capsys, tiny, fmt, encoding):
+@pytest.mark.parametrize("fmt,encoding,seed", [
+    ("ros1", "rgb8", 0), ("sqlite3", "bgr8", 0), ("mcap", "jpeg", 0), ("ros1", "png", 0), ("mcap", "mono8", 0),
+    ("sqlite3", "rgba8", 0), ("mcap", "jpeg", PHOTOS), ("ros1", "rgb8", PHOTOS), ("sqlite3", "png", PHOTOS)])
+def test_bag_gives_the_descriptors_of_the_same_frames_as_a_folder(tmp_path, capsys, tiny, fmt, encoding, seed):
     from seqmatchnet.cli import extract
 
     _, weights = tiny
-    bag, truth = route(fmt, bag_path(tmp_path, fmt), encoding)
+    bag, truth = route(fmt, bag_path(tmp_path, fmt), encoding, seed=seed)
     out = tmp_path / "bag.npy"
     rc = extract.main(extract_args(weights, out, "--bag", str(bag), "--imageTopic", "/cam/image",
                                    "--gpsTopic", "/gps/fix", "--odomTopic", "/odom"))
