@@ -139,13 +139,13 @@ def image_transform(size: tuple[int, int] | None, mean: tuple[float, ...] = IMAG
     before ``ToTensor``; ``"bicubic"``: bicubic with antialias on the tensor after it (BoQ)."""
     from torchvision import transforms as T
 
+    to_unit, normalise = T.ToTensor(), T.Normalize(mean, std)      # to [0, 1], then ImageNet's
     if size and resize == "bicubic":
-        return T.Compose([T.ToTensor(), T.Resize((size[1], size[0]), antialias=True,
-                                                 interpolation=T.InterpolationMode.BICUBIC),
-                          T.Normalize(mean, std)])
+        return T.Compose([to_unit, T.Resize((size[1], size[0]), antialias=True,
+                                            interpolation=T.InterpolationMode.BICUBIC), normalise])
     scale = [T.Resize((size[1], size[0]),
                       interpolation=T.InterpolationMode.BILINEAR)] if size else []
-    return T.Compose([*scale, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*scale, to_unit, normalise])
 
 
 def preprocess(image: PILImage.Image, size: tuple[int, int] | None,
