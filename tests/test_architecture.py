@@ -50,15 +50,10 @@ def imported_names(tree: ast.Module, anywhere: bool = True) -> dict[str, tuple[s
     return names
 
 
-# The mode table's entries import their mode when called: that is the dispatch, not a dependency.
-DISPATCH = "seqmatchnet.cli.modes"
-
-
 def imports_of(path: Path) -> set[str]:
-    """Project modules that ``path`` imports, at module level or inside functions (the mode table:
-    at module level)."""
+    """Project modules that ``path`` imports, at module level or inside functions."""
     tree = ast.parse(path.read_text())
-    found = {module for module, _ in imported_names(tree, module_name(path) != DISPATCH).values()}
+    found = {module for module, _ in imported_names(tree).values()}
     return found - {module_name(path) if path.is_relative_to(ROOT / PACKAGE) else path.stem}
 
 
@@ -139,33 +134,35 @@ def test_one_mode_table_dispatches_every_mode():
     parser = options.build_parser()
     choices = next(a.choices for a in parser._actions if a.dest == "mode")
     assert tuple(choices) == tuple(modes.MODES)
+    import main as main_py
+
     for name, mode in modes.MODES.items():
-        assert mode.name == name and callable(mode.run) and mode.help
+        assert mode.name == name and callable(main_py.entry(name)) and mode.help
     main_src = TOP["main"].read_text()
     assert "MODES = " not in main_src and "importlib" not in main_src
     assert not re.search(r"^MODES = ", options.__loader__.get_source(options.__name__), re.M)
 
 
 def test_every_mode_entry_has_one_signature():
-    """``run(argv) -> exit code`` for every mode: each entry calls its mode module's ``main(argv)``."""
-    import importlib
+    """``main(argv) -> exit code`` for every mode: main.py dispatches to ``seqmatchnet.cli.<mode>.main``."""
     import inspect
 
+    import main as main_py
     from seqmatchnet.cli import modes
 
     for name in modes.MODES:
-        entry = importlib.import_module(f"seqmatchnet.cli.{name}").main
+        entry = main_py.entry(name)
+        assert entry.__module__ == f"seqmatchnet.cli.{name}" and entry.__name__ == "main", name
         assert list(inspect.signature(entry).parameters) == ["argv"], name
 
 
 def test_mode_is_read_once_in_main(monkeypatch):
     """``main.py`` reads ``--mode`` and the mode's parser never sees it again."""
     import main as main_py
-    from seqmatchnet.cli import modes
+    from seqmatchnet.cli import compare
 
     seen = []
-    fake = modes.Mode("compare", lambda argv: seen.append(argv) or 0, "x")
-    monkeypatch.setitem(modes.MODES, "compare", fake)
+    monkeypatch.setattr(compare, "main", lambda argv: seen.append(argv) or 0)
     assert main_py.main(["--mode", "compare", "a", "--b"]) == 0
     assert seen == [["a", "--b"]]
 

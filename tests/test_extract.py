@@ -557,13 +557,7 @@ def test_images_to_prepare_train_test(tmp_path, capsys, ckpt, name, monkeypatch)
                     str(tmp_path / "db.npy"), *size, "--threads", "0", "--nocuda", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
-    from seqmatchnet.data.own import IMAGE_MODELS
-
     queries = ["--q_images", "q", *model_args, *size]
-    if name not in IMAGE_MODELS:     # --mode prepare does not extract with this model: extract the queries first
-        assert main.main(["--mode", "extract", "--images", "q", *model_args, "--out", "q.npy", *size,
-                          "--threads", "0", "--nocuda", "--quiet"]) == 0
-        queries = ["--q_descriptors", "q.npy"]
     rc = main.main(["--mode", "prepare", "--name", "route", "--db_descriptors", "db.npy", "--db_positions", "db.csv",
                     *queries, "--q_positions", "q.csv", "--seqL", "3",
                     "--train_rows", "0:28,0:28", "--val_rows", "30:36,30:36", "--test_rows", "38:48,38:48",
@@ -572,7 +566,7 @@ def test_images_to_prepare_train_test(tmp_path, capsys, ckpt, name, monkeypatch)
     assert rc == 0, err
     db = np.load(tmp_path / "db.npy")
     extracted = tmp_path / "structFiles" / "custom_route_descriptors" / "query.npy"
-    query = np.load(extracted if name in IMAGE_MODELS else tmp_path / "q.npy")
+    query = np.load(extracted)
     assert query.shape == (n, dim) and db.shape == (n, dim)
     nearest = np.argmax(query @ db.T, axis=1)       # rows in image order: nearby places come out alike
     print(f"{name}: {np.mean(np.abs(xs[nearest] - xs - 0.6) <= 4):.2f} of the queries nearest a close database image")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from seqmatchnet.cli.bag_options import add_bag_options, check_bag_options
 from seqmatchnet.cli.entry import OneLineParser, run_own_mode
+from seqmatchnet.cli.image_options import add_model_options
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.common.logs import progress_enabled, setup_logging
 from seqmatchnet.common.runtime import get_device
@@ -62,25 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or log lines, only the summary")
     return p
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--weights``, ``--netvladCkpt`` and ``--imageSize`` (shared with ``--mode
-    prepare``)."""
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="the checkpoint's model (netvlad with --netvladCkpt); the architecture is "
-                        "read from the file")
-    p.add_argument("--weights", metavar="FILE",
-                   help="the model's checkpoint as its authors release it (docs/image-models.md "
-                        "says where to get each)")
-    p.add_argument("--netvladCkpt", metavar="CKPT",
-                   help="a Patch-NetVLAD checkpoint (same as --model netvlad --weights CKPT), "
-                        f"e.g. {CHECKPOINT_URL}")
-    p.add_argument("--imageSize", default=None, metavar="W,H",
-                   help="resize every image to W,H pixels; 0 keeps each image's size; default: "
-                        "the model's (netvlad 640,480; cosplace/eigenplaces 0; mixvpr 320,320 "
-                        "from its checkpoint; boq 322,322 with DINOv2, 384,384 with ResNet-50, "
-                        "bicubic; salad 322,322; megaloc 0); DINOv2 models need multiples of 14")
 
 
 def check_model_options(opt: argparse.Namespace) -> None:

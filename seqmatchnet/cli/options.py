@@ -295,22 +295,14 @@ def add_query_bag_options(g) -> None:
     """``--bag`` with its topics, the image model and ``--out_bag`` (docs/localize.md, "From a
     recorded bag")."""
     from seqmatchnet.cli.bag_options import add_topic_options
-    from seqmatchnet.images.base import MODELS
+    from seqmatchnet.cli.image_options import add_model_options
 
     g.add_argument("--bag", type=str, default=None, metavar="BAG",
                    help="localise the frames of a recording (ROS 1 .bag, ROS 2 bag folder, .mcap) "
                         "instead of replaying the split's queries; needs --imageTopic, the image "
                         "model (--model/--weights) and --dataset custom:NAME")
     add_topic_options(g)
-    g.add_argument("--model", type=str, choices=MODELS, default=None,
-                   help="with --bag: the image model of the dataset's descriptors")
-    g.add_argument("--weights", type=str, default=None, metavar="FILE",
-                   help="with --bag: that model's checkpoint")
-    g.add_argument("--netvladCkpt", type=str, default=None, metavar="CKPT",
-                   help="with --bag: same as --model netvlad --weights CKPT")
-    g.add_argument("--imageSize", type=str, default=None, metavar="W,H",
-                   help="with --bag: the image size the dataset was extracted at (default: the "
-                        "model's)")
+    add_model_options(g)        # with --bag: the model and size the dataset was extracted with
     g.add_argument("--out_bag", type=str, default=None, metavar="FILE.mcap",
                    help="with --bag: also write the matches as an MCAP recording, one "
                         "seqmatchnet_msgs/msg/Match per matched frame on /seqmatchnet/match")
@@ -465,10 +457,3 @@ def join_dash_values(argv: list[str], options: tuple[str, ...] = ("--velocities"
         else:
             out.append(arg)
     return out
-
-
-def dataclass_overrides(params, opt: argparse.Namespace, prefix: str):
-    """``params`` with each field ``f`` replaced by ``opt.<prefix>f`` when that option was given."""
-    changes = {f.name: getattr(opt, prefix + f.name) for f in dataclasses.fields(params)
-               if getattr(opt, prefix + f.name, None) is not None}
-    return dataclasses.replace(params, **changes)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from seqmatchnet.cli.bag_options import add_bag_options, check_bag_options, read_bags
 from seqmatchnet.cli.entry import OneLineParser, run_own_mode
+from seqmatchnet.cli.image_options import add_model_options
 from seqmatchnet.common.errors import UserError
-from seqmatchnet.data.own import IMAGE_MODELS, NAME_PATTERN, SPLITS, check_image_options, prepare
+from seqmatchnet.data.own import NAME_PATTERN, SPLITS, check_image_options, prepare
 from seqmatchnet.data.spacing import check_spacing
 
 
@@ -38,15 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--q_descriptors", help="query traversal descriptors (.npy, or .h5/.hdf5)")
     g.add_argument("--q_images", metavar="SRC",
                    help="instead of --q_descriptors: folder or list file of the query images")
-    g.add_argument("--model", choices=IMAGE_MODELS, default=None,
-                   help="model of --weights to extract descriptors of --db_images/--q_images with "
-                        "(docs/image-models.md)")
-    g.add_argument("--weights", metavar="FILE",
-                   help="the model's checkpoint as its authors release it")
-    g.add_argument("--netvladCkpt", metavar="CKPT",
-                   help="a Patch-NetVLAD checkpoint (= --model netvlad --weights CKPT)")
-    g.add_argument("--imageSize", default=None, metavar="W,H",
-                   help="resize the images to W,H (0: each image's own size); default: the model's")
+    add_model_options(g)
     g.add_argument("--q_positions",
                    help="query positions CSV (same columns as --db_positions)")
     g = p.add_argument_group("frames by distance travelled (video, GPS or odometry; "

@@ -67,7 +67,6 @@ from seqmatchnet.images.base import MODELS
 
 SPLITS = ("train", "val", "test")
 SIDES = ("database", "query")
-IMAGE_MODELS = MODELS      # the image models of --mode extract
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # more frame names than this are written as a char matrix, not cells
 CELL_NAMES_MAX = 100_000
@@ -91,7 +90,7 @@ def check_image_options(opt: argparse.Namespace) -> None:
         opt.model, opt.weights = "netvlad", opt.netvladCkpt
     if not opt.weights or not opt.model:
         raise UserError("--db_images/--q_images need --model and --weights (or --netvladCkpt): "
-                        f"the checkpoint to extract with ({'|'.join(IMAGE_MODELS)})")
+                        f"the checkpoint to extract with ({'|'.join(MODELS)})")
     if opt.imageSize is not None:
         from seqmatchnet.images.extraction import (
             parse_image_size,  # extract loads torchvision: only when images are given

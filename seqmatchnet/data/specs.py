@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from seqmatchnet.cli.options import dataclass_overrides
 from seqmatchnet.common.errors import UserError
 from seqmatchnet.data.descriptors import GET_DATA_HINT, load_descriptors, open_descriptors
 from seqmatchnet.data.structs import load_split_indices, load_struct
@@ -382,3 +382,9 @@ def _read_bounds(path: Path, count: int, hint: str = GET_DATA_HINT) -> np.ndarra
         raise UserError(f"sequence bounds file {path} has shape {bounds.shape}, expected "
                         f"({count}, 2)")
     return bounds
+
+
+def dataclass_overrides(params, opt: argparse.Namespace, prefix: str):
+    """``params`` with each field ``f`` replaced by ``opt.<prefix>f`` when that option was given."""
+    given = {f.name: vars(opt).get(prefix + f.name) for f in dataclasses.fields(params)}
+    return dataclasses.replace(params, **{k: v for k, v in given.items() if v is not None})
